@@ -1,0 +1,41 @@
+"""The ASGI application: `uvicorn server.app:app`, configured by LOGPROBS_* environment variables."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import router
+from server.config import Settings
+from server.errors import install_error_handlers
+from server.state import ServerState
+
+
+def configure_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("server").setLevel(level.upper())
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        resolved = settings or Settings.from_env()
+        configure_logging(resolved.log_level)
+        app.state.server = ServerState.load(resolved)
+        logging.getLogger(__name__).info("Serving '%s'", app.state.server.model_name)
+        yield
+        app.state.server.close()
+
+    app = FastAPI(
+        title="logprobs-server",
+        summary="OpenAI-compatible completions with echo and exact per-token logprobs for local models.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(router)
+    return app
+
+
+app = create_app()

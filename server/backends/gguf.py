@@ -1,0 +1,151 @@
+"""GGUF models through llama.cpp, driven by llama-cpp-python's low-level (C) API.
+
+The high-level `Llama` class is not used: it keeps an n_batch x n_vocab (or n_ctx x n_vocab)
+logits buffer and samples in Python. Here a llama_batch asks llama.cpp for logits only at the
+positions a response needs, and they are read straight out of llama.cpp's own buffer.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from server.backends.base import Backend, ModelInfo
+
+log = logging.getLogger(__name__)
+
+GGUF_MAGIC = b"GGUF"
+MAX_DEFAULT_CTX = 8192  # n_ctx=0 means the training context, capped here to bound KV memory
+
+
+def is_gguf_file(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == GGUF_MAGIC
+    except OSError:
+        return False
+
+
+class GGUFBackend(Backend):
+    def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512):
+        # Imported here so that the package imports (and --help works) without llama.cpp built.
+        import llama_cpp
+
+        # llama.cpp logs every tensor at load; keep errors only (ours says what matters).
+        logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
+        self._ll = ll = llama_cpp
+        ll.llama_backend_init()
+
+        model_params = ll.llama_model_default_params()
+        self._model = ll.llama_model_load_from_file(str(path).encode(), model_params)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {path}; is it a complete, supported GGUF file?")
+        self._vocab = ll.llama_model_get_vocab(self._model)
+
+        n_ctx_train = ll.llama_model_n_ctx_train(self._model)
+        n_ctx = n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX)
+        self.n_batch = min(n_batch, n_ctx)
+
+        ctx_params = ll.llama_context_default_params()
+        ctx_params.n_ctx = n_ctx
+        ctx_params.n_batch = self.n_batch
+        ctx_params.n_ubatch = self.n_batch
+        ctx_params.n_seq_max = 1
+        ctx_params.n_threads = n_threads
+        ctx_params.n_threads_batch = n_threads
+        self._ctx = ll.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            raise ValueError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self._memory = ll.llama_get_memory(self._ctx)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+
+        n_vocab = ll.llama_vocab_n_tokens(self._vocab)
+        self._pieces = [self._piece(t) for t in range(n_vocab)]
+        self._eog = np.array([ll.llama_vocab_is_eog(self._vocab, t) for t in range(n_vocab)], dtype=bool)
+
+        def special(token_id: int) -> int | None:
+            return token_id if token_id >= 0 else None
+
+        template = ll.llama_model_chat_template(self._model, None)
+        desc = ctypes.create_string_buffer(256)
+        ll.llama_model_desc(self._model, desc, len(desc))
+        self.info = ModelInfo(
+            path=str(path),
+            n_ctx=ll.llama_n_ctx(self._ctx),
+            n_ctx_train=n_ctx_train,
+            n_vocab=n_vocab,
+            bos_id=special(ll.llama_vocab_bos(self._vocab)),
+            eos_id=special(ll.llama_vocab_eos(self._vocab)),
+            pad_id=special(ll.llama_vocab_pad(self._vocab)),
+            add_bos=bool(ll.llama_vocab_get_add_bos(self._vocab)),
+            chat_template=template.decode() if template else None,
+            description=f"{desc.value.decode()}, {ll.llama_model_n_params(self._model) / 1e6:.0f}M params",
+        )
+
+    def close(self) -> None:
+        ll = self._ll
+        if getattr(self, "_batch", None) is not None:
+            ll.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "_ctx", None):
+            ll.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            ll.llama_model_free(self._model)
+            self._model = None
+
+    # -- tokenizer --------------------------------------------------------------------------
+    def _piece(self, token_id: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        if n < 0:  # buffer too small: -n is the size needed
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self._vocab, token_id, buf, len(buf), 0, True)
+        return buf.raw[:n]
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            out = (self._ll.llama_token * capacity)()
+            n = self._ll.llama_tokenize(self._vocab, data, len(data), out, capacity, add_special_tokens, True)
+            if n >= 0:
+                return list(out[:n])
+            capacity = -n
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        return bool(self._eog[token_id])
+
+    # -- forward pass -------------------------------------------------------------------------
+    def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, np.ndarray]]:
+        ll, batch, n_vocab = self._ll, self._batch, self.info.n_vocab
+        # Forget what the sequence held from `start` on (all of it when start == 0).
+        ll.llama_memory_seq_rm(self._memory, 0, start, -1)
+        for chunk_start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[chunk_start:chunk_start + self.n_batch]
+            n_out = 0
+            for j, token in enumerate(chunk):
+                i = chunk_start + j
+                wanted = i >= logits_from
+                batch.token[j] = token
+                batch.pos[j] = start + i
+                batch.n_seq_id[j] = 1
+                batch.seq_id[j][0] = 0
+                batch.logits[j] = wanted
+                n_out += wanted
+            batch.n_tokens = len(chunk)
+            status = ll.llama_decode(self._ctx, batch)
+            if status != 0:
+                raise RuntimeError(f"llama_decode failed with status {status}")
+            if n_out:
+                # llama_get_logits returns the flagged tokens' rows in batch order (the last n_out).
+                # A view, not a copy: it is valid until the next decode, i.e. until we resume.
+                logits = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_out, n_vocab))
+                yield chunk_start + len(chunk) - n_out, logits

@@ -1,0 +1,51 @@
+"""`logprobs-server` / `python -m server`: the same settings as LOGPROBS_* variables, as flags."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import fields
+
+from server.config import ENV_PREFIX, Settings
+
+DESCRIPTION = """\
+Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact
+per-token logprobs with echo, plus vLLM's /tokenize, /detokenize and /tokenizer_info, so that
+lm-evaluation-harness's `local-completions` model evaluates it over HTTP.
+
+Every flag can also be set as an environment variable: --n-ctx 4096 is LOGPROBS_N_CTX=4096.
+Flags win over the environment."""
+
+EPILOG = """\
+examples:
+  logprobs-server                                   # the default model (SmolLM2-135M Q4_1)
+  logprobs-server --model ./model.gguf --port 9000
+  lm_eval --model local-completions --tasks hellaswag \\
+    --model_args base_url=http://127.0.0.1:8000/v1/completions,tokenized_requests=True --batch_size 8"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="logprobs-server", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    env_defaults = Settings.from_env()
+    for f in fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        default = getattr(env_defaults, f.name)
+        shown = "" if default is None else f" (now: {default})"
+        parser.add_argument(flag, dest=f.name, type=f.metadata["type"], default=default,
+                            help=f"{f.metadata['help']} [env {env}]{shown}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = Settings(**vars(build_parser().parse_args(argv)))
+    settings.validate()
+    import uvicorn
+
+    # The app reads its settings from the environment, so `uvicorn server.app:app` and this CLI
+    # share one configuration path.
+    os.environ.update(settings.to_env())
+    uvicorn.run("server.app:app", host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -1,0 +1,67 @@
+"""Every error leaves the server in OpenAI's format: {"error": {"message", "type", "param", "code"}}."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+
+class APIError(Exception):
+    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+
+
+def error_response(status: int, message: str, *, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None) -> JSONResponse:
+    return JSONResponse(
+        status_code=status,
+        content={"error": {"message": message, "type": type, "param": param, "code": code}},
+    )
+
+
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable sentence for the first problem, and the field it concerns."""
+    first = exc.errors()[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    if kind == "model_attributes_type" or not loc:
+        return "The request body must be a JSON object.", None
+    param = loc[0]
+    where = ".".join(loc)
+    if kind == "extra_forbidden":
+        return f"Unknown field '{where}'; this server does not support it.", param
+    if kind == "missing":
+        return f"Missing required field '{where}'.", param
+    message = first["msg"].removeprefix("Value error, ")
+    return f"Invalid '{where}': {message}.", param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError):
+        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError):
+        message, param = _describe_validation(exc)
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception):
+        log.exception("Unexpected error in %s %s", request.method, request.url.path)
+        return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}", type="server_error")

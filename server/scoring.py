@@ -1,0 +1,60 @@
+"""Scoring math: log-probabilities of tokens from raw logits, vectorized, with no vocabulary sort.
+
+log p(token) = logit[token] - logsumexp(logits). Only the rows a response needs are ever passed
+in, in bounded blocks; the full log-softmax matrix is never built. Top-k uses argpartition
+(linear time) and sorts only the k survivors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+# Rows processed at once: bounds the temporary exp() buffer to ROWS x n_vocab floats.
+ROWS_PER_STEP = 64
+
+
+@dataclass
+class ScoredRows:
+    """For each scored position: the logprob of the token that was there (or chosen), and the
+    ids and logprobs of the top-k alternatives, best first."""
+
+    token_logprobs: np.ndarray  # [n] float32
+    top_ids: np.ndarray  # [n, k] int64
+    top_logprobs: np.ndarray  # [n, k] float32
+
+
+def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log(sum(exp(x))) in float32, shifted by the row max for stability."""
+    row_max = logits.max(axis=1)
+    shifted = logits - row_max[:, None]
+    np.exp(shifted, out=shifted)
+    return row_max + np.log(shifted.sum(axis=1))
+
+
+def score_rows(logits: np.ndarray, targets: np.ndarray, k: int) -> ScoredRows:
+    """Logprob of targets[i] under row i of `logits`, and each row's top-k.
+
+    Every value is logit - lse computed the same way in float32, so a target that is also in the
+    top-k carries exactly the same float in both places (lm-eval's greedy check uses ==).
+    """
+    n, n_vocab = logits.shape
+    k = min(k, n_vocab)
+    token_lp = np.empty(n, dtype=np.float32)
+    top_ids = np.empty((n, k), dtype=np.int64)
+    top_lp = np.empty((n, k), dtype=np.float32)
+    for lo in range(0, n, ROWS_PER_STEP):
+        rows = logits[lo:lo + ROWS_PER_STEP]
+        lse = logsumexp_rows(rows)
+        r = np.arange(rows.shape[0])
+        token_lp[lo:lo + len(rows)] = rows[r, targets[lo:lo + len(rows)]] - lse
+        if k:
+            part = np.argpartition(rows, n_vocab - k, axis=1)[:, n_vocab - k:]
+            part_logits = rows[r[:, None], part]
+            # Best first; ties broken by the lower token id so results are deterministic.
+            order = np.lexsort((part, -part_logits), axis=1)
+            ids = np.take_along_axis(part, order, axis=1)
+            top_ids[lo:lo + len(rows)] = ids
+            top_lp[lo:lo + len(rows)] = rows[r[:, None], ids] - lse[:, None]
+    return ScoredRows(token_lp, top_ids, top_lp)

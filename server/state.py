@@ -1,0 +1,49 @@
+"""What a running server holds: settings, the loaded backend, the engine, and derived tables."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from server.backends import load_backend
+from server.backends.base import Backend
+from server.config import Settings, default_threads
+from server.default_model import ensure_default_model
+from server.engine import Engine
+from server.text import token_string
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    backend: Backend
+    engine: Engine
+    model_name: str
+    token_strings: list[str]  # token id -> its string in responses, computed once
+
+    @classmethod
+    def load(cls, settings: Settings) -> ServerState:
+        settings.validate()
+        path = Path(settings.model) if settings.model else ensure_default_model(settings.cache_path())
+        n_threads = settings.n_threads or default_threads()
+        log.info("Loading %s (threads: %d, batch: %d)", path, n_threads, settings.n_batch)
+        started = time.perf_counter()
+        backend = load_backend(path, settings.backend, n_ctx=settings.n_ctx, n_threads=n_threads,
+                               n_batch=settings.n_batch)
+        info = backend.info
+        log.info(
+            "Model loaded in %.1f s: %s; vocabulary %d, context %d tokens (trained on %d), BOS %s, chat template %s",
+            time.perf_counter() - started, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
+            "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
+        )
+        strings = [token_string(backend.token_bytes(t)) for t in range(info.n_vocab)]
+        name = settings.model_name or path.name.removesuffix(path.suffix)
+        return cls(settings=settings, backend=backend, engine=Engine(backend), model_name=name, token_strings=strings)
+
+    def close(self) -> None:
+        self.engine.close()
+        self.backend.close()

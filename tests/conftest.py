@@ -1,0 +1,95 @@
+"""Shared fixtures: the default model, a live server on a loopback port, and the oracle."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from server.config import Settings
+from server.default_model import ensure_default_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+SERVER_N_CTX = 2048
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`python -m server` in a subprocess, on a free loopback port."""
+
+    def __init__(self, model: Path, log_path: Path, *extra_args: str):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        self._log = open(log_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port), *extra_args],
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+        )
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{self.log()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def post(self, path: str, payload=None, **kwargs) -> requests.Response:
+        return requests.post(self.url + path, json=payload, timeout=300, **kwargs)
+
+    def complete(self, **payload) -> dict:
+        response = self.post("/v1/completions", payload)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._log.close()
+
+
+@pytest.fixture(scope="session")
+def model_path() -> Path:
+    return ensure_default_model(Settings().cache_path())
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    live = LiveServer(model_path, tmp_path_factory.mktemp("server") / "server.log",
+                      "--n-ctx", str(SERVER_N_CTX), "--max-logprobs", "20")
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def oracle(model_path):
+    from tests.oracle import LlamaOracle
+
+    return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
+
+
+def pytest_report_header(config):
+    return f"shared data: {DATA} ({'present' if DATA.exists() else 'MISSING'}); cpus: {os.cpu_count()}"

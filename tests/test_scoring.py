@@ -1,0 +1,71 @@
+"""The scoring math and the bytes-to-text rules, against straightforward float64 / stdlib references."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from server.scoring import ROWS_PER_STEP, score_rows
+from server.text import StopStringWatcher, join_pieces, token_string
+from tests.oracle import log_softmax64
+
+
+@pytest.mark.parametrize("n_vocab,k", [(50, 0), (50, 1), (1000, 5), (49152, 20), (262144, 3)])
+def test_score_rows_matches_float64_log_softmax(n_vocab, k):
+    rng = np.random.default_rng(n_vocab + k)
+    n = ROWS_PER_STEP + 7  # more than one internal step
+    logits = (rng.standard_normal((n, n_vocab)) * 4).astype(np.float32)
+    targets = rng.integers(0, n_vocab, n)
+    scored = score_rows(logits, targets, k)
+
+    reference = log_softmax64(logits)
+    assert np.abs(scored.token_logprobs - reference[np.arange(n), targets]).max() < 1e-4
+    expected_top = np.argsort(-reference, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(scored.top_ids, expected_top)
+    if k:
+        assert np.abs(scored.top_logprobs - np.take_along_axis(reference, expected_top, axis=1)).max() < 1e-4
+        assert (np.diff(scored.top_logprobs, axis=1) <= 0).all()
+
+
+def test_target_in_top_k_has_the_identical_float():
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal((200, 4096)).astype(np.float32)
+    greedy = logits.argmax(axis=1)
+    scored = score_rows(logits, greedy, 1)
+    # lm-eval checks greedy with ==, so these must be equal bit for bit, not approximately.
+    assert (scored.token_logprobs == scored.top_logprobs[:, 0]).all()
+    np.testing.assert_array_equal(scored.top_ids[:, 0], greedy)
+
+
+def test_ties_are_broken_by_lowest_token_id():
+    logits = np.zeros((1, 10), dtype=np.float32)
+    logits[0, [7, 3, 5]] = 2.0
+    scored = score_rows(logits, np.array([0]), 3)
+    assert scored.top_ids.tolist() == [[3, 5, 7]]
+
+
+def test_token_string_uses_openai_bytes_form_for_partial_utf8():
+    assert token_string(" caf\xc3\xa9".encode("latin-1")) == " café"
+    assert token_string(b"\xf0\x9f") == "bytes:\\xf0\\x9f"
+    assert token_string(b"") == ""
+
+
+def test_join_pieces_offsets_count_characters_of_the_final_text():
+    pieces = [b"Z", b"\xc3", b"\xbcrich", b" \xf0\x9f", b"\x8e\x89", b"!"]
+    text, offsets = join_pieces(pieces)
+    assert text == "Zürich 🎉!"
+    # A split character appears at the token that completes it.
+    assert offsets == [0, 1, 1, 6, 7, 8]
+
+
+def test_stop_string_spanning_tokens_is_cut_and_not_returned():
+    watcher = StopStringWatcher(["\n\nQuestion:"])
+    fed = [watcher.feed(p) for p in [b"The answer is 4.", b"\n", b"\nQu", b"estion:", b" more"]]
+    assert fed == [False, False, False, True, True]
+    assert watcher.finish() == "The answer is 4."
+
+
+def test_earliest_stop_string_wins():
+    watcher = StopStringWatcher(["b", "abc"])
+    assert watcher.feed(b"xxabc")
+    assert watcher.finish() == "xx"  # "abc" starts before "b"
