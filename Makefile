@@ -5,24 +5,32 @@ BIN := $(VENV)/bin
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-# llama.cpp's default build targets the building CPU ("native"). Some x86 CPUs advertise AMX
-# but fault on it (SIGILL on the first forward pass), so on x86-64 we build a portable
-# AVX/AVX2/AVX-512 binary with AMX off. Override for a native or CUDA build, e.g.
+# llama.cpp's default build targets the building CPU ("native"), and some x86 CPUs advertise AMX
+# but fault on it (SIGILL on the first forward pass). So on x86-64 we turn native detection off
+# and enable exactly the SIMD sets /proc/cpuinfo lists, AMX always off: a build that runs here.
+# Override for a native or CUDA build (pip caches wheels, so force a rebuild), e.g.
 #   make setup LLAMA_CMAKE_ARGS="-DGGML_CUDA=on" PIP_FLAGS="--no-cache-dir --force-reinstall"
+cpu_has = $(shell grep -m1 '^flags' /proc/cpuinfo 2>/dev/null | grep -qw $(1) && echo ON || echo OFF)
 ifeq ($(shell uname -m),x86_64)
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
-	-DGGML_AVX512=ON -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2=$(call cpu_has,avx2) \
+	-DGGML_FMA=$(call cpu_has,fma) -DGGML_F16C=$(call cpu_has,f16c) -DGGML_BMI2=$(call cpu_has,bmi2) \
+	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 endif
 PIP_FLAGS ?=
+# Optional dependency groups to install: test (pytest, lm-eval). EXTRAS= installs the server alone.
+EXTRAS ?= test
 
-.PHONY: setup serve test test-fast clean
+.PHONY: setup serve test test-fast clean show-build-flags
+show-build-flags:
+	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
+
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing (the first build of llama-cpp-python compiles llama.cpp: ~10 minutes on 2 cores; pip caches it)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".[test]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".$(if $(EXTRAS),[$(EXTRAS)])"
 	touch $@
 
 serve: setup

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
 from server.api import router
-from server.config import Settings
+from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
 from server.state import ServerState
 
@@ -21,9 +23,15 @@ def configure_logging(level: str) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        resolved = settings or Settings.from_env()
-        configure_logging(resolved.log_level)
-        app.state.server = ServerState.load(resolved)
+        try:
+            resolved = settings or Settings.from_env()
+            configure_logging(resolved.log_level)
+            app.state.server = ServerState.load(resolved)
+        except ConfigError as exc:
+            # Starlette reports any startup failure with a traceback; a setting the user must fix
+            # deserves one clear line instead, so exit here.
+            print(f"logprobs-server: error: {exc}", file=sys.stderr, flush=True)
+            os._exit(2)
         logging.getLogger(__name__).info("Serving '%s'", app.state.server.model_name)
         yield
         app.state.server.close()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from pathlib import Path
 from dataclasses import fields
 
-from server.config import ENV_PREFIX, Settings
+from server.backends import detect_backend
+from server.config import ENV_PREFIX, ConfigError, Settings
 
 DESCRIPTION = """\
 Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact
@@ -41,8 +44,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    settings = Settings(**vars(build_parser().parse_args(argv)))
-    settings.validate()
+    try:
+        settings = Settings(**vars(build_parser().parse_args(argv)))
+        settings.validate()
+        if settings.model:  # fail before starting the server, with a message, not a traceback
+            detect_backend(Path(settings.model))
+    except ConfigError as exc:
+        sys.exit(f"logprobs-server: error: {exc}")
     import uvicorn
 
     # The app reads its settings from the environment, so `uvicorn server.app:app` and this CLI

@@ -9,6 +9,10 @@ from pathlib import Path
 ENV_PREFIX = "LOGPROBS_"
 
 
+class ConfigError(Exception):
+    """A setting the user must fix (bad model path, bad value): reported as one line, no traceback."""
+
+
 def default_threads() -> int:
     """CPUs this process may run on (llama.cpp is fastest with one thread per core)."""
     try:
@@ -57,7 +61,7 @@ class Settings:
             try:
                 values[f.name] = f.metadata["type"](raw)
             except ValueError:
-                raise SystemExit(
+                raise ConfigError(
                     f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.metadata['type'].__name__}"
                 ) from None
         return cls(**values)
@@ -78,11 +82,11 @@ class Settings:
 
     def validate(self) -> None:
         if self.backend not in (None, "gguf", "mlx"):
-            raise SystemExit(f"Unknown backend {self.backend!r}: use 'gguf' (or 'mlx').")
+            raise ConfigError(f"Unknown backend {self.backend!r}: use 'gguf'.")
         for name in ("n_ctx", "n_threads"):
             if getattr(self, name) < 0:
-                raise SystemExit(f"{name} must be >= 0 (0 means automatic)")
+                raise ConfigError(f"{name} must be >= 0 (0 means automatic)")
         if self.n_batch < 1:
-            raise SystemExit("n_batch must be >= 1")
+            raise ConfigError("n_batch must be >= 1")
         if self.max_logprobs < 0:
-            raise SystemExit("max_logprobs must be >= 0")
+            raise ConfigError("max_logprobs must be >= 0")

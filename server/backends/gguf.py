@@ -57,6 +57,9 @@ class GGUFBackend(Backend):
         ctx_params.n_seq_max = 1
         ctx_params.n_threads = n_threads
         ctx_params.n_threads_batch = n_threads
+        # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
+        # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
+        ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = ll.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             raise ValueError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")

@@ -1,0 +1,61 @@
+"""Bad input gets a 4xx in OpenAI's error format that says what to fix, and the server goes on serving."""
+
+from __future__ import annotations
+
+import pytest
+import requests
+
+GOOD = {"prompt": "Hello", "max_tokens": 1}
+
+CASES = [
+    # (name, body (dict or raw bytes), expected status, expected param, words the message must hold)
+    ("malformed json", b'{"prompt": "Hello", ', 400, None, "not valid JSON"),
+    ("body not an object", b'["Hello"]', 400, None, "JSON object"),
+    ("missing prompt", {"max_tokens": 1}, 400, "prompt", "Missing"),
+    ("prompt wrong type", {"prompt": 5}, 400, "prompt", "prompt must be"),
+    ("mixed prompt list", {"prompt": ["a", 1]}, 400, "prompt", "prompt must be"),
+    ("boolean token ids", {"prompt": [True, False]}, 400, "prompt", "prompt must be"),
+    ("empty prompt list", {"prompt": []}, 400, "prompt", "empty list"),
+    ("empty token list", {"prompt": [[]]}, 400, "prompt", "empty"),
+    ("empty string", {"prompt": ""}, 400, "prompt", "empty"),
+    ("max_tokens wrong type", {"prompt": "Hi", "max_tokens": "ten"}, 400, "max_tokens", "max_tokens"),
+    ("negative max_tokens", {"prompt": "Hi", "max_tokens": -1}, 400, "max_tokens", "greater than or equal"),
+    ("token id above vocab", {"prompt": [1, 2, 49152]}, 400, "prompt", "outside this model's vocabulary"),
+    ("negative token id", {"prompt": [[1, 2], [-3]]}, 400, "prompt", "Prompt 1 holds token id -3"),
+    ("prompt longer than context", {"prompt": [42] * 2100, "max_tokens": 0}, 400, "prompt", "do not fit"),
+    ("prompt + max_tokens too long", {"prompt": [42] * 2000, "max_tokens": 100}, 400, "max_tokens", "2100"),
+    ("logprobs above limit", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", "limit of 20"),
+    ("negative logprobs", {"prompt": "Hi", "logprobs": -1}, 400, "logprobs", "greater than or equal"),
+    ("temperature out of range", {"prompt": "Hi", "temperature": 5}, 400, "temperature", "less than or equal"),
+    ("unknown model", {"prompt": "Hi", "model": "gpt-4"}, 404, "model", "SmolLM2-135M-Instruct.Q4_1"),
+    ("suffix", {"prompt": "Hi", "suffix": "end"}, 400, "suffix", "not supported"),
+    ("n > 1", {"prompt": "Hi", "n": 2}, 400, "n", "not supported"),
+    ("best_of > 1", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "not supported"),
+    ("stream", {"prompt": "Hi", "stream": True}, 400, "stream", "not supported"),
+    ("unknown field", {"prompt": "Hi", "max_tokenz": 3}, 400, "max_tokenz", "Unknown field"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param,words", CASES, ids=[c[0] for c in CASES])
+def test_bad_request_gets_openai_error(server, name, body, status, param, words):
+    if isinstance(body, bytes):
+        response = requests.post(server.url + "/v1/completions", data=body,
+                                 headers={"Content-Type": "application/json"}, timeout=30)
+    else:
+        response = server.post("/v1/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["param"] == param
+    assert words in error["message"], error["message"]
+    # ... and the server goes on serving.
+    assert server.post("/v1/completions", GOOD).status_code == 200
+
+
+def test_tokenizer_endpoint_errors(server):
+    r = server.post("/detokenize", {"tokens": [10**9]})
+    assert r.status_code == 400 and "outside this model's vocabulary" in r.json()["error"]["message"]
+    r = server.post("/tokenize", {"text": "wrong field name"})
+    assert r.status_code == 400 and r.json()["error"]["param"] in ("text", "prompt")
+    r = requests.get(server.url + "/v1/nothing-here")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
