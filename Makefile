@@ -17,8 +17,13 @@ LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=$(call cpu_has,avx) -DGGML_AVX2
 	-DGGML_AVX512=$(call cpu_has,avx512f) -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF
 endif
 PIP_FLAGS ?=
-# Optional dependency groups to install: test (pytest, lm-eval). EXTRAS= installs the server alone.
-EXTRAS ?= test
+# Optional dependency groups: mlx (the MLX backend), test (pytest, lm-eval). EXTRAS= installs the server alone.
+EXTRAS ?= mlx,test
+# mlx[cpu] on Linux bundles a reference BLAS ~40x slower than OpenBLAS; preload OpenBLAS when present
+# (Debian/Ubuntu: apt-get install libopenblas0-pthread). `logprobs-server` does this by itself.
+OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
+	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
+TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
 .PHONY: setup serve test test-fast clean show-build-flags
 show-build-flags:
@@ -37,11 +42,11 @@ serve: setup
 	$(BIN)/logprobs-server --host $(HOST) --port $(PORT)
 
 test: setup
-	$(BIN)/python -m pytest
+	$(TEST_ENV) $(BIN)/python -m pytest
 
 # Everything but the slow lm-eval end-to-end runs.
 test-fast: setup
-	$(BIN)/python -m pytest -m "not slow"
+	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

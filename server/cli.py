@@ -43,14 +43,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _preload_openblas(argv: list[str]) -> None:
+    """mlx[cpu] on Linux ships a reference BLAS ~40x slower than OpenBLAS; a library is only
+    replaced at process start, so restart this process with OpenBLAS preloaded when it exists."""
+    from server.backends.mlx import find_openblas, openblas_preloaded
+
+    if not sys.platform.startswith("linux") or openblas_preloaded() or not (blas := find_openblas()):
+        return
+    print(f"logprobs-server: MLX backend: restarting with LD_PRELOAD={blas} (OpenBLAS)", file=sys.stderr, flush=True)
+    preload = " ".join(p for p in (os.environ.get("LD_PRELOAD"), blas) if p)
+    os.execve(sys.executable, [sys.executable, "-m", "server", *argv], {**os.environ, "LD_PRELOAD": preload})
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = Settings(**vars(build_parser().parse_args(argv)))
         settings.validate()
-        if settings.model:  # fail before starting the server, with a message, not a traceback
-            detect_backend(Path(settings.model))
+        # Fail before starting the server, with a message, not a traceback.
+        kind = detect_backend(Path(settings.model)) if settings.model else "gguf"
     except ConfigError as exc:
         sys.exit(f"logprobs-server: error: {exc}")
+    if kind == "mlx":
+        _preload_openblas(sys.argv[1:] if argv is None else argv)
     import uvicorn
 
     # The app reads its settings from the environment, so `uvicorn server.app:app` and this CLI

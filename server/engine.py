@@ -69,9 +69,9 @@ def run_prompt(backend: Backend, job: PromptJob) -> PromptResult:
         in_prompt = min(len(block), n - 1 - i)
         if score_prompt and in_prompt > 0:
             targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
-            prompt_parts.append(score_rows(block[:in_prompt], targets, k))
+            prompt_parts.append(backend.score(block[:in_prompt], targets, k))
         if i + len(block) == n:
-            next_logits = block[-1].copy()
+            next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
 
     sampler = Sampler(job.sampling)
     watcher = StopStringWatcher(job.stop)
@@ -92,7 +92,7 @@ def run_prompt(backend: Backend, job: PromptJob) -> PromptResult:
         if len(generated) == job.max_tokens:
             break
         for _, block in backend.forward([token], start=n + len(generated) - 1, logits_from=0):
-            next_logits = block[-1].copy()
+            next_logits = np.array(block[-1], dtype=np.float32)
 
     return PromptResult(
         prompt_scores=_concat(prompt_parts, k) if score_prompt else None,

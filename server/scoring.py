@@ -58,3 +58,29 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, k: int) -> ScoredRows:
             top_ids[lo:lo + len(rows)] = ids
             top_lp[lo:lo + len(rows)] = rows[r[:, None], ids] - lse[:, None]
     return ScoredRows(token_lp, top_ids, top_lp)
+
+
+def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
+    """score_rows for an MLX array, computed on the device: only n + 2nk numbers come back.
+
+    The same definitions as score_rows (float32 logit - logsumexp, so a target in the top-k has
+    the identical float in both places); argpartition picks the k best, which are then ordered
+    here (best first, ties by lower id).
+    """
+    import mlx.core as mx
+
+    n, n_vocab = logits.shape
+    k = min(k, n_vocab)
+    logits = logits.astype(mx.float32)
+    lse = mx.logsumexp(logits, axis=1)
+    token_lp = mx.take_along_axis(logits, mx.array(targets, dtype=mx.int32)[:, None], axis=1)[:, 0] - lse
+    if not k:
+        mx.eval(token_lp)
+        return ScoredRows(np.array(token_lp), np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
+    part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k:]
+    part_lp = mx.take_along_axis(logits, part, axis=1) - lse[:, None]
+    mx.eval(token_lp, part, part_lp)
+    part, part_lp = np.array(part).astype(np.int64), np.array(part_lp)
+    order = np.lexsort((part, -part_lp), axis=1)
+    return ScoredRows(np.array(token_lp), np.take_along_axis(part, order, axis=1),
+                      np.take_along_axis(part_lp, order, axis=1))

@@ -33,7 +33,7 @@ class ServerState:
         log.info("Loading %s (threads: %d, batch: %d)", path, n_threads, settings.n_batch)
         started = time.perf_counter()
         backend = load_backend(path, settings.backend, n_ctx=settings.n_ctx, n_threads=n_threads,
-                               n_batch=settings.n_batch)
+                               n_batch=settings.n_batch, kv_cache_type=settings.kv_cache_type)
         info = backend.info
         log.info(
             "Model loaded in %.1f s: %s; vocabulary %d, context %d tokens (trained on %d), BOS %s, chat template %s",
@@ -41,7 +41,7 @@ class ServerState:
             "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
         )
         strings = [token_string(backend.token_bytes(t)) for t in range(info.n_vocab)]
-        name = settings.model_name or path.name.removesuffix(path.suffix)
+        name = settings.model_name or (path.name if path.is_dir() else path.stem)
         return cls(settings=settings, backend=backend, engine=Engine(backend), model_name=name, token_strings=strings)
 
     def close(self) -> None:

@@ -30,6 +30,7 @@ class LiveServer:
     """`python -m server` in a subprocess, on a free loopback port."""
 
     def __init__(self, model: Path, log_path: Path, *extra_args: str):
+        self.model = model
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
@@ -89,6 +90,59 @@ def oracle(model_path):
     from tests.oracle import LlamaOracle
 
     return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
+
+
+# -- the two-block fixture model, in both formats (tests/fixture_model.py) ------------------------
+
+FIXTURE_NAME = "smollm2-2block"
+
+
+@pytest.fixture(scope="session")
+def fixture_paths(model_path) -> dict[str, Path]:
+    from tests.fixture_model import make_fixture
+
+    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures")
+    return {"gguf": gguf, "mlx": mlx}
+
+
+def _fixture_server(paths, backend, tmp_path_factory):
+    live = LiveServer(paths[backend], tmp_path_factory.mktemp(f"fixture-{backend}") / "server.log",
+                      "--n-ctx", str(SERVER_N_CTX), "--model-name", FIXTURE_NAME)
+    return live
+
+
+@pytest.fixture(scope="session")
+def gguf_fixture_server(fixture_paths, tmp_path_factory):
+    live = _fixture_server(fixture_paths, "gguf", tmp_path_factory)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="session")
+def mlx_fixture_server(fixture_paths, tmp_path_factory):
+    live = _fixture_server(fixture_paths, "mlx", tmp_path_factory)
+    yield live
+    live.stop()
+
+
+@pytest.fixture(params=["gguf", "mlx"])
+def fixture_server(request):
+    """The same fixture model served by each backend in turn (both stay up for the session)."""
+    return request.getfixturevalue(f"{request.param}_fixture_server")
+
+
+@pytest.fixture(scope="session")
+def mlx_oracle(fixture_paths):
+    from tests.oracle import MlxOracle
+
+    return MlxOracle(str(fixture_paths["mlx"]))
+
+
+@pytest.fixture(scope="session")
+def numpy_reference(fixture_paths):
+    from tests.numpy_llama import NumpyLlama
+
+    return NumpyLlama(fixture_paths["mlx"])
 
 
 def pytest_report_header(config):

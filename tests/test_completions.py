@@ -40,7 +40,7 @@ def check_against_oracle(oracle, tokens: list[int], logprobs: dict, k: int) -> f
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_echo_logprobs_match_oracle_for_string_prompts(server, oracle, prompt):
     tokens = server.post("/tokenize", {"prompt": prompt, "add_special_tokens": True}).json()["tokens"]
-    assert tokens == oracle.tokenize(prompt, add_bos=False)  # SmolLM2 adds no BOS
+    assert tokens == oracle.tokenize(prompt)  # SmolLM2 adds no BOS
     out = server.complete(prompt=prompt, echo=True, logprobs=5, max_tokens=0)
     choice = out["choices"][0]
     assert choice["text"] == prompt  # byte-level BPE: echo reproduces the prompt exactly
@@ -52,7 +52,7 @@ def test_echo_logprobs_match_oracle_for_string_prompts(server, oracle, prompt):
 def test_token_id_batch_of_unequal_lengths_with_and_without_bos(server, oracle):
     bos_text = requests.get(server.url + "/tokenizer_info").json()["bos_token"]
     bos = server.post("/tokenize", {"prompt": bos_text, "add_special_tokens": False}).json()["tokens"]
-    assert bos == [oracle.llm.token_bos()]
+    assert bos == [oracle.bos_id]
     base = [oracle.tokenize(p) for p in PROMPTS]
     batch = [bos + base[0], base[1], base[2][:7], bos + base[1][:3]]
     out = server.complete(prompt=batch, echo=True, logprobs=3, max_tokens=1, temperature=0)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import requests
 
 from tests.conftest import DATA, ROOT
 
@@ -28,9 +29,22 @@ TASKS_DIR = ROOT / "clients" / "lm_eval_tasks"
 LL_TOLERANCE = 1e-3
 
 
+@pytest.fixture(params=["gguf", "mlx"])
+def target(request):
+    """(server, oracle): the default GGUF model vs llama.cpp in-process, and the fixture model on
+    the MLX backend vs mlx-lm in-process (fewer items: MLX on a Linux CPU is slower)."""
+    if request.param == "gguf":
+        return request.getfixturevalue("server"), request.getfixturevalue("oracle")
+    return request.getfixturevalue("mlx_fixture_server"), request.getfixturevalue("mlx_oracle")
+
+
+def model_id(server) -> str:
+    return requests.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
 def run_lm_eval(server, task: str, limit: int, out_dir: Path, *, batch_size: int = 4,
                 extra_model_args: str = "") -> tuple[dict, list[dict]]:
-    model_args = (f"base_url={server.url}/v1/completions,model=SmolLM2-135M-Instruct.Q4_1,"
+    model_args = (f"base_url={server.url}/v1/completions,model={model_id(server)},"
                   f"tokenized_requests=True,num_concurrent=2,max_retries=1{extra_model_args}")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
            "HF_DATASETS_CACHE": str(out_dir / "hf_cache"), "TOKENIZERS_PARALLELISM": "false"}
@@ -71,8 +85,9 @@ def encode_pair(oracle, context: str, continuation: str) -> tuple[list[int], lis
     return context_enc, whole[len(context_enc):]
 
 
-def test_hellaswag_multiple_choice(server, oracle, tmp_path):
-    limit = 20
+def test_hellaswag_multiple_choice(target, tmp_path):
+    server, oracle = target
+    limit = 20 if server.model.suffix == ".gguf" else 8
     results, samples = run_lm_eval(server, "hellaswag_dev", limit, tmp_path)
     labels = [json.loads(line)["label"] for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:limit]]
 
@@ -90,19 +105,19 @@ def test_hellaswag_multiple_choice(server, oracle, tmp_path):
         lengths = np.array([float(len(c)) for _, c in request_args(sample)]) - 1  # minus the " " delimiter
         acc.append(float(np.argmax(oracle_lls) == gold))
         acc_norm.append(float(np.argmax(np.array(oracle_lls) / lengths) == gold))
-    print(f"hellaswag_dev: max |ll(server) - ll(oracle)| = {worst:.2e}; acc {np.mean(acc):.3f}")
+    print(f"hellaswag_dev on {server.model.name}: max |ll(server) - ll(oracle)| = {worst:.2e}; acc {np.mean(acc):.3f}")
     assert results["acc,none"] == pytest.approx(np.mean(acc), abs=1e-9)
     assert results["acc_norm,none"] == pytest.approx(np.mean(acc_norm), abs=1e-9)
 
 
-def test_wikitext_loglikelihood_rolling(server, oracle, tmp_path):
+def test_wikitext_loglikelihood_rolling(target, tmp_path):
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+    server, oracle = target
     limit, max_length = 5, 96  # a short window, so each paragraph spans several requests
     results, samples = run_lm_eval(server, "wikitext2_paragraphs", limit, tmp_path,
                                    extra_model_args=f",max_length={max_length}")
-    bos, eos = oracle.llm.token_bos(), oracle.llm.token_eos()
-    prefix = bos if bos else eos  # lm-eval's remote tokenizer: bos_token_id or eos_token_id
+    prefix = oracle.bos_id if oracle.bos_id else oracle.eos_id  # lm-eval's remote tokenizer: bos_token_id or eos_token_id
 
     total_ll, total_words, total_bytes, n_windows = 0.0, 0, 0, 0
     for sample in samples:
@@ -122,7 +137,8 @@ def test_wikitext_loglikelihood_rolling(server, oracle, tmp_path):
     assert results["bits_per_byte,none"] == pytest.approx(-total_ll / total_bytes / math.log(2), rel=1e-4)
 
 
-def test_gsm8k_generate_until(server, oracle, tmp_path):
+def test_gsm8k_generate_until(target, tmp_path):
+    server, oracle = target
     limit = 4
     results, samples = run_lm_eval(server, "gsm8k_dev", limit, tmp_path)
     matches = []

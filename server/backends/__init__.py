@@ -11,25 +11,36 @@ __all__ = ["Backend", "ModelInfo", "load_backend", "detect_backend"]
 
 
 def detect_backend(path: Path) -> str:
-    """'gguf' for a GGUF file; anything else is refused with a message that says why."""
+    """'gguf' for a GGUF file, 'mlx' for a model folder with config.json; anything else is refused
+    with a message that says why."""
     from server.backends.gguf import is_gguf_file
 
     if not path.exists():
-        raise ConfigError(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file.")
+        raise ConfigError(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file "
+                          "or an mlx-lm model folder.")
     if path.is_dir():
-        raise ConfigError(
-            f"{path} is a folder. This server loads GGUF files (.gguf); MLX model folders are not supported yet."
-        )
+        if (path / "config.json").exists():
+            return "mlx"
+        raise ConfigError(f"{path} is a folder without config.json: not an mlx-lm model folder.")
     if is_gguf_file(path):
         return "gguf"
     raise ConfigError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
 
 
-def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int, n_batch: int) -> Backend:
-    kind = backend or detect_backend(path)
+def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int, n_batch: int,
+                 kv_cache_type: str = "f32") -> Backend:
+    detected = detect_backend(path)
+    kind = backend or detected
+    if kind != detected:
+        raise ConfigError(f"--backend {kind} does not match {path}, which is a{'n mlx-lm folder' if detected == 'mlx' else ' GGUF file'}.")
     if kind == "gguf":
-        detect_backend(path)  # same checks for an explicit --backend gguf: clear errors, not llama.cpp's
         from server.backends.gguf import GGUFBackend
 
-        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch)
-    raise ConfigError(f"The '{kind}' backend is not available in this version; use 'gguf'.")
+        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_cache_type=kv_cache_type)
+    try:
+        import mlx_lm  # noqa: F401
+    except ImportError:
+        raise ConfigError("The MLX backend needs mlx-lm: pip install 'logprobs-server[mlx]'") from None
+    from server.backends.mlx import MLXBackend
+
+    return MLXBackend(str(path), n_ctx=n_ctx, n_batch=n_batch)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from server.scoring import ScoredRows, score_rows
+
 
 @dataclass(frozen=True)
 class ModelInfo:
@@ -59,3 +61,11 @@ class Backend(ABC):
         follows tokens[i + j]. A block may be a view of the backend's buffer: it is valid only
         until the generator is resumed, so copy what must outlive that.
         """
+
+    def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
+        """Log-probabilities of `targets` and the top-k under each row of a block from forward().
+        Backends whose logits live on a device override this to do the math there."""
+        return score_rows(logits, targets, k)
+
+    def close(self) -> None:
+        """Free the model (the server calls this at shutdown)."""

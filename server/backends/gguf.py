@@ -31,7 +31,8 @@ def is_gguf_file(path: Path) -> bool:
 
 
 class GGUFBackend(Backend):
-    def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512):
+    def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
+                 kv_cache_type: str = "f32"):
         # Imported here so that the package imports (and --help works) without llama.cpp built.
         import llama_cpp
 
@@ -60,6 +61,9 @@ class GGUFBackend(Backend):
         # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
         # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
         ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        # llama.cpp stores K and V in float16 by default; float32 keeps scores exact (see Settings).
+        kv_type = ll.GGML_TYPE_F32 if kv_cache_type == "f32" else ll.GGML_TYPE_F16
+        ctx_params.type_k = ctx_params.type_v = kv_type
         self._ctx = ll.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             raise ValueError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")

@@ -1,0 +1,154 @@
+"""MLX models through mlx-lm: a Hugging Face-layout folder (config.json, safetensors, tokenizer).
+
+mlx-lm's model is called directly on token arrays with its own KV cache, which gives per-token
+logits; log-softmax and top-k run in MLX (server.scoring.score_rows_mlx), so only the numbers a
+response needs leave the device.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from server.backends.base import Backend, ModelInfo
+from server.scoring import ScoredRows, score_rows_mlx
+
+log = logging.getLogger(__name__)
+
+MAX_DEFAULT_CTX = 8192
+# Debian/Ubuntu's OpenBLAS; mlx[cpu] on Linux bundles a reference BLAS ~40x slower on matmuls.
+OPENBLAS_CANDIDATES = [
+    "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
+    "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
+]
+
+
+def find_openblas() -> str | None:
+    return next((p for p in OPENBLAS_CANDIDATES if os.path.exists(p)), None)
+
+
+def openblas_preloaded() -> bool:
+    return "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def is_mlx_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").exists()
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2 byte-level BPE writes each byte as one printable character; this maps them back."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
+    """The bytes each token id stands for, by the tokenizer's decoder type (byte-level BPE or
+    SentencePiece); special tokens are their text, as in the GGUF backend."""
+    decoder = json.loads(hf_tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
+    kinds = {decoder.get("type")} | {d.get("type") for d in decoder.get("decoders", [])}
+    special = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
+    pieces = hf_tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(hf_tokenizer)))))
+    byte_decoder = _byte_level_decoder()
+    table = []
+    for token_id in range(n_vocab):
+        piece = pieces[token_id] if token_id < len(pieces) else None
+        if token_id in special:
+            table.append(special[token_id].encode("utf-8"))
+        elif piece is None:  # embedding rows past the tokenizer's vocabulary
+            table.append(b"")
+        elif "ByteLevel" in kinds:
+            table.append(bytes(byte_decoder.get(c, 0x3F) for c in piece))
+        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:  # SentencePiece byte fallback
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return table
+
+
+class MLXBackend(Backend):
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512):
+        import mlx.core as mx
+        from mlx_lm import load
+        from mlx_lm.models.cache import make_prompt_cache
+
+        if sys.platform.startswith("linux") and not openblas_preloaded():
+            log.warning("MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
+                        "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
+                        "or set LD_PRELOAD=%s", find_openblas() or "/path/to/libopenblas.so.0")
+        self._mx = mx
+        self.model, wrapper = load(path)
+        self._hf = wrapper._tokenizer
+        self._make_cache = make_prompt_cache
+        self.n_batch = n_batch
+
+        config = json.loads((Path(path) / "config.json").read_text())
+        text_config = config.get("text_config", config)
+        # The logits' width (embedding rows), which can exceed the tokenizer's vocabulary.
+        n_vocab = int(self.model(mx.array([[0]]))[0].shape[-1])
+        self._cache = make_prompt_cache(self.model)
+        n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
+        self._pieces = _token_bytes_table(self._hf, n_vocab)
+        self._eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
+
+        with_special = self._hf.encode("a", add_special_tokens=True)
+        without = self._hf.encode("a", add_special_tokens=False)
+        bos = self._hf.bos_token_id
+        quant = config.get("quantization", {})
+        self.info = ModelInfo(
+            path=str(path),
+            n_ctx=n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX),
+            n_ctx_train=n_ctx_train,
+            n_vocab=n_vocab,
+            bos_id=bos,
+            eos_id=self._hf.eos_token_id,
+            pad_id=self._hf.pad_token_id,
+            add_bos=bos is not None and with_special[:1] == [bos] and without[:1] != [bos],
+            chat_template=self._hf.chat_template if isinstance(self._hf.chat_template, str) else None,
+            description=f"{text_config.get('model_type', '?')} (mlx), "
+                        + (f"{quant.get('bits')}-bit quantized" if quant else str(config.get("torch_dtype", "float"))),
+        )
+
+    # -- tokenizer --------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return self._hf.encode(text, add_special_tokens=add_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._pieces[token_id]
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        return token_id in self._eog
+
+    # -- forward pass -------------------------------------------------------------------------
+    def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, object]]:
+        mx = self._mx
+        if start == 0:
+            self._cache = self._make_cache(self.model)
+        elif start != self._cache[0].offset:
+            raise RuntimeError(f"forward from position {start}, but the cache holds {self._cache[0].offset} tokens")
+        for chunk_start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[chunk_start:chunk_start + self.n_batch]
+            logits = self.model(mx.array(chunk)[None], cache=self._cache)[0]
+            first = max(0, logits_from - chunk_start)
+            if first < len(chunk):
+                yield chunk_start + first, logits[first:]
+            else:
+                mx.eval([c.state for c in self._cache])  # run the pass: later chunks need this KV
+
+    def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
+        return score_rows_mlx(logits, targets, k)
+
+    def close(self) -> None:
+        self._cache = None

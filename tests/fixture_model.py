@@ -1,0 +1,138 @@
+"""A small model with the same float32 weights in both formats: a GGUF file and an mlx-lm folder.
+
+It is SmolLM2-135M cut to its first two transformer blocks: the default model's Q4_1/Q8_0 weights
+are dequantized to float32 (so real embeddings and a real tokenizer, with peaked distributions),
+then written once as an F32 GGUF file and once as a Hugging Face-layout folder (config.json,
+model.safetensors, tokenizer.json). Both are cached; creation takes a few seconds.
+
+    python -m tests.fixture_model [CACHE_DIR]     # prints the two paths
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+N_LAYERS = 2
+VERSION = "v1"
+TOKEN_TYPE_CONTROL = 3
+
+
+def _field_value(field):
+    return field.contents()
+
+
+def _hf_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (GGUF interleaves rotary pairs; HF uses halves)."""
+    out_dim = weight.shape[0]
+    return weight.reshape(n_heads, out_dim // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path) -> None:
+    from gguf import GGUFValueType, GGUFWriter
+
+    skip = {"general.architecture", "general.file_type", "llama.block_count"}
+    writer = GGUFWriter(str(path), arch="llama")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in skip:
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        writer.add_key_value(key, _field_value(field), vtype, sub_type=sub_type)
+    writer.add_block_count(N_LAYERS)
+    writer.add_file_type(0)  # ALL_F32
+    for name, array in tensors.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path) -> None:
+    from safetensors.numpy import save_file
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    meta = {key: _field_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+    weights = {"model.embed_tokens.weight": tensors["token_embd.weight"],
+               "model.norm.weight": tensors["output_norm.weight"]}
+    names = {"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
+             "attn_q": "self_attn.q_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    for i in range(N_LAYERS):
+        for short, long in names.items():
+            w = tensors[f"blk.{i}.{short}.weight"]
+            if short == "attn_q":
+                w = _hf_order(w, n_heads)
+            elif short == "attn_k":
+                w = _hf_order(w, n_kv)
+            weights[f"model.layers.{i}.{long}.weight"] = w
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+
+    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
+    bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "num_hidden_layers": N_LAYERS,
+        "head_dim": meta["llama.rope.dimension_count"], "hidden_act": "silu",
+        "rms_norm_eps": float(np.float32(meta["llama.attention.layer_norm_rms_epsilon"])),
+        # Top-level rope_theta on purpose: without it mlx-lm silently uses 10000.
+        "rope_theta": float(meta["llama.rope.freq_base"]),
+        "max_position_embeddings": meta["llama.context_length"], "vocab_size": len(tokens),
+        "tie_word_embeddings": True, "bos_token_id": meta["tokenizer.ggml.bos_token_id"],
+        "eos_token_id": meta["tokenizer.ggml.eos_token_id"], "torch_dtype": "float32",
+    }
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+
+    # The same byte-level BPE as the GGUF (SmolLM2's "smollm" pre-tokenizer: digits split one by one).
+    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
+                                     merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL])
+    tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
+        "add_bos_token": False, "add_eos_token": False, "model_max_length": meta["llama.context_length"],
+        "chat_template": meta.get("tokenizer.chat_template"),
+    }, indent=2))
+
+
+def make_fixture(source_gguf: Path, cache_dir: Path) -> tuple[Path, Path]:
+    """(GGUF file, mlx-lm folder) of the two-block float32 model, created once."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    root = cache_dir / f"smollm2-{N_LAYERS}block-f32-{VERSION}"
+    gguf_path, mlx_dir = root / "model-f32.gguf", root / "mlx"
+    if (root / "done").exists():
+        return gguf_path, mlx_dir
+    root.mkdir(parents=True, exist_ok=True)
+    reader = GGUFReader(str(source_gguf))
+    keep = ("token_embd.", "output_norm.") + tuple(f"blk.{i}." for i in range(N_LAYERS))
+    tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
+        [int(d) for d in reversed(t.shape)]) for t in reader.tensors if t.name.startswith(keep)}
+    _write_gguf(reader, tensors, gguf_path)
+    _write_hf_folder(reader, tensors, mlx_dir)
+    (root / "done").write_text("ok")
+    return gguf_path, mlx_dir
+
+
+if __name__ == "__main__":
+    from server.config import Settings
+    from server.default_model import ensure_default_model
+
+    cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().cache_path() / "fixtures"
+    source = ensure_default_model(Settings().cache_path())
+    print(*make_fixture(source, cache), sep="\n")

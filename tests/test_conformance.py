@@ -1,0 +1,137 @@
+"""One set of conformance tests, run against both backends serving the same float32 weights
+(tests/fixture_model.py), plus cross-backend agreement and agreement with a float64 numpy
+forward pass of those weights (tests/numpy_llama.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import requests
+
+from tests.conftest import FIXTURE_NAME
+
+REFERENCE_TOLERANCE = 1e-3  # each backend vs the float64 numpy forward pass
+CROSS_TOLERANCE = 1e-3  # |logprob(mlx) - logprob(gguf)| per token
+
+PROMPTS = [
+    "The capital of France is Paris. The capital of Germany is",
+    "Zürich, São Paulo, Kraków and 東京 are cities; naïve café owners say 🎉 ✓.",
+    "def add(a, b):\n    return a + b  # 12345 digits split one by one",
+    "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+def tokenize(server, text: str, add_special_tokens: bool = True) -> list[int]:
+    return server.post("/tokenize", {"prompt": text, "add_special_tokens": add_special_tokens}).json()["tokens"]
+
+
+def echo(server, prompt, k: int = 5, **extra) -> list[dict]:
+    payload = dict(prompt=prompt, echo=True, logprobs=k, max_tokens=0, temperature=0)
+    return [c["logprobs"] for c in server.complete(**(payload | extra))["choices"]]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, prompt):
+    tokens = tokenize(fixture_server, prompt)
+    lp, = echo(fixture_server, prompt, k=5)
+    expected = numpy_reference.logprob_matrix(tokens)
+    got = np.array(lp["token_logprobs"][1:])
+    diff = np.abs(got - expected[np.arange(len(tokens) - 1), tokens[1:]])
+    assert diff.max() <= REFERENCE_TOLERANCE, diff.max()
+    # The first token has no context: null, in both lists.
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, len(tokens)):
+        top = lp["top_logprobs"][i]
+        best = np.sort(expected[i - 1])[::-1][:5]
+        assert np.abs(np.sort(list(top.values()))[::-1][:5] - best).max() <= REFERENCE_TOLERANCE
+        assert top[lp["tokens"][i]] == lp["token_logprobs"][i]  # bit for bit
+
+
+def test_backends_agree_token_by_token(gguf_fixture_server, mlx_fixture_server):
+    worst = 0.0
+    for prompt in PROMPTS:
+        assert tokenize(gguf_fixture_server, prompt) == tokenize(mlx_fixture_server, prompt)
+        a, = echo(gguf_fixture_server, prompt, k=3)
+        b, = echo(mlx_fixture_server, prompt, k=3)
+        assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
+        diff = np.abs(np.array(a["token_logprobs"][1:]) - np.array(b["token_logprobs"][1:]))
+        worst = max(worst, float(diff.max()))
+        for top_a, top_b in zip(a["top_logprobs"][1:], b["top_logprobs"][1:]):
+            common = set(top_a) & set(top_b)
+            assert len(common) >= 2  # top-3 lists may differ only where values nearly tie
+            assert max(abs(top_a[t] - top_b[t]) for t in common) <= CROSS_TOLERANCE
+    print(f"max |logprob(gguf) - logprob(mlx)| = {worst:.2e}")
+    assert worst <= CROSS_TOLERANCE
+
+
+def test_token_id_batch_unequal_lengths_with_and_without_bos(fixture_server, numpy_reference):
+    info = requests.get(fixture_server.url + "/tokenizer_info").json()
+    bos = tokenize(fixture_server, info["bos_token"], add_special_tokens=False)
+    assert len(bos) == 1
+    base = [tokenize(fixture_server, p) for p in PROMPTS[:3]]
+    batch = [bos + base[0], base[1], base[2][:5], bos + base[1][:2]]
+    choices = fixture_server.complete(prompt=batch, echo=True, logprobs=2, max_tokens=1, temperature=0)["choices"]
+    assert [c["index"] for c in choices] == list(range(len(batch)))
+    for tokens, choice in zip(batch, choices):
+        lp = choice["logprobs"]
+        assert len(lp["tokens"]) == len(tokens) + 1
+        expected = numpy_reference.logprob_matrix(tokens)
+        got = np.array(lp["token_logprobs"][1:len(tokens)])
+        assert np.abs(got - expected[np.arange(len(tokens) - 1), tokens[1:]]).max() <= REFERENCE_TOLERANCE
+        # Greedy: the generated token is the reference's argmax, and its value is the top value.
+        assert lp["tokens"][-1] == fixture_server.post(
+            "/detokenize", {"tokens": [int(expected[-1].argmax())]}).json()["prompt"]
+        assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
+
+
+def test_bos_rules_and_tokenizer_info(fixture_server):
+    info = requests.get(fixture_server.url + "/tokenizer_info").json()
+    assert (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
+    assert info["chat_template"] and "<|im_start|>" in info["chat_template"]
+    # This tokenizer adds no BOS, with or without special tokens; special-token text is parsed.
+    assert tokenize(fixture_server, "Hello", True) == tokenize(fixture_server, "Hello", False)
+    assert len(tokenize(fixture_server, "<|im_end|>", False)) == 1
+    # Token-id prompts are used exactly as given.
+    ids = tokenize(fixture_server, "Hello world")
+    assert fixture_server.complete(prompt=ids, max_tokens=0, echo=True)["usage"]["prompt_tokens"] == len(ids)
+
+
+def test_utf8_pieces_offsets_and_bytes_form(fixture_server):
+    prompt = "Emoji 🎉🎉 and 東京"
+    lp, = echo(fixture_server, prompt, k=0)
+    assert any(t.startswith("bytes:\\x") for t in lp["tokens"])
+    text = fixture_server.complete(prompt=prompt, echo=True, max_tokens=0)["choices"][0]["text"]
+    assert text == prompt
+    for token, offset in zip(lp["tokens"], lp["text_offset"]):
+        if not token.startswith("bytes:"):
+            assert text[offset:offset + len(token)] == token
+    assert all(len(top) == 1 for top in lp["top_logprobs"][1:])  # logprobs=0: just the token
+
+
+def test_greedy_generation_and_stop_strings(gguf_fixture_server, mlx_fixture_server, mlx_oracle):
+    prompt = "The capital of France is Paris. The capital of Germany is"
+    ids = mlx_oracle.tokenize(prompt)
+    outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=["\n"])["choices"][0]
+            for s in (gguf_fixture_server, mlx_fixture_server)]
+    assert outs[0]["text"] == outs[1]["text"] == mlx_oracle.greedy(ids, 12, ["\n"])
+    assert outs[0]["finish_reason"] == outs[1]["finish_reason"]
+
+
+def test_seeded_sampling_is_reproducible(fixture_server):
+    payload = dict(prompt="List of fruits:", max_tokens=10, temperature=0.8, top_p=0.95, seed=7)
+    first = fixture_server.complete(**payload)["choices"][0]["text"]
+    assert fixture_server.complete(**payload)["choices"][0]["text"] == first
+
+
+@pytest.mark.parametrize("body,status,param", [
+    ({"prompt": [1, 2, 49152]}, 400, "prompt"),
+    ({"prompt": [42] * 2100, "max_tokens": 0}, 400, "prompt"),
+    ({"prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "Hi", "model": "nope"}, 404, "model"),
+])
+def test_errors_are_the_same(fixture_server, body, status, param):
+    response = fixture_server.post("/v1/completions", body)
+    assert response.status_code == status
+    assert response.json()["error"]["param"] == param
+    assert fixture_server.complete(prompt="Hi", max_tokens=1, model=FIXTURE_NAME)["model"] == FIXTURE_NAME
