@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
 
-from server.completions import check_model, check_token_ids, create_completion
-from server.protocol import CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.chat import create_chat_completion, stream_chat_completion
+from server.completions import check_model, check_token_ids, create_completion, stream_completion
+from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
 from server.state import ServerState
 
 router = APIRouter()
@@ -15,9 +17,23 @@ def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
+def _event_stream(events) -> StreamingResponse:
+    # When the client disconnects, Starlette stops iterating `events`; closing it cancels the job.
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
+    if body.stream:
+        return _event_stream(await stream_completion(_state(request), body))
     return await create_completion(_state(request), body)
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatCompletionRequest, request: Request):
+    if body.stream:
+        return _event_stream(await stream_chat_completion(_state(request), body))
+    return await create_chat_completion(_state(request), body)
 
 
 @router.get("/v1/models")

@@ -50,6 +50,7 @@ class Settings:
         "f32", str, "GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
         "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.")
     max_logprobs: int = _option(20, int, "Largest 'logprobs' a request may ask for (top alternatives per token).")
+    max_stop: int = _option(4, int, "Most stop strings a request may send (OpenAI allows 4).")
     cache_dir: str | None = _option(
         None, str, "Where the default model is kept. Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
     host: str = _option("127.0.0.1", str, "Address to listen on (CLI). Use 0.0.0.0 to serve other machines.")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TypeVar
@@ -34,6 +35,27 @@ class PromptJob:
     echo: bool
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
+    sample_index: int = 0  # which of a request's n samples this is (its own random stream)
+
+
+@dataclass
+class TokenEvent:
+    """One generated token, as it happens (for streaming)."""
+
+    token: int
+    scores: ScoredRows | None
+    text: str  # all generated text so far, a found stop string cut off
+
+
+@dataclass
+class PromptScored:
+    """The prompt pass is done (for streaming: the echoed prompt can be sent)."""
+
+    scores: ScoredRows | None  # as PromptResult.prompt_scores
+
+
+class Cancelled(Exception):
+    """The client went away; the job stopped early."""
 
 
 @dataclass
@@ -55,8 +77,11 @@ def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
     )
 
 
-def run_prompt(backend: Backend, job: PromptJob) -> PromptResult:
-    """Score the prompt (when echoed with logprobs) and generate up to max_tokens after it."""
+def run_prompt(backend: Backend, job: PromptJob, on_event: Callable[[PromptScored | TokenEvent], None] | None = None,
+               cancel: threading.Event | None = None) -> PromptResult:
+    """Score the prompt (when echoed with logprobs) and generate up to max_tokens after it.
+    `on_event` sees the scored prompt, then each generated token; setting `cancel` stops the
+    job before its next token."""
     tokens, n = job.tokens, len(job.tokens)
     k = job.logprobs or 0
     score_prompt = job.echo and job.logprobs is not None
@@ -73,20 +98,29 @@ def run_prompt(backend: Backend, job: PromptJob) -> PromptResult:
         if i + len(block) == n:
             next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
 
-    sampler = Sampler(job.sampling)
+    prompt_scores = _concat(prompt_parts, k) if score_prompt else None
+    if on_event is not None:
+        on_event(PromptScored(prompt_scores))
+
+    sampler = Sampler(job.sampling, tokens, job.sample_index)
     watcher = StopStringWatcher(job.stop)
     generated: list[int] = []
     generated_parts: list[ScoredRows] = []
     finish_reason = "length"
     while len(generated) < job.max_tokens:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled()
         token = sampler.choose(next_logits)
         generated.append(token)
-        if job.logprobs is not None:
-            generated_parts.append(score_rows(next_logits[None, :], np.array([token]), k))
-        if backend.is_end_of_generation(token):
-            finish_reason = "stop"  # the token is reported (as vLLM does), its text is not
-            break
-        if watcher.feed(backend.token_bytes(token)):
+        scores = score_rows(next_logits[None, :], np.array([token]), k) if job.logprobs is not None else None
+        if scores is not None:
+            generated_parts.append(scores)
+        end_of_generation = backend.is_end_of_generation(token)
+        # An end-of-generation token is reported (as vLLM does), its text is not.
+        stopped = end_of_generation or watcher.feed(backend.token_bytes(token))
+        if on_event is not None:
+            on_event(TokenEvent(token, scores, watcher.text))
+        if stopped:
             finish_reason = "stop"
             break
         if len(generated) == job.max_tokens:
@@ -95,7 +129,7 @@ def run_prompt(backend: Backend, job: PromptJob) -> PromptResult:
             next_logits = np.array(block[-1], dtype=np.float32)
 
     return PromptResult(
-        prompt_scores=_concat(prompt_parts, k) if score_prompt else None,
+        prompt_scores=prompt_scores,
         generated=generated,
         generated_scores=_concat(generated_parts, k) if job.logprobs is not None else None,
         generated_text=watcher.finish(),
@@ -112,20 +146,57 @@ class Engine:
         """Run fn on the model thread (jobs run one at a time, in order) and await its result."""
         return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
 
-    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
-        def work() -> list[PromptResult]:
-            started = time.perf_counter()
-            results = [run_prompt(self.backend, job) for job in jobs]
-            elapsed = time.perf_counter() - started
-            n_prompt = sum(len(j.tokens) for j in jobs)
-            n_gen = sum(len(r.generated) for r in results)
-            log.info(
-                "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)",
-                len(jobs), n_prompt, n_gen, elapsed, (n_prompt + n_gen) / max(elapsed, 1e-9),
-            )
-            return results
+    def _run_jobs(self, jobs: list[PromptJob], on_event=None, cancel=None) -> list[PromptResult]:
+        """Run jobs in order; on_event(index, event) sees each job's events, then (index, result)."""
+        started = time.perf_counter()
+        results = []
+        for index, job in enumerate(jobs):
+            callback = None if on_event is None else (lambda event, index=index: on_event(index, event))
+            results.append(run_prompt(self.backend, job, callback, cancel))
+            if on_event is not None:
+                on_event(index, results[-1])
+        elapsed = time.perf_counter() - started
+        n_prompt = sum(len(j.tokens) for j in jobs)
+        n_gen = sum(len(r.generated) for r in results)
+        log.info(
+            "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)",
+            len(jobs), n_prompt, n_gen, elapsed, (n_prompt + n_gen) / max(elapsed, 1e-9),
+        )
+        return results
 
-        return await self.run(work)
+    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
+        return await self.run(lambda: self._run_jobs(jobs))
+
+    async def stream(self, jobs: list[PromptJob]) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        """Yield (job index, event) for each scored prompt and generated token, and (index, result)
+        when a job ends. Jobs run one after another.
+        Closing the iterator early (the client went away) stops the work before its next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        done = object()
+
+        def on_event(index: int, event: PromptScored | TokenEvent | PromptResult) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+        def work() -> None:
+            try:
+                self._run_jobs(jobs, on_event, cancel)
+            except Cancelled:
+                log.info("generation cancelled: the client disconnected")
+            except BaseException as exc:  # handed to the consumer, which raises it
+                loop.call_soon_threadsafe(queue.put_nowait, exc)
+            finally:
+                loop.call_soon_threadsafe(queue.put_nowait, done)
+
+        loop.run_in_executor(self._worker, work)
+        try:
+            while (item := await queue.get()) is not done:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            cancel.set()  # no-op when the work finished; otherwise it stops before the next token
 
     def close(self) -> None:
         self._worker.shutdown(wait=True)

@@ -34,7 +34,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
-    if kind == "model_attributes_type" or not loc:
+    if not loc:
         return "The request body must be a JSON object.", None
     param = loc[0]
     where = ".".join(loc)

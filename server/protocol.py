@@ -19,30 +19,48 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-class CompletionRequest(BaseModel):
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = False
+
+
+class SamplingFields(BaseModel):
+    """Generation settings shared by /v1/completions and /v1/chat/completions."""
+
     # Unknown fields are an error, not silently ignored: a typo must not change results unnoticed.
     model_config = ConfigDict(extra="forbid")
 
-    prompt: Any = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
     model: str | None = None
-    max_tokens: int | None = Field(16, ge=0)
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    logprobs: int | None = Field(None, ge=0)
-    echo: bool = False
+    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: no limit
+    min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
+    n: int | None = Field(1, ge=1, le=16)
     stop: str | list[str] | None = None
     seed: int | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # vLLM's extension
+    logit_bias: dict[str, float] | None = None
     user: str | None = None  # an end-user id for the caller's bookkeeping; no effect here
 
+    def stop_list(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Any = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0)
+    echo: bool = False
     # Accepted by OpenAI, not supported here: anything but their neutral value is rejected.
     suffix: str | None = None
-    n: int | None = 1
     best_of: int | None = None
-    stream: bool | None = False
-    stream_options: dict | None = None
-    presence_penalty: float | None = 0.0
-    frequency_penalty: float | None = 0.0
-    logit_bias: dict[str, float] | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -65,27 +83,29 @@ class CompletionRequest(BaseModel):
         )
 
     def unsupported(self) -> tuple[str, str] | None:
-        """(field, message) for the first field set to something this server does not do yet."""
+        """(field, message) for the first field set to something this server does not do."""
         if self.suffix:
             return "suffix", "suffix (insertion) is not supported; put all text in the prompt"
-        if self.n not in (None, 1):
-            return "n", "n > 1 is not supported yet; send the prompt n times instead"
-        if self.best_of not in (None, 1):
-            return "best_of", "best_of > 1 is not supported"
-        if self.stream:
-            return "stream", "stream=true is not supported yet; send stream=false"
-        if self.presence_penalty:
-            return "presence_penalty", "presence_penalty is not supported yet; send 0"
-        if self.frequency_penalty:
-            return "frequency_penalty", "frequency_penalty is not supported yet; send 0"
-        if self.logit_bias:
-            return "logit_bias", "logit_bias is not supported yet"
+        if self.best_of not in (None, 1) and self.best_of != self.n:
+            return "best_of", "best_of > n is not supported; use n to get several samples"
         return None
 
-    def stop_list(self) -> list[str]:
-        if self.stop is None:
-            return []
-        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the chat template
+
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0)
+    add_generation_prompt: bool = True  # vLLM's extension
+    chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension
 
 
 class TokenizeRequest(BaseModel):
@@ -132,6 +152,23 @@ class CompletionResponse(TypedDict):
     model: str
     choices: list[CompletionChoice]
     usage: Usage
+
+
+class ChatTopLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
+
+
+class ChatTokenLogprob(ChatTopLogprob):
+    top_logprobs: list[ChatTopLogprob]
+
+
+class ChatChoice(TypedDict):
+    index: int
+    message: dict[str, str]
+    logprobs: dict[str, list[ChatTokenLogprob]] | None
+    finish_reason: Literal["stop", "length"]
 
 
 class ErrorBody(TypedDict):

@@ -65,3 +65,15 @@ class StopStringWatcher:
         if not self.stopped:
             self.text += self._decoder.decode(b"", final=True)
         return self.text
+
+
+def unsafe_suffix_length(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest end of `text` that is the beginning of a stop string: text that must
+    be held back while streaming, since the next token may complete the stop string."""
+    longest = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), longest, -1):
+            if text.endswith(stop[:n]):
+                longest = n
+                break
+    return longest

@@ -24,14 +24,21 @@ CASES = [
     ("negative token id", {"prompt": [[1, 2], [-3]]}, 400, "prompt", "Prompt 1 holds token id -3"),
     ("prompt longer than context", {"prompt": [42] * 2100, "max_tokens": 0}, 400, "prompt", "do not fit"),
     ("prompt + max_tokens too long", {"prompt": [42] * 2000, "max_tokens": 100}, 400, "max_tokens", "2100"),
+    ("prompt fills the context, max_tokens null", {"prompt": [42] * 2048, "max_tokens": None}, 400, "prompt",
+     "does not fit"),
     ("logprobs above limit", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", "limit of 20"),
     ("negative logprobs", {"prompt": "Hi", "logprobs": -1}, 400, "logprobs", "greater than or equal"),
     ("temperature out of range", {"prompt": "Hi", "temperature": 5}, 400, "temperature", "less than or equal"),
     ("unknown model", {"prompt": "Hi", "model": "gpt-4"}, 404, "model", "SmolLM2-135M-Instruct.Q4_1"),
     ("suffix", {"prompt": "Hi", "suffix": "end"}, 400, "suffix", "not supported"),
-    ("n > 1", {"prompt": "Hi", "n": 2}, 400, "n", "not supported"),
-    ("best_of > 1", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "not supported"),
-    ("stream", {"prompt": "Hi", "stream": True}, 400, "stream", "not supported"),
+    ("best_of > n", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "not supported"),
+    ("n = 0", {"prompt": "Hi", "n": 0}, 400, "n", "greater than or equal"),
+    ("five stop strings", {"prompt": "Hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "at most 4"),
+    ("logit_bias key not an id", {"prompt": "Hi", "logit_bias": {"hello": 5}}, 400, "logit_bias", "token ids"),
+    ("logit_bias id outside vocab", {"prompt": "Hi", "logit_bias": {"99999999": 5}}, 400, "logit_bias", "vocabulary"),
+    ("logit_bias value too big", {"prompt": "Hi", "logit_bias": {"42": 500}}, 400, "logit_bias", "-100..100"),
+    ("stream_options wrong type", {"prompt": "Hi", "stream": True, "stream_options": 3}, 400, "stream_options",
+     "stream_options"),
     ("unknown field", {"prompt": "Hi", "max_tokenz": 3}, 400, "max_tokenz", "Unknown field"),
 ]
 
@@ -50,6 +57,26 @@ def test_bad_request_gets_openai_error(server, name, body, status, param, words)
     assert words in error["message"], error["message"]
     # ... and the server goes on serving.
     assert server.post("/v1/completions", GOOD).status_code == 200
+
+
+CHAT_CASES = [
+    ("no messages", {"messages": []}, 400, "messages", "at least 1"),
+    ("message without role", {"messages": [{"content": "hi"}]}, 400, "messages", "Missing"),
+    ("top_logprobs above limit", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
+                                  "top_logprobs": 21}, 400, "top_logprobs", "limit of 20"),
+    ("conversation too long", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "prompt", "does not fit"),
+    ("conversation + max_tokens too long", {"messages": [{"role": "user", "content": "hi " * 1900}], "max_tokens": 500},
+     400, "max_tokens", "do not fit"),
+    ("unknown model", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model", "not served"),
+]
+
+
+@pytest.mark.parametrize("name,body,status,param,words", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
+def test_bad_chat_request_gets_openai_error(server, name, body, status, param, words):
+    response = server.post("/v1/chat/completions", body)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["param"] == param and words in error["message"], error
 
 
 def test_tokenizer_endpoint_errors(server):
