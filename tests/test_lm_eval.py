@@ -140,7 +140,7 @@ def test_wikitext_loglikelihood_rolling(target, tmp_path):
 
 def test_gsm8k_generate_until(target, tmp_path):
     server, oracle = target
-    limit = 4
+    limit = 24 if server.model.suffix == ".gguf" else 4
     results, samples = run_lm_eval(server, "gsm8k_dev", limit, tmp_path)
     matches = []
     for sample in samples:
