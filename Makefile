@@ -25,7 +25,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast clean show-build-flags
+.PHONY: setup serve test test-fast bench clean show-build-flags
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -47,6 +47,11 @@ test: setup
 # Everything but the slow lm-eval end-to-end runs.
 test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
+
+# Speed, side by side in one run (about 15 minutes on 2 cores); writes bench_out/.
+bench: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
+	$(TEST_ENV) $(BIN)/python -m bench.run
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

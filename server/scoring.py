@@ -25,6 +25,11 @@ class ScoredRows:
     top_logprobs: np.ndarray  # [n, k] float32
 
 
+def first_rows(rows: ScoredRows, n: int, k: int) -> ScoredRows:
+    """The first n rows with the top-k narrowed to k (the kept columns are the best k, in order)."""
+    return ScoredRows(rows.token_logprobs[:n], rows.top_ids[:n, :k], rows.top_logprobs[:n, :k])
+
+
 def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     """Row-wise log(sum(exp(x))) in float32, shifted by the row max for stability."""
     row_max = logits.max(axis=1)

@@ -42,7 +42,7 @@ class ServerState:
         )
         strings = [token_string(backend.token_bytes(t)) for t in range(info.n_vocab)]
         name = settings.model_name or (path.name if path.is_dir() else path.stem)
-        return cls(settings=settings, backend=backend, engine=Engine(backend), model_name=name, token_strings=strings)
+        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb), model_name=name, token_strings=strings)
 
     def close(self) -> None:
         self.engine.close()

@@ -31,6 +31,7 @@ class ModelInfo:
 
 class Backend(ABC):
     info: ModelInfo
+    supports_snapshots = False  # snapshot()/restore() work: the prefix cache can be used
 
     # -- tokenizer --------------------------------------------------------------------------
     @abstractmethod
@@ -66,6 +67,14 @@ class Backend(ABC):
         """Log-probabilities of `targets` and the top-k under each row of a block from forward().
         Backends whose logits live on a device override this to do the math there."""
         return score_rows(logits, targets, k)
+
+    def snapshot(self) -> tuple[object, int]:
+        """The current sequence's KV state and its size in bytes, for the prefix cache."""
+        raise NotImplementedError
+
+    def restore(self, state: object, n_tokens: int) -> None:
+        """Make the current sequence the first n_tokens of a snapshot (forward() continues from there)."""
+        raise NotImplementedError
 
     def close(self) -> None:
         """Free the model (the server calls this at shutdown)."""

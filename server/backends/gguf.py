@@ -31,6 +31,7 @@ def is_gguf_file(path: Path) -> bool:
 
 
 class GGUFBackend(Backend):
+    supports_snapshots = True
     def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
                  kv_cache_type: str = "f32"):
         # Imported here so that the package imports (and --help works) without llama.cpp built.
@@ -129,6 +130,20 @@ class GGUFBackend(Backend):
 
     def is_end_of_generation(self, token_id: int) -> bool:
         return bool(self._eog[token_id])
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def snapshot(self) -> tuple[object, int]:
+        size = self._ll.llama_state_seq_get_size(self._ctx, 0)
+        state = (ctypes.c_uint8 * size)()
+        written = self._ll.llama_state_seq_get_data(self._ctx, state, size, 0)
+        return state, written
+
+    def restore(self, state, n_tokens: int) -> None:
+        ll = self._ll
+        ll.llama_memory_seq_rm(self._memory, 0, -1, -1)
+        if ll.llama_state_seq_set_data(self._ctx, state, len(state), 0) == 0:
+            raise RuntimeError("llama.cpp could not restore a cached KV state")
+        ll.llama_memory_seq_rm(self._memory, 0, n_tokens, -1)
 
     # -- forward pass -------------------------------------------------------------------------
     def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, np.ndarray]]:

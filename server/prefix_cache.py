@@ -1,0 +1,92 @@
+"""Reusing the work of earlier prompts that share a token prefix with a new one.
+
+lm-eval sends each multiple-choice context once per choice, and not next to each other (it sorts
+requests by length). So the cache keeps the KV state of recent prompts (a snapshot taken out of
+the backend) together with their scored rows, under a memory bound, evicting the least recently
+used. A new prompt that starts with r + 1 tokens of a cached one restores that KV for positions
+0..r-1, reuses the scores of rows 0..r-1 (which predict tokens 1..r), and runs the forward pass
+from position r only.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from server.scoring import ScoredRows
+
+KEY_TOKENS = 8  # entries are found by their first tokens, then compared in full
+MIN_REUSE = 8  # shorter shared prefixes are not worth a restore
+
+
+@dataclass
+class CachedPrompt:
+    tokens: list[int]
+    state: object  # the backend's KV snapshot of these tokens
+    size: int  # bytes
+    scores: ScoredRows | None  # rows for tokens[1:], or None when the prompt was not scored
+    k: int  # top-k width of `scores`
+
+
+@dataclass
+class Reuse:
+    entry: CachedPrompt
+    length: int  # positions whose KV (and, when scoring, rows) come from the cache
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.used = 0
+        self._entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # LRU order, by id(entry)
+        self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
+        self.hits = self.lookups = self.reused_tokens = 0
+
+    def find(self, tokens: list[int], k: int | None) -> Reuse | None:
+        """The longest usable cached prefix. k: the top-k the new prompt's scores need (None: the
+        prompt is not scored, so only KV is reused)."""
+        self.lookups += 1
+        best: Reuse | None = None
+        for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
+            if k is not None and (entry.scores is None or entry.k < k):
+                continue
+            shared = common_prefix(entry.tokens, tokens)
+            # Scored: row r-1 must predict a token both share, so r <= shared - 1. Always keep at
+            # least the last prompt token to run, to get the next-token distribution.
+            length = min(shared - 1 if k is not None else shared, len(tokens) - 1)
+            if length >= MIN_REUSE and (best is None or length > best.length):
+                best = Reuse(entry, length)
+        if best is not None:
+            self.hits += 1
+            self.reused_tokens += best.length
+            self._entries.move_to_end(id(best.entry))
+        return best
+
+    def add(self, tokens: list[int], state: object, size: int, scores: ScoredRows | None, k: int) -> None:
+        if len(tokens) < MIN_REUSE or size > self.max_bytes:
+            return
+        entry = CachedPrompt(list(tokens), state, size, scores, k)
+        while self.used + size > self.max_bytes:
+            self._evict_oldest()
+        self._entries[id(entry)] = entry
+        self._by_key.setdefault(tuple(tokens[:KEY_TOKENS]), []).append(entry)
+        self.used += size
+
+    def _evict_oldest(self) -> None:
+        _, entry = self._entries.popitem(last=False)
+        siblings = self._by_key[tuple(entry.tokens[:KEY_TOKENS])]
+        siblings.remove(entry)
+        if not siblings:
+            del self._by_key[tuple(entry.tokens[:KEY_TOKENS])]
+        self.used -= entry.size
+
+    def __len__(self) -> int:
+        return len(self._entries)

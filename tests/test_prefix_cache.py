@@ -1,0 +1,94 @@
+"""Prefix reuse: results with the cache equal results without it, and it is really used."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from server.prefix_cache import MIN_REUSE, PrefixCache
+from server.scoring import ScoredRows
+from tests.conftest import DATA, SERVER_N_CTX, LiveServer
+
+
+@pytest.fixture(scope="module")
+def uncached_server(model_path, tmp_path_factory):
+    live = LiveServer(model_path, tmp_path_factory.mktemp("uncached") / "server.log",
+                      "--n-ctx", str(SERVER_N_CTX), "--prefix-cache-mb", "0")
+    yield live
+    live.stop()
+
+
+def hellaswag_requests(server, n_items: int) -> list[list[int]]:
+    """lm-eval-style token sequences: context + " " + ending, for every ending of each item."""
+    sequences = []
+    for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:n_items]:
+        item = json.loads(line)
+        for ending in item["endings"]:
+            sequences.append(server.post("/tokenize", {"prompt": item["ctx"] + " " + ending,
+                                                       "add_special_tokens": False}).json()["tokens"])
+    return sequences
+
+
+def test_reuse_gives_the_same_numbers(server, uncached_server):
+    sequences = hellaswag_requests(server, 6)
+    # lm-eval's order: longest first, so the endings of one context are spread over batches.
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    hits_before = _hits(server)
+    for start in range(0, len(order), 4):
+        batch = [sequences[i] for i in order[start:start + 4]]
+        for k in (1, 5):
+            payload = dict(prompt=batch, echo=True, logprobs=k, max_tokens=1, temperature=0)
+            cached = server.complete(**payload)["choices"]
+            fresh = uncached_server.complete(**payload)["choices"]
+            for a, b in zip(cached, fresh):
+                la, lb = a["logprobs"], b["logprobs"]
+                assert la["tokens"] == lb["tokens"] and la["text_offset"] == lb["text_offset"]
+                diff = np.abs(np.array(la["token_logprobs"][1:]) - np.array(lb["token_logprobs"][1:]))
+                assert diff.max() <= 1e-4
+                for ta, tb, value in zip(la["top_logprobs"][1:], lb["top_logprobs"][1:], la["token_logprobs"][1:]):
+                    assert ta.keys() == tb.keys() or min(ta.values()) - 1e-4 <= min(tb.values())
+                    assert max(abs(ta[t] - tb[t]) for t in ta.keys() & tb.keys()) <= 1e-4
+                    assert value in ta.values()
+    assert _hits(server) > hits_before  # the cache was really used
+    assert _hits(uncached_server) is None
+
+
+def test_generation_after_a_cache_hit_is_unchanged(server, uncached_server):
+    prompt = "The history of the Roman Empire is a story of power, politics and"
+    server.complete(prompt=prompt + " war", max_tokens=1)  # caches the shared prefix
+    payload = dict(prompt=prompt + " glory", max_tokens=16, temperature=0, logprobs=2)
+    assert server.complete(**payload)["choices"][0]["text"] == uncached_server.complete(**payload)["choices"][0]["text"]
+
+
+def _hits(server) -> int | None:
+    found = re.findall(r"prefix cache: (\d+)/\d+ hits", server.log())
+    return int(found[-1]) if found else None
+
+
+def _rows(n: int, k: int) -> ScoredRows:
+    return ScoredRows(np.zeros(n, np.float32), np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
+
+
+def test_cache_rules():
+    cache = PrefixCache(max_bytes=1000)
+    base = list(range(100, 130))
+    cache.add(base, "state-a", 400, _rows(len(base) - 1, 2), 2)
+    # Scored reuse stops one short of the shared prefix (the last shared row predicts a new token).
+    hit = cache.find(base[:20] + [1, 2, 3], k=2)
+    assert hit.entry.state == "state-a" and hit.length == 19
+    # Unscored reuse may use the whole shared prefix, but always leaves the last token to run.
+    assert cache.find(base[:20] + [1, 2, 3], k=None).length == 20
+    assert cache.find(base, k=None).length == len(base) - 1
+    # Wider top-k than cached, or too short a prefix: no reuse.
+    assert cache.find(base[:20] + [1], k=5) is None
+    assert cache.find(base[:MIN_REUSE - 1] + [1] * 10, k=None) is None
+    # Eviction keeps the byte bound, least recently used first.
+    other = list(range(500, 530))
+    cache.add(other, "state-b", 400, None, 0)
+    cache.find(base + [7], k=None)  # base is now the most recently used
+    cache.add(list(range(900, 930)), "state-c", 400, None, 0)
+    assert cache.used <= 1000 and len(cache) == 2
+    assert cache.find(other + [1], k=None) is None and cache.find(base + [1], k=None) is not None
