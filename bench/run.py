@@ -9,7 +9,11 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  3. llama-cpp-python's own server on the same prompts as strings (echo, logprobs=1), on a subset,
     and how far its logprobs are from this server's (which the tests check against an oracle);
  4. rows 1 and 2 on Gemma 3 270M (vocabulary 262144);
- 5. the wall time of a whole lm-eval run (hellaswag_dev, 100 items) through the server.
+ 5. the wall time of a whole lm-eval run (hellaswag_dev, 100 items) through the server;
+ 6. the MLX backend (the two-block SmolLM2 test fixture, float32): mlx-lm's forward pass
+    in-process vs this server's scoring over HTTP;
+ 7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
+    llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned).
 
 Writes bench_out/results.json, bench_out/table.md and bench_out/chart.png.
 """
@@ -165,6 +169,79 @@ def lm_eval_run(model: Path, threads: int, items: int, out: Path) -> tuple[float
     return elapsed, {k: v for k, v in results.items() if k.startswith("acc")}
 
 
+def mlx_rows(sequences, out: Path, add) -> None:
+    import mlx.core as mx
+    from mlx_lm import load
+
+    from server.config import Settings
+    from server.default_model import ensure_default_model
+    from tests.fixture_model import make_fixture
+
+    cache = Settings().cache_path()
+    _, folder = make_fixture(ensure_default_model(cache), cache / "fixtures")
+    model, _ = load(str(folder))
+    mx.eval(model(mx.array(sequences[-1])[None]))  # warm-up
+    started = time.perf_counter()
+    for tokens in sequences:
+        mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
+    limit = sum(map(len, sequences)) / (time.perf_counter() - started)
+    add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", limit, limit)
+    speed, _ = ours(folder, sequences, 0, out, "mlx", cache=False)
+    add("6b", "MLX fixture: this server, lm-eval requests", speed, limit)
+
+
+def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64) -> None:
+    import concurrent.futures
+
+    import llama_cpp
+
+    prompts = ["The history of the Roman Empire", "Once upon a time", "The best way to learn a language is",
+               "In 1969, the first humans", "Photosynthesis is the process", "The recipe for bread needs",
+               "A good night's sleep", "The stock market fell because"]
+    llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
+                          verbose=False, type_k=0, type_v=0)
+    eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)]
+    started = time.perf_counter()
+    for prompt in prompts:
+        llm.reset()
+        llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
+        for _ in range(tokens):
+            logits = llm.scores[llm.n_tokens - 1].copy()
+            logits[eog] = -np.inf
+            llm.eval([int(np.argmax(logits))])
+    limit = len(prompts) * tokens / (time.perf_counter() - started)
+    del llm
+    add("7a", f"generation: raw greedy decode loop in-process ({tokens} tokens)", limit, limit)
+
+    def clients(url: str, n_clients: int) -> float:
+        body = {"max_tokens": tokens, "temperature": 0, "logit_bias": {str(t): -100 for t in eog}}
+        started = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
+            done = list(pool.map(lambda p: requests.post(url, json=body | {"prompt": p}, timeout=600).json(),
+                                 prompts[:n_clients] if n_clients > 1 else prompts))
+        return sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - started)
+
+    port = free_port()
+    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--n-threads",
+                     str(threads)], f"http://127.0.0.1:{port}/health", out / "server-generation.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        add("7b", "generation: this server, 1 client", clients(url, 1), limit)
+        add("7c", "generation: this server, 8 concurrent clients", clients(url, 8), limit)
+    finally:
+        server.stop()
+    port = free_port()
+    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)],
+                    f"http://127.0.0.1:{port}/v1/models", out / "llama-cpp-server-generation.log")
+    try:
+        url = f"http://127.0.0.1:{port}/v1/completions"
+        add("7d", "generation: llama-cpp-python server, 1 client", clients(url, 1), limit)
+        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(url, 8), limit)
+    finally:
+        server.stop()
+
+
 def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -190,6 +267,9 @@ def main() -> None:
     parser.add_argument("--llama-server-items", type=int, default=3, help="items for row 3 (it is slow)")
     parser.add_argument("--gemma-items", type=int, default=8, help="items for row 4 (0 skips it)")
     parser.add_argument("--lm-eval-items", type=int, default=100, help="items for row 5 (0 skips it)")
+    parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
+    parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
+    parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     args = parser.parse_args()
@@ -209,10 +289,18 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
+        reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a"}[row[0]]
         rows.append({"row": row, "name": name, "tokens_per_s": value,
-                     "ratio": f"{value / base:.2f}x row {'1' if row[0] in '123' else '4a'}" if base else "", **extra})
+                     "ratio": f"{value / base:.2f}x row {reference}" if base else "", **extra})
         log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {rows[-1]['ratio']}")
 
+    groups = set(args.only.split(",")) if args.only else set("1234567")
+    if "6" in groups and not args.skip_mlx:
+        mlx_rows(sequences, args.out, add)
+    if "7" in groups and not args.skip_generation:
+        generation_rows(smol, args.threads, args.out, add)
+    if not groups & set("12345"):
+        return finish(rows, args)
     limit = raw_forward(smol, sequences, args.threads, all_logits=False)
     add("1a", "raw forward, in-process (logits: last position)", limit, limit)
     add("1b", "raw forward, in-process (logits: every position)", raw_forward(smol, sequences, args.threads, True), limit)
@@ -252,6 +340,10 @@ def main() -> None:
                      "wall_s": wall, "metrics": metrics})
         log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
 
+    finish(rows, args)
+
+
+def finish(rows: list[dict], args) -> None:
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads"
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     table = ["| row | what | tokens/s | ratio |", "| --- | --- | ---: | --- |"]

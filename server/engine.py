@@ -1,31 +1,32 @@
-"""The engine: runs scoring and generation on the model, one job at a time, off the event loop.
+"""The engine: one model thread that scores and generates for every request, batched.
 
-A backend holds one model and one KV cache, so every model call goes through a single worker
-thread. Requests queue for it in arrival order while the event loop stays free for /health,
-tokenization and other clients.
+Jobs (one per prompt and sample) from any number of requests queue here. The model thread admits
+as many as the backend has sequences and KV room for, runs their prompts through the model
+together (reusing cached prefixes), then generates for all of them in lock-step: one forward pass
+per step carries one new token of every running sequence. Jobs join and leave between steps.
+The event loop only waits on results, so /health and tokenization stay responsive.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, Pass
+from server.prefix_cache import PrefixCache, Reuse
 from server.sampling import Sampler, SamplingParams
-from server.prefix_cache import PrefixCache
 from server.scoring import ScoredRows, first_rows, score_rows
 from server.text import StopStringWatcher
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 @dataclass
@@ -40,12 +41,12 @@ class PromptJob:
 
 
 @dataclass
-class TokenEvent:
-    """One generated token, as it happens (for streaming)."""
-
-    token: int
-    scores: ScoredRows | None
-    text: str  # all generated text so far, a found stop string cut off
+class PromptResult:
+    prompt_scores: ScoredRows | None  # rows for prompt tokens 1..n-1 (token 0 has no context)
+    generated: list[int]
+    generated_scores: ScoredRows | None
+    generated_text: str  # without stop string, without end-of-generation tokens
+    finish_reason: str  # "stop" or "length"
 
 
 @dataclass
@@ -55,17 +56,20 @@ class PromptScored:
     scores: ScoredRows | None  # as PromptResult.prompt_scores
 
 
+@dataclass
+class TokenEvent:
+    """One generated token, as it happens (for streaming)."""
+
+    token: int
+    scores: ScoredRows | None
+    text: str  # all generated text so far, a found stop string cut off
+
+
 class Cancelled(Exception):
     """The client went away; the job stopped early."""
 
 
-@dataclass
-class PromptResult:
-    prompt_scores: ScoredRows | None  # rows for prompt tokens 1..n-1 (token 0 has no context)
-    generated: list[int]
-    generated_scores: ScoredRows | None
-    generated_text: str  # without stop string, without end-of-generation tokens
-    finish_reason: str  # "stop" or "length"
+Listener = Callable[[PromptScored | TokenEvent], None]
 
 
 def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
@@ -78,101 +82,95 @@ def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
     )
 
 
-def run_prompt(backend: Backend, job: PromptJob, on_event: Callable[[PromptScored | TokenEvent], None] | None = None,
-               cancel: threading.Event | None = None, cache: PrefixCache | None = None) -> PromptResult:
-    """Score the prompt (when echoed with logprobs) and generate up to max_tokens after it.
-    `on_event` sees the scored prompt, then each generated token; setting `cancel` stops the
-    job before its next token. With a prefix cache, a shared prefix is not computed again."""
-    tokens, n = job.tokens, len(job.tokens)
-    k = job.logprobs or 0
-    score_prompt = job.echo and job.logprobs is not None
+class _Running:
+    """A job on the model: its sequence, its sampling state, and what it has produced so far."""
 
-    prompt_parts: list[ScoredRows] = []
-    start = 0
-    reuse = cache.find(tokens, k if score_prompt else None) if cache is not None else None
-    if reuse is not None:
-        backend.restore(reuse.entry.state, reuse.length)
-        start = reuse.length
-        if score_prompt:
-            prompt_parts.append(first_rows(reuse.entry.scores, start, k))
+    def __init__(self, job: PromptJob, listener: Listener | None, cancel: threading.Event | None):
+        self.job, self.listener, self.cancel = job, listener, cancel
+        self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
+        self.seq = -1
+        self.k = job.logprobs or 0
+        self.score_prompt = job.echo and job.logprobs is not None
+        self.reuse: Reuse | None = None
+        self.prompt_parts: list[ScoredRows] = []
+        self.prompt_scores: ScoredRows | None = None
+        self.next_logits: np.ndarray | None = None
+        self.sampler = Sampler(job.sampling, job.tokens, job.sample_index)
+        self.watcher = StopStringWatcher(job.stop)
+        self.generated: list[int] = []
+        self.generated_parts: list[ScoredRows] = []
+        self.finish_reason = "length"
 
-    # One forward pass over the (rest of the) prompt. Row i predicts token i + 1; the last row
-    # predicts the first generated token. Logits are requested only for the rows used.
-    next_logits = None
-    for i, block in backend.forward(tokens[start:], start=start, logits_from=0 if score_prompt else n - 1 - start):
-        i += start
-        in_prompt = min(len(block), n - 1 - i)
-        if score_prompt and in_prompt > 0:
-            targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
-            prompt_parts.append(backend.score(block[:in_prompt], targets, k))
-        if i + len(block) == n:
-            next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
+    def emit(self, event: PromptScored | TokenEvent) -> None:
+        if self.listener is not None:
+            self.listener(event)
 
-    prompt_scores = _concat(prompt_parts, k) if score_prompt else None
-    if cache is not None and (reuse is None or reuse.entry.tokens != tokens):
-        state, size = backend.snapshot()
-        if prompt_scores is not None:
-            size += prompt_scores.top_ids.nbytes + prompt_scores.top_logprobs.nbytes + prompt_scores.token_logprobs.nbytes
-        cache.add(tokens, state, size, prompt_scores, k)
-    if on_event is not None:
-        on_event(PromptScored(prompt_scores))
-
-    sampler = Sampler(job.sampling, tokens, job.sample_index)
-    watcher = StopStringWatcher(job.stop)
-    generated: list[int] = []
-    generated_parts: list[ScoredRows] = []
-    finish_reason = "length"
-    while len(generated) < job.max_tokens:
-        if cancel is not None and cancel.is_set():
-            raise Cancelled()
-        token = sampler.choose(next_logits)
-        generated.append(token)
-        scores = score_rows(next_logits[None, :], np.array([token]), k) if job.logprobs is not None else None
-        if scores is not None:
-            generated_parts.append(scores)
-        end_of_generation = backend.is_end_of_generation(token)
-        # An end-of-generation token is reported (as vLLM does), its text is not.
-        stopped = end_of_generation or watcher.feed(backend.token_bytes(token))
-        if on_event is not None:
-            on_event(TokenEvent(token, scores, watcher.text))
-        if stopped:
-            finish_reason = "stop"
-            break
-        if len(generated) == job.max_tokens:
-            break
-        for _, block in backend.forward([token], start=n + len(generated) - 1, logits_from=0):
-            next_logits = np.array(block[-1], dtype=np.float32)
-
-    return PromptResult(
-        prompt_scores=prompt_scores,
-        generated=generated,
-        generated_scores=_concat(generated_parts, k) if job.logprobs is not None else None,
-        generated_text=watcher.finish(),
-        finish_reason=finish_reason,
-    )
+    def result(self) -> PromptResult:
+        return PromptResult(
+            prompt_scores=self.prompt_scores,
+            generated=self.generated,
+            generated_scores=_concat(self.generated_parts, self.k) if self.job.logprobs is not None else None,
+            generated_text=self.watcher.finish(),
+            finish_reason=self.finish_reason,
+        )
 
 
 class Engine:
     def __init__(self, backend: Backend, prefix_cache_mb: int = 0):
         self.backend = backend
-        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="model")
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
+        self._queue: deque[_Running] = deque()
+        self._wake = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._thread.start()
 
-    async def run(self, fn: Callable[[], T]) -> T:
-        """Run fn on the model thread (jobs run one at a time, in order) and await its result."""
-        return await asyncio.get_running_loop().run_in_executor(self._worker, fn)
+    # -- the event loop's side ------------------------------------------------------------------
+    def submit(self, job: PromptJob, listener: Listener | None = None,
+               cancel: threading.Event | None = None) -> concurrent.futures.Future[PromptResult]:
+        running = _Running(job, listener, cancel)
+        with self._wake:
+            self._queue.append(running)
+            self._wake.notify()
+        return running.future
 
-    def _run_jobs(self, jobs: list[PromptJob], on_event=None, cancel=None) -> list[PromptResult]:
-        """Run jobs in order; on_event(index, event) sees each job's events, then (index, result)."""
+    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
         started = time.perf_counter()
-        results = []
+        results = [await asyncio.wrap_future(self.submit(job)) for job in jobs]
+        self._log_done(jobs, results, time.perf_counter() - started)
+        return results
+
+    async def stream(self, jobs: list[PromptJob]) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        """Yield (job index, event) for each scored prompt and generated token, and (index, result)
+        when a job ends. Closing the iterator early (the client went away) stops the jobs before
+        their next token."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        cancel = threading.Event()
+        started = time.perf_counter()
+
+        def deliver(index: int, future: concurrent.futures.Future) -> None:
+            item = future.exception() or future.result()
+            loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+
         for index, job in enumerate(jobs):
-            callback = None if on_event is None else (lambda event, index=index: on_event(index, event))
-            results.append(run_prompt(self.backend, job, callback, cancel, self.cache))
-            if on_event is not None:
-                on_event(index, results[-1])
-        elapsed = time.perf_counter() - started
+            listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event)))
+            self.submit(job, listener, cancel).add_done_callback(lambda f, index=index: deliver(index, f))
+        results: dict[int, PromptResult] = {}
+        try:
+            while len(results) < len(jobs):
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, PromptResult):
+                    results[index] = item
+                yield index, item
+            self._log_done(jobs, [results[i] for i in range(len(jobs))], time.perf_counter() - started)
+        finally:
+            cancel.set()  # no-op when all finished; otherwise they stop before their next token
+
+    def _log_done(self, jobs: list[PromptJob], results: list[PromptResult], elapsed: float) -> None:
         n_prompt = sum(len(j.tokens) for j in jobs)
         n_gen = sum(len(r.generated) for r in results)
         cache = self.cache
@@ -182,41 +180,125 @@ class Engine:
             "" if cache is None else f"; prefix cache: {cache.hits}/{cache.lookups} hits, "
             f"{cache.reused_tokens} tokens reused, {len(cache)} prompts in {cache.used / 2**20:.0f} MB",
         )
-        return results
-
-    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
-        return await self.run(lambda: self._run_jobs(jobs))
-
-    async def stream(self, jobs: list[PromptJob]) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
-        """Yield (job index, event) for each scored prompt and generated token, and (index, result)
-        when a job ends. Jobs run one after another.
-        Closing the iterator early (the client went away) stops the work before its next token."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
-        done = object()
-
-        def on_event(index: int, event: PromptScored | TokenEvent | PromptResult) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
-
-        def work() -> None:
-            try:
-                self._run_jobs(jobs, on_event, cancel)
-            except Cancelled:
-                log.info("generation cancelled: the client disconnected")
-            except BaseException as exc:  # handed to the consumer, which raises it
-                loop.call_soon_threadsafe(queue.put_nowait, exc)
-            finally:
-                loop.call_soon_threadsafe(queue.put_nowait, done)
-
-        loop.run_in_executor(self._worker, work)
-        try:
-            while (item := await queue.get()) is not done:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-        finally:
-            cancel.set()  # no-op when the work finished; otherwise it stops before the next token
 
     def close(self) -> None:
-        self._worker.shutdown(wait=True)
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        self._thread.join(timeout=30)
+
+    # -- the model thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        active: list[_Running] = []
+        free = list(range(self.backend.max_sequences))
+        while True:
+            admitted: list[_Running] = []
+            with self._wake:
+                while not self._queue and not active and not self._closed:
+                    self._wake.wait()
+                if self._closed:
+                    return
+                admitted = self._admit(free)
+            try:
+                if admitted:
+                    self._prefill(admitted)
+                    active += admitted
+                active = self._step(active, free)
+            except Exception as exc:  # a backend failure fails the jobs it touched, not the server
+                log.exception("model step failed")
+                for running in active + admitted:
+                    self._finish(running, free, error=exc)
+                active = []
+
+    def _admit(self, free: list[int]) -> list[_Running]:
+        """Jobs from the queue, in order, while sequences are free. Each sequence has a context
+        of its own, and requests were checked to fit one."""
+        admitted: list[_Running] = []
+        while self._queue and free:
+            running = self._queue.popleft()
+            if running.cancel is not None and running.cancel.is_set():
+                running.future.set_exception(Cancelled())
+                continue
+            if self.cache is not None:
+                running.reuse = self.cache.find(running.job.tokens, running.k if running.score_prompt else None)
+            running.seq = free.pop(0)
+            admitted.append(running)
+        return admitted
+
+    def _prefill(self, admitted: list[_Running]) -> None:
+        """One forward pass over the (uncached part of the) prompts of newly admitted jobs."""
+        passes = []
+        for r in admitted:
+            tokens, n, start = r.job.tokens, len(r.job.tokens), 0
+            if r.reuse is not None:
+                self.backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
+                start = r.reuse.length
+                if r.score_prompt:
+                    r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
+            # Row i predicts token i + 1; the last row predicts the first generated token.
+            # Logits are asked for only for the rows used.
+            passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))
+        for index, i, block in self.backend.forward(passes):
+            r, p = admitted[index], passes[index]
+            i += p.start
+            n = len(r.job.tokens)
+            in_prompt = min(len(block), n - 1 - i)
+            if r.score_prompt and in_prompt > 0:
+                targets = np.asarray(r.job.tokens[i + 1:i + 1 + in_prompt])
+                r.prompt_parts.append(self.backend.score(block[:in_prompt], targets, r.k))
+            if i + len(block) == n:
+                r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
+        for r in admitted:
+            r.prompt_scores = _concat(r.prompt_parts, r.k) if r.score_prompt else None
+            if self.cache is not None and (r.reuse is None or r.reuse.entry.tokens != r.job.tokens):
+                state, size = self.backend.snapshot(r.seq)
+                scores = r.prompt_scores
+                if scores is not None:
+                    size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
+                self.cache.add(r.job.tokens, state, size, scores, r.k)
+            r.emit(PromptScored(r.prompt_scores))
+
+    def _step(self, active: list[_Running], free: list[int]) -> list[_Running]:
+        """Choose one token for every running job, then one forward pass for those that go on."""
+        going_on = []
+        for r in active:
+            if r.cancel is not None and r.cancel.is_set():
+                self._finish(r, free, error=Cancelled())
+                continue
+            if len(r.generated) >= r.job.max_tokens:
+                self._finish(r, free)
+                continue
+            token = r.sampler.choose(r.next_logits)
+            r.generated.append(token)
+            scores = score_rows(r.next_logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
+            if scores is not None:
+                r.generated_parts.append(scores)
+            # An end-of-generation token is reported (as vLLM does), its text is not.
+            stopped = self.backend.is_end_of_generation(token) or r.watcher.feed(self.backend.token_bytes(token))
+            r.emit(TokenEvent(token, scores, r.watcher.text))
+            if stopped:
+                r.finish_reason = "stop"
+                self._finish(r, free)
+            elif len(r.generated) == r.job.max_tokens:
+                self._finish(r, free)
+            else:
+                going_on.append(r)
+        if going_on:
+            passes = [Pass(r.seq, [r.generated[-1]], len(r.job.tokens) + len(r.generated) - 1, 0) for r in going_on]
+            for index, _, block in self.backend.forward(passes):
+                going_on[index].next_logits = np.array(block[-1], dtype=np.float32)
+        return going_on
+
+    def _finish(self, r: _Running, free: list[int], error: BaseException | None = None) -> None:
+        if r.seq >= 0:
+            self.backend.release(r.seq)
+            free.append(r.seq)
+            r.seq = -1
+        if r.future.done():
+            return
+        if error is None:
+            r.future.set_result(r.result())
+        else:
+            if isinstance(error, Cancelled):
+                log.info("generation cancelled: the client disconnected")
+            r.future.set_exception(error)

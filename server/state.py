@@ -30,16 +30,20 @@ class ServerState:
         settings.validate()
         path = Path(settings.model) if settings.model else ensure_default_model(settings.cache_path())
         n_threads = settings.n_threads or default_threads()
-        log.info("Loading %s (threads: %d, batch: %d)", path, n_threads, settings.n_batch)
+        log.info("Loading %s (threads for llama.cpp: %d)", path, n_threads)
         started = time.perf_counter()
         backend = load_backend(path, settings.backend, n_ctx=settings.n_ctx, n_threads=n_threads,
-                               n_batch=settings.n_batch, kv_cache_type=settings.kv_cache_type)
+                               n_batch=settings.n_batch, kv_cache_type=settings.kv_cache_type,
+                               max_sequences=settings.max_sequences)
         info = backend.info
         log.info(
             "Model loaded in %.1f s: %s; vocabulary %d, context %d tokens (trained on %d), BOS %s, chat template %s",
             time.perf_counter() - started, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
             "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
         )
+        log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
+                 backend.max_sequences, settings.n_batch,
+                 f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")
         strings = [token_string(backend.token_bytes(t)) for t in range(info.n_vocab)]
         name = settings.model_name or (path.name if path.is_dir() else path.stem)
         return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb), model_name=name, token_strings=strings)

@@ -116,7 +116,13 @@ def test_concurrent_clients_each_get_their_own_answer(server):
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         concurrent_ = list(pool.map(lambda r: server.complete(**r), requests_))
     for a, b in zip(sequential, concurrent_):
-        assert a["choices"][0]["logprobs"] == b["choices"][0]["logprobs"]
+        la, lb = a["choices"][0]["logprobs"], b["choices"][0]["logprobs"]
+        assert la["tokens"] == lb["tokens"] and la["text_offset"] == lb["text_offset"]
+        # Batched with other requests, a prompt's logits may differ in the last bits, no more.
+        diff = np.abs(np.array(la["token_logprobs"][1:]) - np.array(lb["token_logprobs"][1:]))
+        assert diff.max() <= 1e-4, diff.max()
+        for value, top in zip(lb["token_logprobs"][1:], lb["top_logprobs"][1:]):
+            assert top[lb["tokens"][lb["token_logprobs"].index(value)]] == value
 
 
 def test_health_answers_during_a_long_scoring_request(server, oracle):

@@ -179,3 +179,17 @@ def test_disconnect_stops_generation(server):
 
 def server_model(server) -> str:
     return requests.get(server.url + "/v1/models").json()["data"][0]["id"]
+
+
+def test_greedy_is_independent_of_batch_composition(server):
+    """Prompts generated together (several in one request, and concurrent requests) give the same
+    greedy text as each alone."""
+    import concurrent.futures
+
+    prompts = [PROMPT, "Once upon a time", "The best way to learn a language is", "In 1969, the first humans"]
+    alone = [server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"] for p in prompts]
+    together = [c["text"] for c in server.complete(prompt=prompts, max_tokens=20, temperature=0)["choices"]]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        concurrent_ = list(pool.map(
+            lambda p: server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"], prompts))
+    assert together == alone and concurrent_ == alone

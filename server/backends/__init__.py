@@ -28,7 +28,7 @@ def detect_backend(path: Path) -> str:
 
 
 def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int, n_batch: int,
-                 kv_cache_type: str = "f32") -> Backend:
+                 kv_cache_type: str, max_sequences: int) -> Backend:
     detected = detect_backend(path)
     kind = backend or detected
     if kind != detected:
@@ -36,7 +36,8 @@ def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int,
     if kind == "gguf":
         from server.backends.gguf import GGUFBackend
 
-        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_cache_type=kv_cache_type)
+        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_cache_type=kv_cache_type,
+                           max_sequences=max_sequences)
     try:
         import mlx_lm  # noqa: F401
     except ImportError:

@@ -16,6 +16,16 @@ from server.scoring import ScoredRows, score_rows
 
 
 @dataclass(frozen=True)
+class Pass:
+    """Tokens to run through the model on one sequence (see Backend.forward)."""
+
+    seq: int
+    tokens: Sequence[int]
+    start: int
+    logits_from: int
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     path: str
     n_ctx: int  # the context this server uses (prompt + generated tokens)
@@ -51,16 +61,20 @@ class Backend(ABC):
         return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
 
     # -- forward pass -------------------------------------------------------------------------
-    @abstractmethod
-    def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Run `tokens` at positions start, start+1, ... of the current sequence, forgetting any
-        state at positions >= start (start=0 begins a new sequence).
+    max_sequences = 1  # sequences the backend holds at once (each its own KV), decoded together
 
-        Yields (i, block): float32 logits of shape [k, n_vocab] for tokens[i : i + k], for every
-        i >= logits_from, in order and in bounded chunks, so that callers never hold the logits
-        of a whole long prompt at once. Row j of a block is the distribution of the token that
-        follows tokens[i + j]. A block may be a view of the backend's buffer: it is valid only
-        until the generator is resumed, so copy what must outlive that.
+    @abstractmethod
+    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Run each pass's tokens at positions start, start+1, ... of its sequence, forgetting any
+        state that sequence held at positions >= start (start=0 begins a new sequence). Passes
+        of different sequences may run in one batch.
+
+        Yields (pass index, i, block): float32 logits of shape [k, n_vocab] for that pass's
+        tokens[i : i + k], for every i >= logits_from, in order and in bounded chunks, so that
+        callers never hold the logits of a whole long prompt at once. Row j of a block is the
+        distribution of the token that follows tokens[i + j]. A block may be a view of the
+        backend's buffer: it is valid only until the generator is resumed, so copy what must
+        outlive that.
         """
 
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
@@ -68,12 +82,15 @@ class Backend(ABC):
         Backends whose logits live on a device override this to do the math there."""
         return score_rows(logits, targets, k)
 
-    def snapshot(self) -> tuple[object, int]:
-        """The current sequence's KV state and its size in bytes, for the prefix cache."""
+    def release(self, seq: int) -> None:
+        """Forget a finished sequence (frees its KV cells)."""
+
+    def snapshot(self, seq: int) -> tuple[object, int]:
+        """A sequence's KV state and its size in bytes, for the prefix cache."""
         raise NotImplementedError
 
-    def restore(self, state: object, n_tokens: int) -> None:
-        """Make the current sequence the first n_tokens of a snapshot (forward() continues from there)."""
+    def restore(self, seq: int, state: object, n_tokens: int) -> None:
+        """Make a sequence the first n_tokens of a snapshot (forward() continues from there)."""
         raise NotImplementedError
 
     def close(self) -> None:

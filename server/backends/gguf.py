@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo
+from server.backends.base import Backend, ModelInfo, Pass
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def is_gguf_file(path: Path) -> bool:
 class GGUFBackend(Backend):
     supports_snapshots = True
     def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
-                 kv_cache_type: str = "f32"):
+                 kv_cache_type: str = "f32", max_sequences: int = 1):
         # Imported here so that the package imports (and --help works) without llama.cpp built.
         import llama_cpp
 
@@ -53,10 +53,14 @@ class GGUFBackend(Backend):
         self.n_batch = min(n_batch, n_ctx)
 
         ctx_params = ll.llama_context_default_params()
-        ctx_params.n_ctx = n_ctx
+        # Each sequence gets its own KV stream of n_ctx cells. (llama.cpp's unified KV cache, one
+        # pool shared by all sequences, moved logits by up to 1.3 whenever another sequence held
+        # cells in it, in this build; separate streams give the same numbers as one sequence alone.)
+        ctx_params.n_ctx = n_ctx * max_sequences
+        ctx_params.n_seq_max = self.max_sequences = max_sequences
+        ctx_params.kv_unified = False
         ctx_params.n_batch = self.n_batch
         ctx_params.n_ubatch = self.n_batch
-        ctx_params.n_seq_max = 1
         ctx_params.n_threads = n_threads
         ctx_params.n_threads_batch = n_threads
         # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
@@ -69,7 +73,7 @@ class GGUFBackend(Backend):
         if not self._ctx:
             raise ValueError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self._memory = ll.llama_get_memory(self._ctx)
-        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = ll.llama_batch_init(self.n_batch, 0, 1)  # each token belongs to one sequence
 
         n_vocab = ll.llama_vocab_n_tokens(self._vocab)
         self._pieces = [self._piece(t) for t in range(n_vocab)]
@@ -83,7 +87,7 @@ class GGUFBackend(Backend):
         ll.llama_model_desc(self._model, desc, len(desc))
         self.info = ModelInfo(
             path=str(path),
-            n_ctx=ll.llama_n_ctx(self._ctx),
+            n_ctx=ll.llama_n_ctx(self._ctx) // max_sequences,
             n_ctx_train=n_ctx_train,
             n_vocab=n_vocab,
             bos_id=special(ll.llama_vocab_bos(self._vocab)),
@@ -131,43 +135,56 @@ class GGUFBackend(Backend):
     def is_end_of_generation(self, token_id: int) -> bool:
         return bool(self._eog[token_id])
 
+    def release(self, seq: int) -> None:
+        self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+
     # -- prefix cache -------------------------------------------------------------------------
-    def snapshot(self) -> tuple[object, int]:
-        size = self._ll.llama_state_seq_get_size(self._ctx, 0)
+    def snapshot(self, seq: int) -> tuple[object, int]:
+        size = self._ll.llama_state_seq_get_size(self._ctx, seq)
         state = (ctypes.c_uint8 * size)()
-        written = self._ll.llama_state_seq_get_data(self._ctx, state, size, 0)
+        written = self._ll.llama_state_seq_get_data(self._ctx, state, size, seq)
         return state, written
 
-    def restore(self, state, n_tokens: int) -> None:
+    def restore(self, seq: int, state, n_tokens: int) -> None:
         ll = self._ll
-        ll.llama_memory_seq_rm(self._memory, 0, -1, -1)
-        if ll.llama_state_seq_set_data(self._ctx, state, len(state), 0) == 0:
+        ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
+        if ll.llama_state_seq_set_data(self._ctx, state, len(state), seq) == 0:
             raise RuntimeError("llama.cpp could not restore a cached KV state")
-        ll.llama_memory_seq_rm(self._memory, 0, n_tokens, -1)
+        ll.llama_memory_seq_rm(self._memory, seq, n_tokens, -1)
 
     # -- forward pass -------------------------------------------------------------------------
-    def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, np.ndarray]]:
+    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, np.ndarray]]:
         ll, batch, n_vocab = self._ll, self._batch, self.info.n_vocab
-        # Forget what the sequence held from `start` on (all of it when start == 0).
-        ll.llama_memory_seq_rm(self._memory, 0, start, -1)
-        for chunk_start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[chunk_start:chunk_start + self.n_batch]
-            n_out = 0
-            for j, token in enumerate(chunk):
-                i = chunk_start + j
-                wanted = i >= logits_from
-                batch.token[j] = token
-                batch.pos[j] = start + i
+        for p in passes:  # forget what each sequence held from its start on
+            ll.llama_memory_seq_rm(self._memory, p.seq, p.start, -1)
+        # All passes' tokens, in order, cut into llama_batch-sized chunks that may mix sequences.
+        entries = [(index, i) for index, p in enumerate(passes) for i in range(len(p.tokens))]
+        for chunk_start in range(0, len(entries), self.n_batch):
+            chunk = entries[chunk_start:chunk_start + self.n_batch]
+            runs: list[list[int]] = []  # [pass index, first i, rows] of flagged tokens, in batch order
+            for j, (index, i) in enumerate(chunk):
+                p = passes[index]
+                wanted = i >= p.logits_from
+                batch.token[j] = p.tokens[i]
+                batch.pos[j] = p.start + i
                 batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = 0
+                batch.seq_id[j][0] = p.seq
                 batch.logits[j] = wanted
-                n_out += wanted
+                if wanted:
+                    if runs and runs[-1][0] == index:
+                        runs[-1][2] += 1
+                    else:
+                        runs.append([index, i, 1])
             batch.n_tokens = len(chunk)
             status = ll.llama_decode(self._ctx, batch)
             if status != 0:
                 raise RuntimeError(f"llama_decode failed with status {status}")
-            if n_out:
-                # llama_get_logits returns the flagged tokens' rows in batch order (the last n_out).
-                # A view, not a copy: it is valid until the next decode, i.e. until we resume.
+            if runs:
+                # llama_get_logits returns the flagged tokens' rows in batch order. A view, not a
+                # copy: it is valid until the next decode, i.e. until we resume.
+                n_out = sum(r[2] for r in runs)
                 logits = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_out, n_vocab))
-                yield chunk_start + len(chunk) - n_out, logits
+                row = 0
+                for index, first, n in runs:
+                    yield index, first, logits[row:row + n]
+                    row += n

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo
+from server.backends.base import Backend, ModelInfo, Pass
 from server.scoring import ScoredRows, score_rows_mlx
 
 log = logging.getLogger(__name__)
@@ -132,18 +132,19 @@ class MLXBackend(Backend):
         return token_id in self._eog
 
     # -- forward pass -------------------------------------------------------------------------
-    def forward(self, tokens: Sequence[int], start: int, logits_from: int) -> Iterator[tuple[int, object]]:
+    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, object]]:
         mx = self._mx
-        if start == 0:
+        (p,) = passes  # one sequence at a time (max_sequences = 1)
+        if p.start == 0:
             self._cache = self._make_cache(self.model)
-        elif start != self._cache[0].offset:
-            raise RuntimeError(f"forward from position {start}, but the cache holds {self._cache[0].offset} tokens")
-        for chunk_start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[chunk_start:chunk_start + self.n_batch]
+        elif p.start != self._cache[0].offset:
+            raise RuntimeError(f"forward from position {p.start}, but the cache holds {self._cache[0].offset} tokens")
+        for chunk_start in range(0, len(p.tokens), self.n_batch):
+            chunk = p.tokens[chunk_start:chunk_start + self.n_batch]
             logits = self.model(mx.array(chunk)[None], cache=self._cache)[0]
-            first = max(0, logits_from - chunk_start)
+            first = max(0, p.logits_from - chunk_start)
             if first < len(chunk):
-                yield chunk_start + first, logits[first:]
+                yield 0, chunk_start + first, logits[first:]
             else:
                 mx.eval([c.state for c in self._cache])  # run the pass: later chunks need this KV
 
