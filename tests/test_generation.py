@@ -88,7 +88,7 @@ def test_stop_string_spanning_tokens(server):
     """A stop string made of the end of one token and the start of the next is cut, in plain and
     streamed responses, and never leaks partially into a streamed chunk."""
     free = server.complete(prompt=PROMPT, max_tokens=24, temperature=0, logprobs=0)["choices"][0]
-    tokens, offsets = free["logprobs"]["tokens"], free["logprobs"]["text_offset"]
+    tokens = free["logprobs"]["tokens"]
     i = next(i for i in range(1, len(tokens)) if len(tokens[i - 1]) >= 2 and len(tokens[i]) >= 2
              and not tokens[i].startswith("bytes:") and not tokens[i - 1].startswith("bytes:"))
     stop = tokens[i - 1][-2:] + tokens[i][:2]  # spans the boundary between tokens i-1 and i
