@@ -82,7 +82,10 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
     if not k:
         mx.eval(token_lp)
         return ScoredRows(np.array(token_lp), np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
-    part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k:]
+    if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~8x cheaper than argpartition on CPU
+        part = mx.argmax(logits, axis=1)[:, None]
+    else:
+        part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k:]
     part_lp = mx.take_along_axis(logits, part, axis=1) - lse[:, None]
     mx.eval(token_lp, part, part_lp)
     part, part_lp = np.array(part).astype(np.int64), np.array(part_lp)
