@@ -90,13 +90,15 @@ def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> float
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           logits_all=all_logits, verbose=False, type_k=0, type_v=0)
     llm.eval(sequences[-1])  # warm-up
-    started = time.perf_counter()
-    for tokens in sequences:
-        llm.reset()
-        llm.eval(tokens)
-    elapsed = time.perf_counter() - started
+    best = float("inf")
+    for _ in range(2):  # best of two: the machine is shared and noisy
+        started = time.perf_counter()
+        for tokens in sequences:
+            llm.reset()
+            llm.eval(tokens)
+        best = min(best, time.perf_counter() - started)
     del llm
-    return sum(map(len, sequences)) / elapsed
+    return sum(map(len, sequences)) / best
 
 
 def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool, logprobs: int = 1) -> tuple[float, list]:
@@ -107,17 +109,22 @@ def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: b
     try:
         url = f"http://127.0.0.1:{port}/v1/completions"
         requests.post(url, json={"prompt": sequences[-1], "max_tokens": 1}).raise_for_status()  # warm-up
-        choices = []
-        started = time.perf_counter()
-        for i in range(0, len(sequences), BATCH):
-            r = requests.post(url, json={"prompt": sequences[i:i + BATCH], "max_tokens": 1, "logprobs": logprobs,
-                                         "echo": True, "temperature": 0, "seed": 1234}, timeout=600)
-            r.raise_for_status()
-            choices += r.json()["choices"]
-        elapsed = time.perf_counter() - started
+        best = float("inf")
+        # Best of two, as for the in-process rows; with the prefix cache a second pass would find
+        # every prompt cached, so that row is measured once (its first, honest pass).
+        for _ in range(1 if cache else 2):
+            choices = []
+            started = time.perf_counter()
+            for i in range(0, len(sequences), BATCH):
+                r = requests.post(url, json={"prompt": sequences[i:i + BATCH], "max_tokens": 1,
+                                             "logprobs": logprobs, "echo": True, "temperature": 0, "seed": 1234},
+                                  timeout=600)
+                r.raise_for_status()
+                choices += r.json()["choices"]
+            best = min(best, time.perf_counter() - started)
     finally:
         server.stop()
-    return sum(map(len, sequences)) / elapsed, choices
+    return sum(map(len, sequences)) / best, choices
 
 
 def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out: Path) -> tuple[float, float]:
@@ -250,12 +257,13 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
     shown = [r for r in rows if r.get("tokens_per_s")]
     fig, ax = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.5))
-    colors = ["#888888" if r["row"].startswith(("1", "4a")) else "#d62728" if r["row"].startswith("3")
-              else "#1f77b4" for r in shown]
+    colors = ["#888888" if "in-process" in r["name"] or "raw forward" in r["name"]
+              else "#d62728" if "llama-cpp-python" in r["name"] else "#1f77b4" for r in shown]
     ax.barh([r["name"] for r in shown][::-1], [r["tokens_per_s"] for r in shown][::-1], color=colors[::-1])
     for i, r in enumerate(shown[::-1]):
         ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio']})", va="center", fontsize=8)
-    ax.set_xlabel("scored tokens / s (higher is better)")
+    ax.set_xlabel("tokens / s: scored (rows 1-6), generated (rows 7); higher is better. "
+                  "Grey: in-process limits; red: llama-cpp-python's server")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -290,9 +298,14 @@ def main() -> None:
 
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
         reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a"}[row[0]]
-        rows.append({"row": row, "name": name, "tokens_per_s": value,
-                     "ratio": f"{value / base:.2f}x row {reference}" if base else "", **extra})
-        log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {rows[-1]['ratio']}")
+        ratio = f"{value / base:.2f}x row {reference}" if base else ""
+        # Echo needs logits at every position: rows 1b / 4b are the forward pass that scoring needs.
+        echo_limit = {"2": "1b", "3": "1b", "4": "4b"}.get(row[0])
+        limit_row = next((r for r in rows if r["row"] == echo_limit), None)
+        if limit_row and row not in ("1b", "4b"):
+            ratio += f", {value / limit_row['tokens_per_s']:.2f}x row {echo_limit}"
+        rows.append({"row": row, "name": name, "tokens_per_s": value, "ratio": ratio, **extra})
+        log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {ratio}")
 
     groups = set(args.only.split(",")) if args.only else set("1234567")
     if groups & set("123"):
