@@ -71,6 +71,29 @@ class Server:
         self.proc.wait(timeout=30)
         self.log_file.close()
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def our_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> Server:
+    port = free_port()
+    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
+                     "--n-threads", str(threads), *flags], f"http://127.0.0.1:{port}/health", out / f"server-{name}.log")
+    server.url = f"http://127.0.0.1:{port}/v1/completions"
+    return server
+
+
+def llama_cpp_python_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> Server:
+    port = free_port()
+    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads), *flags],
+                    f"http://127.0.0.1:{port}/v1/models", out / f"{name}.log")
+    server.url = f"http://127.0.0.1:{port}/v1/completions"
+    return server
+
 
 def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
     """lm-eval's encoding of (context, continuation) pairs, whole sequences, in lm-eval's order."""
@@ -102,12 +125,8 @@ def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> float
 
 
 def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool, logprobs: int = 1) -> tuple[float, list]:
-    port = free_port()
-    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--n-ctx", "2048",
-                     "--n-threads", str(threads), "--prefix-cache-mb", "1024" if cache else "0"],
-                    f"http://127.0.0.1:{port}/health", out / f"server-{name}.log")
-    try:
-        url = f"http://127.0.0.1:{port}/v1/completions"
+    with our_server(model, threads, out, name, "--n-ctx", "2048", "--prefix-cache-mb", "1024" if cache else "0") as server:
+        url = server.url
         requests.post(url, json={"prompt": sequences[-1], "max_tokens": 1}).raise_for_status()  # warm-up
         best = float("inf")
         # Best of two, as for the in-process rows; with the prefix cache a second pass would find
@@ -122,8 +141,6 @@ def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: b
                 r.raise_for_status()
                 choices += r.json()["choices"]
             best = min(best, time.perf_counter() - started)
-    finally:
-        server.stop()
     return sum(map(len, sequences)) / best, choices
 
 
@@ -132,13 +149,9 @@ def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out:
     import llama_cpp
 
     detok = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
-    port = free_port()
-    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads),
-                     "--logits_all", "True"], f"http://127.0.0.1:{port}/v1/models", out / "llama-cpp-server.log")
     gaps, n_tokens = [], 0
-    try:
-        url = f"http://127.0.0.1:{port}/v1/completions"
+    with llama_cpp_python_server(model, threads, out, "llama-cpp-server", "--logits_all", "True") as server:
+        url = server.url
         started = time.perf_counter()
         for tokens, mine in zip(sequences, reference):
             text = detok.detokenize(tokens, special=True).decode()
@@ -151,27 +164,20 @@ def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out:
             b = mine["logprobs"]["token_logprobs"][:len(tokens)]
             gaps.append(max(abs((x or 0.0) - (y or 0.0)) for x, y in zip(a, b)))
         elapsed = time.perf_counter() - started
-    finally:
-        server.stop()
     return n_tokens / elapsed, max(gaps)
 
 
 def lm_eval_run(model: Path, threads: int, items: int, out: Path) -> tuple[float, dict]:
-    port = free_port()
-    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
-                     "--n-threads", str(threads)], f"http://127.0.0.1:{port}/health", out / "server-lm-eval.log")
-    try:
-        name = requests.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    with our_server(model, threads, out, "lm-eval") as server:
+        name = requests.get(server.url.replace("/completions", "/models")).json()["data"][0]["id"]
         env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
         started = time.perf_counter()
         subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-                        f"base_url=http://127.0.0.1:{port}/v1/completions,model={name},tokenized_requests=True",
+                        f"base_url={server.url},model={name},tokenized_requests=True",
                         "--tasks", "hellaswag_dev", "--include_path", str(ROOT / "clients" / "lm_eval_tasks"),
                         "--limit", str(items), "--batch_size", str(BATCH), "--output_path", str(out / "lm_eval")],
                        cwd=ROOT, env=env, check=True, capture_output=True)
         elapsed = time.perf_counter() - started
-    finally:
-        server.stop()
     results = json.loads(next((out / "lm_eval").rglob("results_*.json")).read_text())["results"]["hellaswag_dev"]
     return elapsed, {k: v for k, v in results.items() if k.startswith("acc")}
 
@@ -228,25 +234,12 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
                                  prompts[:n_clients] if n_clients > 1 else prompts))
         return sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - started)
 
-    port = free_port()
-    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port), "--n-threads",
-                     str(threads)], f"http://127.0.0.1:{port}/health", out / "server-generation.log")
-    try:
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        add("7b", "generation: this server, 1 client", clients(url, 1), limit)
-        add("7c", "generation: this server, 8 concurrent clients", clients(url, 8), limit)
-    finally:
-        server.stop()
-    port = free_port()
-    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads)],
-                    f"http://127.0.0.1:{port}/v1/models", out / "llama-cpp-server-generation.log")
-    try:
-        url = f"http://127.0.0.1:{port}/v1/completions"
-        add("7d", "generation: llama-cpp-python server, 1 client", clients(url, 1), limit)
-        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(url, 8), limit)
-    finally:
-        server.stop()
+    with our_server(model, threads, out, "generation") as server:
+        add("7b", "generation: this server, 1 client", clients(server.url, 1), limit)
+        add("7c", "generation: this server, 8 concurrent clients", clients(server.url, 8), limit)
+    with llama_cpp_python_server(model, threads, out, "llama-cpp-server-generation") as server:
+        add("7d", "generation: llama-cpp-python server, 1 client", clients(server.url, 1), limit)
+        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.url, 8), limit)
 
 
 def chart(rows: list[dict], path: Path, title: str) -> None:

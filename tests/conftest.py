@@ -77,12 +77,16 @@ def model_path() -> Path:
     return ensure_default_model(Settings().cache_path())
 
 
-@pytest.fixture(scope="session")
-def server(model_path, tmp_path_factory):
-    live = LiveServer(model_path, tmp_path_factory.mktemp("server") / "server.log",
-                      "--n-ctx", str(SERVER_N_CTX), "--max-logprobs", "20")
+def serve(model: Path, tmp_path_factory, name: str, *flags: str):
+    """A live server for a fixture: yields it, stops it afterwards."""
+    live = LiveServer(model, tmp_path_factory.mktemp(name) / "server.log", "--n-ctx", str(SERVER_N_CTX), *flags)
     yield live
     live.stop()
+
+
+@pytest.fixture(scope="session")
+def server(model_path, tmp_path_factory):
+    yield from serve(model_path, tmp_path_factory, "server", "--max-logprobs", "20")
 
 
 @pytest.fixture(scope="session")
@@ -105,24 +109,14 @@ def fixture_paths(model_path) -> dict[str, Path]:
     return {"gguf": gguf, "mlx": mlx}
 
 
-def _fixture_server(paths, backend, tmp_path_factory):
-    live = LiveServer(paths[backend], tmp_path_factory.mktemp(f"fixture-{backend}") / "server.log",
-                      "--n-ctx", str(SERVER_N_CTX), "--model-name", FIXTURE_NAME)
-    return live
-
-
 @pytest.fixture(scope="session")
 def gguf_fixture_server(fixture_paths, tmp_path_factory):
-    live = _fixture_server(fixture_paths, "gguf", tmp_path_factory)
-    yield live
-    live.stop()
+    yield from serve(fixture_paths["gguf"], tmp_path_factory, "fixture-gguf", "--model-name", FIXTURE_NAME)
 
 
 @pytest.fixture(scope="session")
 def mlx_fixture_server(fixture_paths, tmp_path_factory):
-    live = _fixture_server(fixture_paths, "mlx", tmp_path_factory)
-    yield live
-    live.stop()
+    yield from serve(fixture_paths["mlx"], tmp_path_factory, "fixture-mlx", "--model-name", FIXTURE_NAME)
 
 
 @pytest.fixture(params=["gguf", "mlx"])

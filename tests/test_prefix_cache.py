@@ -10,15 +10,12 @@ import pytest
 
 from server.prefix_cache import MIN_REUSE, PrefixCache
 from server.scoring import ScoredRows
-from tests.conftest import DATA, SERVER_N_CTX, LiveServer
+from tests.conftest import DATA, serve
 
 
 @pytest.fixture(scope="module")
 def uncached_server(model_path, tmp_path_factory):
-    live = LiveServer(model_path, tmp_path_factory.mktemp("uncached") / "server.log",
-                      "--n-ctx", str(SERVER_N_CTX), "--prefix-cache-mb", "0")
-    yield live
-    live.stop()
+    yield from serve(model_path, tmp_path_factory, "uncached", "--prefix-cache-mb", "0")
 
 
 def hellaswag_requests(server, n_items: int) -> list[list[int]]:
@@ -36,7 +33,7 @@ def test_reuse_gives_the_same_numbers(server, uncached_server):
     sequences = hellaswag_requests(server, 6)
     # lm-eval's order: longest first, so the endings of one context are spread over batches.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    hits_before = _hits(server)
+    hits_before = _hits(server) or 0  # None: nothing logged yet
     for start in range(0, len(order), 4):
         batch = [sequences[i] for i in order[start:start + 4]]
         for k in (1, 5):
