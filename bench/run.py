@@ -237,6 +237,8 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
     with our_server(model, threads, out, "generation") as server:
         add("7b", "generation: this server, 1 client", clients(server.url, 1), limit)
         add("7c", "generation: this server, 8 concurrent clients", clients(server.url, 8), limit)
+    with our_server(model, threads, out, "generation-batched", "--max-sequences", "8") as server:
+        add("7f", "generation: this server --max-sequences 8, 8 concurrent clients", clients(server.url, 8), limit)
     with llama_cpp_python_server(model, threads, out, "llama-cpp-server-generation") as server:
         add("7d", "generation: llama-cpp-python server, 1 client", clients(server.url, 1), limit)
         add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.url, 8), limit)

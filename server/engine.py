@@ -219,14 +219,16 @@ class Engine:
             if running.cancel is not None and running.cancel.is_set():
                 running.future.set_exception(Cancelled())
                 continue
-            if self.cache is not None:
-                running.reuse = self.cache.find(running.job.tokens, running.k if running.score_prompt else None)
+            # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
+            # where reuse pays, and where tests show it changes no number.
+            if self.cache is not None and running.score_prompt:
+                running.reuse = self.cache.find(running.job.tokens, running.k)
             running.seq = free.pop(0)
             admitted.append(running)
         return admitted
 
     def _prefill(self, admitted: list[_Running]) -> None:
-        """One forward pass over the (uncached part of the) prompts of newly admitted jobs."""
+        """The forward pass over the (uncached part of the) prompts of newly admitted jobs."""
         passes = []
         for r in admitted:
             tokens, n, start = r.job.tokens, len(r.job.tokens), 0
@@ -238,7 +240,12 @@ class Engine:
             # Row i predicts token i + 1; the last row predicts the first generated token.
             # Logits are asked for only for the rows used.
             passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))
-        for index, i, block in self.backend.forward(passes):
+        # Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
+        # large), and llama.cpp split prompts of unequal lengths into ubatches that moved the
+        # last-row logits of one sequence by up to 0.54. Decode steps (one token per sequence)
+        # are batched, and exact.
+        blocks = ((index, i, block) for index, p in enumerate(passes) for _, i, block in self.backend.forward([p]))
+        for index, i, block in blocks:
             r, p = admitted[index], passes[index]
             i += p.start
             n = len(r.job.tokens)
@@ -250,11 +257,10 @@ class Engine:
                 r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
         for r in admitted:
             r.prompt_scores = _concat(r.prompt_parts, r.k) if r.score_prompt else None
-            if self.cache is not None and (r.reuse is None or r.reuse.entry.tokens != r.job.tokens):
+            if self.cache is not None and r.score_prompt and (r.reuse is None or r.reuse.entry.tokens != r.job.tokens):
                 state, size = self.backend.snapshot(r.seq)
                 scores = r.prompt_scores
-                if scores is not None:
-                    size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
+                size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
                 self.cache.add(r.job.tokens, state, size, scores, r.k)
             r.emit(PromptScored(r.prompt_scores))
 

@@ -1,4 +1,4 @@
-"""Reusing the work of earlier prompts that share a token prefix with a new one.
+"""Reusing the work of earlier scored prompts that share a token prefix with a new one.
 
 lm-eval sends each multiple-choice context once per choice, and not next to each other (it sorts
 requests by length). So the cache keeps the KV state of recent prompts (a snapshot taken out of
@@ -19,12 +19,12 @@ KEY_TOKENS = 8  # entries are found by their first tokens, then compared in full
 MIN_REUSE = 8  # shorter shared prefixes are not worth a restore
 
 
-@dataclass
+@dataclass(eq=False)  # entries are compared by identity
 class CachedPrompt:
     tokens: list[int]
     state: object  # the backend's KV snapshot of these tokens
     size: int  # bytes
-    scores: ScoredRows | None  # rows for tokens[1:], or None when the prompt was not scored
+    scores: ScoredRows  # rows for tokens[1:]
     k: int  # top-k width of `scores`
 
 
@@ -50,18 +50,18 @@ class PrefixCache:
         self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
         self.hits = self.lookups = self.reused_tokens = 0
 
-    def find(self, tokens: list[int], k: int | None) -> Reuse | None:
-        """The longest usable cached prefix. k: the top-k the new prompt's scores need (None: the
-        prompt is not scored, so only KV is reused)."""
+    def find(self, tokens: list[int], k: int) -> Reuse | None:
+        """The longest usable cached prefix for a prompt scored with top-k."""
         self.lookups += 1
         best: Reuse | None = None
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
-            if k is not None and (entry.scores is None or entry.k < k):
+            if entry.scores is None or entry.k < k:
                 continue
             shared = common_prefix(entry.tokens, tokens)
-            # Scored: row r-1 must predict a token both share, so r <= shared - 1. Always keep at
-            # least the last prompt token to run, to get the next-token distribution.
-            length = min(shared - 1 if k is not None else shared, len(tokens) - 1)
+            # Row r-1 must predict a token both share, so r <= shared - 1; and at least the last two
+            # prompt tokens run again, never one alone: llama.cpp's single-token path gave logits
+            # 0.5 away from its batched path at some positions.
+            length = min(shared - 1, len(tokens) - 2)
             if length >= MIN_REUSE and (best is None or length > best.length):
                 best = Reuse(entry, length)
         if best is not None:
@@ -70,7 +70,7 @@ class PrefixCache:
             self._entries.move_to_end(id(best.entry))
         return best
 
-    def add(self, tokens: list[int], state: object, size: int, scores: ScoredRows | None, k: int) -> None:
+    def add(self, tokens: list[int], state: object, size: int, scores: ScoredRows, k: int) -> None:
         if len(tokens) < MIN_REUSE or size > self.max_bytes:
             return
         entry = CachedPrompt(list(tokens), state, size, scores, k)

@@ -158,3 +158,21 @@ def test_models_and_model_field(server):
     assert name == "SmolLM2-135M-Instruct.Q4_1"
     assert server.complete(prompt="Hi", model=name, max_tokens=1)["model"] == name
     assert server.complete(prompt="Hi", model=None, max_tokens=1)["model"] == name
+
+
+def test_prompts_of_unequal_length_in_one_request_equal_each_alone(server):
+    """lm-eval batches prompts of nearly equal length; each must come out exactly as if alone
+    (llama.cpp once moved one sequence's last-row logits by 0.54 in such a batch)."""
+    import json as json_
+
+    from tests.conftest import DATA
+
+    items = [json_.loads(line) for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[6:9]]
+    prompts = [item["ctx"] + " " + ending for item in items for ending in item["endings"]]
+    ids = [server.post("/tokenize", {"prompt": p, "add_special_tokens": False}).json()["tokens"] for p in prompts]
+    ids.sort(key=len, reverse=True)
+    payload = dict(echo=True, logprobs=2, max_tokens=4, temperature=0)
+    together = server.complete(prompt=ids, **payload)["choices"]
+    for tokens, choice in zip(ids, together):
+        alone = server.complete(prompt=tokens, **payload)["choices"][0]
+        assert choice["logprobs"] == alone["logprobs"] and choice["text"] == alone["text"]

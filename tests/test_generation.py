@@ -7,6 +7,7 @@ import json
 import time
 
 import jinja2.sandbox
+import numpy as np
 import pytest
 import requests
 
@@ -193,3 +194,32 @@ def test_greedy_is_independent_of_batch_composition(server):
         concurrent_ = list(pool.map(
             lambda p: server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"], prompts))
     assert together == alone and concurrent_ == alone
+
+
+@pytest.fixture(scope="module")
+def batching_server(model_path, tmp_path_factory):
+    from tests.conftest import serve
+
+    yield from serve(model_path, tmp_path_factory, "batching", "--max-sequences", "4")
+
+
+def test_opt_in_batched_generation(server, batching_server):
+    """--max-sequences 4 decodes concurrent requests together: every request completes, prompt
+    scores are exactly those of the default server (prompts run one at a time), and generated
+    tokens' logprobs stay within llama.cpp's batch-composition noise."""
+    import concurrent.futures
+
+    prompts = [PROMPT, "Once upon a time", "The best way to learn a language is", "In 1969, the first humans",
+               "My favourite animal is"]
+    payload = dict(max_tokens=12, temperature=0, echo=True, logprobs=1)
+    with concurrent.futures.ThreadPoolExecutor(5) as pool:
+        batched = list(pool.map(lambda p: batching_server.complete(prompt=p, **payload)["choices"][0], prompts))
+    for prompt, choice in zip(prompts, batched):
+        alone = server.complete(prompt=prompt, **payload)["choices"][0]
+        n_prompt = len(server.post("/tokenize", {"prompt": prompt}).json()["tokens"])
+        assert choice["logprobs"]["token_logprobs"][:n_prompt] == alone["logprobs"]["token_logprobs"][:n_prompt]
+        assert len(choice["logprobs"]["tokens"]) == len(alone["logprobs"]["tokens"])
+        a = np.array(choice["logprobs"]["token_logprobs"][n_prompt:])
+        b = np.array(alone["logprobs"]["token_logprobs"][n_prompt:])
+        if choice["text"] == alone["text"]:
+            assert np.abs(a - b).max() <= 0.1
