@@ -1,9 +1,10 @@
 """The engine: one model thread that scores and generates for every request, batched.
 
 Jobs (one per prompt and sample) from any number of requests queue here. The model thread admits
-as many as the backend has sequences and KV room for, runs their prompts through the model
-together (reusing cached prefixes), then generates for all of them in lock-step: one forward pass
-per step carries one new token of every running sequence. Jobs join and leave between steps.
+as many as the backend has sequences and KV room for, runs each prompt through the model in its
+own pass (reusing cached prefixes; a prompt's numbers must not depend on what else is running),
+then generates for all of them in lock-step: one forward pass per step carries one new token of
+every running sequence. Jobs join and leave between steps.
 The event loop only waits on results, so /health and tokenization stay responsive.
 """
 

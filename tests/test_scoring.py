@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.scoring import ROWS_PER_STEP, score_rows
+from server.scoring import ELEMENTS_PER_STEP, score_rows
 from server.text import StopStringWatcher, join_pieces, token_string
 from tests.oracle import log_softmax64
 
 
-@pytest.mark.parametrize("n_vocab,k", [(50, 0), (50, 1), (1000, 5), (49152, 20), (262144, 3)])
-def test_score_rows_matches_float64_log_softmax(n_vocab, k):
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("n_vocab,k", [(50, 0), (50, 1), (1000, 5), (49152, 1), (49152, 20), (262144, 3)])
+def test_score_rows_matches_float64_log_softmax(n_vocab, k, threads):
     rng = np.random.default_rng(n_vocab + k)
-    n = ROWS_PER_STEP + 7  # more than one internal step
+    n = min(ELEMENTS_PER_STEP // n_vocab, 100) + 7  # more than one internal step
     logits = (rng.standard_normal((n, n_vocab)) * 4).astype(np.float32)
     targets = rng.integers(0, n_vocab, n)
-    scored = score_rows(logits, targets, k)
+    scored = score_rows(logits, targets, k, threads=threads)
 
     reference = log_softmax64(logits)
     assert np.abs(scored.token_logprobs - reference[np.arange(n), targets]).max() < 1e-4
@@ -25,6 +26,17 @@ def test_score_rows_matches_float64_log_softmax(n_vocab, k):
     if k:
         assert np.abs(scored.top_logprobs - np.take_along_axis(reference, expected_top, axis=1)).max() < 1e-4
         assert (np.diff(scored.top_logprobs, axis=1) <= 0).all()
+
+
+def test_threads_do_not_change_a_single_bit():
+    rng = np.random.default_rng(1)
+    logits = (rng.standard_normal((300, 8192)) * 4).astype(np.float32)
+    targets = rng.integers(0, 8192, 300)
+    for k in (1, 4):
+        one, two = score_rows(logits, targets, k), score_rows(logits, targets, k, threads=2)
+        np.testing.assert_array_equal(one.token_logprobs, two.token_logprobs)
+        np.testing.assert_array_equal(one.top_ids, two.top_ids)
+        np.testing.assert_array_equal(one.top_logprobs, two.top_logprobs)
 
 
 def test_target_in_top_k_has_the_identical_float():
@@ -42,6 +54,7 @@ def test_ties_are_broken_by_lowest_token_id():
     logits[0, [7, 3, 5]] = 2.0
     scored = score_rows(logits, np.array([0]), 3)
     assert scored.top_ids.tolist() == [[3, 5, 7]]
+    assert score_rows(logits, np.array([0]), 1).top_ids.tolist() == [[3]]
 
 
 def test_token_string_uses_openai_bytes_form_for_partial_utf8():

@@ -77,10 +77,12 @@ class Backend(ABC):
         outlive that.
         """
 
+    scoring_threads = 1  # CPU threads for the numpy scoring of logits blocks
+
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
         """Log-probabilities of `targets` and the top-k under each row of a block from forward().
         Backends whose logits live on a device override this to do the math there."""
-        return score_rows(logits, targets, k)
+        return score_rows(logits, targets, k, threads=self.scoring_threads)
 
     def release(self, seq: int) -> None:
         """Forget a finished sequence (frees its KV cells)."""

@@ -32,6 +32,7 @@ def is_gguf_file(path: Path) -> bool:
 
 class GGUFBackend(Backend):
     supports_snapshots = True
+
     def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
                  kv_cache_type: str = "f32", max_sequences: int = 1):
         # Imported here so that the package imports (and --help works) without llama.cpp built.
@@ -63,6 +64,7 @@ class GGUFBackend(Backend):
         ctx_params.n_ubatch = self.n_batch
         ctx_params.n_threads = n_threads
         ctx_params.n_threads_batch = n_threads
+        self.scoring_threads = n_threads  # the forward pass waits while its logits are scored
         # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
         # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
         ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
