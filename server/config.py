@@ -43,7 +43,8 @@ class Settings:
     n_ctx: int = _option(
         0, int, "Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.")
     n_threads: int = _option(
-        0, int, "GGUF backend: CPU threads for the forward pass. 0 = every CPU this process may use.")
+        0, int, "CPU threads for the forward pass (GGUF) and for scoring logits on the CPU (both backends). "
+        "0 = every CPU this process may use.")
     n_batch: int = _option(
         512, int, "Tokens per forward-pass batch. Larger is faster on long prompts and holds more logits in memory.")
     kv_cache_type: str = _option(

@@ -100,3 +100,24 @@ def test_mlx_scoring_matches_numpy_scoring(k):
         assert np.abs(on_device.top_logprobs - on_host.top_logprobs).max() < 1e-4
         # A target that is the top token has the identical float in both places.
         assert (on_device.token_logprobs[:10] == on_device.top_logprobs[:10, 0]).all()
+
+
+def test_mlx_backend_gpu_and_cpu_scoring_paths_agree(fixture_paths):
+    """The MLX backend scores with numpy on the CPU device and in MLX on a GPU: on the fixture's
+    real logits both paths give the same numbers (the GPU path runs here on the CPU device)."""
+    pytest.importorskip("mlx_lm")
+    from server.backends.base import Pass
+    from server.backends.mlx import MLXBackend
+
+    backend = MLXBackend(str(fixture_paths["mlx"]), n_threads=2)
+    tokens = backend.tokenize("Zürich is 🎉 a city; print('hello') # the lazy dog", False)
+    (_, _, logits), = backend.forward([Pass(0, tokens, 0, 0)])
+    targets = np.asarray(tokens[1:] + [0])
+    results = {}
+    for on_cpu in (True, False):
+        backend.on_cpu = on_cpu
+        results[on_cpu] = backend.score(logits, targets, 5)
+    host, device = results[True], results[False]
+    assert np.abs(host.token_logprobs - device.token_logprobs).max() < 1e-5
+    np.testing.assert_array_equal(host.top_ids, device.top_ids)
+    assert np.abs(host.top_logprobs - device.top_logprobs).max() < 1e-5

@@ -1,8 +1,10 @@
 """MLX models through mlx-lm: a Hugging Face-layout folder (config.json, safetensors, tokenizer).
 
 mlx-lm's model is called directly on token arrays with its own KV cache, which gives per-token
-logits; log-softmax and top-k run in MLX (server.scoring.score_rows_mlx), so only the numbers a
-response needs leave the device.
+logits. On a GPU (Metal), log-softmax and top-k run in MLX (server.scoring.score_rows_mlx), so
+only the numbers a response needs leave the device. On the CPU device the logits already are in
+host memory, and numpy reads them without a copy: its vectorized exp is ~9x faster than MLX's CPU
+exp (0.11 vs 0.95 ms per row at vocabulary 49152, measured), so scoring there is numpy's.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from server.backends.base import Backend, ModelInfo, Pass
-from server.scoring import ScoredRows, score_rows_mlx
+from server.scoring import ScoredRows, score_rows, score_rows_mlx
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +81,7 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
 
 
 class MLXBackend(Backend):
-    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512):
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1):
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.models.cache import make_prompt_cache
@@ -89,6 +91,8 @@ class MLXBackend(Backend):
                         "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
                         "or set LD_PRELOAD=%s", find_openblas() or "/path/to/libopenblas.so.0")
         self._mx = mx
+        self.on_cpu = mx.default_device() == mx.cpu
+        self.scoring_threads = n_threads
         self.model, wrapper = load(path)
         self._hf = wrapper._tokenizer
         self._make_cache = make_prompt_cache
@@ -149,6 +153,10 @@ class MLXBackend(Backend):
                 mx.eval([c.state for c in self._cache])  # run the pass: later chunks need this KV
 
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
+        if self.on_cpu:  # see the module's docstring
+            logits = logits.astype(self._mx.float32)
+            self._mx.eval(logits)
+            return score_rows(np.array(logits, copy=False), targets, k, threads=self.scoring_threads)
         return score_rows_mlx(logits, targets, k)
 
     def close(self) -> None:
