@@ -244,6 +244,16 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
         add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.url, 8), limit)
 
 
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -251,14 +261,15 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     shown = [r for r in rows if r.get("tokens_per_s")]
-    fig, ax = plt.subplots(figsize=(10, 0.5 * len(shown) + 1.5))
+    fig, ax = plt.subplots(figsize=(12, 0.5 * len(shown) + 1.5))
     colors = ["#888888" if "in-process" in r["name"] or "raw forward" in r["name"]
               else "#d62728" if "llama-cpp-python" in r["name"] else "#1f77b4" for r in shown]
     ax.barh([r["name"] for r in shown][::-1], [r["tokens_per_s"] for r in shown][::-1], color=colors[::-1])
     for i, r in enumerate(shown[::-1]):
         ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio']})", va="center", fontsize=8)
-    ax.set_xlabel("tokens / s: scored (rows 1-6), generated (rows 7); higher is better. "
-                  "Grey: in-process limits; red: llama-cpp-python's server")
+    ax.set_xlim(0, 1.4 * max(r["tokens_per_s"] for r in shown))  # room for the labels
+    ax.set_xlabel("tokens / s: scored (rows 1-6), generated (rows 7); higher is better.\n"
+                  "Grey: in-process limits; blue: this server; red: llama-cpp-python's server")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -359,7 +370,7 @@ def gemma_rows(cache: Path, args, add) -> None:
 
 
 def finish(rows: list[dict], args) -> None:
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, {args.threads} threads"
+    machine = f"{cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads"
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     table = ["| row | what | tokens/s | ratio |", "| --- | --- | ---: | --- |"]
     for r in rows:

@@ -243,8 +243,9 @@ class Engine:
             passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))
         # Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
         # large), and llama.cpp split prompts of unequal lengths into ubatches that moved the
-        # last-row logits of one sequence by up to 0.54. Decode steps (one token per sequence)
-        # are batched, and exact.
+        # last-row logits of one sequence by up to 0.54. Decode steps (one token of each running
+        # sequence) are batched; with several sequences llama.cpp's logits moved by up to 0.06,
+        # which is why --max-sequences defaults to 1.
         blocks = ((index, i, block) for index, p in enumerate(passes) for _, i, block in self.backend.forward([p]))
         for index, i, block in blocks:
             r, p = admitted[index], passes[index]
