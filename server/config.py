@@ -51,10 +51,10 @@ class Settings:
         "f32", str, "GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
         "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.")
     max_sequences: int = _option(
-        1, int, "GGUF backend: sequences that generate together, one token of each per forward pass (8 "
-        "concurrent generations ran 1.5x faster). Each has its own KV cache of n_ctx tokens. Default 1: "
-        "llama.cpp's multi-sequence batches moved some logits by up to 0.06, so results would depend on "
-        "what else is running; keep 1 for evaluations.")
+        1, int, "Sequences that generate together, one token of each per forward pass (GGUF: 8 concurrent "
+        "generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). Prompts are always "
+        "evaluated one at a time. Default 1: llama.cpp's multi-sequence batches moved some logits by up to "
+        "0.06, so results would depend on what else is running; keep 1 for evaluations.")
     prefix_cache_mb: int = _option(
         1024, int, "GGUF backend: memory for the KV state of recent prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off.")

@@ -196,24 +196,36 @@ def test_greedy_is_independent_of_batch_composition(server):
     assert together == alone and concurrent_ == alone
 
 
-@pytest.fixture(scope="module")
-def batching_server(model_path, tmp_path_factory):
-    from tests.conftest import serve
+@pytest.fixture(scope="module", params=["gguf", "mlx"])
+def batching_pair(request, model_path, fixture_paths, tmp_path_factory):
+    """(a default server, the same model with --max-sequences 4): SmolLM2 Q4_1 on llama.cpp, and
+    the two-block fixture on MLX."""
+    from tests.conftest import FIXTURE_NAME, serve
 
-    yield from serve(model_path, tmp_path_factory, "batching", "--max-sequences", "4")
+    if request.param == "gguf":
+        alone, model, flags = request.getfixturevalue("server"), model_path, []
+    else:
+        pytest.importorskip("mlx_lm")
+        alone, model = request.getfixturevalue("mlx_fixture_server"), fixture_paths["mlx"]
+        flags = ["--model-name", FIXTURE_NAME]
+    batching = serve(model, tmp_path_factory, f"batching-{request.param}", "--max-sequences", "4", *flags)
+    yield alone, next(batching)
+    next(batching, None)
 
 
-def test_opt_in_batched_generation(server, batching_server):
+def test_opt_in_batched_generation(batching_pair):
     """--max-sequences 4 decodes concurrent requests together: every request completes, prompt
     scores are exactly those of the default server (prompts run one at a time), and generated
-    tokens' logprobs stay within llama.cpp's batch-composition noise."""
+    tokens' logprobs stay within the backend's batch-composition noise."""
     import concurrent.futures
 
+    server, batching_server = batching_pair
     prompts = [PROMPT, "Once upon a time", "The best way to learn a language is", "In 1969, the first humans",
                "My favourite animal is"]
     payload = dict(max_tokens=12, temperature=0, echo=True, logprobs=1)
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         batched = list(pool.map(lambda p: batching_server.complete(prompt=p, **payload)["choices"][0], prompts))
+    assert "Runs up to 4 sequence(s) at once" in batching_server.log()
     for prompt, choice in zip(prompts, batched):
         alone = server.complete(prompt=prompt, **payload)["choices"][0]
         n_prompt = len(server.post("/tokenize", {"prompt": prompt}).json()["tokens"])

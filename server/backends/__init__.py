@@ -44,4 +44,4 @@ def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int,
         raise ConfigError("The MLX backend needs mlx-lm: pip install 'logprobs-server[mlx]'") from None
     from server.backends.mlx import MLXBackend
 
-    return MLXBackend(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads)
+    return MLXBackend(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, max_sequences=max_sequences)

@@ -81,7 +81,7 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
 
 
 class MLXBackend(Backend):
-    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1):
+    def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1, max_sequences: int = 1):
         import mlx.core as mx
         from mlx_lm import load
         from mlx_lm.models.cache import make_prompt_cache
@@ -102,7 +102,11 @@ class MLXBackend(Backend):
         text_config = config.get("text_config", config)
         # The logits' width (embedding rows), which can exceed the tokenizer's vocabulary.
         n_vocab = int(self.model(mx.array([[0]]))[0].shape[-1])
-        self._cache = make_prompt_cache(self.model)
+        self.max_sequences = max_sequences
+        self._caches: dict[int, list] = {}  # per sequence: mlx-lm's per-layer KV caches
+        # Sequences decoding together, and their caches merged into mlx-lm's left-padded batch caches
+        # (kept while the same sequences go on, so that each step does not copy every KV).
+        self._batch: tuple[tuple[int, ...], list] | None = None
         n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
         self._pieces = _token_bytes_table(self._hf, n_vocab)
         self._eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
@@ -137,20 +141,55 @@ class MLXBackend(Backend):
 
     # -- forward pass -------------------------------------------------------------------------
     def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, object]]:
+        if len(passes) > 1:
+            yield from self._decode_together(passes)
+            return
         mx = self._mx
-        (p,) = passes  # one sequence at a time (max_sequences = 1)
+        (p,) = passes
+        if self._batch is not None and p.seq in self._batch[0]:
+            self._unbatch()
         if p.start == 0:
-            self._cache = self._make_cache(self.model)
-        elif p.start != self._cache[0].offset:
-            raise RuntimeError(f"forward from position {p.start}, but the cache holds {self._cache[0].offset} tokens")
+            self._caches[p.seq] = self._make_cache(self.model)
+        cache = self._caches[p.seq]
+        if p.start != cache[0].offset:
+            raise RuntimeError(f"forward from position {p.start}, but the cache holds {cache[0].offset} tokens")
         for chunk_start in range(0, len(p.tokens), self.n_batch):
             chunk = p.tokens[chunk_start:chunk_start + self.n_batch]
-            logits = self.model(mx.array(chunk)[None], cache=self._cache)[0]
+            logits = self.model(mx.array(chunk)[None], cache=cache)[0]
             first = max(0, p.logits_from - chunk_start)
             if first < len(chunk):
                 yield 0, chunk_start + first, logits[first:]
             else:
-                mx.eval([c.state for c in self._cache])  # run the pass: later chunks need this KV
+                mx.eval([c.state for c in cache])  # run the pass: later chunks need this KV
+
+    def _decode_together(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, object]]:
+        """One token of each of several sequences in one forward pass (--max-sequences > 1)."""
+        mx = self._mx
+        if any(len(p.tokens) != 1 for p in passes):
+            raise ValueError("passes of several sequences must be one token each (prompts run one at a time)")
+        seqs = tuple(p.seq for p in passes)
+        if self._batch is None or self._batch[0] != seqs:
+            self._unbatch()
+            for p in passes:
+                if p.start != self._caches[p.seq][0].offset:
+                    raise RuntimeError(f"sequence {p.seq}: forward from {p.start}, cache holds {self._caches[p.seq][0].offset}")
+            per_layer = zip(*(self._caches.pop(s) for s in seqs))
+            self._batch = (seqs, [layer[0].merge(list(layer)) for layer in per_layer])
+        logits = self.model(mx.array([[p.tokens[0]] for p in passes]), cache=self._batch[1])[:, -1, :]
+        for index in range(len(passes)):
+            yield index, 0, logits[index:index + 1]
+
+    def _unbatch(self) -> None:
+        if self._batch is not None:
+            seqs, merged = self._batch
+            for i, seq in enumerate(seqs):
+                self._caches[seq] = [c.extract(i) for c in merged]
+            self._batch = None
+
+    def release(self, seq: int) -> None:
+        if self._batch is not None and seq in self._batch[0]:
+            self._unbatch()
+        self._caches.pop(seq, None)
 
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
         if self.on_cpu:  # see the module's docstring
@@ -160,4 +199,5 @@ class MLXBackend(Backend):
         return score_rows_mlx(logits, targets, k)
 
     def close(self) -> None:
-        self._cache = None
+        self._caches.clear()
+        self._batch = None
