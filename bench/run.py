@@ -11,7 +11,7 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  4. rows 1 and 2 on Gemma 3 270M (vocabulary 262144);
  5. the wall time of a whole lm-eval run (hellaswag_dev, 100 items) through the server;
  6. the MLX backend (the two-block SmolLM2 test fixture, float32): mlx-lm's forward pass
-    in-process vs this server's scoring over HTTP;
+    in-process vs this server's scoring over HTTP, without and with prefix reuse;
  7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
     llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned).
 
@@ -182,6 +182,13 @@ def lm_eval_run(model: Path, threads: int, items: int, out: Path) -> tuple[float
     return elapsed, {k: v for k, v in results.items() if k.startswith("acc")}
 
 
+def log_reuse_gap(plain: list, cached: list) -> None:
+    """Prompt logprobs with reuse vs without (the last token is generated, not part of the prompt)."""
+    gap = max(abs(a - b) for x, y in zip(plain, cached)
+              for a, b in zip(x["logprobs"]["token_logprobs"][1:-1], y["logprobs"]["token_logprobs"][1:-1]))
+    log(f"     reuse vs no reuse: max |prompt logprob difference| = {gap:.2e}")
+
+
 def mlx_rows(sequences, out: Path, add) -> None:
     import mlx.core as mx
     from mlx_lm import load
@@ -199,8 +206,11 @@ def mlx_rows(sequences, out: Path, add) -> None:
         mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
     limit = sum(map(len, sequences)) / (time.perf_counter() - started)
     add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", limit, limit)
-    speed, _ = ours(folder, sequences, 0, out, "mlx", cache=False)
-    add("6b", "MLX fixture: this server, lm-eval requests", speed, limit)
+    speed, plain = ours(folder, sequences, 0, out, "mlx", cache=False)
+    add("6b", "MLX fixture: this server, lm-eval requests, no prefix reuse", speed, limit)
+    speed, cached = ours(folder, sequences, 0, out, "mlx-cache", cache=True)
+    add("6c", "MLX fixture: this server, prefix reuse", speed, limit)
+    log_reuse_gap(plain, cached)
 
 
 def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64) -> None:
@@ -338,9 +348,7 @@ def scoring_rows(smol: Path, sequences, args, add) -> None:
     add("2a", "this server, lm-eval requests, no prefix reuse", speed, limit)
     speed, cached = ours(smol, sequences, args.threads, args.out, "cache", cache=True)
     add("2b", "this server, lm-eval requests, prefix reuse", speed, limit)
-    gap = max(abs(a - b) for x, y in zip(plain, cached)
-              for a, b in zip(x["logprobs"]["token_logprobs"][1:], y["logprobs"]["token_logprobs"][1:]))
-    log(f"     reuse vs no reuse: max |logprob difference| = {gap:.2e}")
+    log_reuse_gap(plain, cached)
     speed, _ = ours(smol, sequences, args.threads, args.out, "lp20", cache=False, logprobs=20)
     add("2c", "this server, lm-eval requests, logprobs=20, no reuse", speed, limit)
     subset = sequences[: 4 * args.llama_server_items]

@@ -56,7 +56,7 @@ class Settings:
         "evaluated one at a time. Default 1: llama.cpp's multi-sequence batches moved some logits by up to "
         "0.06, so results would depend on what else is running; keep 1 for evaluations.")
     prefix_cache_mb: int = _option(
-        1024, int, "GGUF backend: memory for the KV state of recent prompts, so that prompts sharing a prefix "
+        1024, int, "Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off.")
     max_logprobs: int = _option(20, int, "Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = _option(4, int, "Most stop strings a request may send (OpenAI allows 4).")

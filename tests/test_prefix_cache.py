@@ -13,9 +13,21 @@ from server.scoring import ScoredRows
 from tests.conftest import DATA, serve
 
 
-@pytest.fixture(scope="module")
-def uncached_server(model_path, tmp_path_factory):
-    yield from serve(model_path, tmp_path_factory, "uncached", "--prefix-cache-mb", "0")
+@pytest.fixture(scope="module", params=["gguf", "mlx"])
+def servers(request, model_path, fixture_paths, tmp_path_factory):
+    """(a server with the prefix cache, one without) for SmolLM2 Q4_1 on llama.cpp and for the
+    two-block fixture on MLX."""
+    from tests.conftest import FIXTURE_NAME
+
+    if request.param == "gguf":
+        cached, model, flags = request.getfixturevalue("server"), model_path, []
+    else:
+        pytest.importorskip("mlx_lm")
+        cached, model = request.getfixturevalue("mlx_fixture_server"), fixture_paths["mlx"]
+        flags = ["--model-name", FIXTURE_NAME]
+    uncached = serve(model, tmp_path_factory, f"uncached-{request.param}", "--prefix-cache-mb", "0", *flags)
+    yield cached, next(uncached)
+    next(uncached, None)
 
 
 def hellaswag_requests(server, n_items: int) -> list[list[int]]:
@@ -29,7 +41,8 @@ def hellaswag_requests(server, n_items: int) -> list[list[int]]:
     return sequences
 
 
-def test_reuse_gives_the_same_numbers(server, uncached_server):
+def test_reuse_gives_the_same_numbers(servers):
+    server, uncached_server = servers
     sequences = hellaswag_requests(server, 6)
     # lm-eval's order: longest first, so the endings of one context are spread over batches.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
@@ -55,7 +68,8 @@ def test_reuse_gives_the_same_numbers(server, uncached_server):
     assert _hits(uncached_server) is None
 
 
-def test_generation_is_not_served_from_the_cache(server, uncached_server):
+def test_generation_is_not_served_from_the_cache(servers):
+    server, uncached_server = servers
     prompt = "The history of the Roman Empire is a story of power, politics and"
     server.complete(prompt=prompt + " war", max_tokens=1, echo=True, logprobs=1)  # cached
     payload = dict(prompt=prompt + " glory", max_tokens=16, temperature=0, logprobs=2)

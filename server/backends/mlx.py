@@ -84,7 +84,7 @@ class MLXBackend(Backend):
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1, max_sequences: int = 1):
         import mlx.core as mx
         from mlx_lm import load
-        from mlx_lm.models.cache import make_prompt_cache
+        from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         if sys.platform.startswith("linux") and not openblas_preloaded():
             log.warning("MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
@@ -107,6 +107,10 @@ class MLXBackend(Backend):
         # Sequences decoding together, and their caches merged into mlx-lm's left-padded batch caches
         # (kept while the same sequences go on, so that each step does not copy every KV).
         self._batch: tuple[tuple[int, ...], list] | None = None
+        # Plain per-layer KV caches can be snapshotted for the prefix cache (rotating or state-space
+        # caches of other architectures hold more than keys and values: no reuse for those).
+        self._kv_cache_type = KVCache
+        self.supports_snapshots = all(type(c) is KVCache for c in make_prompt_cache(self.model))
         n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
         self._pieces = _token_bytes_table(self._hf, n_vocab)
         self._eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
@@ -185,6 +189,26 @@ class MLXBackend(Backend):
             for i, seq in enumerate(seqs):
                 self._caches[seq] = [c.extract(i) for c in merged]
             self._batch = None
+
+    # -- prefix cache -------------------------------------------------------------------------
+    def snapshot(self, seq: int) -> tuple[object, int]:
+        mx = self._mx
+        cache = self._caches[seq]
+        n = cache[0].offset
+        # Copies, evaluated now: the live cache is written in place as the sequence goes on.
+        state = [(mx.contiguous(c.keys[..., :n, :]), mx.contiguous(c.values[..., :n, :])) for c in cache]
+        mx.eval(state)
+        return state, sum(k.nbytes + v.nbytes for k, v in state)
+
+    def restore(self, seq: int, state, n_tokens: int) -> None:
+        cache = []
+        for keys, values in state:
+            layer = self._kv_cache_type()
+            layer.keys, layer.values, layer.offset = keys[..., :n_tokens, :], values[..., :n_tokens, :], n_tokens
+            cache.append(layer)
+        if self._batch is not None and seq in self._batch[0]:
+            self._unbatch()
+        self._caches[seq] = cache
 
     def release(self, seq: int) -> None:
         if self._batch is not None and seq in self._batch[0]:
