@@ -235,9 +235,8 @@ class Engine:
             tokens, n, start = r.job.tokens, len(r.job.tokens), 0
             if r.reuse is not None:
                 self.backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
-                start = r.reuse.length
-                if r.score_prompt:
-                    r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
+                start = r.reuse.length  # only scored prompts reuse (see _admit)
+                r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
             # Row i predicts token i + 1; the last row predicts the first generated token.
             # Logits are asked for only for the rows used.
             passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))

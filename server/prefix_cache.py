@@ -55,7 +55,7 @@ class PrefixCache:
         self.lookups += 1
         best: Reuse | None = None
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
-            if entry.scores is None or entry.k < k:
+            if entry.k < k:
                 continue
             shared = common_prefix(entry.tokens, tokens)
             # Row r-1 must predict a token both share, so r <= shared - 1; and at least the last two

@@ -119,6 +119,21 @@ def mlx_fixture_server(fixture_paths, tmp_path_factory):
     yield from serve(fixture_paths["mlx"], tmp_path_factory, "fixture-mlx", "--model-name", FIXTURE_NAME)
 
 
+def serve_beside(request, tmp_path_factory, name: str, *flags: str):
+    """For request.param "gguf" or "mlx": the session's server of that backend (SmolLM2 Q4_1 on
+    llama.cpp, the two-block fixture on MLX) and a second server of the same model started with
+    `flags`. Yields the pair; stops the second one afterwards."""
+    if request.param == "gguf":
+        first, model, model_flags = request.getfixturevalue("server"), request.getfixturevalue("model_path"), []
+    else:
+        pytest.importorskip("mlx_lm")
+        first = request.getfixturevalue("mlx_fixture_server")
+        model, model_flags = request.getfixturevalue("fixture_paths")["mlx"], ["--model-name", FIXTURE_NAME]
+    second = serve(model, tmp_path_factory, f"{name}-{request.param}", *flags, *model_flags)
+    yield first, next(second)
+    next(second, None)
+
+
 @pytest.fixture(params=["gguf", "mlx"])
 def fixture_server(request):
     """The same fixture model served by each backend in turn (both stay up for the session)."""

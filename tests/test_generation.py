@@ -197,20 +197,11 @@ def test_greedy_is_independent_of_batch_composition(server):
 
 
 @pytest.fixture(scope="module", params=["gguf", "mlx"])
-def batching_pair(request, model_path, fixture_paths, tmp_path_factory):
-    """(a default server, the same model with --max-sequences 4): SmolLM2 Q4_1 on llama.cpp, and
-    the two-block fixture on MLX."""
-    from tests.conftest import FIXTURE_NAME, serve
+def batching_pair(request, tmp_path_factory):
+    """(a default server, the same model with --max-sequences 4), on each backend."""
+    from tests.conftest import serve_beside
 
-    if request.param == "gguf":
-        alone, model, flags = request.getfixturevalue("server"), model_path, []
-    else:
-        pytest.importorskip("mlx_lm")
-        alone, model = request.getfixturevalue("mlx_fixture_server"), fixture_paths["mlx"]
-        flags = ["--model-name", FIXTURE_NAME]
-    batching = serve(model, tmp_path_factory, f"batching-{request.param}", "--max-sequences", "4", *flags)
-    yield alone, next(batching)
-    next(batching, None)
+    yield from serve_beside(request, tmp_path_factory, "batching", "--max-sequences", "4")
 
 
 def test_opt_in_batched_generation(batching_pair):

@@ -10,24 +10,13 @@ import pytest
 
 from server.prefix_cache import MIN_REUSE, PrefixCache
 from server.scoring import ScoredRows
-from tests.conftest import DATA, serve
+from tests.conftest import DATA, serve_beside
 
 
 @pytest.fixture(scope="module", params=["gguf", "mlx"])
-def servers(request, model_path, fixture_paths, tmp_path_factory):
-    """(a server with the prefix cache, one without) for SmolLM2 Q4_1 on llama.cpp and for the
-    two-block fixture on MLX."""
-    from tests.conftest import FIXTURE_NAME
-
-    if request.param == "gguf":
-        cached, model, flags = request.getfixturevalue("server"), model_path, []
-    else:
-        pytest.importorskip("mlx_lm")
-        cached, model = request.getfixturevalue("mlx_fixture_server"), fixture_paths["mlx"]
-        flags = ["--model-name", FIXTURE_NAME]
-    uncached = serve(model, tmp_path_factory, f"uncached-{request.param}", "--prefix-cache-mb", "0", *flags)
-    yield cached, next(uncached)
-    next(uncached, None)
+def servers(request, tmp_path_factory):
+    """(a server with the prefix cache, the same model without it), on each backend."""
+    yield from serve_beside(request, tmp_path_factory, "uncached", "--prefix-cache-mb", "0")
 
 
 def hellaswag_requests(server, n_items: int) -> list[list[int]]:

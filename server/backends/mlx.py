@@ -109,7 +109,6 @@ class MLXBackend(Backend):
         self._batch: tuple[tuple[int, ...], list] | None = None
         # Plain per-layer KV caches can be snapshotted for the prefix cache (rotating or state-space
         # caches of other architectures hold more than keys and values: no reuse for those).
-        self._kv_cache_type = KVCache
         self.supports_snapshots = all(type(c) is KVCache for c in make_prompt_cache(self.model))
         n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
         self._pieces = _token_bytes_table(self._hf, n_vocab)
@@ -150,8 +149,7 @@ class MLXBackend(Backend):
             return
         mx = self._mx
         (p,) = passes
-        if self._batch is not None and p.seq in self._batch[0]:
-            self._unbatch()
+        self._leave_batch(p.seq)
         if p.start == 0:
             self._caches[p.seq] = self._make_cache(self.model)
         cache = self._caches[p.seq]
@@ -183,6 +181,11 @@ class MLXBackend(Backend):
         for index in range(len(passes)):
             yield index, 0, logits[index:index + 1]
 
+    def _leave_batch(self, seq: int) -> None:
+        """Before a sequence runs alone, is restored or released: split the batch it is in."""
+        if self._batch is not None and seq in self._batch[0]:
+            self._unbatch()
+
     def _unbatch(self) -> None:
         if self._batch is not None:
             seqs, merged = self._batch
@@ -201,18 +204,14 @@ class MLXBackend(Backend):
         return state, sum(k.nbytes + v.nbytes for k, v in state)
 
     def restore(self, seq: int, state, n_tokens: int) -> None:
-        cache = []
-        for keys, values in state:
-            layer = self._kv_cache_type()
+        cache = self._make_cache(self.model)  # plain KVCache layers (supports_snapshots)
+        for layer, (keys, values) in zip(cache, state):
             layer.keys, layer.values, layer.offset = keys[..., :n_tokens, :], values[..., :n_tokens, :], n_tokens
-            cache.append(layer)
-        if self._batch is not None and seq in self._batch[0]:
-            self._unbatch()
+        self._leave_batch(seq)
         self._caches[seq] = cache
 
     def release(self, seq: int) -> None:
-        if self._batch is not None and seq in self._batch[0]:
-            self._unbatch()
+        self._leave_batch(seq)
         self._caches.pop(seq, None)
 
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
