@@ -15,6 +15,9 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
     llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned).
 
+Rows 1, 2, 4 and 6 are timed in interleaved rounds (--rounds): every row once per round, the best
+pass of each reported, so that the shared machine's slow spells fall on all rows alike.
+
 Writes bench_out/results.json, bench_out/table.md and bench_out/chart.png.
 """
 
@@ -28,6 +31,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -107,41 +111,76 @@ def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
     return sorted(sequences, key=lambda s: (-len(s), s))
 
 
-def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> float:
+def best_of_rounds(measures: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Each measure (one timed pass, returning tokens/s) run once per round, all in turn, and the
+    best of the rounds kept: the machine is shared and noisy, and interleaving puts its slow spells
+    on every row alike, so the ratios between rows hold (best-of, as timeit reports its minimum)."""
+    speeds: dict[str, list[float]] = {name: [] for name in measures}
+    for r in range(rounds):
+        for name, measure in measures.items():
+            speeds[name].append(measure())
+        log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{n} {s[-1]:.0f}" for n, s in speeds.items()))
+    return {name: max(s) for name, s in speeds.items()}
+
+
+def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> Callable[[], float]:
+    """A timed pass of llama-cpp-python's Llama.eval over every sequence (the KV cache reset between)."""
     import llama_cpp
 
     llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
                           logits_all=all_logits, verbose=False, type_k=0, type_v=0)
     llm.eval(sequences[-1])  # warm-up
-    best = float("inf")
-    for _ in range(2):  # best of two: the machine is shared and noisy
+
+    def one_pass() -> float:
         started = time.perf_counter()
         for tokens in sequences:
             llm.reset()
             llm.eval(tokens)
-        best = min(best, time.perf_counter() - started)
-    del llm
-    return sum(map(len, sequences)) / best
+        return sum(map(len, sequences)) / (time.perf_counter() - started)
+
+    return one_pass
 
 
-def ours(model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool, logprobs: int = 1) -> tuple[float, list]:
-    with our_server(model, threads, out, name, "--n-ctx", "2048", "--prefix-cache-mb", "1024" if cache else "0") as server:
-        url = server.url
-        requests.post(url, json={"prompt": sequences[-1], "max_tokens": 1}).raise_for_status()  # warm-up
-        best = float("inf")
-        # Best of two, as for the in-process rows; with the prefix cache a second pass would find
-        # every prompt cached, so that row is measured once (its first, honest pass).
-        for _ in range(1 if cache else 2):
+class Scoring:
+    """This server answering lm-eval's loglikelihood requests (batches of BATCH token-id prompts,
+    echo, max_tokens=1); each call is one timed pass over the sequences. With the prefix cache,
+    each pass gets a freshly started server, so that it starts from an empty cache."""
+
+    def __init__(self, model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool,
+                 logprobs: int = 1):
+        self.flags = ["--n-ctx", "2048", "--prefix-cache-mb", "1024" if cache else "0"]
+        self.model, self.sequences, self.threads, self.out, self.name = model, sequences, threads, out, name
+        self.logprobs = logprobs
+        self.server = None if cache else self._start()
+        self.choices: list = []  # of the last pass
+
+    def _start(self) -> Server:
+        server = our_server(self.model, self.threads, self.out, self.name, *self.flags)
+        # Warm-up on a prompt no sequence starts with (the reversed shortest one).
+        requests.post(server.url, json={"prompt": self.sequences[-1][::-1], "max_tokens": 1}).raise_for_status()
+        return server
+
+    def __call__(self) -> float:
+        server = self.server or self._start()
+        try:
             choices = []
             started = time.perf_counter()
-            for i in range(0, len(sequences), BATCH):
-                r = requests.post(url, json={"prompt": sequences[i:i + BATCH], "max_tokens": 1,
-                                             "logprobs": logprobs, "echo": True, "temperature": 0, "seed": 1234},
-                                  timeout=600)
+            for i in range(0, len(self.sequences), BATCH):
+                r = requests.post(server.url, json={
+                    "prompt": self.sequences[i:i + BATCH], "max_tokens": 1, "logprobs": self.logprobs,
+                    "echo": True, "temperature": 0, "seed": 1234}, timeout=600)
                 r.raise_for_status()
                 choices += r.json()["choices"]
-            best = min(best, time.perf_counter() - started)
-    return sum(map(len, sequences)) / best, choices
+            elapsed = time.perf_counter() - started
+        finally:
+            if server is not self.server:
+                server.stop()
+        self.choices = choices
+        return sum(map(len, self.sequences)) / elapsed
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.stop()
 
 
 def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out: Path) -> tuple[float, float]:
@@ -189,7 +228,7 @@ def log_reuse_gap(plain: list, cached: list) -> None:
     log(f"     reuse vs no reuse: max |prompt logprob difference| = {gap:.2e}")
 
 
-def mlx_rows(sequences, out: Path, add) -> None:
+def mlx_rows(sequences, args, add) -> None:
     import mlx.core as mx
     from mlx_lm import load
 
@@ -201,16 +240,23 @@ def mlx_rows(sequences, out: Path, add) -> None:
     _, folder = make_fixture(ensure_default_model(cache), cache / "fixtures")
     model, _ = load(str(folder))
     mx.eval(model(mx.array(sequences[-1])[None]))  # warm-up
-    started = time.perf_counter()
-    for tokens in sequences:
-        mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
-    limit = sum(map(len, sequences)) / (time.perf_counter() - started)
-    add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", limit, limit)
-    speed, plain = ours(folder, sequences, 0, out, "mlx", cache=False)
-    add("6b", "MLX fixture: this server, lm-eval requests, no prefix reuse", speed, limit)
-    speed, cached = ours(folder, sequences, 0, out, "mlx-cache", cache=True)
-    add("6c", "MLX fixture: this server, prefix reuse", speed, limit)
-    log_reuse_gap(plain, cached)
+
+    def mlx_lm_forward() -> float:
+        started = time.perf_counter()
+        for tokens in sequences:
+            mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
+        return sum(map(len, sequences)) / (time.perf_counter() - started)
+
+    plain = Scoring(folder, sequences, 0, args.out, "mlx", cache=False)
+    cached = Scoring(folder, sequences, 0, args.out, "mlx-cache", cache=True)
+    try:
+        best = best_of_rounds({"6a": mlx_lm_forward, "6b": plain, "6c": cached}, args.rounds)
+    finally:
+        plain.close()
+    add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", best["6a"], best["6a"])
+    add("6b", "MLX fixture: this server, lm-eval requests, no prefix reuse", best["6b"], best["6a"])
+    add("6c", "MLX fixture: this server, prefix reuse", best["6c"], best["6a"])
+    log_reuse_gap(plain.choices, cached.choices)
 
 
 def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64) -> None:
@@ -294,6 +340,8 @@ def main() -> None:
     parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
     parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
     parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="passes of each scoring row (rows 1, 2, 4, 6), interleaved; the best is reported")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     args = parser.parse_args()
@@ -334,27 +382,34 @@ def main() -> None:
                      "wall_s": wall, "metrics": metrics})
         log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
     if "6" in groups and not args.skip_mlx:
-        mlx_rows(sequences, args.out, add)
+        mlx_rows(sequences, args, add)
     if "7" in groups and not args.skip_generation:
         generation_rows(smol, args.threads, args.out, add)
     finish(rows, args)
 
 
 def scoring_rows(smol: Path, sequences, args, add) -> None:
-    limit = raw_forward(smol, sequences, args.threads, all_logits=False)
-    add("1a", "raw forward, in-process (logits: last position)", limit, limit)
-    add("1b", "raw forward, in-process (logits: every position)", raw_forward(smol, sequences, args.threads, True), limit)
-    speed, plain = ours(smol, sequences, args.threads, args.out, "nocache", cache=False)
-    add("2a", "this server, lm-eval requests, no prefix reuse", speed, limit)
-    speed, cached = ours(smol, sequences, args.threads, args.out, "cache", cache=True)
-    add("2b", "this server, lm-eval requests, prefix reuse", speed, limit)
-    log_reuse_gap(plain, cached)
-    speed, _ = ours(smol, sequences, args.threads, args.out, "lp20", cache=False, logprobs=20)
-    add("2c", "this server, lm-eval requests, logprobs=20, no reuse", speed, limit)
+    threads, out = args.threads, args.out
+    plain = Scoring(smol, sequences, threads, out, "nocache", cache=False)
+    cached = Scoring(smol, sequences, threads, out, "cache", cache=True)
+    top20 = Scoring(smol, sequences, threads, out, "lp20", cache=False, logprobs=20)
+    try:
+        best = best_of_rounds({"1a": raw_forward(smol, sequences, threads, all_logits=False),
+                               "1b": raw_forward(smol, sequences, threads, all_logits=True),
+                               "2a": plain, "2b": cached, "2c": top20}, args.rounds)
+    finally:
+        for server in (plain, cached, top20):
+            server.close()
+    add("1a", "raw forward, in-process (logits: last position)", best["1a"], best["1a"])
+    add("1b", "raw forward, in-process (logits: every position)", best["1b"], best["1a"])
+    add("2a", "this server, lm-eval requests, no prefix reuse", best["2a"], best["1a"])
+    add("2b", "this server, lm-eval requests, prefix reuse", best["2b"], best["1a"])
+    log_reuse_gap(plain.choices, cached.choices)
+    add("2c", "this server, lm-eval requests, logprobs=20, no reuse", best["2c"], best["1a"])
     subset = sequences[: 4 * args.llama_server_items]
     if subset:
-        speed, wrong = llama_cpp_server(smol, subset, plain, args.threads, args.out)
-        add("3", f"llama-cpp-python server, same prompts as text ({len(subset)} seqs)", speed, limit,
+        speed, wrong = llama_cpp_server(smol, subset, plain.choices, threads, out)
+        add("3", f"llama-cpp-python server, same prompts as text ({len(subset)} seqs)", speed, best["1a"],
             max_logprob_error=wrong)
         log(f"     llama-cpp-python server: max |logprob - ours| = {wrong:.3f}")
 
@@ -368,13 +423,18 @@ def gemma_rows(cache: Path, args, add) -> None:
     gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
     gseq = hellaswag_sequences(gv, args.gemma_items)
     log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
-    glimit = raw_forward(gemma, gseq, args.threads, all_logits=False)
-    add("4a", "Gemma 3 270M: raw forward (logits: last position)", glimit, glimit)
-    add("4b", "Gemma 3 270M: raw forward (logits: every position)", raw_forward(gemma, gseq, args.threads, True), glimit)
-    add("4c", "Gemma 3 270M: this server, no prefix reuse",
-        ours(gemma, gseq, args.threads, args.out, "gemma", cache=False)[0], glimit)
-    add("4d", "Gemma 3 270M: this server, prefix reuse",
-        ours(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True)[0], glimit)
+    plain = Scoring(gemma, gseq, args.threads, args.out, "gemma", cache=False)
+    cached = Scoring(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True)
+    try:
+        best = best_of_rounds({"4a": raw_forward(gemma, gseq, args.threads, all_logits=False),
+                               "4b": raw_forward(gemma, gseq, args.threads, all_logits=True),
+                               "4c": plain, "4d": cached}, args.rounds)
+    finally:
+        plain.close()
+    add("4a", "Gemma 3 270M: raw forward (logits: last position)", best["4a"], best["4a"])
+    add("4b", "Gemma 3 270M: raw forward (logits: every position)", best["4b"], best["4a"])
+    add("4c", "Gemma 3 270M: this server, no prefix reuse", best["4c"], best["4a"])
+    add("4d", "Gemma 3 270M: this server, prefix reuse", best["4d"], best["4a"])
 
 
 def finish(rows: list[dict], args) -> None:
