@@ -241,8 +241,8 @@ class Engine:
             # Logits are asked for only for the rows used.
             passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))
         # Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
-        # large), and llama.cpp split prompts of unequal lengths into ubatches that moved the
-        # last-row logits of one sequence by up to 0.54. Decode steps (one token of each running
+        # large), and on Gemma 3 (sliding-window layers) llama.cpp's multi-sequence batches moved
+        # a prompt's last-row logits by up to 1.2. Decode steps (one token of each running
         # sequence) are batched; with several sequences llama.cpp's logits moved by up to 0.06,
         # which is why --max-sequences defaults to 1.
         blocks = ((index, i, block) for index, p in enumerate(passes) for _, i, block in self.backend.forward([p]))
