@@ -178,7 +178,10 @@ class Scoring:
         self.choices = choices
         return sum(map(len, self.sequences)) / elapsed
 
-    def close(self) -> None:
+    def __enter__(self) -> Scoring:
+        return self
+
+    def __exit__(self, *exc) -> None:
         if self.server is not None:
             self.server.stop()
 
@@ -247,12 +250,9 @@ def mlx_rows(sequences, args, add) -> None:
             mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
         return sum(map(len, sequences)) / (time.perf_counter() - started)
 
-    plain = Scoring(folder, sequences, 0, args.out, "mlx", cache=False)
-    cached = Scoring(folder, sequences, 0, args.out, "mlx-cache", cache=True)
-    try:
+    with (Scoring(folder, sequences, 0, args.out, "mlx", cache=False) as plain,
+          Scoring(folder, sequences, 0, args.out, "mlx-cache", cache=True) as cached):
         best = best_of_rounds({"6a": mlx_lm_forward, "6b": plain, "6c": cached}, args.rounds)
-    finally:
-        plain.close()
     add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", best["6a"], best["6a"])
     add("6b", "MLX fixture: this server, lm-eval requests, no prefix reuse", best["6b"], best["6a"])
     add("6c", "MLX fixture: this server, prefix reuse", best["6c"], best["6a"])
@@ -390,16 +390,12 @@ def main() -> None:
 
 def scoring_rows(smol: Path, sequences, args, add) -> None:
     threads, out = args.threads, args.out
-    plain = Scoring(smol, sequences, threads, out, "nocache", cache=False)
-    cached = Scoring(smol, sequences, threads, out, "cache", cache=True)
-    top20 = Scoring(smol, sequences, threads, out, "lp20", cache=False, logprobs=20)
-    try:
+    with (Scoring(smol, sequences, threads, out, "nocache", cache=False) as plain,
+          Scoring(smol, sequences, threads, out, "cache", cache=True) as cached,
+          Scoring(smol, sequences, threads, out, "lp20", cache=False, logprobs=20) as top20):
         best = best_of_rounds({"1a": raw_forward(smol, sequences, threads, all_logits=False),
                                "1b": raw_forward(smol, sequences, threads, all_logits=True),
                                "2a": plain, "2b": cached, "2c": top20}, args.rounds)
-    finally:
-        for server in (plain, cached, top20):
-            server.close()
     add("1a", "raw forward, in-process (logits: last position)", best["1a"], best["1a"])
     add("1b", "raw forward, in-process (logits: every position)", best["1b"], best["1a"])
     add("2a", "this server, lm-eval requests, no prefix reuse", best["2a"], best["1a"])
@@ -423,14 +419,11 @@ def gemma_rows(cache: Path, args, add) -> None:
     gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
     gseq = hellaswag_sequences(gv, args.gemma_items)
     log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
-    plain = Scoring(gemma, gseq, args.threads, args.out, "gemma", cache=False)
-    cached = Scoring(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True)
-    try:
+    with (Scoring(gemma, gseq, args.threads, args.out, "gemma", cache=False) as plain,
+          Scoring(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True) as cached):
         best = best_of_rounds({"4a": raw_forward(gemma, gseq, args.threads, all_logits=False),
                                "4b": raw_forward(gemma, gseq, args.threads, all_logits=True),
                                "4c": plain, "4d": cached}, args.rounds)
-    finally:
-        plain.close()
     add("4a", "Gemma 3 270M: raw forward (logits: last position)", best["4a"], best["4a"])
     add("4b", "Gemma 3 270M: raw forward (logits: every position)", best["4b"], best["4a"])
     add("4c", "Gemma 3 270M: this server, no prefix reuse", best["4c"], best["4a"])
