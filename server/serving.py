@@ -1,0 +1,207 @@
+"""What /v1/completions and /v1/chat/completions share: request checks, running a request's jobs
+through the engine, the response envelope, and the one streaming loop.
+
+Each endpoint builds its jobs and supplies a ResponseFormat, the few shapes in which it differs
+(a choice, a streamed chunk's fields); everything else about serving a request happens here.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from server.engine import PromptJob, PromptResult, PromptScored, TokenEvent
+from server.errors import APIError
+from server.protocol import SamplingFields
+from server.sampling import SamplingParams
+from server.scoring import ScoredRows
+from server.state import ServerState
+from server.text import unsafe_suffix_length
+
+
+# -- checks ---------------------------------------------------------------------------------------
+
+def check_model(state: ServerState, requested: str | None) -> None:
+    if requested is not None and requested != state.model_name:
+        raise APIError(
+            f"The model '{requested}' is not served here; this server serves '{state.model_name}' "
+            "(see GET /v1/models). Omit 'model' or send that id.",
+            status=404, param="model", code="model_not_found",
+        )
+
+
+def check_token_ids(state: ServerState, tokens: list[int], *, param: str, where: str) -> None:
+    n_vocab = state.backend.info.n_vocab
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise APIError(f"{where} holds token id {bad}, outside this model's vocabulary (valid ids: 0..{n_vocab - 1}).",
+                       param=param)
+
+
+def check_logprobs_limit(state: ServerState, value: int | None, param: str) -> None:
+    limit = state.settings.max_logprobs
+    if value is not None and value > limit:
+        raise APIError(f"{param}={value} is above this server's limit of {limit}; ask for at most {limit} "
+                       "(or restart the server with a higher --max-logprobs).", param=param)
+
+
+def sampling_params(state: ServerState, request: SamplingFields) -> SamplingParams:
+    """Validated sampling settings of a completions or chat request."""
+    check_model(state, request.model)
+    stops = request.stop_list()
+    if len(stops) > state.settings.max_stop:
+        raise APIError(f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
+                       "(restart the server with a higher --max-stop to allow more).", param="stop")
+    bias: dict[int, float] = {}
+    for key, value in (request.logit_bias or {}).items():
+        if not key.lstrip("-").isdigit():
+            raise APIError(f"logit_bias keys are token ids as strings; '{key}' is not one.", param="logit_bias")
+        check_token_ids(state, [int(key)], param="logit_bias", where="logit_bias")
+        if not -100 <= value <= 100:
+            raise APIError(f"logit_bias values must be within -100..100; token {key} has {value}.", param="logit_bias")
+        bias[int(key)] = value
+    return SamplingParams(
+        temperature=1.0 if request.temperature is None else request.temperature,
+        top_p=1.0 if request.top_p is None else request.top_p,
+        top_k=request.top_k or 0,
+        min_p=request.min_p or 0.0,
+        seed=request.seed,
+        presence_penalty=request.presence_penalty or 0.0,
+        frequency_penalty=request.frequency_penalty or 0.0,
+        repetition_penalty=request.repetition_penalty or 1.0,
+        logit_bias=bias,
+    )
+
+
+def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, where: str) -> int:
+    """max_tokens to use (None: up to the context); a prompt that cannot fit is a 400 with numbers."""
+    n_ctx = state.backend.info.n_ctx
+    if max_tokens is None:
+        if len(tokens) >= n_ctx:
+            raise APIError(f"{where} has {len(tokens)} tokens: that does not fit this server's context of {n_ctx} "
+                           "with room to generate. Shorten the prompt.", param="prompt")
+        return n_ctx - len(tokens)
+    if len(tokens) + max_tokens > n_ctx:
+        raise APIError(
+            f"{where} has {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
+            f"tokens do not fit this server's context of {n_ctx}. Shorten the prompt or lower max_tokens.",
+            param="prompt" if len(tokens) >= n_ctx else "max_tokens",
+        )
+    return max_tokens
+
+
+# -- responses ------------------------------------------------------------------------------------
+
+def usage(jobs: list[PromptJob], n_generated: int) -> dict:
+    # A prompt sampled n times is counted once, as OpenAI does.
+    n_prompt = sum(len(j.tokens) for j in jobs if j.sample_index == 0)
+    return {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}
+
+
+def sse(payload: dict | str) -> str:
+    """One Server-Sent Event in OpenAI's framing."""
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+@dataclass
+class StreamedToken:
+    token: int
+    scores: ScoredRows | None  # None when the request asked for no logprobs
+    offset: int  # character offset in the choice's text (echoed prompt included)
+
+
+class StreamedChoice:
+    """What one streamed choice has sent so far. Text is released only once no stop string can
+    still begin in it, so a stop string never leaks partially; its tokens go out with it."""
+
+    def __init__(self, job: PromptJob, echo_length: int):
+        self.job = job
+        self.sent = 0  # characters of generated text already sent
+        self.echo_length = echo_length
+        self.pending: list[StreamedToken] = []
+        self.text_length = 0
+
+    def add(self, event: TokenEvent) -> str | None:
+        """Text that can be sent now, or None."""
+        self.pending.append(StreamedToken(event.token, event.scores, self.echo_length + self.text_length))
+        self.text_length = len(event.text)
+        safe = len(event.text) - unsafe_suffix_length(event.text, self.job.stop)
+        if safe <= self.sent:
+            return None
+        text, self.sent = event.text[self.sent:safe], safe
+        return text
+
+    def finish(self, result: PromptResult) -> str:
+        text, self.sent = result.generated_text[self.sent:], len(result.generated_text)
+        return text
+
+    def take(self) -> list[StreamedToken]:
+        """The tokens not yet sent, which go out with the text just released."""
+        pending, self.pending = self.pending, []
+        return pending
+
+
+class ResponseFormat(ABC):
+    """An endpoint's response shapes for one request (whose jobs it was built with)."""
+
+    id_prefix: str
+    object: str
+    chunk_object: str
+
+    def __init__(self, state: ServerState, jobs: list[PromptJob]):
+        self.state, self.jobs = state, jobs
+
+    @abstractmethod
+    def choice(self, index: int, result: PromptResult) -> dict:
+        """A whole choice of a non-streamed response, without its index."""
+
+    def echo_length(self, index: int) -> int:
+        """Characters of the choice's text that precede the generated text (the echoed prompt)."""
+        return 0
+
+    @abstractmethod
+    def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
+        """A streamed choice's first chunk's fields, sent when its prompt has run, or None."""
+
+    @abstractmethod
+    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
+        """A streamed chunk's fields for newly released text and the tokens that made it."""
+
+
+async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include_usage: bool):
+    """Run a request's jobs: the whole response, or (stream) its Server-Sent Events."""
+    head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
+            "model": state.model_name}
+    if stream:
+        return _events(state, fmt, head | {"object": fmt.chunk_object}, include_usage)
+    results = await state.engine.complete(fmt.jobs)
+    choices = [{"index": i} | fmt.choice(i, result) for i, result in enumerate(results)]
+    return head | {"choices": choices, "usage": usage(fmt.jobs, sum(len(r.generated) for r in results))}
+
+
+async def _events(state: ServerState, fmt: ResponseFormat, head: dict, include_usage: bool) -> AsyncIterator[str]:
+    def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
+        return sse(head | {"choices": [{"index": index} | fields | {"finish_reason": finish_reason}]})
+
+    choices: dict[int, StreamedChoice] = {}
+    n_generated = 0
+    async for index, item in state.engine.stream(fmt.jobs):
+        if isinstance(item, PromptScored):
+            choices[index] = StreamedChoice(fmt.jobs[index], fmt.echo_length(index))
+            if (fields := fmt.opening(index, item.scores)) is not None:
+                yield chunk(index, fields)
+        elif isinstance(item, TokenEvent):
+            text = choices[index].add(item)
+            if text is not None:
+                yield chunk(index, fmt.piece(index, text, choices[index].take()))
+        else:
+            n_generated += len(item.generated)
+            streamed = choices[index]
+            yield chunk(index, fmt.piece(index, streamed.finish(item), streamed.take()), item.finish_reason)
+    if include_usage:
+        yield sse(head | {"choices": [], "usage": usage(fmt.jobs, n_generated)})
+    yield sse("[DONE]")

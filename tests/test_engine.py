@@ -1,0 +1,257 @@
+"""The engine's scheduling, on a small fake backend that records every call (the engine is what is
+tested here; the real backends' numbers are tested in test_conformance and test_completions).
+
+- one request's jobs are submitted together, so with --max-sequences they decode together;
+- a cancelled request's queued jobs never reach the backend, and its running ones stop before
+  the next forward pass (a long prompt between its chunks);
+- streamed and non-streamed requests take the same path and give the same results.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server.backends.base import Backend, ModelInfo, Step
+from server.engine import Engine, PromptJob, PromptResult, PromptScored, TokenEvent
+from server.sampling import SamplingParams
+from server.tokens import TokenTable
+
+N_VOCAB = 8
+END = 7  # the end-of-generation token
+
+
+def next_token(token: int, position: int) -> int:
+    """The fake model's greedy choice after `token` at `position` (never END)."""
+    return (token + position) % END
+
+
+class FakeBackend(Backend):
+    """Logits that peak at next_token(); records prefill and decode calls; optional delays let a
+    test act while the model thread is busy."""
+
+    def __init__(self, max_sequences: int = 1, n_batch: int = 512, delay: float = 0.0):
+        self.max_sequences, self.n_batch, self.delay = max_sequences, n_batch, delay
+        self.info = ModelInfo(path="fake", n_ctx=4096, n_ctx_train=4096, n_vocab=N_VOCAB, bos_id=None, eos_id=END,
+                              pad_id=None, add_bos=False, chat_template=None, description="fake")
+        self.tokens = TokenTable([bytes([ord("a") + t]) for t in range(N_VOCAB)], [END])
+        self.prefills: list[tuple[int, int, int]] = []  # (seq, start, n tokens)
+        self.decodes: list[list[int]] = []  # the sequences of each decode step
+        self.lengths: dict[int, int] = {}
+        self.lock = threading.Lock()
+
+    def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        return [ord(c) % END for c in text]
+
+    def _rows(self, tokens, positions) -> np.ndarray:
+        rows = np.zeros((len(tokens), N_VOCAB), dtype=np.float32)
+        rows[np.arange(len(tokens)), [next_token(t, p) for t, p in zip(tokens, positions)]] = 5.0
+        return rows
+
+    def prefill(self, seq, tokens, start, logits_from):
+        time.sleep(self.delay)
+        with self.lock:
+            self.prefills.append((seq, start, len(tokens)))
+        assert len(tokens) <= self.n_batch and self.lengths.get(seq, 0) >= start
+        self.lengths[seq] = start + len(tokens)
+        if logits_from >= len(tokens):
+            return None
+        return self._rows(tokens[logits_from:], range(start + logits_from, start + len(tokens)))
+
+    def decode(self, steps: list[Step]) -> np.ndarray:
+        time.sleep(self.delay)
+        with self.lock:
+            self.decodes.append([s.seq for s in steps])
+        assert len(steps) <= self.max_sequences
+        for s in steps:
+            assert self.lengths[s.seq] == s.position, "a decode step must continue where its sequence stands"
+            self.lengths[s.seq] += 1
+        return self._rows([s.token for s in steps], [s.position for s in steps])
+
+    def release(self, seq: int) -> None:
+        self.lengths.pop(seq, None)
+
+
+def greedy_job(prompt: list[int], max_tokens: int, **kw) -> PromptJob:
+    return PromptJob(tokens=prompt, max_tokens=max_tokens, logprobs=kw.pop("logprobs", None),
+                     echo=kw.pop("echo", False), sampling=SamplingParams(temperature=0.0), **kw)
+
+
+def expected_greedy(prompt: list[int], max_tokens: int) -> list[int]:
+    out, token, position = [], prompt[-1], len(prompt) - 1
+    for _ in range(max_tokens):
+        token = next_token(token, position)
+        out.append(token)
+        position += 1
+    return out
+
+
+@pytest.fixture
+def make_engine():
+    engines = []
+
+    def make(**kw) -> tuple[Engine, FakeBackend]:
+        backend = FakeBackend(**kw)
+        engines.append(Engine(backend))
+        return engines[-1], backend
+
+    yield make
+    for engine in engines:
+        engine.close()
+
+
+def wait_until(condition, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting for the model thread"
+        time.sleep(0.005)
+
+
+def test_one_requests_jobs_decode_together(make_engine):
+    """A non-streamed request of 4 prompts with --max-sequences 4: 4 prompt passes, then every
+    decode step carries all 4 sequences (before, the jobs ran one after another: 16 steps of 1)."""
+    engine, backend = make_engine(max_sequences=4)
+    prompts = [[1, 2, 3], [4, 5], [6], [2, 2, 2, 2]]
+    results = asyncio.run(engine.complete([greedy_job(p, 5) for p in prompts]))
+    assert [r.generated for r in results] == [expected_greedy(p, 5) for p in prompts]
+    assert len(backend.prefills) == 4
+    # 5 tokens each: the first comes from the prompt pass, the other 4 from shared decode steps.
+    assert backend.decodes == [[0, 1, 2, 3]] * 4
+
+
+def test_n_samples_decode_together(make_engine):
+    engine, backend = make_engine(max_sequences=3)
+    jobs = [greedy_job([1, 2], 4, sample_index=i) for i in range(3)]
+    results = asyncio.run(engine.complete(jobs))
+    assert all(r.generated == expected_greedy([1, 2], 4) for r in results)
+    assert backend.decodes == [[0, 1, 2]] * 3
+
+
+def test_more_jobs_than_sequences_run_in_waves(make_engine):
+    engine, backend = make_engine(max_sequences=2)
+    prompts = [[1], [2], [3], [4], [5]]
+    results = asyncio.run(engine.complete([greedy_job(p, 3) for p in prompts]))
+    assert [r.generated for r in results] == [expected_greedy(p, 3) for p in prompts]
+    assert max(map(len, backend.decodes)) == 2 and len(backend.prefills) == 5
+
+
+def test_streamed_and_complete_give_the_same_results(make_engine):
+    engine, _ = make_engine(max_sequences=2)
+    jobs = [greedy_job([1, 2, 3], 6, logprobs=2, echo=True), greedy_job([5, 4], 3, logprobs=2, echo=True)]
+
+    async def streamed():
+        events: dict[int, list] = {0: [], 1: []}
+        async for index, item in engine.stream(jobs):
+            events[index].append(item)
+        return events
+
+    plain = asyncio.run(engine.complete(jobs))
+    events = asyncio.run(streamed())
+    for index, result in enumerate(plain):
+        kinds = [type(e) for e in events[index]]
+        assert kinds == [PromptScored] + [TokenEvent] * len(result.generated) + [PromptResult]
+        final: PromptResult = events[index][-1]
+        assert final.generated == result.generated == [e.token for e in events[index][1:-1]]
+        np.testing.assert_array_equal(final.prompt_scores.token_logprobs, result.prompt_scores.token_logprobs)
+        np.testing.assert_array_equal(final.generated_scores.top_ids, result.generated_scores.top_ids)
+
+
+def test_cancelled_request_drops_queued_jobs_and_stops_running_ones(make_engine, caplog):
+    """One sequence, a request of 10 long generations: cancel it while the first one runs. The
+    other 9 never reach the backend; the first stops before its next decode step."""
+    engine, backend = make_engine(max_sequences=1, delay=0.005)
+    jobs = [greedy_job([1, 2, 3], 200) for _ in range(10)]
+
+    async def run_and_cancel():
+        task = asyncio.ensure_future(engine.complete(jobs))
+        while len(backend.decodes) < 3:
+            await asyncio.sleep(0.002)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    with caplog.at_level(logging.INFO, logger="server.engine"):
+        asyncio.run(run_and_cancel())
+        wait_until(lambda: "request cancelled" in caplog.text)
+    n_decodes = len(backend.decodes)
+    time.sleep(0.05)
+    assert len(backend.decodes) == n_decodes, "the cancelled job went on decoding"
+    assert n_decodes < 50 and len(backend.prefills) == 1
+    assert "9 queued job(s) dropped before running, 1 running job(s) stopped early, 0 had finished" in caplog.text
+
+
+def test_cancelled_long_prompt_stops_between_chunks(make_engine):
+    engine, backend = make_engine(max_sequences=1, n_batch=4, delay=0.01)
+    job = greedy_job(list(range(1, 7)) * 20, 1)  # 120 tokens: 30 chunks of 4
+
+    async def run_and_cancel():
+        task = asyncio.ensure_future(engine.complete([job]))
+        while len(backend.prefills) < 2:
+            await asyncio.sleep(0.001)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+    asyncio.run(run_and_cancel())
+    wait_until(lambda: not backend.lengths)  # the sequence was released
+    assert 2 <= len(backend.prefills) < 30
+    assert [start for _, start, _ in backend.prefills] == list(range(0, 4 * len(backend.prefills), 4))
+
+
+def test_cancelling_one_request_leaves_the_others_whole(make_engine):
+    engine, backend = make_engine(max_sequences=2, delay=0.002)
+
+    async def run():
+        victim = asyncio.ensure_future(engine.complete([greedy_job([1], 300), greedy_job([2], 300)]))
+        survivor = asyncio.ensure_future(engine.complete([greedy_job([3, 4], 40)]))
+        while len(backend.decodes) < 5:
+            await asyncio.sleep(0.001)
+        victim.cancel()
+        return await survivor
+
+    (result,) = asyncio.run(run())
+    assert result.generated == expected_greedy([3, 4], 40) and result.finish_reason == "length"
+
+
+def test_a_queued_job_of_a_closed_stream_is_dropped(make_engine):
+    """Closing a stream early (a streaming client went away) cancels its request too."""
+    engine, backend = make_engine(max_sequences=1, delay=0.005)
+
+    async def read_one_event_then_leave():
+        events = engine.stream([greedy_job([1], 100), greedy_job([2], 100)])
+        await events.__anext__()
+        await events.aclose()
+
+    asyncio.run(read_one_event_then_leave())
+    wait_until(lambda: not backend.lengths)
+    time.sleep(0.05)
+    assert len(backend.prefills) == 1
+
+
+def test_stop_string_finishes_with_stop_and_is_cut(make_engine):
+    engine, _ = make_engine()
+    # The fake's greedy tokens after prompt [0]: 0 ('a'), 1 ('b'), 3 ('d'), 6 ('g'), ...
+    assert expected_greedy([0], 4) == [0, 1, 3, 6]
+    (result,) = asyncio.run(engine.complete([greedy_job([0], 10, stop=["bd"])]))
+    assert result.finish_reason == "stop" and result.generated_text == "a" and result.generated == [0, 1, 3]
+    (result,) = asyncio.run(engine.complete([greedy_job([0], 3)]))
+    assert result.finish_reason == "length" and result.generated_text == "abd"
+
+
+def test_backend_failure_reaches_the_request(make_engine):
+    """A job that fails inside the engine fails its request with that error; the engine goes on."""
+    engine, backend = make_engine()
+
+    def broken_decode(steps):
+        raise RuntimeError("backend exploded")
+
+    backend.decode = broken_decode
+    with pytest.raises(RuntimeError, match="backend exploded"):
+        asyncio.run(engine.complete([greedy_job([1], 5)]))
+    del backend.decode  # the class's own decode again
+    (result,) = asyncio.run(engine.complete([greedy_job([1], 5)]))
+    assert result.generated == expected_greedy([1], 5)
