@@ -2,38 +2,61 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
-from fastapi.responses import StreamingResponse
+import asyncio
+from collections.abc import AsyncIterator, Awaitable
 
-from server.chat import create_chat_completion, stream_chat_completion
-from server.completions import check_model, check_token_ids, create_completion, stream_completion
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from server.chat import create_chat_completion
+from server.completions import create_completion
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.serving import check_model, check_token_ids
 from server.state import ServerState
 
 router = APIRouter()
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 
 def _state(request: Request) -> ServerState:
     return request.app.state.server
 
 
-def _event_stream(events) -> StreamingResponse:
-    # When the client disconnects, Starlette stops iterating `events`; closing it cancels the job.
-    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+async def _client_gone(request: Request) -> None:
+    """Returns once the client has disconnected (the body was read already, so the next ASGI
+    message is the disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _respond(request: Request, work: Awaitable):
+    """Run a generation handler. A non-streamed response is cancelled, with its engine jobs, as
+    soon as its client disconnects; a streamed one when Starlette stops iterating its events."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, watcher):
+            if not pending.done():
+                pending.cancel()
+                await asyncio.gather(pending, return_exceptions=True)
+    if task.cancelled():
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    result = task.result()
+    if isinstance(result, AsyncIterator):
+        return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return result
 
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    if body.stream:
-        return _event_stream(await stream_completion(_state(request), body))
-    return await create_completion(_state(request), body)
+    return await _respond(request, create_completion(_state(request), body))
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    if body.stream:
-        return _event_stream(await stream_chat_completion(_state(request), body))
-    return await create_chat_completion(_state(request), body)
+    return await _respond(request, create_chat_completion(_state(request), body))
 
 
 @router.get("/v1/models")
@@ -57,7 +80,7 @@ async def health():
 
 
 def _special_token_text(state: ServerState, token_id: int | None) -> str | None:
-    return None if token_id is None else state.token_strings[token_id]
+    return None if token_id is None else state.backend.tokens.strings[token_id]
 
 
 @router.get("/tokenizer_info")
@@ -87,4 +110,4 @@ async def detokenize(body: DetokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)
     check_token_ids(state, body.tokens, param="tokens", where="'tokens'")
-    return {"prompt": state.backend.detokenize(body.tokens)}
+    return {"prompt": state.backend.tokens.detokenize(body.tokens)}

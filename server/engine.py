@@ -1,10 +1,13 @@
 """The engine: one model thread that scores and generates for every request, batched.
 
-Jobs (one per prompt and sample) from any number of requests queue here. The model thread admits
-as many as the backend has sequences and KV room for, runs each prompt through the model in its
-own pass (reusing cached prefixes; a prompt's numbers must not depend on what else is running),
-then generates for all of them in lock-step: one forward pass per step carries one new token of
-every running sequence. Jobs join and leave between steps.
+A request is a list of jobs (one per prompt and sample), submitted together. The model thread
+admits queued jobs, from any request, while the backend has free sequences; runs each admitted
+prompt through the model on its own (reusing cached prefixes: a prompt's numbers must not depend
+on what else is running), then generates for all running jobs in lock-step, one decode step per
+token carrying every running sequence. Jobs join and leave between steps.
+
+A request whose client goes away is cancelled as a whole: its queued jobs never run, and its
+running ones stop before their next forward pass (a long prompt between its chunks).
 The event loop only waits on results, so /health and tokenization stay responsive.
 """
 
@@ -21,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from server.backends.base import Backend, Pass
+from server.backends.base import Backend, Step
 from server.prefix_cache import PrefixCache, Reuse
 from server.sampling import Sampler, SamplingParams
 from server.scoring import ScoredRows, first_rows, score_rows
@@ -83,11 +86,21 @@ def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
     )
 
 
+class _Request:
+    """The jobs of one request: cancelled together. The model thread counts how each cancelled job
+    ended, and logs it once the last one has."""
+
+    def __init__(self, n_jobs: int):
+        self.cancel = threading.Event()
+        self.unresolved = n_jobs
+        self.never_ran = self.stopped = self.finished = 0
+
+
 class _Running:
     """A job on the model: its sequence, its sampling state, and what it has produced so far."""
 
-    def __init__(self, job: PromptJob, listener: Listener | None, cancel: threading.Event | None):
-        self.job, self.listener, self.cancel = job, listener, cancel
+    def __init__(self, job: PromptJob, request: _Request, listener: Listener | None):
+        self.job, self.request, self.listener = job, request, listener
         self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
         self.seq = -1
         self.k = job.logprobs or 0
@@ -101,6 +114,10 @@ class _Running:
         self.generated: list[int] = []
         self.generated_parts: list[ScoredRows] = []
         self.finish_reason = "length"
+
+    @property
+    def cancelled(self) -> bool:
+        return self.request.cancel.is_set()
 
     def emit(self, event: PromptScored | TokenEvent) -> None:
         if self.listener is not None:
@@ -124,40 +141,36 @@ class Engine:
         self._queue: deque[_Running] = deque()
         self._wake = threading.Condition()
         self._closed = False
+        self._purge = False  # a request was cancelled: drop its queued jobs at the next chance
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()
 
     # -- the event loop's side ------------------------------------------------------------------
-    def submit(self, job: PromptJob, listener: Listener | None = None,
-               cancel: threading.Event | None = None) -> concurrent.futures.Future[PromptResult]:
-        running = _Running(job, listener, cancel)
-        with self._wake:
-            self._queue.append(running)
-            self._wake.notify()
-        return running.future
-
-    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
-        started = time.perf_counter()
-        results = [await asyncio.wrap_future(self.submit(job)) for job in jobs]
-        self._log_done(jobs, results, time.perf_counter() - started)
-        return results
-
-    async def stream(self, jobs: list[PromptJob]) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
-        """Yield (job index, event) for each scored prompt and generated token, and (index, result)
-        when a job ends. Closing the iterator early (the client went away) stops the jobs before
-        their next token."""
+    async def stream(self, jobs: list[PromptJob], progress: bool = True,
+                     ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        """Submit a request's jobs, all at once, and yield (job index, event) as they run: with
+        `progress`, each scored prompt and each generated token; always, (index, result) when a
+        job ends. Closing the iterator early, or cancelling the task that iterates it (the
+        client went away), cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-        cancel = threading.Event()
+        request = _Request(len(jobs))
         started = time.perf_counter()
 
         def deliver(index: int, future: concurrent.futures.Future) -> None:
             item = future.exception() or future.result()
             loop.call_soon_threadsafe(queue.put_nowait, (index, item))
 
+        submitted = []
         for index, job in enumerate(jobs):
-            listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event)))
-            self.submit(job, listener, cancel).add_done_callback(lambda f, index=index: deliver(index, f))
+            listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))) \
+                if progress else None
+            running = _Running(job, request, listener)
+            running.future.add_done_callback(lambda f, index=index: deliver(index, f))
+            submitted.append(running)
+        with self._wake:
+            self._queue.extend(submitted)
+            self._wake.notify()
         results: dict[int, PromptResult] = {}
         try:
             while len(results) < len(jobs):
@@ -169,7 +182,18 @@ class Engine:
                 yield index, item
             self._log_done(jobs, [results[i] for i in range(len(jobs))], time.perf_counter() - started)
         finally:
-            cancel.set()  # no-op when all finished; otherwise they stop before their next token
+            request.cancel.set()  # a no-op when every job has finished
+            if len(results) < len(jobs):
+                with self._wake:  # the model thread drops the rest between two forward passes
+                    self._purge = True
+                    self._wake.notify()
+
+    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
+        """A request's results, in job order (the same path as stream(), without the progress)."""
+        results: list[PromptResult | None] = [None] * len(jobs)
+        async for index, item in self.stream(jobs, progress=False):
+            results[index] = item
+        return results
 
     def _log_done(self, jobs: list[PromptJob], results: list[PromptResult], elapsed: float) -> None:
         n_prompt = sum(len(j.tokens) for j in jobs)
@@ -199,11 +223,12 @@ class Engine:
                     self._wake.wait()
                 if self._closed:
                     return
+                if self._purge:
+                    self._drop_cancelled(free)
                 admitted = self._admit(free)
             try:
-                if admitted:
-                    self._prefill(admitted)
-                    active += admitted
+                active += [r for r in admitted if self._prefill(r, free)]
+                admitted = []
                 active = self._step(active, free)
             except Exception as exc:  # a backend failure fails the jobs it touched, not the server
                 log.exception("model step failed")
@@ -211,14 +236,23 @@ class Engine:
                     self._finish(running, free, error=exc)
                 active = []
 
+    def _drop_cancelled(self, free: list[int]) -> None:
+        kept: deque[_Running] = deque()
+        for running in self._queue:
+            if running.cancelled:
+                self._finish(running, free, error=Cancelled())
+            else:
+                kept.append(running)
+        self._queue, self._purge = kept, False
+
     def _admit(self, free: list[int]) -> list[_Running]:
         """Jobs from the queue, in order, while sequences are free. Each sequence has a context
-        of its own, and requests were checked to fit one."""
+        of its own, and requests were checked to fit one. Jobs of cancelled requests are dropped."""
         admitted: list[_Running] = []
         while self._queue and free:
             running = self._queue.popleft()
-            if running.cancel is not None and running.cancel.is_set():
-                running.future.set_exception(Cancelled())
+            if running.cancelled:
+                self._finish(running, free, error=Cancelled())
                 continue
             # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
             # where reuse pays, and where tests show it changes no number.
@@ -228,48 +262,52 @@ class Engine:
             admitted.append(running)
         return admitted
 
-    def _prefill(self, admitted: list[_Running]) -> None:
-        """The forward pass over the (uncached part of the) prompts of newly admitted jobs."""
-        passes = []
-        for r in admitted:
-            tokens, n, start = r.job.tokens, len(r.job.tokens), 0
-            if r.reuse is not None:
-                self.backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
-                start = r.reuse.length  # only scored prompts reuse (see _admit)
-                r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
-            # Row i predicts token i + 1; the last row predicts the first generated token.
-            # Logits are asked for only for the rows used.
-            passes.append(Pass(r.seq, tokens[start:], start, 0 if r.score_prompt else n - 1 - start))
-        # Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
-        # large), and on Gemma 3 (sliding-window layers) llama.cpp's multi-sequence batches moved
-        # a prompt's last-row logits by up to 1.2. Decode steps (one token of each running
-        # sequence) are batched; with several sequences llama.cpp's logits moved by up to 0.06,
-        # which is why --max-sequences defaults to 1.
-        blocks = ((index, i, block) for index, p in enumerate(passes) for _, i, block in self.backend.forward([p]))
-        for index, i, block in blocks:
-            r, p = admitted[index], passes[index]
-            i += p.start
-            n = len(r.job.tokens)
+    def _prefill(self, r: _Running, free: list[int]) -> bool:
+        """Run a newly admitted job's prompt (its uncached part), n_batch tokens per call, scoring
+        the rows a response needs. False if the request was cancelled meanwhile.
+
+        Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
+        large), and on Gemma 3 (sliding-window layers) llama.cpp's multi-sequence batches moved a
+        prompt's last-row logits by up to 1.2. Decode steps are batched (see _step)."""
+        backend = self.backend
+        tokens, n, start = r.job.tokens, len(r.job.tokens), 0
+        if r.reuse is not None:
+            backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
+            start = r.reuse.length  # only scored prompts reuse (see _admit)
+            r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
+        # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
+        # asked for only for the rows used.
+        wanted_from = start if r.score_prompt else n - 1
+        for lo in range(start, n, backend.n_batch):
+            if r.cancelled:
+                self._finish(r, free, error=Cancelled())
+                return False
+            chunk = tokens[lo:lo + backend.n_batch]
+            block = backend.prefill(r.seq, chunk, lo, max(0, wanted_from - lo))
+            if block is None:
+                continue
+            i = max(lo, wanted_from)  # the position of the block's first row
             in_prompt = min(len(block), n - 1 - i)
             if r.score_prompt and in_prompt > 0:
-                targets = np.asarray(r.job.tokens[i + 1:i + 1 + in_prompt])
-                r.prompt_parts.append(self.backend.score(block[:in_prompt], targets, r.k))
-            if i + len(block) == n:
+                targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
+                r.prompt_parts.append(backend.score(block[:in_prompt], targets, r.k))
+            if lo + len(chunk) == n:
                 r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
-        for r in admitted:
-            r.prompt_scores = _concat(r.prompt_parts, r.k) if r.score_prompt else None
-            if self.cache is not None and r.score_prompt and (r.reuse is None or r.reuse.entry.tokens != r.job.tokens):
-                state, size = self.backend.snapshot(r.seq)
-                scores = r.prompt_scores
-                size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
-                self.cache.add(r.job.tokens, state, size, scores, r.k)
-            r.emit(PromptScored(r.prompt_scores))
+        r.prompt_scores = _concat(r.prompt_parts, r.k) if r.score_prompt else None
+        if self.cache is not None and r.score_prompt and (r.reuse is None or r.reuse.entry.tokens != tokens):
+            state, size = backend.snapshot(r.seq)
+            scores = r.prompt_scores
+            size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
+            self.cache.add(tokens, state, size, scores, r.k)
+        r.emit(PromptScored(r.prompt_scores))
+        return True
 
     def _step(self, active: list[_Running], free: list[int]) -> list[_Running]:
-        """Choose one token for every running job, then one forward pass for those that go on."""
+        """Choose one token for every running job, then one decode step for those that go on."""
+        tokens = self.backend.tokens
         going_on = []
         for r in active:
-            if r.cancel is not None and r.cancel.is_set():
+            if r.cancelled:
                 self._finish(r, free, error=Cancelled())
                 continue
             if len(r.generated) >= r.job.max_tokens:
@@ -281,7 +319,7 @@ class Engine:
             if scores is not None:
                 r.generated_parts.append(scores)
             # An end-of-generation token is reported (as vLLM does), its text is not.
-            stopped = self.backend.is_end_of_generation(token) or r.watcher.feed(self.backend.token_bytes(token))
+            stopped = tokens.is_end_of_generation(token) or r.watcher.feed(tokens.pieces[token])
             r.emit(TokenEvent(token, scores, r.watcher.text))
             if stopped:
                 r.finish_reason = "stop"
@@ -291,21 +329,33 @@ class Engine:
             else:
                 going_on.append(r)
         if going_on:
-            passes = [Pass(r.seq, [r.generated[-1]], len(r.job.tokens) + len(r.generated) - 1, 0) for r in going_on]
-            for index, _, block in self.backend.forward(passes):
-                going_on[index].next_logits = np.array(block[-1], dtype=np.float32)
+            steps = [Step(r.seq, r.generated[-1], len(r.job.tokens) + len(r.generated) - 1) for r in going_on]
+            logits = self.backend.decode(steps)
+            for r, row in zip(going_on, logits):
+                r.next_logits = row
         return going_on
 
     def _finish(self, r: _Running, free: list[int], error: BaseException | None = None) -> None:
-        if r.seq >= 0:
+        ran = r.seq >= 0
+        if ran:
             self.backend.release(r.seq)
             free.append(r.seq)
             r.seq = -1
         if r.future.done():
             return
+        request = r.request
+        request.unresolved -= 1
         if error is None:
+            request.finished += 1
             r.future.set_result(r.result())
         else:
             if isinstance(error, Cancelled):
-                log.info("generation cancelled: the client disconnected")
+                if ran:
+                    request.stopped += 1
+                else:
+                    request.never_ran += 1
             r.future.set_exception(error)
+        if request.unresolved == 0 and request.cancel.is_set() and (request.never_ran or request.stopped):
+            log.info("request cancelled (the client went away): %d queued job(s) dropped before running, "
+                     "%d running job(s) stopped early, %d had finished",
+                     request.never_ran, request.stopped, request.finished)

@@ -1,4 +1,4 @@
-"""What a running server holds: settings, the loaded backend, the engine, and derived tables."""
+"""What a running server holds: settings, the loaded backend (with its token table), the engine."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from server.backends.base import Backend
 from server.config import Settings, default_threads
 from server.default_model import ensure_default_model
 from server.engine import Engine
-from server.text import token_string
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +22,6 @@ class ServerState:
     backend: Backend
     engine: Engine
     model_name: str
-    token_strings: list[str]  # token id -> its string in responses, computed once
 
     @classmethod
     def load(cls, settings: Settings) -> ServerState:
@@ -43,9 +41,8 @@ class ServerState:
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")
-        strings = [token_string(backend.token_bytes(t)) for t in range(info.n_vocab)]
         name = settings.model_name or (path.name if path.is_dir() else path.stem)
-        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb), model_name=name, token_strings=strings)
+        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb), model_name=name)
 
     def close(self) -> None:
         self.engine.close()

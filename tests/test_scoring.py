@@ -106,12 +106,11 @@ def test_mlx_backend_gpu_and_cpu_scoring_paths_agree(fixture_paths):
     """The MLX backend scores with numpy on the CPU device and in MLX on a GPU: on the fixture's
     real logits both paths give the same numbers (the GPU path runs here on the CPU device)."""
     pytest.importorskip("mlx_lm")
-    from server.backends.base import Pass
     from server.backends.mlx import MLXBackend
 
     backend = MLXBackend(str(fixture_paths["mlx"]), n_threads=2)
     tokens = backend.tokenize("Zürich is 🎉 a city; print('hello') # the lazy dog", False)
-    (_, _, logits), = backend.forward([Pass(0, tokens, 0, 0)])
+    logits = backend.prefill(0, tokens, 0, 0)
     targets = np.asarray(tokens[1:] + [0])
     results = {}
     for on_cpu in (True, False):

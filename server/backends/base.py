@@ -1,28 +1,29 @@
 """The one interface every model backend implements.
 
-A backend knows its tokenizer and runs forward passes; nothing else. Scoring math (log-softmax,
-top-k), sampling, stop strings and the HTTP schema live above it and are shared by all backends.
+A backend knows its tokenizer (it fills the token table) and runs forward passes; nothing else.
+Scoring math (log-softmax, top-k), sampling, stop strings and the HTTP schema live above it and
+are shared by all backends.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from server.scoring import ScoredRows, score_rows
+from server.tokens import TokenTable
 
 
 @dataclass(frozen=True)
-class Pass:
-    """Tokens to run through the model on one sequence (see Backend.forward)."""
+class Step:
+    """One decode step of one sequence: `token` goes in at `position` (see Backend.decode)."""
 
     seq: int
-    tokens: Sequence[int]
-    start: int
-    logits_from: int
+    token: int
+    position: int
 
 
 @dataclass(frozen=True)
@@ -40,8 +41,15 @@ class ModelInfo:
 
 
 class Backend(ABC):
+    """What the engine asks of a model: a prompt pass on one sequence at a time, and decode steps
+    that advance several sequences by one token each in one forward pass."""
+
     info: ModelInfo
+    tokens: TokenTable  # filled by each backend from its tokenizer
+    n_batch: int  # most tokens one prefill() call takes
+    max_sequences = 1  # sequences held at once (each its own KV), decoded together
     supports_snapshots = False  # snapshot()/restore() work: the prefix cache can be used
+    scoring_threads = 1  # CPU threads for the numpy scoring of logits blocks
 
     # -- tokenizer --------------------------------------------------------------------------
     @abstractmethod
@@ -49,38 +57,26 @@ class Backend(ABC):
         """Token ids of `text`. Special-token text (e.g. "<|im_end|>") is parsed as that token, as
         Hugging Face tokenizers do; `add_special_tokens` adds BOS where the model's tokenizer does."""
 
+    # -- forward passes -----------------------------------------------------------------------
     @abstractmethod
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for (special tokens as their text)."""
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int):
+        """Run up to n_batch prompt tokens on one sequence, at positions start, start+1, ...,
+        forgetting whatever that sequence held at positions >= start (start=0 begins it anew).
 
-    @abstractmethod
-    def is_end_of_generation(self, token_id: int) -> bool:
-        """True for EOS and the other tokens that end a turn."""
-
-    def detokenize(self, token_ids: Sequence[int]) -> str:
-        return b"".join(self.token_bytes(t) for t in token_ids).decode("utf-8", errors="replace")
-
-    # -- forward pass -------------------------------------------------------------------------
-    max_sequences = 1  # sequences the backend holds at once (each its own KV), decoded together
+        Returns the float32 logits of tokens[logits_from:], shape [len(tokens) - logits_from,
+        n_vocab] (row j is the distribution of the token after tokens[logits_from + j]), or None
+        when logits_from >= len(tokens). The block may be a view of the backend's buffer: it is
+        valid until the next call on this backend, so copy what must outlive that. A long prompt
+        comes as consecutive calls, so that the caller can stop between them."""
 
     @abstractmethod
-    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Run each pass's tokens at positions start, start+1, ... of its sequence, forgetting any
-        state that sequence held at positions >= start (start=0 begins a new sequence). Passes
-        of different sequences may run in one batch.
-
-        Yields (pass index, i, block): float32 logits of shape [k, n_vocab] for that pass's
-        tokens[i : i + k], for every i >= logits_from, in order and in bounded chunks, so that
-        callers never hold the logits of a whole long prompt at once. Row j of a block is the
-        distribution of the token that follows tokens[i + j]. A block may be a view of the
-        backend's buffer: it is valid only until the generator is resumed, so copy what must
-        outlive that.
-        """
-
-    scoring_threads = 1  # CPU threads for the numpy scoring of logits blocks
+    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+        """One token of each of several sequences (at most max_sequences, each continuing where
+        it stands) in one forward pass. Returns the next-token logits as a new float32 array of
+        shape [len(steps), n_vocab], row i for steps[i]."""
 
     def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
-        """Log-probabilities of `targets` and the top-k under each row of a block from forward().
+        """Log-probabilities of `targets` and the top-k under each row of a block from prefill().
         Backends whose logits live on a device override this to do the math there."""
         return score_rows(logits, targets, k, threads=self.scoring_threads)
 
@@ -92,7 +88,7 @@ class Backend(ABC):
         raise NotImplementedError
 
     def restore(self, seq: int, state: object, n_tokens: int) -> None:
-        """Make a sequence the first n_tokens of a snapshot (forward() continues from there)."""
+        """Make a sequence the first n_tokens of a snapshot (prefill() continues from there)."""
         raise NotImplementedError
 
     def close(self) -> None:

@@ -9,17 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo, Pass
+from server.backends.base import Backend, ModelInfo, Step
+from server.tokens import TokenTable, default_context
 
 log = logging.getLogger(__name__)
 
 GGUF_MAGIC = b"GGUF"
-MAX_DEFAULT_CTX = 8192  # n_ctx=0 means the training context, capped here to bound KV memory
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -50,7 +50,7 @@ class GGUFBackend(Backend):
         self._vocab = ll.llama_model_get_vocab(self._model)
 
         n_ctx_train = ll.llama_model_n_ctx_train(self._model)
-        n_ctx = n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX)
+        n_ctx = default_context(n_ctx, n_ctx_train)
         self.n_batch = min(n_batch, n_ctx)
 
         ctx_params = ll.llama_context_default_params()
@@ -78,8 +78,8 @@ class GGUFBackend(Backend):
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)  # each token belongs to one sequence
 
         n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self._pieces = [self._piece(t) for t in range(n_vocab)]
-        self._eog = np.array([ll.llama_vocab_is_eog(self._vocab, t) for t in range(n_vocab)], dtype=bool)
+        self.tokens = TokenTable([self._piece(t) for t in range(n_vocab)],
+                                 [t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)])
 
         def special(token_id: int) -> int | None:
             return token_id if token_id >= 0 else None
@@ -131,12 +131,6 @@ class GGUFBackend(Backend):
                 return list(out[:n])
             capacity = -n
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._pieces[token_id]
-
-    def is_end_of_generation(self, token_id: int) -> bool:
-        return bool(self._eog[token_id])
-
     def release(self, seq: int) -> None:
         self._ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
 
@@ -154,39 +148,38 @@ class GGUFBackend(Backend):
             raise RuntimeError("llama.cpp could not restore a cached KV state")
         ll.llama_memory_seq_rm(self._memory, seq, n_tokens, -1)
 
-    # -- forward pass -------------------------------------------------------------------------
-    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, np.ndarray]]:
-        ll, batch, n_vocab = self._ll, self._batch, self.info.n_vocab
-        for p in passes:  # forget what each sequence held from its start on
-            ll.llama_memory_seq_rm(self._memory, p.seq, p.start, -1)
-        # All passes' tokens, in order, cut into llama_batch-sized chunks that may mix sequences.
-        entries = [(index, i) for index, p in enumerate(passes) for i in range(len(p.tokens))]
-        for chunk_start in range(0, len(entries), self.n_batch):
-            chunk = entries[chunk_start:chunk_start + self.n_batch]
-            runs: list[list[int]] = []  # [pass index, first i, rows] of flagged tokens, in batch order
-            for j, (index, i) in enumerate(chunk):
-                p = passes[index]
-                wanted = i >= p.logits_from
-                batch.token[j] = p.tokens[i]
-                batch.pos[j] = p.start + i
-                batch.n_seq_id[j] = 1
-                batch.seq_id[j][0] = p.seq
-                batch.logits[j] = wanted
-                if wanted:
-                    if runs and runs[-1][0] == index:
-                        runs[-1][2] += 1
-                    else:
-                        runs.append([index, i, 1])
-            batch.n_tokens = len(chunk)
-            status = ll.llama_decode(self._ctx, batch)
-            if status != 0:
-                raise RuntimeError(f"llama_decode failed with status {status}")
-            if runs:
-                # llama_get_logits returns the flagged tokens' rows in batch order. A view, not a
-                # copy: it is valid until the next decode, i.e. until we resume.
-                n_out = sum(r[2] for r in runs)
-                logits = np.ctypeslib.as_array(ll.llama_get_logits(self._ctx), shape=(n_out, n_vocab))
-                row = 0
-                for index, first, n in runs:
-                    yield index, first, logits[row:row + n]
-                    row += n
+    # -- forward passes -----------------------------------------------------------------------
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int) -> np.ndarray | None:
+        self._ll.llama_memory_seq_rm(self._memory, seq, start, -1)
+        self._decode((seq, token, start + i, i >= logits_from) for i, token in enumerate(tokens))
+        n_out = len(tokens) - logits_from
+        return self._logits(n_out) if n_out > 0 else None
+
+    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+        out = np.empty((len(steps), self.info.n_vocab), dtype=np.float32)
+        for lo in range(0, len(steps), self.n_batch):
+            part = steps[lo:lo + self.n_batch]
+            self._decode((s.seq, s.token, s.position, True) for s in part)
+            out[lo:lo + len(part)] = self._logits(len(part))
+        return out
+
+    def _decode(self, entries) -> None:
+        """One llama_decode of (sequence, token, position, wants logits) entries, at most n_batch."""
+        batch = self._batch
+        n = 0
+        for j, (seq, token, position, wanted) in enumerate(entries):
+            batch.token[j] = token
+            batch.pos[j] = position
+            batch.n_seq_id[j] = 1
+            batch.seq_id[j][0] = seq
+            batch.logits[j] = wanted
+            n = j + 1
+        batch.n_tokens = n
+        status = self._ll.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status}")
+
+    def _logits(self, n_out: int) -> np.ndarray:
+        """The rows of the last decode's flagged tokens, in batch order: a view of llama.cpp's
+        buffer, valid until the next decode."""
+        return np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(n_out, self.info.n_vocab))

@@ -13,17 +13,17 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo, Pass
+from server.backends.base import Backend, ModelInfo, Step
 from server.scoring import ScoredRows, score_rows, score_rows_mlx
+from server.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
 
 log = logging.getLogger(__name__)
 
-MAX_DEFAULT_CTX = 8192
 # Debian/Ubuntu's OpenBLAS; mlx[cpu] on Linux bundles a reference BLAS ~40x slower on matmuls.
 OPENBLAS_CANDIDATES = [
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -111,8 +111,8 @@ class MLXBackend(Backend):
         # caches of other architectures hold more than keys and values: no reuse for those).
         self.supports_snapshots = all(type(c) is KVCache for c in make_prompt_cache(self.model))
         n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
-        self._pieces = _token_bytes_table(self._hf, n_vocab)
-        self._eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
+        eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
+        self.tokens = TokenTable(_token_bytes_table(self._hf, n_vocab), eog)
 
         with_special = self._hf.encode("a", add_special_tokens=True)
         without = self._hf.encode("a", add_special_tokens=False)
@@ -120,7 +120,7 @@ class MLXBackend(Backend):
         quant = config.get("quantization", {})
         self.info = ModelInfo(
             path=str(path),
-            n_ctx=n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX),
+            n_ctx=default_context(n_ctx, n_ctx_train),
             n_ctx_train=n_ctx_train,
             n_vocab=n_vocab,
             bos_id=bos,
@@ -136,50 +136,40 @@ class MLXBackend(Backend):
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
         return self._hf.encode(text, add_special_tokens=add_special_tokens)
 
-    def token_bytes(self, token_id: int) -> bytes:
-        return self._pieces[token_id]
-
-    def is_end_of_generation(self, token_id: int) -> bool:
-        return token_id in self._eog
-
-    # -- forward pass -------------------------------------------------------------------------
-    def forward(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, object]]:
-        if len(passes) > 1:
-            yield from self._decode_together(passes)
-            return
+    # -- forward passes -----------------------------------------------------------------------
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int):
         mx = self._mx
-        (p,) = passes
-        self._leave_batch(p.seq)
-        if p.start == 0:
-            self._caches[p.seq] = self._make_cache(self.model)
-        cache = self._caches[p.seq]
-        if p.start != cache[0].offset:
-            raise RuntimeError(f"forward from position {p.start}, but the cache holds {cache[0].offset} tokens")
-        for chunk_start in range(0, len(p.tokens), self.n_batch):
-            chunk = p.tokens[chunk_start:chunk_start + self.n_batch]
-            logits = self.model(mx.array(chunk)[None], cache=cache)[0]
-            first = max(0, p.logits_from - chunk_start)
-            if first < len(chunk):
-                yield 0, chunk_start + first, logits[first:]
-            else:
-                mx.eval([c.state for c in cache])  # run the pass: later chunks need this KV
+        self._leave_batch(seq)
+        if start == 0:
+            self._caches[seq] = self._make_cache(self.model)
+        cache = self._caches[seq]
+        if start != cache[0].offset:
+            raise RuntimeError(f"prefill from position {start}, but the cache holds {cache[0].offset} tokens")
+        logits = self.model(mx.array(tokens)[None], cache=cache)[0]
+        if logits_from < len(tokens):
+            return logits[logits_from:]
+        mx.eval([c.state for c in cache])  # run the pass now: the next chunk needs this KV
+        return None
 
-    def _decode_together(self, passes: Sequence[Pass]) -> Iterator[tuple[int, int, object]]:
-        """One token of each of several sequences in one forward pass (--max-sequences > 1)."""
+    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+        if len(steps) == 1:  # one sequence runs on its own cache, exactly as its prompt did
+            (step,) = steps
+            return np.array(self.prefill(step.seq, [step.token], step.position, 0), dtype=np.float32)
+        return np.array(self._decode_together(steps), dtype=np.float32)
+
+    def _decode_together(self, steps: Sequence[Step]):
+        """One token of each of several sequences in one forward pass (--max-sequences > 1), on
+        their caches merged into mlx-lm's left-padded batch caches."""
         mx = self._mx
-        if any(len(p.tokens) != 1 for p in passes):
-            raise ValueError("passes of several sequences must be one token each (prompts run one at a time)")
-        seqs = tuple(p.seq for p in passes)
+        seqs = tuple(s.seq for s in steps)
         if self._batch is None or self._batch[0] != seqs:
             self._unbatch()
-            for p in passes:
-                if p.start != self._caches[p.seq][0].offset:
-                    raise RuntimeError(f"sequence {p.seq}: forward from {p.start}, cache holds {self._caches[p.seq][0].offset}")
-            per_layer = zip(*(self._caches.pop(s) for s in seqs))
+            for s in steps:
+                if s.position != self._caches[s.seq][0].offset:
+                    raise RuntimeError(f"sequence {s.seq}: decode at {s.position}, cache holds {self._caches[s.seq][0].offset}")
+            per_layer = zip(*(self._caches.pop(q) for q in seqs))
             self._batch = (seqs, [layer[0].merge(list(layer)) for layer in per_layer])
-        logits = self.model(mx.array([[p.tokens[0]] for p in passes]), cache=self._batch[1])[:, -1, :]
-        for index in range(len(passes)):
-            yield index, 0, logits[index:index + 1]
+        return self.model(mx.array([[s.token] for s in steps]), cache=self._batch[1])[:, -1, :]
 
     def _leave_batch(self, seq: int) -> None:
         """Before a sequence runs alone, is restored or released: split the batch it is in."""
