@@ -22,12 +22,20 @@ def configure_logging(level: str) -> None:
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
+    problem: ConfigError | None = None
+    if settings is None:  # `uvicorn server.app:app`: the environment's settings
+        try:
+            settings = Settings.load()
+        except ConfigError as exc:
+            problem = exc  # reported at start-up, not at import
+
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         try:
-            resolved = settings if settings is not None else Settings.load()
-            configure_logging(resolved.log_level)
-            app.state.server = ServerState.load(resolved)
+            if problem is not None:
+                raise problem
+            configure_logging(settings.log_level)
+            app.state.server = ServerState.load(settings)
         except ConfigError as exc:
             # Starlette reports any startup failure with a traceback; a setting the user must fix
             # deserves one clear line instead, so exit here.

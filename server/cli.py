@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
 
+from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
 from server.backends import detect_backend
@@ -41,7 +42,7 @@ def _flag_help(name: str, field: FieldInfo, environ: dict[str, str]) -> str:
     env = env_name(name)
     shown = "" if field.default is None else f"; default: {field.default}"
     if environ.get(env):
-        shown += f"; now: {environ[env]}"
+        shown += "; now: set" if field.annotation == SecretStr | None else f"; now: {environ[env]}"
     return f"{field.description} [env {env}{shown}]".replace("%", "%%")  # argparse %-formats help
 
 
@@ -55,8 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     environ = {key.upper(): value for key, value in os.environ.items()}  # pydantic-settings ignores case
     for name, field in Settings.model_fields.items():
         choices = _choices(field.annotation)
-        parser.add_argument(flag_name(name), dest=name, metavar="{" + ",".join(choices) + "}" if choices else None,
-                            help=_flag_help(name, field, environ))
+        # A bare switch (--allow-no-auth) means true; --allow-no-auth false works too.
+        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        metavar = "{" + ",".join(choices) + "}" if choices else ("BOOL" if switch else None)
+        parser.add_argument(flag_name(name), dest=name, metavar=metavar, help=_flag_help(name, field, environ),
+                            **switch)
     return parser
 
 

@@ -7,7 +7,7 @@ import shlex
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LOGPROBS_"
@@ -84,6 +84,51 @@ class Settings(BaseSettings):
     max_logprobs: int = Field(
         20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")
+    default_max_tokens: int = Field(
+        1024, ge=1, description="Tokens generated when a chat request sends no max_tokens, or a completion "
+        "request sends max_tokens: null (bounded, so a request that names no length cannot hold the model for "
+        "the whole context).")
+
+    # -- limits: each is checked before any model work, and answered with a 4xx that names it ----------
+    max_body_bytes: int = Field(
+        8 << 20, ge=1024, description="Largest request body, in bytes (413 above it). lm-eval's batches of "
+        "token ids are far smaller.")
+    max_prompts: int = Field(1024, ge=1, description="Most prompts in one completion request.")
+    max_n: int = Field(16, ge=1, description="Largest 'n' (samples per prompt) a request may ask for.")
+    max_request_tokens: int = Field(
+        262144, ge=1, description="Most tokens one request may cost: the sum over its choices (prompts x n) of "
+        "prompt tokens plus max_tokens.")
+    max_queued_tokens: int = Field(
+        524288, ge=1, description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
+        "A request that would go past it is refused with 429 and Retry-After (lm-eval retries those), so the "
+        "queue never grows without bound. At least --max-request-tokens.")
+    request_timeout: float = Field(
+        600.0, ge=0, description="Seconds a request may wait and run before it is cancelled and answered 503. "
+        "0 = no limit.")
+    shutdown_grace: float = Field(
+        30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (no new ones are accepted); "
+        "what is left is then cancelled, and the server exits 0.")
+
+    # -- exposure: keys, TLS, hosts, metrics ----------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        None, description="API key(s), comma-separated: clients send 'Authorization: Bearer KEY' on every "
+        "endpoint but /health (lm-eval: OPENAI_API_KEY, and auth_token=KEY for its remote tokenizer).")
+    api_key_file: str | None = Field(
+        None, description="A file of API keys, one per line (blank lines and '#' comments ignored); "
+        "adds to --api-key.")
+    allow_no_auth: bool = Field(
+        False, description="Serve on a non-loopback address without an API key. Without it the server refuses "
+        "to start there, since anyone who reaches the port could use it.")
+    allowed_hosts: str | None = Field(
+        None, description="Host header values accepted, comma-separated ('*' for any; '*.example.org' "
+        "wildcards). Default: with an API key, any; without one, loopback names and --host only, so that a "
+        "web page cannot reach a keyless server through DNS rebinding.")
+    ssl_certfile: str | None = Field(None, description="TLS certificate (PEM) to serve HTTPS (CLI; uvicorn's).")
+    ssl_keyfile: str | None = Field(None, description="TLS private key (PEM) for --ssl-certfile (CLI; uvicorn's).")
+    metrics_public: bool = Field(
+        False, description="Serve GET /metrics without the API key (for a Prometheus scraper on a private "
+        "network).")
+
     cache_dir: str | None = Field(
         None, description="Where the default model is kept. "
         "Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
@@ -97,6 +142,15 @@ class Settings(BaseSettings):
     def _lower_case(cls, value):
         return value.lower() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _queue_holds_a_request(self):
+        if self.max_queued_tokens < self.max_request_tokens:
+            raise ValueError(f"max_queued_tokens ({self.max_queued_tokens}) must be at least max_request_tokens "
+                             f"({self.max_request_tokens}), or a request allowed in could never be admitted")
+        if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both, or neither")
+        return self
+
     @classmethod
     def load(cls, **overrides) -> Settings:
         """The LOGPROBS_* environment with `overrides` on top; invalid values raise one ConfigError
@@ -106,7 +160,10 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             problems = []
             for error in exc.errors():
-                field = str(error["loc"][0]) if error["loc"] else ""
+                if not error["loc"]:  # a rule across fields: its message names them
+                    problems.append(error["msg"].removeprefix("Value error, "))
+                    continue
+                field = str(error["loc"][0])
                 source = flag_name(field) + " " if field in overrides else env_name(field) + "="
                 problems.append(f"{source}{shlex.quote(str(error['input']))}: {error['msg']}")
             raise ConfigError("; ".join(problems)) from None
