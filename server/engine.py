@@ -73,6 +73,24 @@ class Cancelled(Exception):
     """The client went away; the job stopped early."""
 
 
+class QueueFull(Exception):
+    """Admitting a request would put more than max_queued_tokens in the queue."""
+
+    def __init__(self, cost: int, queued: int, limit: int, retry_after: int):
+        super().__init__(f"{cost} tokens requested with {queued} already waiting (limit {limit})")
+        self.cost, self.queued, self.limit, self.retry_after = cost, queued, limit, retry_after
+
+
+class EngineHooks:
+    """What an observer (the metrics) hears from the model thread; every method must be cheap."""
+
+    def job_admitted(self, waited: float) -> None:
+        """A job left the queue for a sequence after `waited` seconds."""
+
+    def job_ended(self, prompt_tokens_run: int, prompt_tokens_reused: int, generated: int) -> None:
+        """A job finished, failed or was stopped (its counts so far)."""
+
+
 Listener = Callable[[PromptScored | TokenEvent], None]
 
 
@@ -84,6 +102,11 @@ def _concat(parts: list[ScoredRows], k: int) -> ScoredRows:
         np.concatenate([p.top_ids for p in parts]),
         np.concatenate([p.top_logprobs for p in parts]),
     )
+
+
+def job_cost(job: PromptJob) -> int:
+    """What a job may cost the model, in tokens: its prompt and everything it may generate."""
+    return len(job.tokens) + job.max_tokens
 
 
 class _Request:
@@ -101,6 +124,9 @@ class _Running:
 
     def __init__(self, job: PromptJob, request: _Request, listener: Listener | None):
         self.job, self.request, self.listener = job, request, listener
+        self.cost = job_cost(job)
+        self.queued_at = time.perf_counter()
+        self.prompt_tokens_run = 0
         self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
         self.seq = -1
         self.k = job.logprobs or 0
@@ -134,8 +160,13 @@ class _Running:
 
 
 class Engine:
-    def __init__(self, backend: Backend, prefix_cache_mb: int = 0):
+    def __init__(self, backend: Backend, prefix_cache_mb: int = 0, max_queued_tokens: int = 1 << 62,
+                 hooks: EngineHooks | None = None):
         self.backend = backend
+        self.hooks = hooks or EngineHooks()
+        self.max_queued_tokens = max_queued_tokens
+        self.queued_tokens = 0  # cost of the jobs in the queue (changed under self._wake)
+        self._busy_seconds, self._tokens_run = 0.0, 0  # for Retry-After: how fast the queue drains
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
         self._queue: deque[_Running] = deque()
@@ -146,16 +177,20 @@ class Engine:
         self._thread.start()
 
     # -- the event loop's side ------------------------------------------------------------------
-    async def stream(self, jobs: list[PromptJob], progress: bool = True,
-                     ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
-        """Submit a request's jobs, all at once, and yield (job index, event) as they run: with
-        `progress`, each scored prompt and each generated token; always, (index, result) when a
-        job ends. Closing the iterator early, or cancelling the task that iterates it (the
-        client went away), cancels the request."""
+    @property
+    def queued_jobs(self) -> int:
+        return len(self._queue)
+
+    def stream(self, jobs: list[PromptJob], progress: bool = True,
+               ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        """Submit a request's jobs, all at once, now (QueueFull if the queue has no room for them,
+        before anything is sent to the client), and return an iterator of (job index, event) as
+        they run: with `progress`, each scored prompt and each generated token; always, (index,
+        result) when a job ends. Closing the iterator early, or cancelling the task that iterates
+        it (the client went away), cancels the request."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         request = _Request(len(jobs))
-        started = time.perf_counter()
 
         def deliver(index: int, future: concurrent.futures.Future) -> None:
             item = future.exception() or future.result()
@@ -168,9 +203,17 @@ class Engine:
             running = _Running(job, request, listener)
             running.future.add_done_callback(lambda f, index=index: deliver(index, f))
             submitted.append(running)
+        cost = sum(r.cost for r in submitted)
         with self._wake:
+            if self.queued_tokens + cost > self.max_queued_tokens:
+                raise QueueFull(cost, self.queued_tokens, self.max_queued_tokens, self._retry_after())
+            self.queued_tokens += cost
             self._queue.extend(submitted)
             self._wake.notify()
+        return self._events(jobs, request, queue)
+
+    async def _events(self, jobs: list[PromptJob], request: _Request, queue: asyncio.Queue):
+        started = time.perf_counter()
         results: dict[int, PromptResult] = {}
         try:
             while len(results) < len(jobs):
@@ -187,6 +230,11 @@ class Engine:
                 with self._wake:  # the model thread drops the rest between two forward passes
                     self._purge = True
                     self._wake.notify()
+
+    def _retry_after(self) -> int:
+        """Seconds until the queue has drained at the rate the model has been working (1..60)."""
+        rate = self._tokens_run / self._busy_seconds if self._busy_seconds > 1 else 100.0
+        return int(min(60, max(1, self.queued_tokens / rate)))
 
     async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
         """A request's results, in job order (the same path as stream(), without the progress)."""
@@ -226,20 +274,22 @@ class Engine:
                 if self._purge:
                     self._drop_cancelled(free)
                 admitted = self._admit(free)
-            try:
-                active += [r for r in admitted if self._prefill(r, free)]
-                admitted = []
-                active = self._step(active, free)
-            except Exception as exc:  # a backend failure fails the jobs it touched, not the server
-                log.exception("model step failed")
-                for running in active + admitted:
-                    self._finish(running, free, error=exc)
-                active = []
+            started = time.perf_counter()
+            for r in admitted:
+                try:
+                    if self._prefill(r, free):
+                        active.append(r)
+                except Exception as exc:  # fails this job only (its own sequence), not the server
+                    log.exception("prompt pass failed")
+                    self._finish(r, free, error=exc)
+            active = self._step(active, free)
+            self._busy_seconds += time.perf_counter() - started
 
     def _drop_cancelled(self, free: list[int]) -> None:
         kept: deque[_Running] = deque()
         for running in self._queue:
             if running.cancelled:
+                self.queued_tokens -= running.cost
                 self._finish(running, free, error=Cancelled())
             else:
                 kept.append(running)
@@ -251,6 +301,7 @@ class Engine:
         admitted: list[_Running] = []
         while self._queue and free:
             running = self._queue.popleft()
+            self.queued_tokens -= running.cost
             if running.cancelled:
                 self._finish(running, free, error=Cancelled())
                 continue
@@ -259,6 +310,7 @@ class Engine:
             if self.cache is not None and running.score_prompt:
                 running.reuse = self.cache.find(running.job.tokens, running.k)
             running.seq = free.pop(0)
+            self.hooks.job_admitted(time.perf_counter() - running.queued_at)
             admitted.append(running)
         return admitted
 
@@ -284,6 +336,8 @@ class Engine:
                 return False
             chunk = tokens[lo:lo + backend.n_batch]
             block = backend.prefill(r.seq, chunk, lo, max(0, wanted_from - lo))
+            r.prompt_tokens_run += len(chunk)
+            self._tokens_run += len(chunk)
             if block is None:
                 continue
             i = max(lo, wanted_from)  # the position of the block's first row
@@ -313,14 +367,12 @@ class Engine:
             if len(r.generated) >= r.job.max_tokens:
                 self._finish(r, free)
                 continue
-            token = r.sampler.choose(r.next_logits)
-            r.generated.append(token)
-            scores = score_rows(r.next_logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
-            if scores is not None:
-                r.generated_parts.append(scores)
-            # An end-of-generation token is reported (as vLLM does), its text is not.
-            stopped = tokens.is_end_of_generation(token) or r.watcher.feed(tokens.pieces[token])
-            r.emit(TokenEvent(token, scores, r.watcher.text))
+            try:  # one job's failure (say, its sampling) is its own: the others go on
+                stopped = self._choose(r, tokens)
+            except Exception as exc:
+                log.exception("choosing a token failed")
+                self._finish(r, free, error=exc)
+                continue
             if stopped:
                 r.finish_reason = "stop"
                 self._finish(r, free)
@@ -330,10 +382,29 @@ class Engine:
                 going_on.append(r)
         if going_on:
             steps = [Step(r.seq, r.generated[-1], len(r.job.tokens) + len(r.generated) - 1) for r in going_on]
-            logits = self.backend.decode(steps)
+            try:
+                logits = self.backend.decode(steps)
+            except Exception as exc:  # a backend failure fails the jobs in that forward pass
+                log.exception("decode step failed")
+                for r in going_on:
+                    self._finish(r, free, error=exc)
+                return []
+            self._tokens_run += len(steps)
             for r, row in zip(going_on, logits):
                 r.next_logits = row
         return going_on
+
+    def _choose(self, r: _Running, tokens) -> bool:
+        """Sample the job's next token and report it; True if it ends the generation."""
+        token = r.sampler.choose(r.next_logits)
+        r.generated.append(token)
+        scores = score_rows(r.next_logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
+        if scores is not None:
+            r.generated_parts.append(scores)
+        # An end-of-generation token is reported (as vLLM does), its text is not.
+        stopped = tokens.is_end_of_generation(token) or r.watcher.feed(tokens.pieces[token])
+        r.emit(TokenEvent(token, scores, r.watcher.text))
+        return stopped
 
     def _finish(self, r: _Running, free: list[int], error: BaseException | None = None) -> None:
         ran = r.seq >= 0
@@ -341,6 +412,7 @@ class Engine:
             self.backend.release(r.seq)
             free.append(r.seq)
             r.seq = -1
+            self.hooks.job_ended(r.prompt_tokens_run, r.reuse.length if r.reuse else 0, len(r.generated))
         if r.future.done():
             return
         request = r.request

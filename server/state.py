@@ -42,7 +42,7 @@ class ServerState:
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")
         name = settings.model_name or (path.name if path.is_dir() else path.stem)
-        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb), model_name=name)
+        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb, max_queued_tokens=settings.max_queued_tokens), model_name=name)
 
     def close(self) -> None:
         self.engine.close()

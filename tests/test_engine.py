@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from server.backends.base import Backend, ModelInfo, Step
-from server.engine import Engine, PromptJob, PromptResult, PromptScored, TokenEvent
+from server.engine import Engine, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
 from server.sampling import SamplingParams
 from server.tokens import TokenTable
 
@@ -255,3 +255,47 @@ def test_backend_failure_reaches_the_request(make_engine):
     del backend.decode  # the class's own decode again
     (result,) = asyncio.run(engine.complete([greedy_job([1], 5)]))
     assert result.generated == expected_greedy([1], 5)
+
+
+def test_admission_refuses_past_the_queue_bound(make_engine):
+    """max_queued_tokens bounds what waits: a request that would pass it gets QueueFull (the API's
+    429) with a Retry-After estimate, and nothing of it is queued."""
+    backend = FakeBackend(max_sequences=1, delay=0.01)
+    engine = Engine(backend, max_queued_tokens=100)
+    try:
+        async def run():
+            first = asyncio.ensure_future(engine.complete([greedy_job([1] * 10, 20)]))  # cost 30
+            while not backend.prefills:
+                await asyncio.sleep(0.001)
+            second = asyncio.ensure_future(engine.complete([greedy_job([2] * 10, 50)] * 2))  # cost 120
+            await asyncio.sleep(0)
+            with pytest.raises(QueueFull) as refused:
+                await second
+            assert refused.value.cost == 120 and refused.value.limit == 100 and refused.value.retry_after >= 1
+            third = asyncio.ensure_future(engine.complete([greedy_job([3] * 10, 40)] * 2))  # cost 100: fits
+            return await first, await third
+
+        (first,), third = asyncio.run(run())
+        assert first.generated == expected_greedy([1] * 10, 20)
+        assert [r.generated for r in third] == [expected_greedy([3] * 10, 40)] * 2
+        assert engine.queued_tokens == 0 and engine.queued_jobs == 0
+        assert len(backend.prefills) == 3  # the refused request never reached the backend
+    finally:
+        engine.close()
+
+
+def test_one_jobs_sampling_failure_fails_only_that_job(make_engine):
+    """A job whose sampling raises (here: a logit_bias id outside the vocabulary, which the API
+    refuses before it gets here) fails its own request; the job decoding beside it goes on."""
+    engine, _ = make_engine(max_sequences=2)
+    bad = PromptJob(tokens=[1], max_tokens=5, logprobs=None, echo=False,
+                    sampling=SamplingParams(temperature=0.0, logit_bias={N_VOCAB + 5: 1.0}))
+
+    async def run():
+        good = asyncio.ensure_future(engine.complete([greedy_job([4], 30)]))
+        failing = asyncio.ensure_future(engine.complete([bad]))
+        return await asyncio.gather(good, failing, return_exceptions=True)
+
+    good, failing = asyncio.run(run())
+    assert isinstance(failing, IndexError)
+    assert good[0].generated == expected_greedy([4], 30)
