@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+import time
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
@@ -11,7 +12,7 @@ from fastapi.responses import Response, StreamingResponse
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.serving import check_model, check_token_ids
+from server.serving import check_model, check_token_ids, timeout_error
 from server.state import ServerState
 
 router = APIRouter()
@@ -29,20 +30,26 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _respond(request: Request, work: Awaitable):
-    """Run a generation handler. A non-streamed response is cancelled, with its engine jobs, as
-    soon as its client disconnects; a streamed one when Starlette stops iterating its events."""
-    task = asyncio.ensure_future(work)
+async def _respond(request: Request, create, body):
+    """Run a generation handler, within --request-timeout (then 503). A non-streamed response is
+    cancelled, with its engine jobs, as soon as its client disconnects; a streamed one when
+    Starlette stops iterating its events (and its deadline is checked between events)."""
+    state = _state(request)
+    timeout = state.settings.request_timeout or None
+    deadline = None if timeout is None else time.monotonic() + timeout
+    task = asyncio.ensure_future(create(state, body, deadline))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
     finally:
         for pending in (task, watcher):
             if not pending.done():
                 pending.cancel()
                 await asyncio.gather(pending, return_exceptions=True)
     if task.cancelled():
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
+        if watcher.done() and not watcher.cancelled():
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        raise timeout_error(state)
     result = task.result()
     if isinstance(result, AsyncIterator):
         return StreamingResponse(result, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -51,12 +58,12 @@ async def _respond(request: Request, work: Awaitable):
 
 @router.post("/v1/completions")
 async def completions(body: CompletionRequest, request: Request):
-    return await _respond(request, create_completion(_state(request), body))
+    return await _respond(request, create_completion, body)
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(body: ChatCompletionRequest, request: Request):
-    return await _respond(request, create_chat_completion(_state(request), body))
+    return await _respond(request, create_chat_completion, body)
 
 
 @router.get("/v1/models")
@@ -101,7 +108,7 @@ async def tokenizer_info(request: Request):
 async def tokenize(body: TokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)
-    tokens = state.backend.tokenize(body.prompt, add_special_tokens=body.add_special_tokens)
+    tokens = await asyncio.to_thread(state.backend.tokenize, body.prompt, body.add_special_tokens)
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.backend.info.n_ctx}
 
 

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import router
+from server.body_limit import BodyLimit
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
 from server.state import ServerState
@@ -52,6 +53,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    if settings is not None:
+        app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
     return app
 
 

@@ -6,6 +6,7 @@ with Jinja2 in a sandbox the way Hugging Face's apply_chat_template does, for bo
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from functools import lru_cache
 
@@ -16,8 +17,8 @@ from server.engine import PromptJob, PromptResult
 from server.errors import APIError
 from server.protocol import ChatCompletionRequest, ChatTokenLogprob
 from server.scoring import ScoredRows
-from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, respond,
-                            sampling_params)
+from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, check_request_cost,
+                            respond, sampling_params)
 from server.state import ServerState
 
 
@@ -45,15 +46,20 @@ def render_chat(state: ServerState, request: ChatCompletionRequest) -> str:
             item["content"] = "".join(p.get("text", "") for p in item["content"] if p.get("type") == "text")
         messages.append(item)
     info, strings = state.backend.info, state.backend.tokens.strings
+    own = {"messages": messages, "add_generation_prompt": request.add_generation_prompt,
+           "bos_token": strings[info.bos_id] if info.bos_id is not None else "",
+           "eos_token": strings[info.eos_id] if info.eos_id is not None else ""}
+    extra = request.chat_template_kwargs or {}
+    if taken := sorted(own.keys() & extra.keys()):
+        raise APIError(f"chat_template_kwargs may not set {', '.join(taken)}: the server passes "
+                       f"{', '.join(own)} to the template itself.", param="chat_template_kwargs")
     try:
-        return _compile(template).render(
-            messages=messages, add_generation_prompt=request.add_generation_prompt,
-            bos_token=strings[info.bos_id] if info.bos_id is not None else "",
-            eos_token=strings[info.eos_id] if info.eos_id is not None else "",
-            **(request.chat_template_kwargs or {}),
-        )
+        return _compile(template).render(**own, **extra)
     except TemplateError as exc:
         raise APIError(f"The model's chat template rejected these messages: {exc}", param="messages") from None
+    except Exception as exc:  # a template reading a field of the wrong type, say: the input's fault
+        raise APIError(f"The model's chat template could not render these messages ({type(exc).__name__}); "
+                       "check the messages' fields and chat_template_kwargs.", param="messages") from None
 
 
 def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[PromptJob]:
@@ -65,8 +71,10 @@ def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[
     requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = check_fits(state, tokens, requested, "The rendered conversation")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    return [PromptJob(tokens=tokens, max_tokens=max_tokens, logprobs=logprobs, echo=False, sampling=sampling,
+    jobs = [PromptJob(tokens=tokens, max_tokens=max_tokens, logprobs=logprobs, echo=False, sampling=sampling,
                       stop=request.stop_list(), sample_index=i) for i in range(request.n or 1)]
+    check_request_cost(state, jobs)
+    return jobs
 
 
 class ChatFormat(ResponseFormat):
@@ -105,8 +113,9 @@ class ChatFormat(ResponseFormat):
                 "logprobs": self._logprobs(index, [t.token for t in tokens], [t.scores for t in tokens])}
 
 
-async def create_chat_completion(state: ServerState, request: ChatCompletionRequest):
-    """The response (or, with stream, its events); validation happens before any model work."""
-    jobs = build_chat_jobs(state, request)
+async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, deadline: float | None = None):
+    """The response (or, with stream, its events); validation happens before any model work.
+    Rendering and tokenizing run off the event loop, which must stay free for other clients."""
+    jobs = await asyncio.to_thread(build_chat_jobs, state, request)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(state, ChatFormat(state, jobs), bool(request.stream), include_usage)
+    return await respond(state, ChatFormat(state, jobs), bool(request.stream), include_usage, deadline)

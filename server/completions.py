@@ -3,14 +3,15 @@ with the echoed prompt and per-token logprobs that lm-eval scores with."""
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from server.engine import PromptJob, PromptResult
 from server.errors import APIError
 from server.protocol import CompletionLogprobs, CompletionRequest
 from server.scoring import ScoredRows
-from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, check_token_ids,
-                            respond, sampling_params)
+from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, check_request_cost,
+                            check_token_ids, respond, sampling_params)
 from server.state import ServerState
 from server.text import join_pieces
 
@@ -46,6 +47,10 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
     if (unsupported := request.unsupported()) is not None:
         field, message = unsupported
         raise APIError(message, param=field)
+    if len(request.prompt) > state.settings.max_prompts:
+        raise APIError(f"{len(request.prompt)} prompts sent; this server takes at most {state.settings.max_prompts} "
+                       "per request (--max-prompts). Split them over several requests.", param="prompt",
+                       code="limit_exceeded")
     sampling = sampling_params(state, request)
     check_logprobs_limit(state, request.logprobs, "logprobs")
     jobs, job_prompts = [], []
@@ -56,6 +61,7 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
                                   echo=request.echo, sampling=sampling, stop=request.stop_list(),
                                   sample_index=sample))
             job_prompts.append(prompt)
+    check_request_cost(state, jobs)
     return jobs, job_prompts
 
 
@@ -136,8 +142,9 @@ class CompletionFormat(ResponseFormat):
         return {"text": text, "logprobs": logprobs}
 
 
-async def create_completion(state: ServerState, request: CompletionRequest):
-    """The response (or, with stream, its events); validation happens before any model work."""
-    jobs, prompts = build_jobs(state, request)
+async def create_completion(state: ServerState, request: CompletionRequest, deadline: float | None = None):
+    """The response (or, with stream, its events); validation happens before any model work.
+    Tokenizing runs off the event loop, which must stay free for other clients and /health."""
+    fmt = await asyncio.to_thread(lambda: CompletionFormat(state, *build_jobs(state, request)))
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(state, CompletionFormat(state, jobs, prompts), bool(request.stream), include_usage)
+    return await respond(state, fmt, bool(request.stream), include_usage, deadline)

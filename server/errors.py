@@ -14,17 +14,28 @@ log = logging.getLogger(__name__)
 
 class APIError(Exception):
     def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+
+def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
+               code: str | None = None) -> dict:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
 def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None) -> JSONResponse:
-    return JSONResponse(
-        status_code=status,
-        content={"error": {"message": message, "type": type, "param": param, "code": code}},
-    )
+                   param: str | None = None, code: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(status_code=status, content=error_body(message, type=type, param=param, code=code),
+                        headers=headers)
+
+
+INTERNAL_ERROR = "Internal server error; the server log has the details."
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -49,7 +60,7 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -63,5 +74,6 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
+        # Never the exception's text: it can hold paths, prompts or internals.
         log.exception("Unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, f"Internal server error: {type(exc).__name__}: {exc}", type="server_error")
+        return error_response(500, INTERNAL_ERROR, type="server_error")

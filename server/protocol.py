@@ -36,9 +36,9 @@ class SamplingFields(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: no limit
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
-    n: int | None = Field(1, ge=1, le=16)
+    n: int | None = Field(1, ge=1)  # at most --max-n (checked with the other limits)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -91,11 +91,20 @@ class CompletionRequest(SamplingFields):
         return None
 
 
+class ContentPart(BaseModel):
+    """One part of a message's content; only text parts reach the template (images are not read)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    text: str | None = None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the chat template
 
     role: str
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):

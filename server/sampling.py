@@ -13,6 +13,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+# Temperatures below this sample greedily, as in vLLM: dividing logits by a denormal such as 1e-320
+# overflows to inf, and softmax of inf is NaN.
+GREEDY_BELOW = 1e-5
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 1.0
@@ -33,7 +39,8 @@ class Sampler:
     def __init__(self, params: SamplingParams, prompt: list[int], stream_index: int = 0):
         self.params = params
         # Each of a request's n samples draws from its own stream of the same seed.
-        self.rng = np.random.default_rng(None if params.seed is None else [params.seed, stream_index])
+        # Any 64-bit seed, negative ones too (numpy's seeds are non-negative).
+        self.rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, stream_index])
         self._needs_counts = (params.presence_penalty or params.frequency_penalty
                               or params.repetition_penalty != 1.0)
         self._prompt_ids = np.unique(np.array(prompt, dtype=np.int64)) if self._needs_counts else None
@@ -54,7 +61,9 @@ class Sampler:
             ids = np.fromiter(self._generated, dtype=np.int64)
             counts = np.fromiter(self._generated.values(), dtype=np.float32)
             logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
-        return logits
+        # A tiny repetition penalty (5e-324 is allowed: > 0) divides logits by ~0: keep them finite
+        # so that the softmax below stays defined.
+        return np.nan_to_num(logits, nan=-FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX, copy=False)
 
     def choose(self, logits: np.ndarray) -> int:
         token = self._choose(self._adjust(logits))
@@ -63,7 +72,7 @@ class Sampler:
 
     def _choose(self, logits: np.ndarray) -> int:
         p = self.params
-        if p.temperature == 0:
+        if p.temperature < GREEDY_BELOW:
             return int(np.argmax(logits))  # ties: the lowest id, deterministically
         scaled = logits.astype(np.float64) / p.temperature
         if 0 < p.top_k < len(scaled):

@@ -7,23 +7,32 @@ Each endpoint builds its jobs and supplies a ResponseFormat, the few shapes in w
 
 from __future__ import annotations
 
+import asyncio
 import json
+import logging
+import re
 import time
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from server.engine import PromptJob, PromptResult, PromptScored, TokenEvent
-from server.errors import APIError
+from fastapi.responses import Response
+
+from server.engine import PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent, job_cost
+from server.errors import INTERNAL_ERROR, APIError, error_body
 from server.protocol import SamplingFields
 from server.sampling import SamplingParams
 from server.scoring import ScoredRows
 from server.state import ServerState
 from server.text import unsafe_suffix_length
 
+log = logging.getLogger(__name__)
+
 
 # -- checks ---------------------------------------------------------------------------------------
+
+TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,12}")  # str.isdigit() also takes '²'; int() refuses 5000 digits
 
 def check_model(state: ServerState, requested: str | None) -> None:
     if requested is not None and requested != state.model_name:
@@ -56,10 +65,15 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
     if len(stops) > state.settings.max_stop:
         raise APIError(f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
                        "(restart the server with a higher --max-stop to allow more).", param="stop")
+    n, max_n = request.n or 1, state.settings.max_n
+    if n > max_n:
+        raise APIError(f"n={n} is above this server's limit of {max_n} samples per prompt "
+                       "(restart the server with a higher --max-n to allow more).", param="n", code="limit_exceeded")
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
-        if not key.lstrip("-").isdigit():
-            raise APIError(f"logit_bias keys are token ids as strings; '{key}' is not one.", param="logit_bias")
+        if not TOKEN_ID_KEY.fullmatch(key):
+            raise APIError(f"logit_bias keys are token ids as strings of ASCII digits; {key[:40]!r} is not one.",
+                           param="logit_bias")
         check_token_ids(state, [int(key)], param="logit_bias", where="logit_bias")
         if not -100 <= value <= 100:
             raise APIError(f"logit_bias values must be within -100..100; token {key} has {value}.", param="logit_bias")
@@ -78,13 +92,14 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
 
 
 def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, where: str) -> int:
-    """max_tokens to use (None: up to the context); a prompt that cannot fit is a 400 with numbers."""
+    """max_tokens to use (None: --default-max-tokens, or what room the context has left); a prompt
+    that cannot fit is a 400 with numbers."""
     n_ctx = state.backend.info.n_ctx
     if max_tokens is None:
         if len(tokens) >= n_ctx:
             raise APIError(f"{where} has {len(tokens)} tokens: that does not fit this server's context of {n_ctx} "
                            "with room to generate. Shorten the prompt.", param="prompt")
-        return n_ctx - len(tokens)
+        return min(state.settings.default_max_tokens, n_ctx - len(tokens))
     if len(tokens) + max_tokens > n_ctx:
         raise APIError(
             f"{where} has {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
@@ -92,6 +107,16 @@ def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, wh
             param="prompt" if len(tokens) >= n_ctx else "max_tokens",
         )
     return max_tokens
+
+
+def check_request_cost(state: ServerState, jobs: list[PromptJob]) -> None:
+    """The tokens a request may cost (each choice's prompt plus its max_tokens) within --max-request-tokens."""
+    cost, limit = sum(job_cost(job) for job in jobs), state.settings.max_request_tokens
+    if cost > limit:
+        raise APIError(
+            f"This request may cost {cost} tokens (prompt tokens plus max_tokens, for each of its {len(jobs)} "
+            f"choices); this server's limit is {limit} per request (--max-request-tokens). Split it into smaller "
+            "requests or lower max_tokens.", param="prompt", code="limit_exceeded")
 
 
 # -- responses ------------------------------------------------------------------------------------
@@ -172,36 +197,93 @@ class ResponseFormat(ABC):
         """A streamed chunk's fields for newly released text and the tokens that made it."""
 
 
-async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include_usage: bool):
-    """Run a request's jobs: the whole response, or (stream) its Server-Sent Events."""
+def json_response(content: dict) -> Response:
+    """A JSON response serialized as FastAPI's JSONResponse would be, for callers that build it
+    off the event loop (a long echo's logprobs are megabytes of JSON)."""
+    body = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
+    return Response(body.encode("utf-8"), media_type="application/json")
+
+
+def _submit(state: ServerState, jobs: list[PromptJob], progress: bool):
+    """The engine's event iterator for these jobs, or a 429 when its queue has no room."""
+    try:
+        return state.engine.stream(jobs, progress=progress)
+    except QueueFull as full:
+        raise APIError(
+            f"The server is busy: {full.queued} tokens of work are waiting and this request adds {full.cost}, "
+            f"past its limit of {full.limit} (--max-queued-tokens). Retry after {full.retry_after} s.",
+            status=429, type="rate_limit_error", code="queue_full", headers={"Retry-After": str(full.retry_after)},
+        ) from None
+
+
+async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include_usage: bool,
+                  deadline: float | None = None):
+    """Run a request's jobs: the whole response, or (stream) its Server-Sent Events, which stop
+    with an error event at `deadline` (time.monotonic()). Work on the request's jobs is only
+    submitted here, after every check."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
             "model": state.model_name}
+    events = _submit(state, fmt.jobs, progress=stream)
     if stream:
-        return _events(state, fmt, head | {"object": fmt.chunk_object}, include_usage)
-    results = await state.engine.complete(fmt.jobs)
-    choices = [{"index": i} | fmt.choice(i, result) for i, result in enumerate(results)]
-    return head | {"choices": choices, "usage": usage(fmt.jobs, sum(len(r.generated) for r in results))}
+        return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)
+    results: list[PromptResult | None] = [None] * len(fmt.jobs)
+    async for index, result in events:
+        results[index] = result
+
+    def build() -> Response:
+        choices = [{"index": i} | fmt.choice(i, result) for i, result in enumerate(results)]
+        return json_response(head | {"choices": choices,
+                                     "usage": usage(fmt.jobs, sum(len(r.generated) for r in results))})
+
+    return await asyncio.to_thread(build)
 
 
-async def _events(state: ServerState, fmt: ResponseFormat, head: dict, include_usage: bool) -> AsyncIterator[str]:
+async def _sse(state: ServerState, fmt: ResponseFormat, events, head: dict, include_usage: bool,
+               deadline: float | None) -> AsyncIterator[str]:
     def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
         return sse(head | {"choices": [{"index": index} | fields | {"finish_reason": finish_reason}]})
 
     choices: dict[int, StreamedChoice] = {}
     n_generated = 0
-    async for index, item in state.engine.stream(fmt.jobs):
-        if isinstance(item, PromptScored):
-            choices[index] = StreamedChoice(fmt.jobs[index], fmt.echo_length(index))
-            if (fields := fmt.opening(index, item.scores)) is not None:
-                yield chunk(index, fields)
-        elif isinstance(item, TokenEvent):
-            text = choices[index].add(item)
-            if text is not None:
-                yield chunk(index, fmt.piece(index, text, choices[index].take()))
-        else:
-            n_generated += len(item.generated)
-            streamed = choices[index]
-            yield chunk(index, fmt.piece(index, streamed.finish(item), streamed.take()), item.finish_reason)
+    try:
+        while True:
+            try:
+                if deadline is None:
+                    index, item = await anext(events)
+                else:
+                    index, item = await asyncio.wait_for(anext(events), max(0.0, deadline - time.monotonic()))
+            except StopAsyncIteration:
+                break
+            if isinstance(item, PromptScored):
+                choices[index] = StreamedChoice(fmt.jobs[index], fmt.echo_length(index))
+                # An echoed prompt's logprobs can be large: built off the event loop.
+                if (fields := await asyncio.to_thread(fmt.opening, index, item.scores)) is not None:
+                    yield chunk(index, fields)
+            elif isinstance(item, TokenEvent):
+                text = choices[index].add(item)
+                if text is not None:
+                    yield chunk(index, fmt.piece(index, text, choices[index].take()))
+            else:
+                n_generated += len(item.generated)
+                streamed = choices[index]
+                yield chunk(index, fmt.piece(index, streamed.finish(item), streamed.take()), item.finish_reason)
+    except asyncio.TimeoutError:
+        # The headers are sent: the error goes in an event (as vLLM does), then the stream ends.
+        yield sse(timeout_error(state).body())
+        return
+    except Exception:
+        log.exception("streamed request failed")
+        yield sse(error_body(INTERNAL_ERROR, type="server_error"))
+        return
+    finally:
+        await events.aclose()  # cancels what is left of the request
     if include_usage:
         yield sse(head | {"choices": [], "usage": usage(fmt.jobs, n_generated)})
     yield sse("[DONE]")
+
+
+def timeout_error(state: ServerState) -> APIError:
+    seconds = state.settings.request_timeout
+    return APIError(f"The request did not finish within {seconds:g} s (the server's --request-timeout) and was "
+                    "cancelled. Send less per request, or ask the operator to raise the limit.",
+                    status=503, type="server_error", code="timeout")

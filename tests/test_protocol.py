@@ -40,7 +40,7 @@ def test_unsupported_fields_name_themselves():
 
 
 @pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", 2.1), ("top_p", 0.0), ("n", 0),
-                                         ("n", 17), ("max_tokens", -1), ("logprobs", -1), ("top_k", -2)])
+                                         ("seed", 2**64), ("seed", -2**63 - 1), ("max_tokens", -1), ("logprobs", -1), ("top_k", -2)])
 def test_ranges(field, value):
     with pytest.raises(ValidationError):
         CompletionRequest(prompt="x", **{field: value})

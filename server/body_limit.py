@@ -1,0 +1,58 @@
+"""A bound on request bodies (--max-body-bytes), enforced while they arrive, before any parsing.
+
+Pure ASGI, so streamed responses are not buffered and the disconnect watch in server.api still
+reads the real `receive` channel.
+"""
+
+from __future__ import annotations
+
+import json
+
+from server.errors import error_body
+
+
+class BodyLimit:
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def _refusal(self) -> tuple[dict, dict]:
+        body = json.dumps(error_body(
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes (--max-body-bytes).",
+            param=None, code="body_too_large")).encode()
+        start = {"type": "http.response.start", "status": 413,
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                             (b"connection", b"close")]}
+        return start, {"type": "http.response.body", "body": body}
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers", [])).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            for message in self._refusal():  # refused before a byte of the body is read
+                await send(message)
+            return
+        received = 0
+        too_large = False
+
+        async def counted_receive():
+            nonlocal received, too_large
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    too_large = True
+                    # What the app gets ends here; its answer is replaced by the 413 below.
+                    return {"type": "http.request", "body": b"", "more_body": False}
+            return message
+
+        async def guarded_send(message):
+            if too_large:
+                if message["type"] == "http.response.start":
+                    start, body = self._refusal()
+                    await send(start)
+                    await send(body)
+                return  # the app's own response (a parse error of the cut body) is dropped
+            await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
