@@ -1,0 +1,186 @@
+"""What a hostile or careless client can send: every limit answers a 4xx that names its setting,
+before any model work; the queue bound answers 429 with Retry-After; a request past
+--request-timeout is answered 503; input that used to cause a 500 does not, and one request's
+bad sampling never fails another's generation. One server, started with tight limits."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import pytest
+import requests
+
+from tests.conftest import serve
+
+LIMITS = {"--max-body-bytes": 65536, "--max-prompts": 8, "--max-n": 2, "--max-request-tokens": 3000,
+          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--request-timeout": 6, "--max-sequences": 4}
+
+
+@pytest.fixture(scope="module")
+def tight(model_path, tmp_path_factory):
+    flags = [str(x) for pair in LIMITS.items() for x in pair]
+    yield from serve(model_path, tmp_path_factory, "tight", *flags)
+
+
+def error_of(response: requests.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+@pytest.mark.parametrize("payload,setting,param", [
+    ({"prompt": ["a"] * 9, "max_tokens": 1}, "--max-prompts", "prompt"),
+    ({"prompt": "a", "n": 3, "max_tokens": 1}, "--max-n", "n"),
+    ({"prompt": [[5] * 1000] * 3, "max_tokens": 1}, "--max-request-tokens", "prompt"),
+    ({"prompt": [5] * 1000, "n": 2, "max_tokens": 600}, "--max-request-tokens", "prompt"),
+])
+def test_each_limit_names_its_setting(tight, payload, setting, param):
+    error = error_of(tight.post("/v1/completions", payload), 400)
+    assert setting in error["message"] and error["param"] == param
+
+
+def test_chat_max_tokens_count_in_the_request_limit(tight):
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1490, "n": 2}
+    assert "--max-request-tokens" in error_of(tight.post("/v1/chat/completions", body), 400)["message"]
+
+
+def test_body_limit_declared_and_streamed(tight):
+    big = {"prompt": "x" * 70000, "max_tokens": 1}
+    error = error_of(tight.post("/v1/completions", big), 413)
+    assert "--max-body-bytes" in error["message"]
+
+    # The same body sent in chunks without a Content-Length: cut off while it arrives.
+    def chunks():
+        data = json.dumps(big).encode()
+        for i in range(0, len(data), 8192):
+            yield data[i:i + 8192]
+
+    response = requests.post(tight.url + "/v1/completions", data=chunks(), timeout=60,
+                             headers={"Content-Type": "application/json"})
+    assert "--max-body-bytes" in error_of(response, 413)["message"]
+    assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
+
+
+def test_default_max_tokens_bounds_requests_that_name_no_length(tight):
+    chat = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}],
+                                                "temperature": 0}).json()
+    assert chat["usage"]["completion_tokens"] <= 8
+    info = requests.get(tight.url + "/tokenizer_info").json()
+    eos = tight.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
+    out = tight.complete(prompt="Once upon a time", max_tokens=None, temperature=0, logit_bias={str(eos): -100})
+    assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["finish_reason"] == "length"
+
+
+def test_queue_bound_answers_429_with_retry_after(tight):
+    """Fill the queue: 12 prompts of 240 tokens (2,892 tokens of work; 4 run at once, 8 wait),
+    then ask for 1,100 more while they wait: 429 with Retry-After; the first request is whole."""
+    first: dict = {}
+
+    def long_request():
+        prompts = [[100 + 13 * i + j % 7 for j in range(240)] for i in range(12)]  # distinct: no prefix reuse
+        first["response"] = tight.post("/v1/completions", {"prompt": prompts, "max_tokens": 1,
+                                                            "echo": True, "logprobs": 1})
+
+    thread = threading.Thread(target=long_request)
+    thread.start()
+    refused = None
+    try:
+        while thread.is_alive() and refused is None:
+            response = tight.post("/v1/completions", {"prompt": [9] * 1000, "max_tokens": 100})
+            if response.status_code == 429:
+                refused = response
+            else:
+                assert response.status_code == 200, response.text
+    finally:
+        thread.join(120)
+    assert refused is not None, "the queue bound was never reached"
+    error = error_of(refused, 429)
+    assert "--max-queued-tokens" in error["message"] and error["type"] == "rate_limit_error"
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert first["response"].status_code == 200
+    assert len(first["response"].json()["choices"]) == 12
+
+
+def test_request_timeout_answers_503_and_stops_the_work(tight):
+    info = requests.get(tight.url + "/tokenizer_info").json()
+    eos = tight.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
+    long = {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "logit_bias": {str(eos): -100}}
+    error = error_of(tight.post("/v1/completions", long), 503)
+    assert error["code"] == "timeout" and "--request-timeout" in error["message"]
+    # Streamed: the headers are out, so the error arrives as an event and the stream ends.
+    with requests.post(tight.url + "/v1/completions", json=long | {"stream": True}, stream=True, timeout=60) as r:
+        events = [line for line in r.iter_lines(decode_unicode=True) if line]
+    assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "timeout"
+    assert "[DONE]" not in events[-1]
+    assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
+
+
+@pytest.mark.parametrize("name,body,status", [
+    ("tiny repetition penalty", {"repetition_penalty": 5e-324}, 200),
+    ("denormal temperature", {"temperature": 1e-320}, 200),
+    ("negative seed", {"seed": -1, "temperature": 1.0}, 200),
+    ("seed beyond 64 bits", {"seed": 2**64}, 400),
+    ("superscript digit key", {"logit_bias": {"²": 1}}, 400),
+    ("double minus key", {"logit_bias": {"--5": 1}}, 400),
+    ("5000-digit key", {"logit_bias": {"9" * 5000: 1}}, 400),
+])
+def test_input_that_used_to_500(tight, name, body, status):
+    response = tight.post("/v1/completions", {"prompt": "Hello", "max_tokens": 3} | body)
+    assert response.status_code == status, (name, response.text)
+    if status == 400:
+        assert "Traceback" not in response.text and "Error:" not in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+    ({"chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+])
+def test_chat_input_that_used_to_500(tight, body, param):
+    payload = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | body
+    assert error_of(tight.post("/v1/chat/completions", payload), 400)["param"] == param
+
+
+def test_text_content_parts_render(tight):
+    parts = [{"type": "text", "text": "Say "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "hi."}]
+    out = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "max_tokens": 2,
+                                               "temperature": 0})
+    assert out.status_code == 200, out.text
+
+
+def test_bad_sampling_in_one_request_never_fails_another(tight):
+    """With --max-sequences 4, three streams decode while a fourth request asks for a denormal
+    temperature and penalty: every stream ends with [DONE], every text is complete."""
+    results: dict[int, list[str]] = {}
+
+    def stream(i: int):
+        payload = {"prompt": f"Story {i}:", "max_tokens": 40, "temperature": 0.7, "seed": i, "stream": True}
+        with requests.post(tight.url + "/v1/completions", json=payload, stream=True, timeout=120) as r:
+            results[i] = [line for line in r.iter_lines(decode_unicode=True) if line]
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for _ in range(5):
+        hostile = tight.post("/v1/completions", {"prompt": "Hi", "max_tokens": 20, "temperature": 1e-320,
+                                                  "repetition_penalty": 5e-324})
+        assert hostile.status_code == 200
+    for t in threads:
+        t.join(120)
+    for i in range(3):
+        assert results[i][-1] == "data: [DONE]", results[i][-3:]
+
+
+def test_malformed_http_does_not_hurt(tight):
+    """Garbage on the socket, a cut-off body, a wrong content type: the server keeps serving."""
+    for raw in (b"GARBAGE\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro"):
+        with socket.create_connection(("127.0.0.1", tight.port), timeout=5) as s:
+            s.sendall(raw)
+    response = requests.post(tight.url + "/v1/completions", data="prompt=hi", timeout=30,
+                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert 400 <= response.status_code < 500
+    assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
