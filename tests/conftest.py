@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import json
 import time
 from pathlib import Path
 
@@ -62,6 +63,21 @@ class LiveServer:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def stream(self, path: str, **payload) -> list:
+        """The `data:` payloads of a streamed request (`stream: true` is added), checking the
+        Server-Sent Events framing on the way; the final [DONE] is checked and left out."""
+        with requests.post(self.url + path, json=payload | {"stream": True}, stream=True, timeout=120) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+            events = []
+            for line in r.iter_lines(decode_unicode=True):
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+        assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+        return events[:-1]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -94,6 +110,7 @@ def oracle(model_path):
     from tests.oracle import LlamaOracle
 
     return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
+
 
 
 # -- the two-block fixture model, in both formats (tests/fixture_model.py) ------------------------
@@ -152,6 +169,44 @@ def numpy_reference(fixture_paths):
     from tests.numpy_llama import NumpyLlama
 
     return NumpyLlama(fixture_paths["mlx"])
+
+
+# -- the same model with a tokenizer that adds BOS (like Gemma 3's and Llama's) -------------------
+
+BOS_FIXTURE_NAME = "smollm2-2block-bos"
+
+
+@pytest.fixture(scope="session")
+def bos_fixture_paths(model_path) -> dict[str, Path]:
+    from tests.fixture_model import make_fixture
+
+    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures", add_bos=True)
+    return {"gguf": gguf, "mlx": mlx}
+
+
+@pytest.fixture(scope="session")
+def gguf_bos_fixture_server(bos_fixture_paths, tmp_path_factory):
+    yield from serve(bos_fixture_paths["gguf"], tmp_path_factory, "bos-gguf", "--model-name", BOS_FIXTURE_NAME)
+
+
+@pytest.fixture(scope="session")
+def mlx_bos_fixture_server(bos_fixture_paths, tmp_path_factory):
+    pytest.importorskip("mlx_lm")
+    yield from serve(bos_fixture_paths["mlx"], tmp_path_factory, "bos-mlx", "--model-name", BOS_FIXTURE_NAME)
+
+
+@pytest.fixture(params=["gguf", "mlx"])
+def bos_fixture_server(request):
+    """The BOS-adding fixture model served by each backend in turn (both stay up for the session)."""
+    return request.getfixturevalue(f"{request.param}_bos_fixture_server")
+
+
+@pytest.fixture(scope="session")
+def bos_numpy_reference(bos_fixture_paths):
+    """The float64 forward pass of the BOS fixture's folder (the same weights as the plain fixture)."""
+    from tests.numpy_llama import NumpyLlama
+
+    return NumpyLlama(bos_fixture_paths["mlx"])
 
 
 def pytest_report_header(config):
