@@ -10,6 +10,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -111,6 +112,18 @@ def oracle(model_path):
 
     return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
 
+
+def greedy_ids(oracle, tokens: list[int], max_tokens: int, stop: list[str] = ()) -> tuple[list[int], str]:
+    """What a greedy request must generate, by the oracle's own argmax loop: the token ids (an
+    end-of-generation token included, as the server reports it; a stop string's last token too)
+    and the finish_reason: "stop" at an end-of-generation token or at the token that completes a
+    stop string, else "length" after max_tokens tokens."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        out.append(int(np.argmax(oracle.logprob_matrix(tokens + out)[-1])))
+        if oracle.is_end_of_generation(out[-1]) or any(s in oracle.detokenize(out) for s in stop):
+            return out, "stop"
+    return out, "length"
 
 
 # -- the two-block fixture model, in both formats (tests/fixture_model.py) ------------------------

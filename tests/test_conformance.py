@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import FIXTURE_NAME
+from tests.conftest import FIXTURE_NAME, greedy_ids
 from tests.fixture_model import BOS_TOKEN
 
 REFERENCE_TOLERANCE = 1e-3  # each backend vs the float64 numpy forward pass
@@ -97,6 +97,7 @@ def test_bos_rules_and_tokenizer_info(fixture_server):
     assert (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert info["chat_template"] and "<|im_start|>" in info["chat_template"]
     # This tokenizer adds no BOS, with or without special tokens; special-token text is parsed.
+    assert info["add_bos_token"] is False
     assert tokenize(fixture_server, "Hello", True) == tokenize(fixture_server, "Hello", False)
     assert len(tokenize(fixture_server, "<|im_end|>", False)) == 1
     # Token-id prompts are used exactly as given.
@@ -119,10 +120,19 @@ def test_utf8_pieces_offsets_and_bytes_form(fixture_server):
 def test_greedy_generation_and_stop_strings(gguf_fixture_server, mlx_fixture_server, mlx_oracle):
     prompt = "The capital of France is Paris. The capital of Germany is"
     ids = mlx_oracle.tokenize(prompt)
-    outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=["\n"])["choices"][0]
-            for s in (gguf_fixture_server, mlx_fixture_server)]
-    assert outs[0]["text"] == outs[1]["text"] == mlx_oracle.greedy(ids, 12, ["\n"])
-    assert outs[0]["finish_reason"] == outs[1]["finish_reason"]
+    free = mlx_oracle.greedy(ids, 12, [])
+    # A stop string from the middle of the oracle's text (it ends generation), and one that is not there.
+    middle = free[len(free) // 2:][:3]
+    assert len(middle) == 3 and "\n" not in free
+    for stop in ([middle, "\n"], ["\n"]):
+        tokens, reason = greedy_ids(mlx_oracle, ids, 12, stop)
+        assert reason == "stop" or middle not in stop  # the stop string does end generation
+        outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=stop)
+                for s in (gguf_fixture_server, mlx_fixture_server)]
+        for out in outs:
+            assert out["choices"][0]["text"] == mlx_oracle.greedy(ids, 12, stop)
+            assert out["choices"][0]["finish_reason"] == reason
+            assert out["usage"]["completion_tokens"] == len(tokens)
 
 
 def test_seeded_sampling_is_reproducible(fixture_server):
