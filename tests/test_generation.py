@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 
 import jinja2.sandbox
-import numpy as np
 import pytest
 import requests
 
@@ -211,16 +210,28 @@ def test_opt_in_batched_generation(batching_pair):
     server, batching_server = batching_pair
     prompts = [PROMPT, "Once upon a time", "The best way to learn a language is", "In 1969, the first humans",
                "My favourite animal is"]
-    payload = dict(max_tokens=12, temperature=0, echo=True, logprobs=1)
+    payload = dict(max_tokens=12, temperature=0, echo=True, logprobs=2)
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         batched = list(pool.map(lambda p: batching_server.complete(prompt=p, **payload)["choices"][0], prompts))
     assert "Runs up to 4 sequence(s) at once" in batching_server.log()
     for prompt, choice in zip(prompts, batched):
         alone = server.complete(prompt=prompt, **payload)["choices"][0]
         n_prompt = len(server.post("/tokenize", {"prompt": prompt}).json()["tokens"])
-        assert choice["logprobs"]["token_logprobs"][:n_prompt] == alone["logprobs"]["token_logprobs"][:n_prompt]
-        assert len(choice["logprobs"]["tokens"]) == len(alone["logprobs"]["tokens"])
-        a = np.array(choice["logprobs"]["token_logprobs"][n_prompt:])
-        b = np.array(alone["logprobs"]["token_logprobs"][n_prompt:])
-        if choice["text"] == alone["text"]:
-            assert np.abs(a - b).max() <= 0.1
+        a, b = choice["logprobs"], alone["logprobs"]
+        # The prompt pass and the first generated token (chosen from its last row): identical.
+        for key in ("tokens", "token_logprobs", "top_logprobs"):
+            assert a[key][:n_prompt + 1] == b[key][:n_prompt + 1], key
+        # Later tokens, while both have generated the same so far (the same context): the same
+        # alternatives within the noise. Greedy may then pick another token only where the
+        # default server's top two are that close.
+        gen_a, gen_b = a["tokens"][n_prompt:], b["tokens"][n_prompt:]
+        same = next((j for j, (x, y) in enumerate(zip(gen_a, gen_b)) if x != y), None)
+        if same is None:  # the same tokens (an end-of-generation token ends both alike)
+            assert len(gen_a) == len(gen_b) and choice["text"] == alone["text"]
+            same = len(gen_a) - 1
+        for i in range(n_prompt + 1, n_prompt + same + 1):
+            common = a["top_logprobs"][i].keys() & b["top_logprobs"][i].keys()
+            assert common and max(abs(a["top_logprobs"][i][t] - b["top_logprobs"][i][t]) for t in common) <= 0.1
+        if gen_a[same] != gen_b[same]:
+            top = b["top_logprobs"][n_prompt + same]
+            assert gen_a[same] in top and top[gen_b[same]] - top[gen_a[same]] <= 0.2, (same, top, gen_a[same])
