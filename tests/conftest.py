@@ -131,12 +131,17 @@ def greedy_ids(oracle, tokens: list[int], max_tokens: int, stop: list[str] = ())
 FIXTURE_NAME = "smollm2-2block"
 
 
-@pytest.fixture(scope="session")
-def fixture_paths(model_path) -> dict[str, Path]:
+def fixture_files(model_path: Path, add_bos: bool) -> dict[str, Path]:
+    """The fixture's GGUF file and mlx folder (created once, cached), by backend."""
     from tests.fixture_model import make_fixture
 
-    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures")
+    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures", add_bos=add_bos)
     return {"gguf": gguf, "mlx": mlx}
+
+
+@pytest.fixture(scope="session")
+def fixture_paths(model_path) -> dict[str, Path]:
+    return fixture_files(model_path, add_bos=False)
 
 
 @pytest.fixture(scope="session")
@@ -191,27 +196,16 @@ BOS_FIXTURE_NAME = "smollm2-2block-bos"
 
 @pytest.fixture(scope="session")
 def bos_fixture_paths(model_path) -> dict[str, Path]:
-    from tests.fixture_model import make_fixture
-
-    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures", add_bos=True)
-    return {"gguf": gguf, "mlx": mlx}
+    return fixture_files(model_path, add_bos=True)
 
 
-@pytest.fixture(scope="session")
-def gguf_bos_fixture_server(bos_fixture_paths, tmp_path_factory):
-    yield from serve(bos_fixture_paths["gguf"], tmp_path_factory, "bos-gguf", "--model-name", BOS_FIXTURE_NAME)
-
-
-@pytest.fixture(scope="session")
-def mlx_bos_fixture_server(bos_fixture_paths, tmp_path_factory):
-    pytest.importorskip("mlx_lm")
-    yield from serve(bos_fixture_paths["mlx"], tmp_path_factory, "bos-mlx", "--model-name", BOS_FIXTURE_NAME)
-
-
-@pytest.fixture(params=["gguf", "mlx"])
-def bos_fixture_server(request):
-    """The BOS-adding fixture model served by each backend in turn (both stay up for the session)."""
-    return request.getfixturevalue(f"{request.param}_bos_fixture_server")
+@pytest.fixture(scope="session", params=["gguf", "mlx"])
+def bos_fixture_server(request, bos_fixture_paths, tmp_path_factory):
+    """The BOS-adding fixture model served by each backend in turn."""
+    if request.param == "mlx":
+        pytest.importorskip("mlx_lm")
+    yield from serve(bos_fixture_paths[request.param], tmp_path_factory, f"bos-{request.param}",
+                     "--model-name", BOS_FIXTURE_NAME)
 
 
 @pytest.fixture(scope="session")
