@@ -6,9 +6,11 @@ import os
 import socket
 import subprocess
 import sys
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import requests
 
@@ -62,6 +64,21 @@ class LiveServer:
         assert response.status_code == 200, response.text
         return response.json()
 
+    def stream(self, path: str, **payload) -> list:
+        """The `data:` payloads of a streamed request (`stream: true` is added), checking the
+        Server-Sent Events framing on the way; the final [DONE] is checked and left out."""
+        with requests.post(self.url + path, json=payload | {"stream": True}, stream=True, timeout=120) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
+            events = []
+            for line in r.iter_lines(decode_unicode=True):
+                if not line:
+                    continue
+                assert line.startswith("data: "), line
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+        assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+        return events[:-1]
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.terminate()
@@ -96,17 +113,35 @@ def oracle(model_path):
     return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
 
 
+def greedy_ids(oracle, tokens: list[int], max_tokens: int, stop: list[str] = ()) -> tuple[list[int], str]:
+    """What a greedy request must generate, by the oracle's own argmax loop: the token ids (an
+    end-of-generation token included, as the server reports it; a stop string's last token too)
+    and the finish_reason: "stop" at an end-of-generation token or at the token that completes a
+    stop string, else "length" after max_tokens tokens."""
+    out: list[int] = []
+    while len(out) < max_tokens:
+        out.append(int(np.argmax(oracle.logprob_matrix(tokens + out)[-1])))
+        if oracle.is_end_of_generation(out[-1]) or any(s in oracle.detokenize(out) for s in stop):
+            return out, "stop"
+    return out, "length"
+
+
 # -- the two-block fixture model, in both formats (tests/fixture_model.py) ------------------------
 
 FIXTURE_NAME = "smollm2-2block"
 
 
-@pytest.fixture(scope="session")
-def fixture_paths(model_path) -> dict[str, Path]:
+def fixture_files(model_path: Path, add_bos: bool) -> dict[str, Path]:
+    """The fixture's GGUF file and mlx folder (created once, cached), by backend."""
     from tests.fixture_model import make_fixture
 
-    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures")
+    gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures", add_bos=add_bos)
     return {"gguf": gguf, "mlx": mlx}
+
+
+@pytest.fixture(scope="session")
+def fixture_paths(model_path) -> dict[str, Path]:
+    return fixture_files(model_path, add_bos=False)
 
 
 @pytest.fixture(scope="session")
@@ -152,6 +187,33 @@ def numpy_reference(fixture_paths):
     from tests.numpy_llama import NumpyLlama
 
     return NumpyLlama(fixture_paths["mlx"])
+
+
+# -- the same model with a tokenizer that adds BOS (like Gemma 3's and Llama's) -------------------
+
+BOS_FIXTURE_NAME = "smollm2-2block-bos"
+
+
+@pytest.fixture(scope="session")
+def bos_fixture_paths(model_path) -> dict[str, Path]:
+    return fixture_files(model_path, add_bos=True)
+
+
+@pytest.fixture(scope="session", params=["gguf", "mlx"])
+def bos_fixture_server(request, bos_fixture_paths, tmp_path_factory):
+    """The BOS-adding fixture model served by each backend in turn."""
+    if request.param == "mlx":
+        pytest.importorskip("mlx_lm")
+    yield from serve(bos_fixture_paths[request.param], tmp_path_factory, f"bos-{request.param}",
+                     "--model-name", BOS_FIXTURE_NAME)
+
+
+@pytest.fixture(scope="session")
+def bos_numpy_reference(bos_fixture_paths):
+    """The float64 forward pass of the BOS fixture's folder (the same weights as the plain fixture)."""
+    from tests.numpy_llama import NumpyLlama
+
+    return NumpyLlama(bos_fixture_paths["mlx"])
 
 
 def pytest_report_header(config):

@@ -5,7 +5,12 @@ are dequantized to float32 (so real embeddings and a real tokenizer, with peaked
 then written once as an F32 GGUF file and once as a Hugging Face-layout folder (config.json,
 model.safetensors, tokenizer.json). Both are cached; creation takes a few seconds.
 
-    python -m tests.fixture_model [CACHE_DIR]     # prints the two paths
+SmolLM2's tokenizer adds no BOS. The `add_bos=True` variant has the same weights and a tokenizer
+that puts BOS_TOKEN first when tokenizing with special tokens, as Gemma 3's and Llama's do: in the
+GGUF file through `tokenizer.ggml.add_bos_token`, in the folder through tokenizer.json's
+post-processor (and `add_bos_token` in tokenizer_config.json).
+
+    python -m tests.fixture_model [CACHE_DIR]     # prints the paths: plain pair, then BOS pair
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ import numpy as np
 N_LAYERS = 2
 VERSION = "v1"
 TOKEN_TYPE_CONTROL = 3
+# The BOS-adding variant's BOS: SmolLM2's <|endoftext|> (id 0), a control token that the chat
+# template does not use, like Llama's <|begin_of_text|>.
+BOS_TOKEN = "<|endoftext|>"
 
 
 def _field_value(field):
@@ -31,10 +39,13 @@ def _hf_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, out_dim // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path) -> None:
+def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int | None) -> None:
+    """bos_id: None keeps the source's BOS rules; an id makes it the BOS, added when tokenizing."""
     from gguf import GGUFValueType, GGUFWriter
 
     skip = {"general.architecture", "general.file_type", "llama.block_count"}
+    if bos_id is not None:
+        skip |= {"tokenizer.ggml.bos_token_id", "tokenizer.ggml.add_bos_token"}
     writer = GGUFWriter(str(path), arch="llama")
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key in skip:
@@ -44,6 +55,9 @@ def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path) -> None:
         writer.add_key_value(key, _field_value(field), vtype, sub_type=sub_type)
     writer.add_block_count(N_LAYERS)
     writer.add_file_type(0)  # ALL_F32
+    if bos_id is not None:
+        writer.add_bos_token_id(bos_id)
+        writer.add_add_bos_token(True)
     for name, array in tensors.items():
         writer.add_tensor(name, array)
     writer.write_header_to_file()
@@ -52,9 +66,9 @@ def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path) -> None:
     writer.close()
 
 
-def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path) -> None:
+def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_id: int | None) -> None:
     from safetensors.numpy import save_file
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     meta = {key: _field_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
@@ -76,7 +90,10 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path) -> No
               metadata={"format": "pt"})
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
+    add_bos = bos_id is not None
+    if not add_bos:
+        bos_id = meta["tokenizer.ggml.bos_token_id"]
+    bos, eos = tokens[bos_id], tokens[meta["tokenizer.ggml.eos_token_id"]]
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
@@ -86,7 +103,7 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path) -> No
         # Top-level rope_theta on purpose: without it mlx-lm silently uses 10000.
         "rope_theta": float(meta["llama.rope.freq_base"]),
         "max_position_embeddings": meta["llama.context_length"], "vocab_size": len(tokens),
-        "tie_word_embeddings": True, "bos_token_id": meta["tokenizer.ggml.bos_token_id"],
+        "tie_word_embeddings": True, "bos_token_id": bos_id,
         "eos_token_id": meta["tokenizer.ggml.eos_token_id"], "torch_dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
@@ -101,30 +118,35 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path) -> No
     tokenizer.decoder = decoders.ByteLevel()
     tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
                                   for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL])
+    if add_bos:  # as Llama's tokenizer.json: BOS before each sequence when special tokens are added
+        tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
     tokenizer.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
-        "add_bos_token": False, "add_eos_token": False, "model_max_length": meta["llama.context_length"],
+        "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": meta["llama.context_length"],
         "chat_template": meta.get("tokenizer.chat_template"),
     }, indent=2))
 
 
-def make_fixture(source_gguf: Path, cache_dir: Path) -> tuple[Path, Path]:
-    """(GGUF file, mlx-lm folder) of the two-block float32 model, created once."""
+def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False) -> tuple[Path, Path]:
+    """(GGUF file, mlx-lm folder) of the two-block float32 model, created once. add_bos: the
+    variant whose tokenizer adds BOS_TOKEN when tokenizing with special tokens."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    root = cache_dir / f"smollm2-{N_LAYERS}block-f32-{VERSION}"
+    root = cache_dir / f"smollm2-{N_LAYERS}block-f32{'-bos' if add_bos else ''}-{VERSION}"
     gguf_path, mlx_dir = root / "model-f32.gguf", root / "mlx"
     if (root / "done").exists():
         return gguf_path, mlx_dir
     root.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(str(source_gguf))
+    bos_id = list(_field_value(reader.fields["tokenizer.ggml.tokens"])).index(BOS_TOKEN) if add_bos else None
     keep = ("token_embd.", "output_norm.") + tuple(f"blk.{i}." for i in range(N_LAYERS))
     tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
         [int(d) for d in reversed(t.shape)]) for t in reader.tensors if t.name.startswith(keep)}
-    _write_gguf(reader, tensors, gguf_path)
-    _write_hf_folder(reader, tensors, mlx_dir)
+    _write_gguf(reader, tensors, gguf_path, bos_id)
+    _write_hf_folder(reader, tensors, mlx_dir, bos_id)
     (root / "done").write_text("ok")
     return gguf_path, mlx_dir
 
@@ -135,4 +157,4 @@ if __name__ == "__main__":
 
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().cache_path() / "fixtures"
     source = ensure_default_model(Settings().cache_path())
-    print(*make_fixture(source, cache), sep="\n")
+    print(*make_fixture(source, cache), *make_fixture(source, cache, add_bos=True), sep="\n")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import requests
 
+from tests.conftest import greedy_ids
+
 TOLERANCE = 1e-4
 
 PROMPTS = [
@@ -83,26 +85,43 @@ def test_text_offsets_and_bytes_tokens(server):
     assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
 
 
-def test_greedy_generation_matches_oracle(server, oracle):
-    prompt = "Question: What is 2 + 3?\nAnswer:"
+@pytest.mark.parametrize("prompt,stop", [
+    ("Question: What is 2 + 3?\nAnswer:", ["\n\n"]),
+    ("The history of the Roman Empire", ["zzzz-never"]),
+])
+def test_greedy_generation_matches_oracle(server, oracle, prompt, stop):
     tokens = oracle.tokenize(prompt)
-    out = server.complete(prompt=tokens, max_tokens=24, temperature=0, stop=["\n\n"])
+    out = server.complete(prompt=tokens, max_tokens=24, temperature=0, stop=stop)
     choice = out["choices"][0]
-    assert choice["text"] == oracle.greedy(tokens, 24, ["\n\n"])
-    assert choice["finish_reason"] in ("stop", "length")
+    assert choice["text"] == oracle.greedy(tokens, 24, stop)
+    ids, reason = greedy_ids(oracle, tokens, 24, stop)
+    assert (choice["finish_reason"], out["usage"]["completion_tokens"]) == (reason, len(ids))
     assert choice["logprobs"] is None
 
 
-def test_generation_logprobs_and_echo_text(server):
+def test_generation_logprobs_and_echo_text(server, oracle):
+    """Echo + generation: the text is the prompt followed by exactly the plain generation, and
+    every generated token is the oracle's greedy token with the oracle's logprob."""
     prompt = "Once upon a time"
     out = server.complete(prompt=prompt, max_tokens=5, temperature=0, logprobs=2, echo=True)
     choice = out["choices"][0]
     lp = choice["logprobs"]
+    tokens = oracle.tokenize(prompt)
     n_prompt = out["usage"]["prompt_tokens"]
-    assert len(lp["tokens"]) == n_prompt + out["usage"]["completion_tokens"]
-    assert choice["text"].startswith(prompt)
-    for value, top in zip(lp["token_logprobs"][n_prompt:], lp["top_logprobs"][n_prompt:]):
-        assert value == max(top.values())  # greedy picks the top token
+    assert n_prompt == len(tokens)
+    plain = server.complete(prompt=prompt, max_tokens=5, temperature=0)["choices"][0]
+    assert choice["text"] == prompt + plain["text"]
+    ids, reason = greedy_ids(oracle, tokens, 5)
+    assert choice["finish_reason"] == reason
+    assert out["usage"]["completion_tokens"] == len(ids)
+    assert len(lp["tokens"]) == n_prompt + len(ids)
+    expected = oracle.logprob_matrix(tokens + ids)
+    for j, token in enumerate(ids):
+        i = n_prompt + j
+        assert lp["tokens"][i] == server.post("/detokenize", {"tokens": [token]}).json()["prompt"]
+        assert abs(lp["token_logprobs"][i] - expected[i - 1, token]) <= TOLERANCE
+        assert lp["token_logprobs"][i] == max(lp["top_logprobs"][i].values())  # greedy picks the top token
+        assert lp["text_offset"][i] == len(prompt) + len(oracle.detokenize(ids[:j]))
 
 
 def test_seeded_sampling_is_reproducible(server):
@@ -121,8 +140,8 @@ def test_concurrent_clients_each_get_their_own_answer(server):
         # Batched with other requests, a prompt's logits may differ in the last bits, no more.
         diff = np.abs(np.array(la["token_logprobs"][1:]) - np.array(lb["token_logprobs"][1:]))
         assert diff.max() <= 1e-4, diff.max()
-        for value, top in zip(lb["token_logprobs"][1:], lb["top_logprobs"][1:]):
-            assert top[lb["tokens"][lb["token_logprobs"].index(value)]] == value
+        for i in range(1, len(lb["tokens"])):  # each position's own token, bit for bit
+            assert lb["top_logprobs"][i][lb["tokens"][i]] == lb["token_logprobs"][i]
 
 
 def test_health_answers_during_a_long_scoring_request(server, oracle):

@@ -1,6 +1,7 @@
 """One set of conformance tests, run against both backends serving the same float32 weights
 (tests/fixture_model.py), plus cross-backend agreement and agreement with a float64 numpy
-forward pass of those weights (tests/numpy_llama.py)."""
+forward pass of those weights (tests/numpy_llama.py). The last tests use the variant whose
+tokenizer adds BOS, as Gemma 3's and Llama's do."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import FIXTURE_NAME
+from tests.conftest import greedy_ids
+from tests.fixture_model import BOS_TOKEN
 
 REFERENCE_TOLERANCE = 1e-3  # each backend vs the float64 numpy forward pass
 CROSS_TOLERANCE = 1e-3  # |logprob(mlx) - logprob(gguf)| per token
@@ -30,11 +32,10 @@ def echo(server, prompt, k: int = 5, **extra) -> list[dict]:
     return [c["logprobs"] for c in server.complete(**(payload | extra))["choices"]]
 
 
-@pytest.mark.parametrize("prompt", PROMPTS)
-def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, prompt):
-    tokens = tokenize(fixture_server, prompt)
-    lp, = echo(fixture_server, prompt, k=5)
-    expected = numpy_reference.logprob_matrix(tokens)
+def check_against_reference(reference, tokens: list[int], lp: dict, k: int) -> None:
+    """An echo's logprobs (top-k) equal the float64 reference's for every token after the first."""
+    assert len(lp["tokens"]) == len(tokens)
+    expected = reference.logprob_matrix(tokens)
     got = np.array(lp["token_logprobs"][1:])
     diff = np.abs(got - expected[np.arange(len(tokens) - 1), tokens[1:]])
     assert diff.max() <= REFERENCE_TOLERANCE, diff.max()
@@ -42,9 +43,16 @@ def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, 
     assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
     for i in range(1, len(tokens)):
         top = lp["top_logprobs"][i]
-        best = np.sort(expected[i - 1])[::-1][:5]
-        assert np.abs(np.sort(list(top.values()))[::-1][:5] - best).max() <= REFERENCE_TOLERANCE
+        best = np.sort(expected[i - 1])[::-1][:k]
+        assert np.abs(np.sort(list(top.values()))[::-1][:k] - best).max() <= REFERENCE_TOLERANCE
         assert top[lp["tokens"][i]] == lp["token_logprobs"][i]  # bit for bit
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, prompt):
+    tokens = tokenize(fixture_server, prompt)
+    lp, = echo(fixture_server, prompt, k=5)
+    check_against_reference(numpy_reference, tokens, lp, 5)
 
 
 def test_backends_agree_token_by_token(gguf_fixture_server, mlx_fixture_server):
@@ -89,6 +97,7 @@ def test_bos_rules_and_tokenizer_info(fixture_server):
     assert (info["bos_token"], info["eos_token"]) == ("<|im_start|>", "<|im_end|>")
     assert info["chat_template"] and "<|im_start|>" in info["chat_template"]
     # This tokenizer adds no BOS, with or without special tokens; special-token text is parsed.
+    assert info["add_bos_token"] is False
     assert tokenize(fixture_server, "Hello", True) == tokenize(fixture_server, "Hello", False)
     assert len(tokenize(fixture_server, "<|im_end|>", False)) == 1
     # Token-id prompts are used exactly as given.
@@ -111,10 +120,19 @@ def test_utf8_pieces_offsets_and_bytes_form(fixture_server):
 def test_greedy_generation_and_stop_strings(gguf_fixture_server, mlx_fixture_server, mlx_oracle):
     prompt = "The capital of France is Paris. The capital of Germany is"
     ids = mlx_oracle.tokenize(prompt)
-    outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=["\n"])["choices"][0]
-            for s in (gguf_fixture_server, mlx_fixture_server)]
-    assert outs[0]["text"] == outs[1]["text"] == mlx_oracle.greedy(ids, 12, ["\n"])
-    assert outs[0]["finish_reason"] == outs[1]["finish_reason"]
+    free = mlx_oracle.greedy(ids, 12, [])
+    # A stop string from the middle of the oracle's text (it ends generation), and one that is not there.
+    middle = free[len(free) // 2:][:3]
+    assert len(middle) == 3 and "\n" not in free
+    for stop in ([middle, "\n"], ["\n"]):
+        tokens, reason = greedy_ids(mlx_oracle, ids, 12, stop)
+        assert reason == "stop" or middle not in stop  # the stop string does end generation
+        outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=stop)
+                for s in (gguf_fixture_server, mlx_fixture_server)]
+        for out in outs:
+            assert out["choices"][0]["text"] == mlx_oracle.greedy(ids, 12, stop)
+            assert out["choices"][0]["finish_reason"] == reason
+            assert out["usage"]["completion_tokens"] == len(tokens)
 
 
 def test_seeded_sampling_is_reproducible(fixture_server):
@@ -123,15 +141,56 @@ def test_seeded_sampling_is_reproducible(fixture_server):
     assert fixture_server.complete(**payload)["choices"][0]["text"] == first
 
 
-@pytest.mark.parametrize("body,status,param", [
-    ({"prompt": [1, 2, 49152]}, 400, "prompt"),
-    ({"prompt": [42] * 2100, "max_tokens": 0}, 400, "prompt"),
-    ({"prompt": "Hi", "logprobs": 21}, 400, "logprobs"),
-    ({"prompt": []}, 400, "prompt"),
-    ({"prompt": "Hi", "model": "nope"}, 404, "model"),
-])
-def test_errors_are_the_same(fixture_server, body, status, param):
-    response = fixture_server.post("/v1/completions", body)
-    assert response.status_code == status
-    assert response.json()["error"]["param"] == param
-    assert fixture_server.complete(prompt="Hi", max_tokens=1, model=FIXTURE_NAME)["model"] == FIXTURE_NAME
+# -- a tokenizer that adds BOS (tests/fixture_model.py, add_bos=True) ---------------------------
+
+BOS_PROMPT = "The quick brown fox"
+
+
+def test_bos_fixture_adds_bos_only_with_special_tokens(bos_fixture_server):
+    info = requests.get(bos_fixture_server.url + "/tokenizer_info").json()
+    assert info["add_bos_token"] is True and info["bos_token"] == BOS_TOKEN
+    bos = tokenize(bos_fixture_server, BOS_TOKEN, add_special_tokens=False)
+    assert bos == [0]  # SmolLM2's <|endoftext|>: the same id on both backends
+    without = tokenize(bos_fixture_server, BOS_PROMPT, add_special_tokens=False)
+    assert without and 0 not in without
+    assert tokenize(bos_fixture_server, BOS_PROMPT, add_special_tokens=True) == bos + without
+    # A string prompt is tokenized with special tokens; token ids are used as given.
+    usage = bos_fixture_server.complete(prompt=BOS_PROMPT, max_tokens=0, echo=True)["usage"]
+    assert usage["prompt_tokens"] == len(without) + 1
+    usage = bos_fixture_server.complete(prompt=without, max_tokens=0, echo=True)["usage"]
+    assert usage["prompt_tokens"] == len(without)
+
+
+def test_echo_with_added_bos_returns_the_prompt_as_sent(bos_fixture_server):
+    """The echoed text is the prompt as sent (as OpenAI and vLLM answer), not "<BOS>" + prompt:
+    lm-eval and other clients cut the continuation from the echo by the prompt's length."""
+    payload = dict(prompt=BOS_PROMPT, echo=True, max_tokens=0, logprobs=1)
+    assert bos_fixture_server.complete(**payload)["choices"][0]["text"] == BOS_PROMPT
+    events = bos_fixture_server.stream("/v1/completions", **payload)
+    assert "".join(e["choices"][0]["text"] for e in events) == BOS_PROMPT
+    # With generated tokens after it: the prompt, then exactly the non-echo continuation.
+    generated = bos_fixture_server.complete(prompt=BOS_PROMPT, max_tokens=3, temperature=0)["choices"][0]["text"]
+    assert generated
+    payload |= dict(max_tokens=3, temperature=0)
+    assert bos_fixture_server.complete(**payload)["choices"][0]["text"] == BOS_PROMPT + generated
+    events = bos_fixture_server.stream("/v1/completions", **payload)
+    assert "".join(e["choices"][0]["text"] for e in events) == BOS_PROMPT + generated
+
+
+def test_echo_with_added_bos_tokens_and_offsets(bos_fixture_server):
+    """The BOS is reported as the first token, without logprob and zero-width at offset 0; each
+    other token's offset points at its text in the prompt."""
+    lp = bos_fixture_server.complete(prompt=BOS_PROMPT, echo=True, max_tokens=0, logprobs=1)["choices"][0]["logprobs"]
+    tokens, offsets = lp["tokens"], lp["text_offset"]
+    assert tokens[0] == BOS_TOKEN and lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert offsets[:2] == [0, 0], offsets
+    assert "".join(tokens[1:]) == BOS_PROMPT
+    for token, offset in zip(tokens[1:], offsets[1:]):
+        assert BOS_PROMPT[offset:offset + len(token)] == token, (token, offset)
+
+
+def test_echo_with_added_bos_logprobs_match_float64_reference(bos_fixture_server, bos_numpy_reference):
+    tokens = tokenize(bos_fixture_server, BOS_PROMPT)
+    assert tokens[0] == 0
+    lp, = echo(bos_fixture_server, BOS_PROMPT, k=5)
+    check_against_reference(bos_numpy_reference, tokens, lp, 5)

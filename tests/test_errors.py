@@ -1,9 +1,14 @@
-"""Bad input gets a 4xx in OpenAI's error format that says what to fix, and the server goes on serving."""
+"""Bad input gets a 4xx in OpenAI's error format that says what to fix, and the server goes on serving.
+
+On both backends (`fixture_server`: the two-block fixture, vocabulary 49152, served with a context
+of 2048 and the default --max-logprobs 20, on llama.cpp and on MLX)."""
 
 from __future__ import annotations
 
 import pytest
 import requests
+
+from tests.conftest import FIXTURE_NAME
 
 GOOD = {"prompt": "Hello", "max_tokens": 1}
 
@@ -29,7 +34,7 @@ CASES = [
     ("logprobs above limit", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", "limit of 20"),
     ("negative logprobs", {"prompt": "Hi", "logprobs": -1}, 400, "logprobs", "greater than or equal"),
     ("temperature out of range", {"prompt": "Hi", "temperature": 5}, 400, "temperature", "less than or equal"),
-    ("unknown model", {"prompt": "Hi", "model": "gpt-4"}, 404, "model", "SmolLM2-135M-Instruct.Q4_1"),
+    ("unknown model", {"prompt": "Hi", "model": "gpt-4"}, 404, "model", f"serves '{FIXTURE_NAME}'"),
     ("suffix", {"prompt": "Hi", "suffix": "end"}, 400, "suffix", "not supported"),
     ("best_of > n", {"prompt": "Hi", "best_of": 3}, 400, "best_of", "not supported"),
     ("n = 0", {"prompt": "Hi", "n": 0}, 400, "n", "greater than or equal"),
@@ -44,19 +49,19 @@ CASES = [
 
 
 @pytest.mark.parametrize("name,body,status,param,words", CASES, ids=[c[0] for c in CASES])
-def test_bad_request_gets_openai_error(server, name, body, status, param, words):
+def test_bad_request_gets_openai_error(fixture_server, name, body, status, param, words):
     if isinstance(body, bytes):
-        response = requests.post(server.url + "/v1/completions", data=body,
+        response = requests.post(fixture_server.url + "/v1/completions", data=body,
                                  headers={"Content-Type": "application/json"}, timeout=30)
     else:
-        response = server.post("/v1/completions", body)
+        response = fixture_server.post("/v1/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param
     assert words in error["message"], error["message"]
     # ... and the server goes on serving.
-    assert server.post("/v1/completions", GOOD).status_code == 200
+    assert fixture_server.complete(**GOOD, model=FIXTURE_NAME)["model"] == FIXTURE_NAME
 
 
 CHAT_CASES = [
@@ -72,17 +77,23 @@ CHAT_CASES = [
 
 
 @pytest.mark.parametrize("name,body,status,param,words", CHAT_CASES, ids=[c[0] for c in CHAT_CASES])
-def test_bad_chat_request_gets_openai_error(server, name, body, status, param, words):
-    response = server.post("/v1/chat/completions", body)
+def test_bad_chat_request_gets_openai_error(fixture_server, name, body, status, param, words):
+    response = fixture_server.post("/v1/chat/completions", body)
     assert response.status_code == status, response.text
     error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and words in error["message"], error
+    chat = fixture_server.post("/v1/chat/completions",
+                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    assert chat.status_code == 200, chat.text
 
 
-def test_tokenizer_endpoint_errors(server):
-    r = server.post("/detokenize", {"tokens": [10**9]})
-    assert r.status_code == 400 and "outside this model's vocabulary" in r.json()["error"]["message"]
-    r = server.post("/tokenize", {"text": "wrong field name"})
-    assert r.status_code == 400 and r.json()["error"]["param"] in ("text", "prompt")
-    r = requests.get(server.url + "/v1/nothing-here")
+def test_tokenizer_endpoint_errors(fixture_server):
+    r = fixture_server.post("/detokenize", {"tokens": [10**9]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+    assert "outside this model's vocabulary (valid ids: 0..49151)" in r.json()["error"]["message"]
+    r = fixture_server.post("/tokenize", {"text": "wrong field name"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt"
+    assert "Missing" in r.json()["error"]["message"]
+    r = requests.get(fixture_server.url + "/v1/nothing-here")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error"
