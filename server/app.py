@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from server.api import router
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
+from server.security import Guard
 from server.state import ServerState
 
 
@@ -26,8 +27,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:  # `uvicorn server.app:app`: the environment's settings
         try:
             settings = Settings.load()
+            guard = Guard.load(settings)  # API keys (and the key file) are read here, once
         except ConfigError as exc:
             problem = exc  # reported at start-up, not at import
+    else:
+        guard = Guard.load(settings)  # a ConfigError is the caller's (the CLI's) to report
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -52,6 +56,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    if problem is None:
+        # Added last, so they run first: Host check, then API key, then everything else.
+        guard.install(app)
     return app
 
 
