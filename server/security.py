@@ -193,7 +193,7 @@ def check_exposure(settings: Settings) -> list[str]:
         except OSError as exc:  # ssl.SSLError included
             reason = exc.strerror or str(exc)
             if isinstance(exc, ssl.SSLError):
-                reason = "not a PEM certificate (chain) and its private key" + (f" ({exc.reason})" if exc.reason else "")
+                reason = "not a PEM certificate (chain) and its private key" + (f": {exc.reason}" if exc.reason else "")
             raise ConfigError(f"--ssl-certfile {settings.ssl_certfile} / --ssl-keyfile {settings.ssl_keyfile}: "
                               f"cannot use them: {reason}") from None
     if is_loopback(settings.host):
