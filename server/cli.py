@@ -99,5 +99,5 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings)  # reads the key file again: it may have changed since
     except ConfigError as exc:
         sys.exit(f"logprobs-server: error: {exc}")
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                ssl_certfile=settings.ssl_certfile, ssl_keyfile=settings.ssl_keyfile)
+    tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **tls)
