@@ -14,6 +14,7 @@ from server.api import router
 from server.body_limit import BodyLimit
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
+from server.security import Guard
 from server.state import ServerState
 
 
@@ -27,8 +28,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings is None:  # `uvicorn server.app:app`: the environment's settings
         try:
             settings = Settings.load()
+            guard = Guard.load(settings)  # API keys (and the key file) are read here, once
         except ConfigError as exc:
             problem = exc  # reported at start-up, not at import
+    else:
+        guard = Guard.load(settings)  # a ConfigError is the caller's (the CLI's) to report
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -53,8 +57,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
-    if settings is not None:
+    if problem is None:
         app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+        # Added last, so they run first: Host check, then API key, then the body limit and the rest.
+        guard.install(app)
     return app
 
 

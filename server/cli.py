@@ -13,6 +13,7 @@ from pydantic.fields import FieldInfo
 
 from server.backends import detect_backend
 from server.config import ConfigError, Settings, env_name, flag_name
+from server.security import check_exposure
 
 DESCRIPTION = """\
 Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact
@@ -80,14 +81,23 @@ def main(argv: list[str] | None = None) -> None:
     try:
         # The environment, with the flags given on top.
         settings = Settings.load(**vars(build_parser().parse_args(argv)))
+        # Keys, hosts and TLS files, and no keyless serving beyond loopback: before the model loads.
+        warnings = check_exposure(settings)
         # Fail before starting the server, with a message, not a traceback.
         kind = detect_backend(Path(settings.model)) if settings.model else "gguf"
     except ConfigError as exc:
         sys.exit(f"logprobs-server: error: {exc}")
     if kind == "mlx":
         _preload_openblas(sys.argv[1:] if argv is None else argv)
+    for warning in warnings:  # after the restart, so said once
+        print(f"logprobs-server: warning: {warning}", file=sys.stderr, flush=True)
     import uvicorn
 
     from server.app import create_app
 
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+    try:
+        app = create_app(settings)  # reads the key file again: it may have changed since
+    except ConfigError as exc:
+        sys.exit(f"logprobs-server: error: {exc}")
+    tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **tls)

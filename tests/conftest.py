@@ -29,24 +29,27 @@ def free_port() -> int:
 
 
 class LiveServer:
-    """`python -m server` in a subprocess, on a free loopback port."""
+    """`python -m server` in a subprocess, on a free loopback port. `env`: variables added to the
+    server's environment; `ca`: the CA file of a server started with a TLS certificate (https)."""
 
-    def __init__(self, model: Path, log_path: Path, *extra_args: str):
+    def __init__(self, model: Path, log_path: Path, *extra_args: str, env: dict[str, str] | None = None,
+                 ca: str | None = None):
         self.model = model
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
+        self.verify = ca or True  # for requests' verify=
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port), *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
+            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
         )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited early:\n{self.log()}")
             try:
-                if requests.get(self.url + "/health", timeout=1).ok:
+                if requests.get(self.url + "/health", timeout=1, verify=self.verify).ok:
                     return
             except requests.RequestException:
                 time.sleep(0.2)
@@ -57,7 +60,7 @@ class LiveServer:
         return self.log_path.read_text()
 
     def post(self, path: str, payload=None, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=payload, timeout=300, **kwargs)
+        return requests.post(self.url + path, json=payload, timeout=300, **{"verify": self.verify, **kwargs})
 
     def complete(self, **payload) -> dict:
         response = self.post("/v1/completions", payload)
@@ -94,9 +97,10 @@ def model_path() -> Path:
     return ensure_default_model(Settings().cache_path())
 
 
-def serve(model: Path, tmp_path_factory, name: str, *flags: str):
-    """A live server for a fixture: yields it, stops it afterwards."""
-    live = LiveServer(model, tmp_path_factory.mktemp(name) / "server.log", "--n-ctx", str(SERVER_N_CTX), *flags)
+def serve(model: Path, tmp_path_factory, name: str, *flags: str, **options):
+    """A live server for a fixture: yields it, stops it afterwards. `options`: LiveServer's env and ca."""
+    live = LiveServer(model, tmp_path_factory.mktemp(name) / "server.log", "--n-ctx", str(SERVER_N_CTX), *flags,
+                      **options)
     yield live
     live.stop()
 
@@ -215,6 +219,36 @@ def bos_numpy_reference(bos_fixture_paths):
 
     return NumpyLlama(bos_fixture_paths["mlx"])
 
+
+# -- a server as other machines reach it: API keys and TLS (test_security.py, test_remote_lm_eval.py) --
+
+API_KEYS = ("sk-test-first-key", "sk-test-second-key")  # --api-key, comma-separated
+FILE_KEY = "sk-test-key-from-file"  # --api-key-file
+
+
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory) -> dict[str, Path]:
+    """A throwaway CA (trustme) and the server certificate it signed for 127.0.0.1 and localhost."""
+    trustme = pytest.importorskip("trustme")
+    folder = tmp_path_factory.mktemp("tls")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    files = {"ca": folder / "ca.pem", "cert": folder / "server.pem", "key": folder / "server-key.pem"}
+    ca.cert_pem.write_to_path(str(files["ca"]))
+    issued.private_key_pem.write_to_path(str(files["key"]))
+    files["cert"].write_bytes(b"".join(pem.bytes() for pem in issued.cert_chain_pems))
+    return files
+
+
+@pytest.fixture(scope="session")
+def secure_server(model_path, tls_files, tmp_path_factory):
+    """Served as the README's remote command does: all interfaces, API keys (two given, one from
+    a file), HTTPS with the throwaway CA's certificate."""
+    key_file = tls_files["ca"].parent / "api-keys.txt"
+    key_file.write_text(f"# keys for the tests\n\n  {FILE_KEY}  \n")
+    yield from serve(model_path, tmp_path_factory, "secure", "--host", "0.0.0.0", "--api-key", ",".join(API_KEYS),
+                     "--api-key-file", str(key_file), "--ssl-certfile", str(tls_files["cert"]),
+                     "--ssl-keyfile", str(tls_files["key"]), ca=str(tls_files["ca"]))
 
 def pytest_report_header(config):
     return f"shared data: {DATA} ({'present' if DATA.exists() else 'MISSING'}); cpus: {os.cpu_count()}"
