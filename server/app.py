@@ -13,12 +13,15 @@ from fastapi import FastAPI
 from server.api import router
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
+from server.request_id import install_request_id_logging
 from server.state import ServerState
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # [request id]: "-" on lines logged outside any request (see server/request_id.py).
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     logging.getLogger("server").setLevel(level.upper())
+    install_request_id_logging()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
