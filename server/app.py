@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from server.api import router
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
+from server.metrics import install as install_observability
 from server.request_id import install_request_id_logging
 from server.state import ServerState
 
@@ -55,6 +56,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     install_error_handlers(app)
     app.include_router(router)
+    install_observability(app)  # GET /metrics; request ids and counts around every other layer
     return app
 
 

@@ -175,7 +175,7 @@ class ResponseFormat(ABC):
 async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include_usage: bool):
     """Run a request's jobs: the whole response, or (stream) its Server-Sent Events."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
-            "model": state.model_name}
+            "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/fingerprint.py
     if stream:
         return _events(state, fmt, head | {"object": fmt.chunk_object}, include_usage)
     results = await state.engine.complete(fmt.jobs)
