@@ -77,6 +77,8 @@ async def models(request: Request):
             "created": 0,
             "owned_by": "logprobs-server",
             "max_model_len": state.backend.info.n_ctx,
+            # What decides the numbers (server/fingerprint.py): responses carry its hash.
+            "system_fingerprint": state.fingerprint.short, "fingerprint": state.fingerprint.parts,
         }],
     }
 

@@ -14,13 +14,17 @@ from server.api import router
 from server.body_limit import BodyLimit
 from server.config import ConfigError, Settings
 from server.errors import install_error_handlers
+from server.metrics import install as install_observability
+from server.request_id import install_request_id_logging
 from server.security import Guard
 from server.state import ServerState
 
 
 def configure_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # [request id]: "-" on lines logged outside any request (see server/request_id.py).
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     logging.getLogger("server").setLevel(level.upper())
+    install_request_id_logging()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -61,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
         # Added last, so they run first: Host check, then API key, then the body limit and the rest.
         guard.install(app)
+    install_observability(app)  # GET /metrics; request ids and counts around every other layer
     return app
 
 

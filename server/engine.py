@@ -26,6 +26,7 @@ import numpy as np
 
 from server.backends.base import Backend, Step
 from server.prefix_cache import PrefixCache, Reuse
+from server.request_id import current_request_id
 from server.sampling import Sampler, SamplingParams
 from server.scoring import ScoredRows, first_rows, score_rows
 from server.text import StopStringWatcher
@@ -117,6 +118,7 @@ class _Request:
         self.cancel = threading.Event()
         self.unresolved = n_jobs
         self.never_ran = self.stopped = self.finished = 0
+        self.request_id = current_request_id()  # made in Engine.stream, in the request's context
 
 
 class _Running:
@@ -430,4 +432,5 @@ class Engine:
         if request.unresolved == 0 and request.cancel.is_set() and (request.never_ran or request.stopped):
             log.info("request cancelled (the client went away): %d queued job(s) dropped before running, "
                      "%d running job(s) stopped early, %d had finished",
-                     request.never_ran, request.stopped, request.finished)
+                     request.never_ran, request.stopped, request.finished,
+                     extra={"request_id": request.request_id})  # the model thread has no request context

@@ -222,7 +222,7 @@ async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include
     with an error event at `deadline` (time.monotonic()). Work on the request's jobs is only
     submitted here, after every check."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
-            "model": state.model_name}
+            "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/fingerprint.py
     events = _submit(state, fmt.jobs, progress=stream)
     if stream:
         return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)

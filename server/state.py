@@ -12,6 +12,9 @@ from server.backends.base import Backend
 from server.config import Settings, default_threads
 from server.default_model import ensure_default_model
 from server.engine import Engine
+from server.fingerprint import Fingerprint
+from server.fingerprint import compute as compute_fingerprint
+from server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +25,8 @@ class ServerState:
     backend: Backend
     engine: Engine
     model_name: str
+    fingerprint: Fingerprint  # what decides the numbers; responses carry fingerprint.short
+    metrics: Metrics  # this server's Prometheus registry (GET /metrics)
 
     @classmethod
     def load(cls, settings: Settings) -> ServerState:
@@ -32,17 +37,27 @@ class ServerState:
         backend = load_backend(path, settings.backend, n_ctx=settings.n_ctx, n_threads=n_threads,
                                n_batch=settings.n_batch, kv_cache_type=settings.kv_cache_type,
                                max_sequences=settings.max_sequences)
+        load_seconds = time.perf_counter() - started
         info = backend.info
         log.info(
             "Model loaded in %.1f s: %s; vocabulary %d, context %d tokens (trained on %d), BOS %s, chat template %s",
-            time.perf_counter() - started, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
+            load_seconds, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
             "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
         )
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")
         name = settings.model_name or (path.name if path.is_dir() else path.stem)
-        return cls(settings=settings, backend=backend, engine=Engine(backend, settings.prefix_cache_mb, max_queued_tokens=settings.max_queued_tokens), model_name=name)
+        fingerprint = compute_fingerprint(settings, backend, path, "mlx" if path.is_dir() else "gguf",
+                                          settings.cache_path())
+        log.info("System fingerprint %s: %s", fingerprint.short,
+                 ", ".join(f"{k}={v}" for k, v in fingerprint.parts.items()))
+        metrics = Metrics()
+        engine = Engine(backend, settings.prefix_cache_mb, max_queued_tokens=settings.max_queued_tokens,
+                        hooks=metrics.hooks)
+        metrics.describe_server(engine, name, fingerprint, load_seconds)
+        return cls(settings=settings, backend=backend, engine=engine, model_name=name, fingerprint=fingerprint,
+                   metrics=metrics)
 
     def close(self) -> None:
         self.engine.close()

@@ -1,0 +1,174 @@
+"""Prometheus metrics (GET /metrics) and the middleware that counts requests and gives each one
+its request id.
+
+Each server state holds its own CollectorRegistry (not prometheus-client's global one), so several
+apps can live in one process. What the engine does is heard through its hooks, on the model thread
+(prometheus-client's metrics are thread-safe, and an increment is cheap); queue and prefix-cache
+figures are read from the engine when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from server.engine import Engine, EngineHooks
+from server.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
+
+if TYPE_CHECKING:
+    from server.fingerprint import Fingerprint
+
+OTHER_ROUTE = "other"  # the route label of paths no route serves: clients cannot add label values
+# Requests run from milliseconds (a tokenization) to minutes (an lm-eval batch of long prompts).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+
+
+class MetricsHooks(EngineHooks):
+    """The engine's events, counted (called on the model thread)."""
+
+    def __init__(self, metrics: Metrics):
+        self.metrics = metrics
+
+    def job_admitted(self, waited: float) -> None:
+        self.metrics.queue_wait.observe(waited)
+
+    def job_ended(self, prompt_tokens_run: int, prompt_tokens_reused: int, generated: int) -> None:
+        m = self.metrics
+        m.prompt_tokens_run.inc(prompt_tokens_run)
+        m.prompt_tokens_reused.inc(prompt_tokens_reused)
+        m.generated_tokens.inc(generated)
+
+
+class EngineCollector:
+    """The queue and the prefix cache, read at scrape time."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def collect(self):
+        engine = self.engine
+        yield GaugeMetricFamily("logprobs_queue_jobs", "Jobs (one per prompt and sample) waiting for the model.",
+                                value=engine.queued_jobs)
+        yield GaugeMetricFamily("logprobs_queue_tokens", "Tokens (prompt + max_tokens) of the jobs waiting for the "
+                                "model; requests beyond --max-queued-tokens get 429.", value=engine.queued_tokens)
+        cache = engine.cache  # None when off (an empty PrefixCache is falsy: it has a length)
+        on = cache is not None
+        yield CounterMetricFamily("logprobs_prefix_cache_lookups", "Scored prompts looked up in the prefix cache.",
+                                  value=cache.lookups if on else 0)
+        yield CounterMetricFamily("logprobs_prefix_cache_hits", "Prefix cache lookups that found a prefix to reuse.",
+                                  value=cache.hits if on else 0)
+        yield CounterMetricFamily("logprobs_prefix_cache_reused_tokens", "Prompt positions restored from the "
+                                  "prefix cache instead of run.", value=cache.reused_tokens if on else 0)
+        yield GaugeMetricFamily("logprobs_prefix_cache_bytes", "Memory held by the prefix cache's entries.",
+                                value=cache.used if on else 0)
+        yield GaugeMetricFamily("logprobs_prefix_cache_capacity_bytes", "The prefix cache's bound "
+                                "(--prefix-cache-mb; 0: off).", value=cache.max_bytes if on else 0)
+        yield GaugeMetricFamily("logprobs_prefix_cache_entries", "Prompts held by the prefix cache.",
+                                value=len(cache) if on else 0)
+
+
+class Metrics:
+    """One server's metrics, in a registry of its own."""
+
+    def __init__(self):
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("logprobs_requests_total", "HTTP requests, by route template and the status sent.",
+                                ["route", "status"], registry=r)
+        self.latency = Histogram("logprobs_request_duration_seconds", "Time from a request's arrival to the last "
+                                 "byte of its response (a stream's whole length), by route.", ["route"],
+                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.prompt_tokens_run = Counter("logprobs_prompt_tokens_run_total", "Prompt tokens run through the model "
+                                         "(scored or not; prefix-cache reuse not counted).", registry=r)
+        self.prompt_tokens_reused = Counter("logprobs_prompt_tokens_reused_total", "Prompt tokens whose KV state "
+                                            "and scores came from the prefix cache instead of the model.", registry=r)
+        self.generated_tokens = Counter("logprobs_generated_tokens_total", "Tokens generated.", registry=r)
+        self.queue_wait = Histogram("logprobs_queue_wait_seconds", "Time a job (one prompt and sample) waited in "
+                                    "the queue before the model took it.", buckets=LATENCY_BUCKETS, registry=r)
+        self.load_seconds = Gauge("logprobs_model_load_seconds", "Seconds the backend took to load the model.",
+                                  registry=r)
+        self.model_info = Info("logprobs_model", "The served model id, its system_fingerprint, and the parts "
+                               "that fingerprint hashes.", registry=r)
+        self.hooks = MetricsHooks(self)
+
+    def describe_server(self, engine: Engine, model_name: str, fingerprint: Fingerprint, load_seconds: float) -> None:
+        """What is known once the model is loaded: the engine to read at scrape time, and the info."""
+        self.registry.register(EngineCollector(engine))
+        self.load_seconds.set(load_seconds)
+        self.model_info.info({"model": model_name, "system_fingerprint": fingerprint.short, **fingerprint.parts})
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _leaf_routes(routes):
+    for route in routes:
+        included = getattr(route, "original_router", None)  # newer FastAPI keeps an included router whole
+        yield from (_leaf_routes(included.routes) if included is not None else (route,))
+
+
+class ObservabilityMiddleware:
+    """Pure ASGI (it neither buffers a streamed body nor reads the request's `receive` channel):
+    gives each HTTP request its id (the client's x-request-id if sane, else a new one) in the
+    logging context and on the response, and counts it by route and the status actually sent."""
+
+    def __init__(self, app: ASGIApp, owner: FastAPI):
+        self.app, self.owner = app, owner
+
+    def _route(self, scope: Scope) -> str:
+        """The route template that served the request: the route FastAPI's routing chose (in the
+        scope once routing ran), else the route the path matches (a response sent before routing,
+        such as an auth middleware's 401), else "other"."""
+        route = scope.get("route")
+        if route is None:
+            route = next((r for r in _leaf_routes(self.owner.router.routes) if r.matches(scope)[0] != Match.NONE), None)
+        return getattr(route, "path", None) or OTHER_ROUTE
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        sent_id = next((value for name, value in scope["headers"] if name == HEADER.encode()), None)
+        request_id = choose_request_id(sent_id)
+        header = (HEADER.encode(), request_id.encode())
+        status: int | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        token = set_request_id(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            reset_request_id(token)
+            state = getattr(self.owner.state, "server", None)
+            if state is not None:
+                # Nothing sent: the app failed (Starlette's error middleware, inside this one,
+                # sends a 500 when it can) or the connection went first.
+                route = self._route(scope)
+                state.metrics.requests.labels(route, str(status or 500)).inc()
+                state.metrics.latency.labels(route).observe(time.perf_counter() - started)
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+def install(app: FastAPI) -> None:
+    """Serve GET /metrics, and put the observability middleware outside every other layer,
+    Starlette's error middleware included, so that it counts 500s and 401s (from an auth
+    middleware, wherever that is added) and puts the request id on them too."""
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: ObservabilityMiddleware(build(), app)
