@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Literal, get_args, get_origin
@@ -100,4 +101,10 @@ def main(argv: list[str] | None = None) -> None:
     except ConfigError as exc:
         sys.exit(f"logprobs-server: error: {exc}")
     tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, **tls)
+    # SIGTERM: uvicorn stops accepting, gives running requests --shutdown-grace seconds, then
+    # cancels the rest (their engine jobs with them); the lifespan closes the model; exit 0.
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; this handler makes that a
+    # clean exit (status 0), as a service manager expects after a requested stop.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=settings.shutdown_grace, **tls)

@@ -118,6 +118,7 @@ class _Request:
         self.cancel = threading.Event()
         self.unresolved = n_jobs
         self.never_ran = self.stopped = self.finished = 0
+        self.reason = "the client went away"
         self.request_id = current_request_id()  # made in Engine.stream, in the request's context
 
 
@@ -272,6 +273,7 @@ class Engine:
                 while not self._queue and not active and not self._closed:
                     self._wake.wait()
                 if self._closed:
+                    self._cancel_all(active, free)
                     return
                 if self._purge:
                     self._drop_cancelled(free)
@@ -286,6 +288,14 @@ class Engine:
                     self._finish(r, free, error=exc)
             active = self._step(active, free)
             self._busy_seconds += time.perf_counter() - started
+
+    def _cancel_all(self, active: list[_Running], free: list[int]) -> None:
+        """At shutdown: nothing is left waiting on a result that will never come."""
+        for running in [*active, *self._queue]:
+            running.request.reason = "the server is shutting down"
+            running.request.cancel.set()
+            self._finish(running, free, error=Cancelled())
+        self._queue.clear()
 
     def _drop_cancelled(self, free: list[int]) -> None:
         kept: deque[_Running] = deque()
@@ -430,7 +440,7 @@ class Engine:
                     request.never_ran += 1
             r.future.set_exception(error)
         if request.unresolved == 0 and request.cancel.is_set() and (request.never_ran or request.stopped):
-            log.info("request cancelled (the client went away): %d queued job(s) dropped before running, "
+            log.info("request cancelled (%s): %d queued job(s) dropped before running, "
                      "%d running job(s) stopped early, %d had finished",
-                     request.never_ran, request.stopped, request.finished,
+                     request.reason, request.never_ran, request.stopped, request.finished,
                      extra={"request_id": request.request_id})  # the model thread has no request context

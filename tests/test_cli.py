@@ -85,7 +85,8 @@ def test_cli_passes_settings_to_the_app(clean_env):
 
     [settings] = made
     assert (settings.n_ctx, settings.port, settings.log_level, settings.backend) == (128, 9123, "debug", "gguf")
-    assert served == [("the app", {"host": "127.0.0.1", "port": 9123, "log_level": "debug"})]
+    assert served == [("the app", {"host": "127.0.0.1", "port": 9123, "log_level": "debug",
+                                   "timeout_graceful_shutdown": 30.0})]
     assert os.environ["LOGPROBS_N_CTX"] == "4096" and "LOGPROBS_LOG_LEVEL" not in os.environ
 
 

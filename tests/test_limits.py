@@ -6,8 +6,11 @@ bad sampling never fails another's generation. One server, started with tight li
 from __future__ import annotations
 
 import json
+import re
+import signal
 import socket
 import threading
+import time
 
 import pytest
 import requests
@@ -15,7 +18,7 @@ import requests
 from tests.conftest import serve
 
 LIMITS = {"--max-body-bytes": 65536, "--max-prompts": 8, "--max-n": 2, "--max-request-tokens": 3000,
-          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--request-timeout": 6, "--max-sequences": 4}
+          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--request-timeout": 20, "--max-sequences": 4}
 
 
 @pytest.fixture(scope="module")
@@ -74,34 +77,38 @@ def test_default_max_tokens_bounds_requests_that_name_no_length(tight):
     assert out["usage"]["completion_tokens"] == 8 and out["choices"][0]["finish_reason"] == "length"
 
 
+def queued_tokens(server) -> float:
+    metrics = requests.get(server.url + "/metrics", timeout=10).text
+    return float(re.search(r"^logprobs_queue_tokens (\S+)$", metrics, re.M).group(1))
+
+
 def test_queue_bound_answers_429_with_retry_after(tight):
-    """Fill the queue: 12 prompts of 240 tokens (2,892 tokens of work; 4 run at once, 8 wait),
-    then ask for 1,100 more while they wait: 429 with Retry-After; the first request is whole."""
+    """Fill the queue: 8 distinct prompts of 360 tokens (2,888 tokens of work; 4 run at once, 4
+    wait), and once over 1,000 tokens wait (the /metrics gauge), ask for 2,100 more: 429 with
+    Retry-After, nothing of it queued; the first request comes back whole."""
     first: dict = {}
 
     def long_request():
-        prompts = [[100 + 13 * i + j % 7 for j in range(240)] for i in range(12)]  # distinct: no prefix reuse
+        prompts = [[100 + 13 * i + j % 7 for j in range(360)] for i in range(8)]  # distinct: no prefix reuse
         first["response"] = tight.post("/v1/completions", {"prompt": prompts, "max_tokens": 1,
                                                             "echo": True, "logprobs": 1})
 
     thread = threading.Thread(target=long_request)
     thread.start()
-    refused = None
     try:
-        while thread.is_alive() and refused is None:
-            response = tight.post("/v1/completions", {"prompt": [9] * 1000, "max_tokens": 100})
-            if response.status_code == 429:
-                refused = response
-            else:
-                assert response.status_code == 200, response.text
+        deadline = time.monotonic() + 30
+        while queued_tokens(tight) < 1000:
+            assert time.monotonic() < deadline and thread.is_alive(), first.get("response") and first["response"].text[:500]
+            time.sleep(0.02)
+        refused = tight.post("/v1/completions", {"prompt": [[9] * 1000] * 2, "max_tokens": 50})
     finally:
         thread.join(120)
-    assert refused is not None, "the queue bound was never reached"
     error = error_of(refused, 429)
     assert "--max-queued-tokens" in error["message"] and error["type"] == "rate_limit_error"
     assert int(refused.headers["Retry-After"]) >= 1
     assert first["response"].status_code == 200
-    assert len(first["response"].json()["choices"]) == 12
+    assert len(first["response"].json()["choices"]) == 8
+    assert queued_tokens(tight) == 0
 
 
 def test_request_timeout_answers_503_and_stops_the_work(tight):
@@ -184,3 +191,53 @@ def test_malformed_http_does_not_hurt(tight):
                              headers={"Content-Type": "application/x-www-form-urlencoded"})
     assert 400 <= response.status_code < 500
     assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
+
+
+def test_sigterm_lets_a_running_request_finish_then_exits_0(model_path, tmp_path):
+    from tests.conftest import LiveServer
+
+    live = LiveServer(model_path, tmp_path / "server.log", "--n-ctx", "512", "--shutdown-grace", "60")
+    try:
+        answer: dict = {}
+
+        def generate():
+            answer["response"] = live.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 80,
+                                                               "temperature": 0})
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(0.5)
+        live.proc.send_signal(signal.SIGTERM)
+        thread.join(120)
+        assert live.proc.wait(60) == 0
+        assert answer["response"].status_code == 200
+        assert answer["response"].json()["usage"]["completion_tokens"] > 0
+        with pytest.raises(requests.ConnectionError):  # no longer accepting
+            requests.get(live.url + "/health", timeout=5)
+    finally:
+        live.stop()
+
+
+def test_sigterm_past_the_grace_period_cancels_and_exits_0(model_path, tmp_path):
+    from tests.conftest import LiveServer
+
+    live = LiveServer(model_path, tmp_path / "server.log", "--n-ctx", "2048", "--shutdown-grace", "1")
+    try:
+        def generate():
+            try:
+                live.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0})
+            except requests.RequestException:
+                pass
+
+        thread = threading.Thread(target=generate)
+        thread.start()
+        time.sleep(1.0)
+        started = time.monotonic()
+        live.proc.send_signal(signal.SIGTERM)
+        assert live.proc.wait(60) == 0
+        thread.join(60)
+        # 1,900 tokens take far longer than the 1 s grace: the request was cancelled, not finished.
+        assert "request cancelled" in live.log() and "completed 1 prompt" not in live.log()
+        print(f"exited {time.monotonic() - started:.1f} s after SIGTERM")
+    finally:
+        live.stop()
