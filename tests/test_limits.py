@@ -18,13 +18,18 @@ import requests
 from tests.conftest import serve
 
 LIMITS = {"--max-body-bytes": 65536, "--max-prompts": 8, "--max-n": 2, "--max-request-tokens": 3000,
-          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--request-timeout": 20, "--max-sequences": 4}
+          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--max-sequences": 4}
 
 
 @pytest.fixture(scope="module")
 def tight(model_path, tmp_path_factory):
     flags = [str(x) for pair in LIMITS.items() for x in pair]
     yield from serve(model_path, tmp_path_factory, "tight", *flags)
+
+
+@pytest.fixture(scope="module")
+def impatient(model_path, tmp_path_factory):
+    yield from serve(model_path, tmp_path_factory, "impatient", "--request-timeout", "2")
 
 
 def error_of(response: requests.Response, status: int) -> dict:
@@ -111,18 +116,24 @@ def test_queue_bound_answers_429_with_retry_after(tight):
     assert queued_tokens(tight) == 0
 
 
-def test_request_timeout_answers_503_and_stops_the_work(tight):
-    info = requests.get(tight.url + "/tokenizer_info").json()
-    eos = tight.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
+def test_request_timeout_answers_503_and_stops_the_work(impatient):
+    """--request-timeout 2 and a 1,900-token generation (tens of seconds): 503, plain and streamed,
+    and the work is cancelled (the log says so) rather than left running."""
+    info = requests.get(impatient.url + "/tokenizer_info").json()
+    eos = impatient.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
     long = {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "logit_bias": {str(eos): -100}}
-    error = error_of(tight.post("/v1/completions", long), 503)
+    error = error_of(impatient.post("/v1/completions", long), 503)
     assert error["code"] == "timeout" and "--request-timeout" in error["message"]
     # Streamed: the headers are out, so the error arrives as an event and the stream ends.
-    with requests.post(tight.url + "/v1/completions", json=long | {"stream": True}, stream=True, timeout=60) as r:
+    with requests.post(impatient.url + "/v1/completions", json=long | {"stream": True}, stream=True, timeout=60) as r:
         events = [line for line in r.iter_lines(decode_unicode=True) if line]
     assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "timeout"
     assert "[DONE]" not in events[-1]
-    assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
+    deadline = time.monotonic() + 30
+    while impatient.log().count("request cancelled") < 2:
+        assert time.monotonic() < deadline, impatient.log()[-2000:]
+        time.sleep(0.1)
+    assert requests.get(impatient.url + "/health", timeout=10).json() == {"status": "ok"}
 
 
 @pytest.mark.parametrize("name,body,status", [

@@ -275,7 +275,8 @@ def test_model_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
 async def _call(app, method: str, path: str, headers: dict[str, str] | None = None):
     scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
              "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+             "headers": [(b"host", b"127.0.0.1")]
+                        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
              "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
     sent: list[dict] = []
 
