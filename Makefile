@@ -25,7 +25,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast bench clean show-build-flags
+.PHONY: setup serve test test-fast load bench clean show-build-flags
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -47,6 +47,14 @@ test: setup
 # Everything but the slow lm-eval end-to-end runs.
 test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
+
+# 16 concurrent clients for 3 minutes, after a warm-up of the same mix, against a server on
+# loopback with tight limits (tests/load/); prints a table, fails on any 5xx, scoring answers that
+# differ from the idle server's, a queue past its bound, RSS growth or an unanswered /health.
+# `make test` runs a 45-second version (tests/load/test_load.py).
+LOAD_ARGS ?= --duration 180 --warmup 45 --clients 16
+load: setup
+	$(TEST_ENV) $(BIN)/python -m tests.load $(LOAD_ARGS)
 
 # Speed, side by side in one run (about 15 minutes on 2 cores); writes bench_out/.
 bench: setup
