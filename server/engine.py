@@ -317,10 +317,6 @@ class Engine:
             if running.cancelled:
                 self._finish(running, free, error=Cancelled())
                 continue
-            # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
-            # where reuse pays, and where tests show it changes no number.
-            if self.cache is not None and running.score_prompt:
-                running.reuse = self.cache.find(running.job.tokens, running.k)
             running.seq = free.pop(0)
             self.hooks.job_admitted(time.perf_counter() - running.queued_at)
             admitted.append(running)
@@ -335,9 +331,14 @@ class Engine:
         prompt's last-row logits by up to 1.2. Decode steps are batched (see _step)."""
         backend = self.backend
         tokens, n, start = r.job.tokens, len(r.job.tokens), 0
+        # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
+        # where reuse pays, and where tests show it changes no number. Looked up now, not at
+        # admission, so that jobs admitted together (one request's choices) reuse each other.
+        if self.cache is not None and r.score_prompt:
+            r.reuse = self.cache.find(tokens, r.k)
         if r.reuse is not None:
             backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
-            start = r.reuse.length  # only scored prompts reuse (see _admit)
+            start = r.reuse.length
             r.prompt_parts.append(first_rows(r.reuse.entry.scores, start, r.k))
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.

@@ -299,3 +299,31 @@ def test_one_jobs_sampling_failure_fails_only_that_job(make_engine):
     good, failing = asyncio.run(run())
     assert isinstance(failing, IndexError)
     assert good[0].generated == expected_greedy([4], 30)
+
+
+class SnapshotFakeBackend(FakeBackend):
+    """The fake with prefix-cache support: a snapshot is the sequence's length."""
+
+    supports_snapshots = True
+
+    def snapshot(self, seq):
+        return self.lengths[seq], 64
+
+    def restore(self, seq, state, n_tokens):
+        assert n_tokens <= state
+        self.lengths[seq] = n_tokens
+
+
+def test_choices_admitted_together_reuse_each_others_prefix():
+    """One request of 4 scored choices sharing a 20-token context, 4 sequences: the cache is looked
+    up just before each prompt pass, so choices 2-4 reuse the context that choice 1 ran."""
+    backend = SnapshotFakeBackend(max_sequences=4)
+    engine = Engine(backend, prefix_cache_mb=1)
+    try:
+        context = [1, 2, 3, 4, 5] * 4
+        jobs = [greedy_job(context + [6, i % 7, 2], 0, echo=True, logprobs=1) for i in range(4)]
+        results = asyncio.run(engine.complete(jobs))
+        assert [start for _, start, _ in backend.prefills] == [0] + [len(context)] * 3
+        assert engine.cache.hits == 3 and all(len(r.prompt_scores.token_logprobs) == 22 for r in results)
+    finally:
+        engine.close()
