@@ -8,9 +8,9 @@ scoring them.
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal, TypedDict
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 Prompt = list[str] | list[list[int]]
 
@@ -19,8 +19,30 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+# Requests: unknown fields are an error, not silently ignored (a typo must not change results
+# unnoticed), and so is a value of another JSON type than the schema says (strict): "5" or true is
+# not a max_tokens, 1 or "yes" not a boolean. Integers are numbers, and a number without a
+# fraction (5.0) is an integer, as in JSON Schema (see integer()).
+REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds: int) -> Any:
+    """The type of an integer field within `bounds` (ge, le): an int, or a float with no fraction
+    (5.0 is 5); not a string or a boolean. (The bounds go inside, so the JSON Schema keeps them.)"""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+Int, NonNegative, Positive = integer(), integer(ge=0), integer(ge=1)
+TopK = integer(ge=-1)  # vLLM's: 0 or -1 is no limit
+Seed = integer(ge=-2**63, le=2**64 - 1)  # any 64-bit seed, signed or not
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     include_usage: bool = False
 
@@ -28,17 +50,16 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Generation settings shared by /v1/completions and /v1/chat/completions."""
 
-    # Unknown fields are an error, not silently ignored: a typo must not change results unnoticed.
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     model: str | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: no limit
+    top_k: TopK | None = None  # vLLM's extension; 0 or -1: no limit
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
-    n: int | None = Field(1, ge=1)  # at most --max-n (checked with the other limits)
+    n: Positive | None = 1  # at most --max-n (checked with the other limits)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -55,12 +76,12 @@ class SamplingFields(BaseModel):
 
 class CompletionRequest(SamplingFields):
     prompt: Any = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0)
+    max_tokens: NonNegative | None = 16
+    logprobs: NonNegative | None = None
     echo: bool = False
     # Accepted by OpenAI, not supported here: anything but their neutral value is rejected.
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -94,14 +115,14 @@ class CompletionRequest(SamplingFields):
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts reach the template (images are not read)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the chat template
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, ...: passed to the chat template
 
     role: str
     content: str | list[ContentPart] | None = None
@@ -109,16 +130,16 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: NonNegative | None = None
+    max_completion_tokens: NonNegative | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: NonNegative | None = None
     add_generation_prompt: bool = True  # vLLM's extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     prompt: str
     add_special_tokens: bool = True
@@ -126,9 +147,9 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
-    tokens: list[int]
+    tokens: list[Int]
     model: str | None = None
 
 
