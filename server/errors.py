@@ -70,7 +70,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind)
+        # Its headers too: a 405 must say which methods the path takes (Allow).
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind,
+                              headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
