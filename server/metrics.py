@@ -13,7 +13,7 @@ import time
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
@@ -161,6 +161,24 @@ class ObservabilityMiddleware:
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+def _error(description: str) -> dict:
+    # The route's media type is text/plain: errors name theirs (ErrorResponse, server/protocol.py).
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+
+
+# The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
+METRICS_RESPONSES = {
+    200: {"description": "Prometheus' text exposition format."},
+    400: _error("Refused: a Host header this server does not answer to (see --allowed-hosts)."),
+    401: {**_error("Missing or wrong API key: only when the server runs with an API key and without "
+                   "--metrics-public."),
+          "headers": {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}}},
+    413: _error("The request body is larger than --max-body-bytes."),
+    500: _error("An unexpected error (a bug); the server log has the details."),
+}
+
+
 async def metrics_endpoint(request: Request) -> Response:
     return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -169,6 +187,7 @@ def install(app: FastAPI) -> None:
     """Serve GET /metrics, and put the observability middleware outside every other layer,
     Starlette's error middleware included, so that it counts 500s and 401s (from an auth
     middleware, wherever that is added) and puts the request id on them too."""
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse,
+                      responses=METRICS_RESPONSES)
     build = app.build_middleware_stack
     app.build_middleware_stack = lambda: ObservabilityMiddleware(build(), app)

@@ -1,18 +1,43 @@
 """The HTTP schema: OpenAI's legacy completions API and vLLM's tokenizer endpoints.
 
 Requests are pydantic models (validated, with errors turned into 400s by server.errors).
-Responses are plain dicts built by the serving code; their shapes are documented here as
-TypedDicts, because validating thousands of logprob entries per response would cost more than
-scoring them.
+Responses are plain dicts built by the serving code; their shapes are declared here as
+TypedDicts, which type the code that builds them and document them in the OpenAPI schema
+(server.api names them in `responses=`, so FastAPI never validates or re-serializes through
+them: validating thousands of logprob entries per response would cost more than scoring them).
+They are closed (no other keys), so tests/test_openapi.py catches a response that grows a field
+the schema does not declare.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema, field_validator,
+                      with_config)
+from typing_extensions import NotRequired, TypedDict
 
 Prompt = list[str] | list[list[int]]
+
+# What the prompt validator accepts (it normalizes to Prompt), as JSON Schema: the field itself
+# is typed Any so that a batch of a million token ids is checked once, by _prompt_shape, not
+# again by a union of list types. Negative ids and empty prompts are refused later, with the
+# prompt's index (an empty string is 0 tokens unless the tokenizer adds BOS).
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TEXT = {"type": "string", "minLength": 1}
+PROMPT_SCHEMA = {"anyOf": [
+    _TEXT,
+    {"type": "array", "items": _TEXT, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]}
+# logit_bias is typed dict[str, float]; server.serving checks keys and values (with messages
+# that say which token). The schema says what it accepts.
+LOGIT_BIAS_SCHEMA = {"anyOf": [
+    {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,12}$"},
+     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    {"type": "null"},
+]}
 
 
 def _is_token_list(value: Any) -> bool:
@@ -65,7 +90,8 @@ class SamplingFields(BaseModel):
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # vLLM's extension
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = Field(
+        None, description="Token id (a string of digits) -> bias added to its logit when sampling, within -100..100.")
     user: str | None = None  # an end-user id for the caller's bookkeeping; no effect here
 
     def stop_list(self) -> list[str]:
@@ -75,7 +101,14 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+        # lm-eval's loglikelihood request: token ids, nothing generated, the prompt's logprobs.
+        {"prompt": [[1, 2, 3, 4]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+    ]})
+
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
     max_tokens: NonNegative | None = 16
     logprobs: NonNegative | None = None
     echo: bool = False
@@ -129,6 +162,10 @@ class ChatMessage(BaseModel):
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegative | None = None
     max_completion_tokens: NonNegative | None = None
@@ -139,7 +176,7 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class TokenizeRequest(BaseModel):
-    model_config = REQUEST
+    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello, world"}]})
 
     prompt: str
     add_special_tokens: bool = True
@@ -147,62 +184,245 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = REQUEST
+    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
     tokens: list[Int]
     model: str | None = None
 
 
 # -- response shapes ------------------------------------------------------------------------------
+# Closed TypedDicts: the code that builds the dicts is typed by them, and the OpenAPI schema lists
+# exactly their keys.
 
+closed = with_config(ConfigDict(extra="forbid"))
+
+FinishReason = Literal["stop", "length"]
+
+
+@closed
 class CompletionLogprobs(TypedDict):
+    """One entry per token of the choice's text, in order; with echo the prompt's first token has
+    no logprob (null). Each top_logprobs dict holds the `logprobs` best tokens and the token itself."""
+
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
+@closed
 class CompletionChoice(TypedDict):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
+@closed
 class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
+@closed
 class CompletionResponse(TypedDict):
     id: str
     object: Literal["text_completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
+@closed
+class CompletionChunkChoice(TypedDict):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+@closed
+class CompletionChunk(TypedDict):
+    """One streamed event; the last one (with stream_options.include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChunkChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
 class ChatTopLogprob(TypedDict):
     token: str
     logprob: float
     bytes: list[int]
 
 
-class ChatTokenLogprob(ChatTopLogprob):
+@closed
+class ChatTokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
     top_logprobs: list[ChatTopLogprob]
 
 
+@closed
+class ChatLogprobs(TypedDict):
+    content: list[ChatTokenLogprob]
+
+
+@closed
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
 class ChatChoice(TypedDict):
     index: int
-    message: dict[str, str]
-    logprobs: dict[str, list[ChatTokenLogprob]] | None
-    finish_reason: Literal["stop", "length"]
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
 
 
+@closed
+class ChatCompletionResponse(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+@closed
+class ChatDelta(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+@closed
+class ChatCompletionChunk(TypedDict):
+    """One streamed event; the last one (with stream_options.include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
 class ErrorBody(TypedDict):
     message: str
-    type: str
+    type: str  # invalid_request_error, not_found_error, rate_limit_error or server_error
     param: str | None
     code: str | None
+
+
+@closed
+class ErrorResponse(TypedDict):
+    """Every error, in OpenAI's format."""
+
+    error: ErrorBody
+
+
+@closed
+class ModelCard(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    system_fingerprint: str
+    fingerprint: dict[str, str]  # what decides the numbers (server/fingerprint.py), in full
+
+
+@closed
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+@closed
+class TokenizeResponse(TypedDict):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+@closed
+class DetokenizeResponse(TypedDict):
+    prompt: str
+
+
+@closed
+class TokenizerInfo(TypedDict):
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    chat_template: str | None
+    model_max_length: int
+
+
+@closed
+class Health(TypedDict):
+    status: Literal["ok"]
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inlined(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inlined(value, defs) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(item, defs) for item in schema]
+    return schema
+
+
+def inline_schema(shape: Any) -> dict[str, Any]:
+    """The JSON Schema of a type with every $ref replaced by its definition, to embed anywhere in
+    the OpenAPI document (whose '#' is the document, not this schema)."""
+    schema = TypeAdapter(shape).json_schema(mode="serialization")
+    return _inlined(schema, schema.get("$defs", {}))
+
+
+def event_stream_schema(chunk: Any) -> dict[str, Any]:
+    """The OpenAPI media type object of a `stream: true` response: each event's `data` is a chunk,
+    an error (a stream past --request-timeout, or a failure once the headers are sent) or the
+    final "[DONE]". `itemSchema` describes one event, as FastAPI's own event streams do."""
+    payload = {"anyOf": [inline_schema(chunk), inline_schema(ErrorResponse)]}
+    return {"itemSchema": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+            ]},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }}
