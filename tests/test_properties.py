@@ -19,6 +19,9 @@ from server.protocol import ChatCompletionRequest, CompletionRequest, Detokenize
 from server.scoring import score_rows
 from tests.conftest import serve
 
+# The same examples on every run (CI must not fail by chance), and no example database in the
+# work tree; no deadline, as the server and a busy machine set the pace.
+PROPERTIES = settings(derandomize=True, database=None, deadline=None)
 EPS32 = float(np.finfo(np.float32).eps)
 # Values that tie often (hypothesis also repeats values on its own), and any other finite float32.
 LOGIT = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5]), st.floats(width=32, allow_nan=False,
@@ -35,7 +38,7 @@ def scoring_case(draw, logit=LOGIT):
 
 # -- scoring ------------------------------------------------------------------------------------
 
-@settings(max_examples=300, deadline=None)
+@settings(PROPERTIES, max_examples=300)
 @given(scoring_case())
 def test_logprobs_are_never_positive_and_top_k_is_a_stable_sort(case):
     """x - lse <= 0 exactly in float32: the row's max term adds exp(0) = 1 to the sum, so its log is
@@ -53,7 +56,7 @@ def test_logprobs_are_never_positive_and_top_k_is_a_stable_sort(case):
         assert scored.top_logprobs[row, column].tobytes() == scored.token_logprobs[row].tobytes()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(PROPERTIES, max_examples=300)
 @given(scoring_case(logit=st.floats(-2.0**100, 2.0**100, width=32)))
 def test_logprobs_agree_with_a_float64_log_softmax(case):
     """Within float32's rounding of the numbers involved: the logits' magnitude and spread, and
@@ -72,7 +75,7 @@ def test_logprobs_agree_with_a_float64_log_softmax(case):
     assert (np.abs(scored.top_logprobs - top_reference) <= tolerance[:, None]).all()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTIES, max_examples=100)
 @given(scoring_case(), st.integers(2, 4))
 def test_threads_give_the_same_bits(case, threads):
     logits, targets, k = case
@@ -82,7 +85,7 @@ def test_threads_give_the_same_bits(case, threads):
         assert a.tobytes() == b.tobytes()
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTIES, max_examples=100)
 @given(scoring_case(logit=st.one_of(st.sampled_from([0.0, 1.0, -1.0]), st.floats(-100.0, 100.0, width=32))))
 def test_mlx_scoring_picks_the_same_top_k(case):
     """The MLX path (its own logsumexp, so values differ in the last bits) keeps the same tokens in
@@ -116,7 +119,7 @@ OPTIONAL = {
 }
 
 
-@settings(max_examples=200, deadline=None)
+@settings(PROPERTIES, max_examples=200)
 @given(PROMPT_FORMS, st.fixed_dictionaries({}, optional=OPTIONAL))
 def test_any_valid_completion_request_keeps_its_prompt_shape(prompt, fields):
     sent, normalized = prompt
@@ -130,7 +133,8 @@ def test_any_valid_completion_request_keeps_its_prompt_shape(prompt, fields):
 # Each field of a JSON type, and values of other JSON types: strict, so "5", true and 1.5 are not
 # integers, "0.5" and true not numbers, 1 and "true" not booleans.
 WRONG_TYPES = {
-    "integer": st.one_of(st.booleans(), st.text(max_size=5), st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
+    "integer": st.one_of(st.booleans(), st.text(max_size=5),
+                         st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
                          st.lists(st.integers(), max_size=2), st.just({})),
     "number": st.one_of(st.booleans(), st.text(max_size=5), st.lists(st.floats(), max_size=2), st.just({})),
     "boolean": st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=5), st.just([]), st.just({})),
@@ -147,7 +151,7 @@ def wrongly_typed(draw, fields):
     return name, draw(WRONG_TYPES[fields[name]])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(PROPERTIES, max_examples=200)
 @given(wrongly_typed(COMPLETION_FIELDS))
 def test_values_of_another_json_type_are_refused(field):
     name, value = field
@@ -155,7 +159,7 @@ def test_values_of_another_json_type_are_refused(field):
         CompletionRequest.model_validate({"prompt": "x", name: value})
 
 
-@settings(max_examples=100, deadline=None)
+@settings(PROPERTIES, max_examples=100)
 @given(wrongly_typed({"max_tokens": "integer", "max_completion_tokens": "integer", "top_logprobs": "integer",
                       "logprobs": "boolean", "add_generation_prompt": "boolean", "temperature": "number"}))
 def test_chat_values_of_another_json_type_are_refused(field):
@@ -164,6 +168,7 @@ def test_chat_values_of_another_json_type_are_refused(field):
         ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "x"}], name: value})
 
 
+@settings(PROPERTIES)
 @given(st.sampled_from(["max_tokens", "logprobs", "n", "top_k"]), st.integers(1, 10))
 def test_a_number_without_a_fraction_is_an_integer(name, value):
     """JSON has one number type, and JSON Schema counts 5.0 as an integer: so does the server."""
@@ -205,7 +210,7 @@ SMALL_REQUEST = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(PROPERTIES, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=SMALL_REQUEST)
 def test_echo_logprobs_have_the_documented_shape(small, body):
     response = small.post("/v1/completions", body)
@@ -263,7 +268,7 @@ BAD_FIELDS = st.one_of(
 )
 
 
-@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(PROPERTIES, max_examples=100, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(field=BAD_FIELDS)
 def test_invalid_requests_get_a_4xx_in_openai_format(small, field):
     name, value = field
@@ -273,7 +278,7 @@ def test_invalid_requests_get_a_4xx_in_openai_format(small, field):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(PROPERTIES, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(body=JSON_VALUE, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize",
                                               "/detokenize"]))
 def test_any_json_body_gets_an_answer_below_500(small, body, path):
