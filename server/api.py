@@ -11,10 +11,10 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.protocol import (ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse, CompletionChunk,
-                             CompletionRequest, CompletionResponse, DetokenizeRequest, DetokenizeResponse,
-                             ErrorResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
-                             event_stream_schema)
+from server.protocol import (HOST_REFUSED, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
+                             DetokenizeResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+                             error_responses, event_stream_schema)
 from server.serving import check_model, check_token_ids, timeout_error
 from server.state import ServerState
 
@@ -22,41 +22,8 @@ router = APIRouter()
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 # -- the OpenAPI schema's responses ---------------------------------------------------------------
-# Each route declares the statuses the server really sends (from the middleware of server.app, the
-# error handlers of server.errors and the checks of server.serving), all with OpenAI's error body.
 # The models are documentation only: handlers return dicts or ready Responses, which FastAPI sends
 # as they are (a route has no response_model).
-
-HOST_REFUSED = "a Host header this server does not answer to (see --allowed-hosts)"
-ERRORS = {
-    400: "Invalid request: not JSON, a missing or unknown field, a value of the wrong type or out of range, input "
-         "the model cannot take (a token id outside its vocabulary, a prompt longer than its context), or a "
-         "request past one of the server's limits (--max-prompts, --max-n, --max-logprobs, --max-stop, "
-         f"--max-request-tokens); also {HOST_REFUSED}.",
-    401: "Missing or wrong API key: only when the server runs with --api-key or --api-key-file.",
-    404: "The request names a `model` that is not the one served here (see GET /v1/models).",
-    413: "The request body is larger than --max-body-bytes.",
-    429: "The server's queue is full (--max-queued-tokens): retry after Retry-After seconds.",
-    500: "An unexpected error (a bug); the server log has the details.",
-    503: "The request did not finish within --request-timeout and was cancelled.",
-}
-HEADERS = {
-    401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
-    429: {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
-                          "schema": {"type": "integer", "minimum": 1}}},
-}
-GET_400 = f"Refused: {HOST_REFUSED}."
-
-
-def error_responses(*statuses: int, bad_request: str = ERRORS[400]) -> dict[int | str, dict]:
-    """`responses=` entries for these error statuses; `bad_request`: what a 400 means here."""
-    out: dict[int | str, dict] = {}
-    for status in statuses:
-        out[status] = {"model": ErrorResponse, "description": bad_request if status == 400 else ERRORS[status]}
-        if status in HEADERS:
-            out[status]["headers"] = HEADERS[status]
-    return out
-
 
 def ok(model, description: str, stream=None) -> dict[int | str, dict]:
     response: dict = {"model": model, "description": description}
@@ -120,7 +87,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request):
 
 
 @router.get("/v1/models", responses=ok(ModelList, "The one model served.")
-            | error_responses(400, 401, 413, 500, bad_request=GET_400))
+            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
 async def models(request: Request):
     state = _state(request)
     return {
@@ -138,7 +105,7 @@ async def models(request: Request):
 
 
 @router.get("/health", responses=ok(Health, "The server is up (no API key needed).")
-            | error_responses(400, 413, 500, bad_request=GET_400))
+            | error_responses(400, 413, 500, bad_request=HOST_REFUSED))
 async def health():
     return {"status": "ok"}
 
@@ -149,7 +116,7 @@ def _special_token_text(state: ServerState, token_id: int | None) -> str | None:
 
 @router.get("/tokenizer_info", responses=ok(TokenizerInfo, "The tokenizer's special tokens and chat template "
                                                           "(vLLM's endpoint, read by lm-eval's remote tokenizer).")
-            | error_responses(400, 401, 413, 500, bad_request=GET_400))
+            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
 async def tokenizer_info(request: Request):
     state = _state(request)
     info = state.backend.info

@@ -20,6 +20,7 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine, EngineHooks
+from server.protocol import HOST_REFUSED, error_responses
 from server.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
 
 if TYPE_CHECKING:
@@ -161,22 +162,10 @@ class ObservabilityMiddleware:
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
-def _error(description: str) -> dict:
-    # The route's media type is text/plain: errors name theirs (ErrorResponse, server/protocol.py).
-    return {"description": description,
-            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
-
-
 # The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
-METRICS_RESPONSES = {
-    200: {"description": "Prometheus' text exposition format."},
-    400: _error("Refused: a Host header this server does not answer to (see --allowed-hosts)."),
-    401: {**_error("Missing or wrong API key: only when the server runs with an API key and without "
-                   "--metrics-public."),
-          "headers": {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}}},
-    413: _error("The request body is larger than --max-body-bytes."),
-    500: _error("An unexpected error (a bug); the server log has the details."),
-}
+METRICS_RESPONSES = {200: {"description": "Prometheus' text exposition format."}} | error_responses(
+    400, 401, 413, 500, bad_request=HOST_REFUSED, by_reference=True,
+    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.")
 
 
 async def metrics_endpoint(request: Request) -> Response:

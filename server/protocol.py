@@ -388,6 +388,49 @@ class Health(TypedDict):
     status: Literal["ok"]
 
 
+# -- errors in the OpenAPI schema ----------------------------------------------------------------
+# What each error status means, for the routes' `responses=` (server/api.py, server/metrics.py):
+# the statuses the server really sends, from the middleware of server.app, the error handlers of
+# server.errors and the checks of server.serving, all with ErrorResponse as the body.
+
+HOST_REFUSED = "A Host header this server does not answer to (see --allowed-hosts)."
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: not JSON, a missing or unknown field, a value of another type or out of range, input "
+         "the model cannot take (a token id outside its vocabulary, a prompt longer than its context), or a "
+         "request past one of the server's limits (--max-prompts, --max-n, --max-logprobs, --max-stop, "
+         "--max-request-tokens). Or: " + HOST_REFUSED,
+    401: "Missing or wrong API key: only when the server runs with --api-key or --api-key-file.",
+    404: "The request names a `model` that is not the one served here (see GET /v1/models).",
+    413: "The request body is larger than --max-body-bytes.",
+    429: "The server's queue is full (--max-queued-tokens): retry after Retry-After seconds.",
+    500: "An unexpected error (a bug); the server log has the details.",
+    503: "The request did not finish within --request-timeout and was cancelled.",
+}
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
+                          "schema": {"type": "integer", "minimum": 1}}},
+}
+
+
+def error_responses(*statuses: int, bad_request: str = ERROR_DESCRIPTIONS[400], unauthorized: str | None = None,
+                    by_reference: bool = False) -> dict[int | str, dict]:
+    """`responses=` entries for these error statuses; `bad_request`, `unauthorized`: what a 400 or
+    401 means on this route. by_reference: name the body's schema (for a route whose own media
+    type is not JSON) instead of giving FastAPI the model (which puts it in the components)."""
+    described = {**ERROR_DESCRIPTIONS, 400: bad_request, 401: unauthorized or ERROR_DESCRIPTIONS[401]}
+    out: dict[int | str, dict] = {}
+    for status in statuses:
+        out[status] = {"description": described[status]}
+        if by_reference:
+            out[status]["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        else:
+            out[status]["model"] = ErrorResponse
+        if status in ERROR_HEADERS:
+            out[status]["headers"] = ERROR_HEADERS[status]
+    return out
+
+
 # -- Server-Sent Events ---------------------------------------------------------------------------
 
 def _inlined(schema: Any, defs: dict[str, Any]) -> Any:

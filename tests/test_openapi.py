@@ -117,6 +117,31 @@ def test_a_wrong_method_is_405_with_allow(fuzzed, method, path, allowed):
     assert set(response.json()["error"]) == {"message", "type", "param", "code"}
 
 
+@pytest.fixture(scope="module")
+def guarded(model_path, tmp_path_factory):
+    yield from serve(model_path, tmp_path_factory, "openapi-keys", "--n-threads", "1", "--n-ctx", "512",
+                     "--api-key", "sk-openapi", "--max-body-bytes", "2048")
+
+
+@pytest.mark.parametrize("method,path,body,key,status", [
+    ("GET", "/v1/models", None, None, 401), ("GET", "/metrics", None, None, 401),
+    ("POST", "/tokenize", {"prompt": "Hi"}, "sk-wrong", 401), ("GET", "/health", None, None, 200),
+    ("POST", "/v1/completions", {"prompt": "x" * 5000}, "sk-openapi", 413),
+    ("GET", "/metrics", None, "sk-openapi", 200),
+])
+def test_refusals_of_a_guarded_server_conform(guarded, method, path, body, key, status):
+    """The statuses the fuzzed server (no keys, a large body limit) does not send: 401 with
+    WWW-Authenticate, 413; all checks but those that send requests of their own."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    operation = schema[path][method]
+    case = operation.Case(body=body, headers=headers) if body is not None else operation.Case(headers=headers)
+    response = case.call(base_url=guarded.url, timeout=30)
+    assert response.status_code == status
+    checks = schemathesis.checks
+    case.validate_response(response, checks=[checks.status_code_conformance, checks.content_type_conformance,
+                                             checks.response_headers_conformance, checks.response_schema_conformance])
+
+
 @schema.parametrize()
 def test_api_conforms_to_its_schema(case, fuzzed):
     phase = case.meta.phase.name.value
