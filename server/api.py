@@ -11,12 +11,28 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.protocol import (HOST_REFUSED, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
+                             DetokenizeResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+                             error_responses, event_stream_schema)
 from server.serving import check_model, check_token_ids, timeout_error
 from server.state import ServerState
 
 router = APIRouter()
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
+
+# -- the OpenAPI schema's responses ---------------------------------------------------------------
+# The models are documentation only: handlers return dicts or ready Responses, which FastAPI sends
+# as they are (a route has no response_model).
+
+def ok(model, description: str, stream=None) -> dict[int | str, dict]:
+    response: dict = {"model": model, "description": description}
+    if stream is not None:
+        response["content"] = {"text/event-stream": event_stream_schema(stream)}
+    return {200: response}
+
+
+GENERATION = (400, 401, 404, 413, 429, 500, 503)
 
 
 def _state(request: Request) -> ServerState:
@@ -56,17 +72,22 @@ async def _respond(request: Request, create, body):
     return result
 
 
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses=ok(
+    CompletionResponse, "The completion (application/json), or with `stream: true` its Server-Sent Events "
+    "(text/event-stream).", stream=CompletionChunk) | error_responses(*GENERATION))
 async def completions(body: CompletionRequest, request: Request):
     return await _respond(request, create_completion, body)
 
 
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses=ok(
+    ChatCompletionResponse, "The chat completion (application/json), or with `stream: true` its Server-Sent "
+    "Events (text/event-stream).", stream=ChatCompletionChunk) | error_responses(*GENERATION))
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _respond(request, create_chat_completion, body)
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", responses=ok(ModelList, "The one model served.")
+            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
 async def models(request: Request):
     state = _state(request)
     return {
@@ -83,7 +104,8 @@ async def models(request: Request):
     }
 
 
-@router.get("/health")
+@router.get("/health", responses=ok(Health, "The server is up (no API key needed).")
+            | error_responses(400, 413, 500, bad_request=HOST_REFUSED))
 async def health():
     return {"status": "ok"}
 
@@ -92,7 +114,9 @@ def _special_token_text(state: ServerState, token_id: int | None) -> str | None:
     return None if token_id is None else state.backend.tokens.strings[token_id]
 
 
-@router.get("/tokenizer_info")
+@router.get("/tokenizer_info", responses=ok(TokenizerInfo, "The tokenizer's special tokens and chat template "
+                                                          "(vLLM's endpoint, read by lm-eval's remote tokenizer).")
+            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
 async def tokenizer_info(request: Request):
     state = _state(request)
     info = state.backend.info
@@ -106,7 +130,8 @@ async def tokenizer_info(request: Request):
     }
 
 
-@router.post("/tokenize")
+@router.post("/tokenize", responses=ok(TokenizeResponse, "The prompt's token ids.")
+             | error_responses(400, 401, 404, 413, 500))
 async def tokenize(body: TokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)
@@ -114,7 +139,8 @@ async def tokenize(body: TokenizeRequest, request: Request):
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.backend.info.n_ctx}
 
 
-@router.post("/detokenize")
+@router.post("/detokenize", responses=ok(DetokenizeResponse, "The text of the token ids.")
+             | error_responses(400, 401, 404, 413, 500))
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)

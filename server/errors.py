@@ -70,10 +70,32 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind)
+        # Its headers too: a 405 must say which methods the path takes (Allow).
+        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind,
+                              headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         # Never the exception's text: it can hold paths, prompts or internals.
         log.exception("Unexpected error in %s %s", request.method, request.url.path)
         return error_response(500, INTERNAL_ERROR, type="server_error")
+
+    _no_422_in_schema(app)
+
+
+def _no_422_in_schema(app: FastAPI) -> None:
+    """FastAPI documents a 422 with its own error shape on every route that takes input; this
+    server answers those errors 400 in OpenAI's format (above), which each route declares
+    (server/api.py). So the published schema loses the 422s and their shapes."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        schema = generate()  # FastAPI's, cached by FastAPI: the edits below are made once
+        for operations in schema.get("paths", {}).values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi

@@ -13,13 +13,14 @@ import time
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine, EngineHooks
+from server.protocol import HOST_REFUSED, error_responses
 from server.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
 
 if TYPE_CHECKING:
@@ -161,6 +162,12 @@ class ObservabilityMiddleware:
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 
+# The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
+METRICS_RESPONSES = {200: {"description": "Prometheus' text exposition format."}} | error_responses(
+    400, 401, 413, 500, bad_request=HOST_REFUSED, by_reference=True,
+    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.")
+
+
 async def metrics_endpoint(request: Request) -> Response:
     return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
@@ -169,6 +176,7 @@ def install(app: FastAPI) -> None:
     """Serve GET /metrics, and put the observability middleware outside every other layer,
     Starlette's error middleware included, so that it counts 500s and 401s (from an auth
     middleware, wherever that is added) and puts the request id on them too."""
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse,
+                      responses=METRICS_RESPONSES)
     build = app.build_middleware_stack
     app.build_middleware_stack = lambda: ObservabilityMiddleware(build(), app)

@@ -1,26 +1,73 @@
 """The HTTP schema: OpenAI's legacy completions API and vLLM's tokenizer endpoints.
 
 Requests are pydantic models (validated, with errors turned into 400s by server.errors).
-Responses are plain dicts built by the serving code; their shapes are documented here as
-TypedDicts, because validating thousands of logprob entries per response would cost more than
-scoring them.
+Responses are plain dicts built by the serving code; their shapes are declared here as
+TypedDicts, which type the code that builds them and document them in the OpenAPI schema
+(server.api names them in `responses=`, so FastAPI never validates or re-serializes through
+them: validating thousands of logprob entries per response would cost more than scoring them).
+They are closed (no other keys), so tests/test_openapi.py catches a response that grows a field
+the schema does not declare.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema, field_validator,
+                      with_config)
+from typing_extensions import NotRequired, TypedDict
 
 Prompt = list[str] | list[list[int]]
+
+# What the prompt validator accepts (it normalizes to Prompt), as JSON Schema: the field itself
+# is typed Any so that a batch of a million token ids is checked once, by _prompt_shape, not
+# again by a union of list types. Negative ids and empty prompts are refused later, with the
+# prompt's index (an empty string is 0 tokens unless the tokenizer adds BOS).
+_TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
+_TEXT = {"type": "string", "minLength": 1}
+PROMPT_SCHEMA = {"anyOf": [
+    _TEXT,
+    {"type": "array", "items": _TEXT, "minItems": 1},
+    _TOKEN_IDS,
+    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+]}
+# logit_bias is typed dict[str, float]; server.serving checks keys and values (with messages
+# that say which token). The schema says what it accepts.
+LOGIT_BIAS_SCHEMA = {"anyOf": [
+    {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,12}$"},
+     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
+    {"type": "null"},
+]}
 
 
 def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
+# Requests: unknown fields are an error, not silently ignored (a typo must not change results
+# unnoticed), and so is a value of another JSON type than the schema says (strict): "5" or true is
+# not a max_tokens, 1 or "yes" not a boolean. Integers are numbers, and a number without a
+# fraction (5.0) is an integer, as in JSON Schema (see integer()).
+REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+def _whole_number(value: Any) -> Any:
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+def integer(**bounds: int) -> Any:
+    """The type of an integer field within `bounds` (ge, le): an int, or a float with no fraction
+    (5.0 is 5); not a string or a boolean. (The bounds go inside, so the JSON Schema keeps them.)"""
+    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
+
+
+Int, NonNegative, Positive = integer(), integer(ge=0), integer(ge=1)
+TopK = integer(ge=-1)  # vLLM's: 0 or -1 is no limit
+Seed = integer(ge=-2**63, le=2**64 - 1)  # any 64-bit seed, signed or not
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     include_usage: bool = False
 
@@ -28,23 +75,23 @@ class StreamOptions(BaseModel):
 class SamplingFields(BaseModel):
     """Generation settings shared by /v1/completions and /v1/chat/completions."""
 
-    # Unknown fields are an error, not silently ignored: a typo must not change results unnoticed.
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST
 
     model: str | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=-1)  # vLLM's extension; 0 or -1: no limit
+    top_k: TopK | None = None  # vLLM's extension; 0 or -1: no limit
     min_p: float | None = Field(None, ge=0.0, le=1.0)  # vLLM's extension
-    n: int | None = Field(1, ge=1)  # at most --max-n (checked with the other limits)
+    n: Positive | None = 1  # at most --max-n (checked with the other limits)
     stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=-2**63, le=2**64 - 1)
+    seed: Seed | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # vLLM's extension
-    logit_bias: dict[str, float] | None = None
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = Field(
+        None, description="Token id (a string of digits) -> bias added to its logit when sampling, within -100..100.")
     user: str | None = None  # an end-user id for the caller's bookkeeping; no effect here
 
     def stop_list(self) -> list[str]:
@@ -54,13 +101,20 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Any = Field(description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
-    max_tokens: int | None = Field(16, ge=0)
-    logprobs: int | None = Field(None, ge=0)
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+        # lm-eval's loglikelihood request: token ids, nothing generated, the prompt's logprobs.
+        {"prompt": [[1, 2, 3, 4]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+    ]})
+
+    prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)] = Field(
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
+    max_tokens: NonNegative | None = 16
+    logprobs: NonNegative | None = None
     echo: bool = False
     # Accepted by OpenAI, not supported here: anything but their neutral value is rejected.
     suffix: str | None = None
-    best_of: int | None = None
+    best_of: Int | None = None
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -94,31 +148,35 @@ class CompletionRequest(SamplingFields):
 class ContentPart(BaseModel):
     """One part of a message's content; only text parts reach the template (images are not read)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the chat template
+    model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, ...: passed to the chat template
 
     role: str
     content: str | list[ContentPart] | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
+    ]})
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=0)
-    max_completion_tokens: int | None = Field(None, ge=0)
+    max_tokens: NonNegative | None = None
+    max_completion_tokens: NonNegative | None = None
     logprobs: bool | None = False
-    top_logprobs: int | None = Field(None, ge=0)
+    top_logprobs: NonNegative | None = None
     add_generation_prompt: bool = True  # vLLM's extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension
 
 
 class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello, world"}]})
 
     prompt: str
     add_special_tokens: bool = True
@@ -126,62 +184,288 @@ class TokenizeRequest(BaseModel):
 
 
 class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
-    tokens: list[int]
+    tokens: list[Int]
     model: str | None = None
 
 
 # -- response shapes ------------------------------------------------------------------------------
+# Closed TypedDicts: the code that builds the dicts is typed by them, and the OpenAPI schema lists
+# exactly their keys.
 
+closed = with_config(ConfigDict(extra="forbid"))
+
+FinishReason = Literal["stop", "length"]
+
+
+@closed
 class CompletionLogprobs(TypedDict):
+    """One entry per token of the choice's text, in order; with echo the prompt's first token has
+    no logprob (null). Each top_logprobs dict holds the `logprobs` best tokens and the token itself."""
+
     tokens: list[str]
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
+@closed
 class CompletionChoice(TypedDict):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
-    finish_reason: Literal["stop", "length"]
+    finish_reason: FinishReason
 
 
+@closed
 class Usage(TypedDict):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
+@closed
 class CompletionResponse(TypedDict):
     id: str
     object: Literal["text_completion"]
     created: int
     model: str
+    system_fingerprint: str
     choices: list[CompletionChoice]
     usage: Usage
 
 
+@closed
+class CompletionChunkChoice(TypedDict):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None
+    finish_reason: FinishReason | None
+
+
+@closed
+class CompletionChunk(TypedDict):
+    """One streamed event; the last one (with stream_options.include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[CompletionChunkChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
 class ChatTopLogprob(TypedDict):
     token: str
     logprob: float
     bytes: list[int]
 
 
-class ChatTokenLogprob(ChatTopLogprob):
+@closed
+class ChatTokenLogprob(TypedDict):
+    token: str
+    logprob: float
+    bytes: list[int]
     top_logprobs: list[ChatTopLogprob]
 
 
+@closed
+class ChatLogprobs(TypedDict):
+    content: list[ChatTokenLogprob]
+
+
+@closed
+class AssistantMessage(TypedDict):
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
 class ChatChoice(TypedDict):
     index: int
-    message: dict[str, str]
-    logprobs: dict[str, list[ChatTokenLogprob]] | None
-    finish_reason: Literal["stop", "length"]
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason
 
 
+@closed
+class ChatCompletionResponse(TypedDict):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+@closed
+class ChatDelta(TypedDict, total=False):
+    role: Literal["assistant"]
+    content: str
+
+
+@closed
+class ChatChunkChoice(TypedDict):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None
+    finish_reason: FinishReason | None
+
+
+@closed
+class ChatCompletionChunk(TypedDict):
+    """One streamed event; the last one (with stream_options.include_usage) has no choices and the usage."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    system_fingerprint: str
+    choices: list[ChatChunkChoice]
+    usage: NotRequired[Usage]
+
+
+@closed
 class ErrorBody(TypedDict):
     message: str
-    type: str
+    type: str  # invalid_request_error, not_found_error, rate_limit_error or server_error
     param: str | None
     code: str | None
+
+
+@closed
+class ErrorResponse(TypedDict):
+    """Every error, in OpenAI's format."""
+
+    error: ErrorBody
+
+
+@closed
+class ModelCard(TypedDict):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+    max_model_len: int
+    system_fingerprint: str
+    fingerprint: dict[str, str]  # what decides the numbers (server/fingerprint.py), in full
+
+
+@closed
+class ModelList(TypedDict):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+@closed
+class TokenizeResponse(TypedDict):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+@closed
+class DetokenizeResponse(TypedDict):
+    prompt: str
+
+
+@closed
+class TokenizerInfo(TypedDict):
+    eos_token: str | None
+    bos_token: str | None
+    pad_token: str | None
+    add_bos_token: bool
+    chat_template: str | None
+    model_max_length: int
+
+
+@closed
+class Health(TypedDict):
+    status: Literal["ok"]
+
+
+# -- errors in the OpenAPI schema ----------------------------------------------------------------
+# What each error status means, for the routes' `responses=` (server/api.py, server/metrics.py):
+# the statuses the server really sends, from the middleware of server.app, the error handlers of
+# server.errors and the checks of server.serving, all with ErrorResponse as the body.
+
+HOST_REFUSED = "A Host header this server does not answer to (see --allowed-hosts)."
+ERROR_DESCRIPTIONS = {
+    400: "Invalid request: not JSON, a missing or unknown field, a value of another type or out of range, input "
+         "the model cannot take (a token id outside its vocabulary, a prompt longer than its context), or a "
+         "request past one of the server's limits (--max-prompts, --max-n, --max-logprobs, --max-stop, "
+         "--max-request-tokens). Or: " + HOST_REFUSED,
+    401: "Missing or wrong API key: only when the server runs with --api-key or --api-key-file.",
+    404: "The request names a `model` that is not the one served here (see GET /v1/models).",
+    413: "The request body is larger than --max-body-bytes.",
+    429: "The server's queue is full (--max-queued-tokens): retry after Retry-After seconds.",
+    500: "An unexpected error (a bug); the server log has the details.",
+    503: "The request did not finish within --request-timeout and was cancelled.",
+}
+ERROR_HEADERS = {
+    401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
+    429: {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
+                          "schema": {"type": "integer", "minimum": 1}}},
+}
+
+
+def error_responses(*statuses: int, bad_request: str = ERROR_DESCRIPTIONS[400], unauthorized: str | None = None,
+                    by_reference: bool = False) -> dict[int | str, dict]:
+    """`responses=` entries for these error statuses; `bad_request`, `unauthorized`: what a 400 or
+    401 means on this route. by_reference: name the body's schema (for a route whose own media
+    type is not JSON) instead of giving FastAPI the model (which puts it in the components)."""
+    described = {**ERROR_DESCRIPTIONS, 400: bad_request, 401: unauthorized or ERROR_DESCRIPTIONS[401]}
+    out: dict[int | str, dict] = {}
+    for status in statuses:
+        out[status] = {"description": described[status]}
+        if by_reference:
+            out[status]["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+        else:
+            out[status]["model"] = ErrorResponse
+        if status in ERROR_HEADERS:
+            out[status]["headers"] = ERROR_HEADERS[status]
+    return out
+
+
+# -- Server-Sent Events ---------------------------------------------------------------------------
+
+def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
+    if isinstance(schema, dict):
+        ref = schema.get("$ref")
+        if isinstance(ref, str) and ref.startswith("#/$defs/"):
+            return _inlined(defs[ref.removeprefix("#/$defs/")], defs)
+        return {key: _inlined(value, defs) for key, value in schema.items() if key != "$defs"}
+    if isinstance(schema, list):
+        return [_inlined(item, defs) for item in schema]
+    return schema
+
+
+def inline_schema(shape: Any) -> dict[str, Any]:
+    """The JSON Schema of a type with every $ref replaced by its definition, to embed anywhere in
+    the OpenAPI document (whose '#' is the document, not this schema)."""
+    schema = TypeAdapter(shape).json_schema(mode="serialization")
+    return _inlined(schema, schema.get("$defs", {}))
+
+
+def event_stream_schema(chunk: Any) -> dict[str, Any]:
+    """The OpenAPI media type object of a `stream: true` response: each event's `data` is a chunk,
+    an error (a stream past --request-timeout, or a failure once the headers are sent) or the
+    final "[DONE]". `itemSchema` describes one event, as FastAPI's own event streams do."""
+    payload = {"anyOf": [inline_schema(chunk), inline_schema(ErrorResponse)]}
+    return {"itemSchema": {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "data": {"anyOf": [
+                {"const": "[DONE]"},
+                {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+            ]},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
+        },
+    }}

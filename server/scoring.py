@@ -80,11 +80,32 @@ def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: in
         ids = rows.argmax(axis=1)[:, None]
     else:
         part = np.argpartition(rows, n_vocab - k, axis=1)[:, n_vocab - k:]
+        for i, ids in _lowest_tied_ids(rows, part, rows[r[:, None], part], k):
+            part[i] = ids
         # Best first; ties broken by the lower token id so results are deterministic.
         order = np.lexsort((part, -rows[r[:, None], part]), axis=1)
         ids = np.take_along_axis(part, order, axis=1)
     out.top_ids[lo:hi] = ids
     out.top_logprobs[lo:hi] = rows[r[:, None], ids] - lse[:, None]
+
+
+def _lowest_tied_ids(rows, part: np.ndarray, part_values: np.ndarray, k: int):
+    """argpartition keeps any of the tokens tied at the k-th best value: for each row where it left
+    out a lower id than one it kept, yield (row, the k best ids with the lowest ids among the tied),
+    so that top-k is the first k of a stable sort (as argmax is for k=1) whatever k is. `rows`:
+    numpy logits, or MLX ones (only such rows are copied back, rarely). One pass over the rows."""
+    kth = part_values.min(axis=1)
+    kept = (part_values == kth[:, None]).sum(axis=1)
+    if isinstance(rows, np.ndarray):
+        tied = (rows == kth[:, None]).sum(axis=1)
+    else:  # MLX: counted on its device
+        import mlx.core as mx
+
+        tied = np.array(mx.sum(rows == mx.array(kth)[:, None], axis=1))
+    for i in np.flatnonzero(tied > kept):
+        row = np.asarray(rows[int(i)], dtype=np.float32)
+        above = np.flatnonzero(row > kth[i])
+        yield int(i), np.concatenate([above, np.flatnonzero(row == kth[i])[:k - len(above)]])
 
 
 def _logsumexp_mlx(logits):
@@ -107,8 +128,8 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
     """score_rows for an MLX array, computed on the device: only n + 2nk numbers come back.
 
     The same definitions as score_rows (float32 logit - logsumexp, so a target in the top-k has
-    the identical float in both places); argpartition picks the k best, which are then ordered
-    here (best first, ties by lower id).
+    the identical float in both places); argpartition picks the k best (the lowest ids among
+    tied ones), which are then ordered here (best logit first, ties by lower id).
     """
     import mlx.core as mx
 
@@ -124,9 +145,17 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
         part = mx.argmax(logits, axis=1)[:, None]
     else:
         part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k:]
-    part_lp = mx.take_along_axis(logits, part, axis=1) - lse[:, None]
-    mx.eval(token_lp, part, part_lp)
-    part, part_lp = np.array(part).astype(np.int64), np.array(part_lp)
-    order = np.lexsort((part, -part_lp), axis=1)
+    part_values = mx.take_along_axis(logits, part, axis=1)
+    part_lp = part_values - lse[:, None]
+    mx.eval(token_lp, part, part_lp, part_values, lse)
+    part, part_lp, part_values = np.array(part).astype(np.int64), np.array(part_lp), np.array(part_values)
+    if k > 1:
+        host_lse = np.array(lse)
+        for i, ids in _lowest_tied_ids(logits, part, part_values, k):
+            part[i] = ids
+            part_values[i] = np.asarray(logits[i], dtype=np.float32)[ids]
+            part_lp[i] = part_values[i] - host_lse[i]  # float32, as on the device
+    # By logit, as score_rows: two logits can round to the same logprob.
+    order = np.lexsort((part, -part_values), axis=1)
     return ScoredRows(np.array(token_lp), np.take_along_axis(part, order, axis=1),
                       np.take_along_axis(part_lp, order, axis=1))
