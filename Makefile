@@ -25,7 +25,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast bench clean show-build-flags
+.PHONY: setup serve test test-fast bench clean show-build-flags image-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -52,6 +52,11 @@ test-fast: setup
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(TEST_ENV) $(BIN)/python -m bench.run
+
+# Build docker/Dockerfile without a Docker engine or registry and smoke-test the image (root;
+# buildah, podman, debootstrap; ~20 minutes on 2 busy cores, most of it building llama.cpp).
+image-test:
+	./docker/image-test.sh
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
