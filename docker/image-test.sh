@@ -42,7 +42,7 @@ start=$(date +%s)
 # this machine's CA bundle and a pip.conf naming it are mounted into the RUN steps, not baked in.
 CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 printf '[global]\ncert = /etc/ssl/certs/build-host-ca.crt\n' > "$WORK/pip.conf"
-(cd "$ROOT" && buildah bud --isolation chroot --format docker --layers --build-arg "BASE_IMAGE=$BASE" \
+(cd "$ROOT" && buildah bud --isolation chroot --format docker --layers --force-rm --build-arg "BASE_IMAGE=$BASE" \
     --volume "$CA_BUNDLE:/etc/ssl/certs/build-host-ca.crt:ro" --volume "$WORK/pip.conf:/etc/pip.conf:ro" \
     -f "$DOCKERFILE" -t "$IMAGE" .)
 say "built in $(( $(date +%s) - start )) s; $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec) bytes"
