@@ -25,7 +25,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast load bench clean show-build-flags
+.PHONY: setup serve test test-fast load bench clean show-build-flags image-test scale-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -60,6 +60,17 @@ load: setup
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(TEST_ENV) $(BIN)/python -m bench.run
+
+# Build docker/Dockerfile without a Docker engine or registry and smoke-test the image (root;
+# buildah, podman, debootstrap; ~20 minutes on 2 busy cores, most of it building llama.cpp).
+image-test:
+	./docker/image-test.sh
+
+# Two Ray nodes on this machine, two replicas behind Serve's proxy, lm-eval through it against a
+# single server's numbers (~5 minutes on 2 cores; writes scale_out/report.txt). Not part of `make test`.
+scale-test: setup
+	$(BIN)/python -m pip install --quiet -e ".[ray]"
+	LOGPROBS_SCALE_TEST=1 $(TEST_ENV) $(BIN)/python -m pytest -s tests/test_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
