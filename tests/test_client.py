@@ -18,6 +18,7 @@ import pytest
 import requests
 
 from tests.conftest import API_KEYS, DATA, ROOT, free_port, serve
+from tests.test_lm_eval import encode_pair as lm_eval_encode_pair
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 
@@ -29,18 +30,13 @@ LL_TOLERANCE = 1e-3
 
 
 def encode_pair(oracle, context: str, continuation: str) -> tuple[list[int], list[int]]:
-    """lm-eval's split, with the oracle's tokenizer: trailing context spaces move to the
-    continuation; context+continuation is tokenized whole; an empty context is BOS (else EOS)."""
+    """lm-eval's split, with the oracle's tokenizer (tests/test_lm_eval.py), and for an empty
+    context lm-eval's prefix token: BOS, else EOS."""
     if context == "":
         tokens = oracle.tokenize(continuation)
         prefix = oracle.bos_id or oracle.eos_id
         return ([prefix], tokens) if tokens[0] != prefix else (tokens[:1], tokens[1:])
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces:
-        context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
-    whole = oracle.tokenize(context + continuation)
-    context_enc = oracle.tokenize(context)
-    return context_enc, whole[len(context_enc):]
+    return lm_eval_encode_pair(oracle, context, continuation)
 
 
 def hellaswag_items(n: int) -> list[tuple[str, list[str]]]:
@@ -51,7 +47,7 @@ def hellaswag_items(n: int) -> list[tuple[str, list[str]]]:
 CASES = hellaswag_items(2) + [
     ("The capital of France is ", ["Paris", "London", "the city of Paris"]),  # trailing space moves
     ("", ["Hello world", "The"]),  # empty context: the prefix token
-    ("Café au lait — ", ["très bon ☕", "日本語のテキスト"]),  # multi-byte text, a token split mid-character
+    ("Café au lait — ", ["très bon ☕", "日本語のテキスト"]),  # multi-byte text, tokens split mid-character
 ]
 
 

@@ -111,7 +111,8 @@ def test_compare_the_same_model_twice_is_exactly_equal(server, twin_server, tmp_
         assert task["n_docs"] == 3
         for m in task["metrics"]:
             key = f"{m['metric']},{m['filter']}"
-            assert (m["a"], m["b"]) == (results_a["results"][task["task"]][key], results_b["results"][task["task"]][key])
+            assert (m["a"], m["b"]) == (results_a["results"][task["task"]][key],
+                                        results_b["results"][task["task"]][key])
             assert m["a"] == m["b"] and m["delta"] == 0 and (m["ci_low"], m["ci_high"]) == (0, 0)
             assert m["a_recomputed"] == pytest.approx(m["a"], rel=1e-12)
             assert m["flips"] in (0, None)

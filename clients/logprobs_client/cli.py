@@ -23,9 +23,9 @@ from logprobs_client.types import APIError
 
 
 def _server_options(parser: argparse.ArgumentParser, suffix: str = "", which: str = "") -> None:
-    parser.add_argument(f"--api-key{suffix}", metavar="KEY",
-                        help=f"API key{which} (default: $LOGPROBS_API_KEY, else $OPENAI_API_KEY); lm-eval gets "
-                        "it as OPENAI_API_KEY and as auth_token" if not suffix else f"API key{which} (default: --api-key)")
+    key_help = (f"API key{which} (default: --api-key)" if suffix else "API key (default: $LOGPROBS_API_KEY, else "
+                "$OPENAI_API_KEY); lm-eval gets it as OPENAI_API_KEY and as auth_token")
+    parser.add_argument(f"--api-key{suffix}", metavar="KEY", help=key_help)
     parser.add_argument(f"--ca-cert{suffix}", metavar="PEM",
                         help=f"CA certificate that signed the server's{which} certificate (https with a private CA)"
                         + ("" if not suffix else " (default: --ca-cert)"))

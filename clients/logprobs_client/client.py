@@ -173,10 +173,16 @@ class _Base:
         (body,) = yield [Call("POST", "/detokenize", self._with_model({"tokens": list(tokens)}, model))]
         return body["prompt"]
 
-    def _op_complete(self, payload: dict) -> Operation[Completion]:
-        if payload.get("stream"):
+    def _op_complete(self, prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
+                     extra: dict) -> Operation[Completion]:
+        if extra.get("stream"):
             raise ValueError("complete() does not stream; leave stream unset")
-        (body,) = yield [Call("POST", "/v1/completions", payload)]
+        payload = {"prompt": prompt, "max_tokens": max_tokens, "echo": echo}
+        for key, value in (("temperature", temperature), ("logprobs", logprobs), ("stop", stop), ("seed", seed),
+                           ("n", n)):
+            if value is not None:
+                payload[key] = value
+        (body,) = yield [Call("POST", "/v1/completions", self._with_model(payload | extra, model))]
         return Completion.from_json(body)
 
     def _op_prefix_token(self) -> Operation[int]:
@@ -258,15 +264,6 @@ class _Base:
         return scores
 
 
-def _completion_payload(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, extra) -> dict:
-    payload = {"prompt": prompt, "max_tokens": max_tokens, "echo": echo}
-    for key, value in (("temperature", temperature), ("logprobs", logprobs), ("stop", stop), ("seed", seed),
-                       ("n", n)):
-        if value is not None:
-            payload[key] = value
-    return payload | extra
-
-
 class Client(_Base):
     """A synchronous client. Use as a context manager, or call close()."""
 
@@ -335,9 +332,8 @@ class Client(_Base):
                  seed: int | None = None, n: int | None = None, model: str | None = None, **extra) -> Completion:
         """POST /v1/completions (not streamed). prompt: a string, a list of strings, token ids, or
         a list of token-id lists; `extra`: any other field of the request (top_k, logit_bias, ...)."""
-        payload = self._with_model(_completion_payload(prompt, max_tokens, temperature, logprobs, echo, stop, seed,
-                                                       n, extra), model)
-        return self._run(self._op_complete(payload))
+        return self._run(self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
+                                           extra))
 
     def score(self, context: str | Sequence[int], continuations: str | Sequence[str | Sequence[int]], *,
               model: str | None = None, batch_size: int = 16) -> list[Score]:
@@ -419,9 +415,8 @@ class AsyncClient(_Base):
                        logprobs: int | None = None, echo: bool = False, stop: str | list[str] | None = None,
                        seed: int | None = None, n: int | None = None, model: str | None = None,
                        **extra) -> Completion:
-        payload = self._with_model(_completion_payload(prompt, max_tokens, temperature, logprobs, echo, stop, seed,
-                                                       n, extra), model)
-        return await self._run(self._op_complete(payload))
+        return await self._run(self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
+                                                 extra))
 
     async def score(self, context: str | Sequence[int], continuations: str | Sequence[str | Sequence[int]], *,
                     model: str | None = None, batch_size: int = 16) -> list[Score]:

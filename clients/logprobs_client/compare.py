@@ -341,7 +341,8 @@ def compare_runs(run_a: Run, run_b: Run, *, a_info: dict | None = None, b_info: 
                                   worst=worst, warnings=warnings)
         diffs.append(diff)
         requests += reqs
-    return Comparison(a={"output": str(run_a.folder)} | (a_info or {}), b={"output": str(run_b.folder)} | (b_info or {}),
+    return Comparison(a={"output": str(run_a.folder)} | (a_info or {}),
+                      b={"output": str(run_b.folder)} | (b_info or {}),
                       resamples=resamples, seed=seed, confidence=confidence, tasks=diffs, warnings=warnings,
                       requests=requests)
 
