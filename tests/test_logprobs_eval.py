@@ -60,10 +60,11 @@ def twin_server(model_path, tmp_path_factory):
 @pytest.fixture(scope="module")
 def requantized_server(model_path, tmp_path_factory):
     """Another build of the same model: Q3_K_M requantized from the Q4_1 file (in the cache folder).
-    Served without the prefix cache: on K-quant weights this llama.cpp build's logits depend on how
+    Served without the prefix cache: with this file's weight types (Q4_0, Q5_0 and Q4_K: the
+    Q3_K_M recipe falls back to them for SmolLM2's 576-wide rows) llama.cpp's logits depend on how
     many tokens a forward pass holds, so a prompt whose prefix is restored from the cache (a short
-    pass over its tail) scores up to ~0.1 nats away from the same prompt run whole, and results
-    would depend on which prompts came before (Q4_1 gives identical floats either way)."""
+    pass over its tail) scores up to ~0.16 nats per token away from the same prompt run whole, and
+    results would depend on which prompts came before (Q4_1 gives identical floats either way)."""
     import llama_cpp
 
     target = model_path.with_name(model_path.stem + "-to-Q3_K_M.gguf")

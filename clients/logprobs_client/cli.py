@@ -184,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args, extra)
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # the report piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (APIError, httpx.HTTPError, FileNotFoundError, ValueError) as exc:
         print(f"logprobs-eval: {exc}", file=sys.stderr)
         return 2

@@ -326,6 +326,19 @@ def compare_task(task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int
                     only_in_b=only_b), requests
 
 
+def run_info(run: Run) -> dict:
+    """The served model and URL of a run, from the model_args lm-eval recorded."""
+    model_args = run.results.get("config", {}).get("model_args") or {}
+    if isinstance(model_args, str):
+        model_args = dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv)
+    info = {}
+    if model_args.get("base_url"):
+        info["url"] = re.sub(r"/v1(/(chat/)?completions)?/?$", "", str(model_args["base_url"]))
+    if model_args.get("model"):
+        info["model"] = str(model_args["model"])
+    return info
+
+
 def compare_runs(run_a: Run, run_b: Run, *, a_info: dict | None = None, b_info: dict | None = None,
                  resamples: int = 2000, seed: int = 0, confidence: float = 0.95, worst: int = 5) -> Comparison:
     warnings: list[str] = []
@@ -341,8 +354,8 @@ def compare_runs(run_a: Run, run_b: Run, *, a_info: dict | None = None, b_info: 
                                   worst=worst, warnings=warnings)
         diffs.append(diff)
         requests += reqs
-    return Comparison(a={"output": str(run_a.folder)} | (a_info or {}),
-                      b={"output": str(run_b.folder)} | (b_info or {}),
+    return Comparison(a={"output": str(run_a.folder)} | run_info(run_a) | (a_info or {}),
+                      b={"output": str(run_b.folder)} | run_info(run_b) | (b_info or {}),
                       resamples=resamples, seed=seed, confidence=confidence, tasks=diffs, warnings=warnings,
                       requests=requests)
 
