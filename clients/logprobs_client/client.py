@@ -239,9 +239,10 @@ class _Base:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         pairs = yield from self._op_encode_pairs(context, continuations)
+        if any(not ctx for ctx, _ in pairs):
+            raise ValueError("the context has no tokens of its own (only spaces?): the first continuation token "
+                             "would have nothing to be conditioned on")
         prompts = [ctx + cont for ctx, cont in pairs]
-        if any(not p for p in prompts):
-            raise ValueError("nothing to score: an empty context with an empty continuation")
         calls = [Call("POST", "/v1/completions", self._with_model(
             {"prompt": prompts[i:i + batch_size], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
             model)) for i in range(0, len(prompts), batch_size)]
