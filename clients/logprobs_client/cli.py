@@ -1,0 +1,192 @@
+"""logprobs-eval: stock lm-eval against a logprobs-server, and a paired comparison of two servers.
+
+  logprobs-eval run URL --tasks T [--limit N] [options] [-- lm-eval args]
+  logprobs-eval compare URL_A URL_B --tasks T [--limit N] [--json] [--chart out.png] [-- lm-eval args]
+  logprobs-eval report DIR_A DIR_B [--json] [--chart out.png]     (two existing --log_samples runs)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from logprobs_client import lm_eval_run
+from logprobs_client.compare import compare_runs, load_run, render_text
+from logprobs_client.lm_eval_run import Options, ServerInfo, Target
+from logprobs_client.types import APIError
+
+
+def _server_options(parser: argparse.ArgumentParser, suffix: str = "", which: str = "") -> None:
+    key_help = (f"API key{which} (default: --api-key)" if suffix else "API key (default: $LOGPROBS_API_KEY, else "
+                "$OPENAI_API_KEY); lm-eval gets it as OPENAI_API_KEY and as auth_token")
+    parser.add_argument(f"--api-key{suffix}", metavar="KEY", help=key_help)
+    parser.add_argument(f"--ca-cert{suffix}", metavar="PEM",
+                        help=f"CA certificate that signed the server's{which} certificate (https with a private CA)"
+                        + ("" if not suffix else " (default: --ca-cert)"))
+
+
+def _lm_eval_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tasks", required=True, help="lm-eval tasks, comma-separated")
+    parser.add_argument("--limit", help="items per task (lm-eval's --limit)")
+    parser.add_argument("--batch-size", type=int, default=8, help="prompts per request (default 8)")
+    parser.add_argument("--num-concurrent", type=int, default=2, help="requests in flight (default 2)")
+    parser.add_argument("--max-retries", type=int, default=5, help="lm-eval's attempts per request (default 5)")
+    parser.add_argument("--timeout", type=int, default=600, help="seconds per request (default 600)")
+    parser.add_argument("--max-length", type=int,
+                        help="lm-eval's max_length (default: the server's context size, from /v1/models)")
+    parser.add_argument("--include-path", help="lm-eval task folder (default: this project's clients/lm_eval_tasks "
+                        "when present; 'none' for none)")
+    parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="another lm-eval model_args entry, or one to replace (repeatable)")
+
+
+def _key(explicit: str | None) -> str | None:
+    return explicit or os.environ.get("LOGPROBS_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
+
+
+def _options(args, extra: list[str], **overrides) -> Options:
+    return Options(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, num_concurrent=args.num_concurrent,
+                   max_retries=args.max_retries, timeout=args.timeout, max_length=args.max_length,
+                   include_path=args.include_path, model_args=args.model_arg, extra=extra, **overrides)
+
+
+def _describe(label: str, target: Target, info: ServerInfo) -> str:
+    tok = info.tokenizer
+    return (f"logprobs-eval: {label}{target.root}: model {info.model.id}, context {info.max_length} tokens, "
+            f"fingerprint {info.model.system_fingerprint}, tokenizer bos={tok.bos_token!r} eos={tok.eos_token!r} "
+            f"add_bos={tok.add_bos_token}")
+
+
+def _side_info(label: str, target: Target, info: ServerInfo) -> dict:
+    return {"label": label, "url": target.root, "model": info.model.id,
+            "system_fingerprint": info.model.system_fingerprint,
+            "model_sha256": info.model.fingerprint.get("model_sha256")}
+
+
+def cmd_run(args, extra: list[str]) -> int:
+    target = Target(args.url, _key(args.api_key), args.ca_cert)
+    info = lm_eval_run.probe(target)
+    print(_describe("", target, info), file=sys.stderr, flush=True)
+    options = _options(args, extra, output_path=args.output_path, log_samples=args.log_samples)
+    if args.dry_run:
+        print(lm_eval_run.redacted(lm_eval_run.command(target, info, options), target.api_key))
+        return 0
+    return lm_eval_run.run(target, info, options)
+
+
+def _report(comparison, args) -> None:
+    if args.chart:
+        from logprobs_client.chart import write_chart
+
+        print(f"logprobs-eval: chart written to {write_chart(comparison, args.chart)}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(comparison.to_json(), indent=2))
+    else:
+        print(render_text(comparison), end="")
+
+
+def cmd_compare(args, extra: list[str]) -> int:
+    key = _key(args.api_key)
+    target_a = Target(args.url_a, key, args.ca_cert)
+    target_b = Target(args.url_b, args.api_key_b or key, args.ca_cert_b or args.ca_cert)
+    info_a, info_b = lm_eval_run.probe(target_a), lm_eval_run.probe(target_b)
+    print(_describe("A ", target_a, info_a), file=sys.stderr)
+    print(_describe("B ", target_b, info_b), file=sys.stderr, flush=True)
+    if info_a.tokenizer != info_b.tokenizer:
+        print("logprobs-eval: warning: the two servers' tokenizers differ (special tokens or BOS rule); the "
+              "requests are compared by their text", file=sys.stderr)
+    output = Path(args.output_path or Path("lm_eval_out") / time.strftime("compare-%Y%m%d-%H%M%S"))
+    folders = {"A": output / "A", "B": output / "B"}
+    for label, target, info in (("A", target_a, info_a), ("B", target_b, info_b)):
+        options = _options(args, extra, output_path=str(folders[label]), log_samples=True)
+        # With --json, stdout is the report's: lm-eval's own printout goes to stderr.
+        status = lm_eval_run.run(target, info, options, stdout=sys.stderr if args.json else None)
+        if status != 0:
+            print(f"logprobs-eval: lm-eval failed against {label} ({target.root}), exit status {status}",
+                  file=sys.stderr)
+            return status
+    comparison = compare_runs(load_run(folders["A"]), load_run(folders["B"]),
+                              a_info=_side_info("A", target_a, info_a), b_info=_side_info("B", target_b, info_b),
+                              resamples=args.resamples, seed=args.bootstrap_seed, worst=args.worst)
+    (output / "comparison.json").write_text(json.dumps(comparison.to_json(), indent=2))
+    print(f"logprobs-eval: lm-eval outputs and comparison.json in {output}", file=sys.stderr)
+    _report(comparison, args)
+    return 0
+
+
+def cmd_report(args, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit("report takes no lm-eval arguments")
+    comparison = compare_runs(load_run(args.dir_a), load_run(args.dir_b), resamples=args.resamples,
+                              seed=args.bootstrap_seed, worst=args.worst)
+    _report(comparison, args)
+    return 0
+
+
+def _report_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the comparison as JSON instead of tables")
+    parser.add_argument("--chart", metavar="PNG", help="write a chart of the per-request differences (matplotlib)")
+    parser.add_argument("--resamples", type=int, default=2000, help="bootstrap resamples (default 2000)")
+    parser.add_argument("--bootstrap-seed", type=int, default=0, help="the bootstrap's random seed (default 0)")
+    parser.add_argument("--worst", type=int, default=5, help="items listed with the largest |delta| (default 5)")
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="logprobs-eval", description="Run lm-eval (local-completions) against a logprobs-server, or compare "
+        "two servers of one model item by item. Arguments after `--` go to lm-eval unchanged.")
+    sub = top.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="lm-eval against one server, set up from what the server reports")
+    run.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    _server_options(run)
+    _lm_eval_options(run)
+    run.add_argument("--output-path", help="lm-eval's --output_path")
+    run.add_argument("--log-samples", action="store_true", help="lm-eval's --log_samples (needs --output-path)")
+    run.add_argument("--dry-run", action="store_true", help="print the lm-eval command (key redacted) and stop")
+    run.set_defaults(handler=cmd_run)
+
+    compare = sub.add_parser("compare", help="the same tasks against two servers, compared item by item")
+    compare.add_argument("url_a")
+    compare.add_argument("url_b")
+    _server_options(compare)
+    _server_options(compare, "-b", " of server B")
+    _lm_eval_options(compare)
+    compare.add_argument("--output-path", help="folder for both lm-eval runs (A/, B/) and comparison.json "
+                         "(default: lm_eval_out/compare-DATE-TIME)")
+    _report_options(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+    report = sub.add_parser("report", help="compare two existing lm-eval --log_samples output folders")
+    report.add_argument("dir_a")
+    report.add_argument("dir_b")
+    _report_options(report)
+    report.set_defaults(handler=cmd_report)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
+    args = parser().parse_args(argv)
+    if getattr(args, "log_samples", False) and not getattr(args, "output_path", None):
+        raise SystemExit("--log-samples needs --output-path")
+    try:
+        return args.handler(args, extra)
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # the report piped into `head` and the like
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except (APIError, httpx.HTTPError, FileNotFoundError, ValueError) as exc:
+        print(f"logprobs-eval: {exc}", file=sys.stderr)
+        return 2
