@@ -9,7 +9,6 @@ import json
 
 import numpy as np
 import pytest
-import requests
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
