@@ -6,6 +6,7 @@ timeout (real 503s); and the lm-eval command logprobs-eval builds from what a se
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import re
 import sys
@@ -239,17 +240,43 @@ def queue_server(model_path, tmp_path_factory):
                      "--max-request-tokens", "1200")
 
 
-def fill_queue(server) -> threading.Thread:
-    """Three distinct 390-token prompts to score (1170 tokens): returns once over 700 tokens wait."""
-    prompts = [[200 + 17 * i + j % 11 for j in range(390)] for i in range(3)]
-    thread = threading.Thread(target=server.post, args=("/v1/completions", {
-        "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}))
-    thread.start()
-    deadline = time.monotonic() + 30
-    while gauge(server, "logprobs_queue_tokens") < 700:
-        assert time.monotonic() < deadline and thread.is_alive(), "the queue did not fill"
+class FullQueue:
+    """A queue that stays full until released: a long generation holds the model (one sequence),
+    and three distinct 390-token prompts to score (1170 of the 1200 tokens of room) wait behind it.
+    Without the generation the queue drains as the prompts run, and whether a request finds it
+    full becomes a race with the clock (it was lost once on a slow CI machine). Releasing closes
+    the generation's connection, which cancels it; the prompts then run and the queue empties."""
+
+    def __init__(self, server, client):
+        self.server = server
+        eos = client.tokenize(client.tokenizer_info().eos_token, add_special_tokens=False).tokens[0]
+        admitted = gauge(server, "logprobs_queue_wait_seconds_count")
+        self.hog = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
+        self.hog.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
+            "prompt": "Once upon a time", "max_tokens": 1100, "temperature": 0, "logit_bias": {str(eos): -100}}))
+        wait_until(lambda: gauge(server, "logprobs_queue_wait_seconds_count") > admitted, "the generation did not start")
+        prompts = [[200 + 17 * i + j % 11 for j in range(390)] for i in range(3)]
+        self.prompts = threading.Thread(target=server.post, args=("/v1/completions", {
+            "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}))
+        self.prompts.start()
+        wait_until(lambda: gauge(server, "logprobs_queue_tokens") >= 1170, "the prompts were not queued")
+
+    def release(self) -> None:
+        self.hog.close()
+
+    def __enter__(self) -> FullQueue:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+        self.prompts.join(120)
+
+
+def wait_until(condition, what: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, what
         time.sleep(0.02)
-    return thread
 
 
 def test_429_is_retried_after_its_retry_after(queue_server, client):
@@ -257,12 +284,13 @@ def test_429_is_retried_after_its_retry_after(queue_server, client):
     continuations = [" and then he walks away.", " but nobody answers.", " so it ends.", " while it rains."]
     expected = client.score(context, continuations)
     retries = []
-    with Client(queue_server.url, max_retries=8, on_retry=lambda *a: retries.append(a)) as c:
-        thread = fill_queue(queue_server)
-        try:
-            scores = c.score(context, continuations)  # ~520 tokens: no room while the first prompt runs
-        finally:
-            thread.join(120)
+    with FullQueue(queue_server, client) as full:
+        def on_retry(*attempt):
+            retries.append(attempt)
+            full.release()  # the queue drains while the client waits out Retry-After
+
+        with Client(queue_server.url, max_retries=8, on_retry=on_retry) as c:
+            scores = c.score(context, continuations)  # ~520 tokens: no room behind the 1170 queued
     attempt, error, wait = retries[0]
     assert isinstance(error, APIError) and error.status == 429 and error.code == "queue_full"
     assert error.retry_after >= 1 and wait == error.retry_after  # the server's Retry-After, as sent
@@ -274,13 +302,10 @@ def test_429_is_retried_after_its_retry_after(queue_server, client):
 def test_429_retries_are_bounded_and_waits_capped(queue_server, client):
     context = long_context(client, 120)
     retries = []
-    with Client(queue_server.url, max_retries=1, max_wait=0.05, on_retry=lambda *a: retries.append(a)) as c:
-        thread = fill_queue(queue_server)
-        try:
-            with pytest.raises(APIError) as refused:
-                c.score(context, [" one.", " two.", " three.", " four."])
-        finally:
-            thread.join(120)
+    with FullQueue(queue_server, client), \
+            Client(queue_server.url, max_retries=1, max_wait=0.05, on_retry=lambda *a: retries.append(a)) as c:
+        with pytest.raises(APIError) as refused:
+            c.score(context, [" one.", " two.", " three.", " four."])
     assert refused.value.status == 429 and refused.value.retry_after >= 1
     assert len(retries) == 1 and retries[0][0] == 1 and retries[0][2] == 0.05
 
