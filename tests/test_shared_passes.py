@@ -1,0 +1,58 @@
+"""The exactness rules of llama.cpp's forward passes that this server's numbers rest on, held on
+the default model (SmolLM2 Q4_1, this machine's build), the same floats or nothing:
+
+- a prompt run as consecutive passes of two or more tokens each gives the same rows as one pass:
+  the prefix cache (which re-runs at least the last two tokens) and n_batch chunking rely on it;
+- prompts sharing one forward pass, each in its own KV stream and padded at its end to the
+  group's longest, give the same rows as each alone, in every order and grouping: what an engine
+  that shares passes (bench/shared_passes.py measures it) would rely on.
+
+A one-token pass is the exception (llama.cpp's single-token path moved logits by up to 0.66 here),
+and so are ragged unpadded groups, which llama.cpp splits into ubatches that hold one token of some
+prompts: bench/shared_passes.py's probe shows both. If an upgrade of llama.cpp breaks a rule, these
+tests say which."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+from bench.shared_passes import Passes, hellaswag_prompts
+
+
+@pytest.fixture(scope="module")
+def passes(model_path):
+    p = Passes(model_path, 4, threads=2)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def prompts(passes):
+    """Five HellaSwag prompts of different lengths (18 to 55 tokens)."""
+    chosen = [hellaswag_prompts(passes, 25)[i] for i in (8, 12, 3, 51, 20)]
+    assert len({len(p) for p in chosen}) == 5
+    return chosen
+
+
+@pytest.fixture(scope="module")
+def alone(passes, prompts):
+    return [passes.pieces(p, [len(p)]) for p in prompts]
+
+
+def test_a_prompt_in_passes_of_two_or_more_tokens_is_unchanged(passes, prompts, alone):
+    for tokens, expected in zip(prompts, alone):
+        n = len(tokens)
+        two_at_a_time = [2] * (n // 2 - 1) + [2 + n % 2]
+        for sizes in ([n - 2, 2], [n - 6, 6], [10, n - 10], [n - 6, 2, 2, 2], two_at_a_time):
+            np.testing.assert_array_equal(passes.pieces(tokens, sizes), expected, err_msg=f"passes of {sizes}")
+
+
+def test_padded_shared_passes_equal_each_prompt_alone_in_every_order(passes, prompts, alone):
+    for group in [*itertools.permutations(range(3)), *itertools.combinations(range(5), 4),
+                  *itertools.combinations(range(5), 2)]:
+        outs = passes.group([prompts[i] for i in group])
+        for i, out in zip(group, outs):
+            np.testing.assert_array_equal(out, alone[i], err_msg=f"prompt {i} in group {group}")
