@@ -326,9 +326,10 @@ class Engine:
         """Run a newly admitted job's prompt (its uncached part), n_batch tokens per call, scoring
         the rows a response needs. False if the request was cancelled meanwhile.
 
-        Prompts run one at a time: batching them gained nothing on CPUs (the matmuls are already
-        large), and on Gemma 3 (sliding-window layers) llama.cpp's multi-sequence batches moved a
-        prompt's last-row logits by up to 1.2. Decode steps are batched (see _step)."""
+        Prompts run one at a time: sharing passes gained nothing on CPUs (0.83-1.07x with groups
+        padded to equal length, which keep every number; ragged groups, which llama.cpp splits into
+        small ubatches, move them: bench/shared_passes.py, README "Prompts in shared forward
+        passes"). Decode steps are batched (see _step)."""
         backend = self.backend
         tokens, n, start = r.job.tokens, len(r.job.tokens), 0
         # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
