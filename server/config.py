@@ -80,7 +80,9 @@ class Settings(BaseSettings):
         "0.06, so results would depend on what else is running; keep 1 for evaluations.")
     prefix_cache_mb: int = Field(
         1024, ge=0, description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
-        "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off.")
+        "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off. At start-up the "
+        "server checks that a prompt run in two passes gives the numbers of one pass, and turns the cache off "
+        "(with a warning) where it does not (llama.cpp's repacked Q4_0/Q4_K kernels).")
     max_logprobs: int = Field(
         20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")

@@ -15,6 +15,7 @@ from server.engine import Engine
 from server.fingerprint import Fingerprint
 from server.fingerprint import compute as compute_fingerprint
 from server.metrics import Metrics
+from server.prefix_cache import SPLIT_TOLERANCE, split_drift
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +45,14 @@ class ServerState:
             load_seconds, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
             "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
         )
+        if settings.prefix_cache_mb and backend.supports_snapshots:
+            drift = split_drift(backend)
+            if drift > SPLIT_TOLERANCE:
+                log.warning("Prefix cache off: with this model file, a prompt run in two passes (as after a cache "
+                            "hit) gives other numbers than in one (logits moved by up to %.3g; llama.cpp's repacked "
+                            "Q4_0/Q4_K kernels do this), so reuse would change results. Scoring runs every prompt "
+                            "whole. A Q4_1, Q8_0 or F16 file of the model keeps reuse exact.", drift)
+                settings = settings.model_copy(update={"prefix_cache_mb": 0})
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")

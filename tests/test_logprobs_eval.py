@@ -58,23 +58,10 @@ def twin_server(model_path, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def requantized_server(model_path, tmp_path_factory):
-    """Another build of the same model: Q3_K_M requantized from the Q4_1 file (in the cache folder).
-    Served without the prefix cache: with this file's weight types (Q4_0, Q5_0 and Q4_K: the
-    Q3_K_M recipe falls back to them for SmolLM2's 576-wide rows) llama.cpp's logits depend on how
-    many tokens a forward pass holds, so a prompt whose prefix is restored from the cache (a short
-    pass over its tail) scores up to ~0.16 nats per token away from the same prompt run whole, and
-    results would depend on which prompts came before (Q4_1 gives identical floats either way)."""
-    import llama_cpp
-
-    target = model_path.with_name(model_path.stem + "-to-Q3_K_M.gguf")
-    if not target.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, True
-        partial = target.with_suffix(".partial")
-        assert llama_cpp.llama_model_quantize(str(model_path).encode(), str(partial).encode(), params) == 0
-        partial.rename(target)
-    yield from serve(target, tmp_path_factory, "requantized", "--prefix-cache-mb", "0")
+def requantized_server(requantized_model_path, tmp_path_factory):
+    """Another build of the same model (conftest's Q3_K_M). Its server turns the prefix cache off by
+    itself (see test_prefix_cache); the flag says so here too."""
+    yield from serve(requantized_model_path, tmp_path_factory, "requantized", "--prefix-cache-mb", "0")
 
 
 def test_run_a_few_items(server, tmp_path):

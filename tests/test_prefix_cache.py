@@ -7,10 +7,11 @@ import re
 
 import numpy as np
 import pytest
+import requests
 
 from server.prefix_cache import MIN_REUSE, PrefixCache
 from server.scoring import ScoredRows
-from tests.conftest import DATA, serve_beside
+from tests.conftest import DATA, serve, serve_beside
 
 
 @pytest.fixture(scope="module", params=["gguf", "mlx"])
@@ -68,6 +69,28 @@ def test_generation_is_not_served_from_the_cache(servers):
     payload = dict(prompt=prompt + " glory", max_tokens=16, temperature=0, logprobs=2)
     assert server.complete(**payload)["choices"][0] == uncached_server.complete(**payload)["choices"][0]
     assert _lookups(server) == lookups  # a request without echo does not even look in the cache
+
+
+@pytest.fixture(scope="module")
+def repacked_server(requantized_model_path, tmp_path_factory):
+    """The Q3_K_M build of the default model, with the cache asked for (the default 1024 MB)."""
+    yield from serve(requantized_model_path, tmp_path_factory, "repacked")
+
+
+def test_reuse_is_turned_off_where_passes_change_the_numbers(repacked_server):
+    """With weights that llama.cpp repacks, a prompt run as after a cache hit (prefix, then tail)
+    gives other logits than run whole: the server measures that at start-up, says so, and serves
+    without reuse, so that a prompt's numbers never depend on which prompts came before."""
+    log = repacked_server.log()
+    drift = float(re.search(r"Prefix cache off: .* moved by up to (\S+);", log).group(1))
+    assert drift > 1e-2  # ~1 on this file: far above the 1e-4 tolerance, not a rounding matter
+    assert "prefix cache: off" in log and "prefix_cache=off" in log  # the settings line and the fingerprint
+    metrics = requests.get(repacked_server.url + "/metrics", timeout=10).text
+    assert re.search(r"^logprobs_prefix_cache_capacity_bytes 0\.0$", metrics, re.M)
+    sequences = hellaswag_requests(repacked_server, 2)  # two contexts, four endings each
+    first = [repacked_server.complete(prompt=sequences, echo=True, logprobs=1, max_tokens=0)["choices"]
+             for _ in range(2)]
+    assert first[0] == first[1] and _hits(repacked_server) is None
 
 
 def _counts(server) -> tuple[int, int] | None:
