@@ -25,7 +25,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast load bench clean show-build-flags image-test scale-test
+.PHONY: setup serve test test-fast load bench clean show-build-flags image-test image-test-cuda scale-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -65,6 +65,12 @@ bench: setup
 # buildah, podman, debootstrap; ~20 minutes on 2 busy cores, most of it building llama.cpp).
 image-test:
 	./docker/image-test.sh
+
+# The CUDA image, built the same way without a GPU (CUDA toolkit from PyPI; kernels for 9.0 only,
+# H100/H200, to bound the build), and smoke-tested on the CPU.
+image-test-cuda:
+	DOCKERFILE=docker/Dockerfile.cuda IMAGE=localhost/logprobs-server:cuda-test \
+	  BUILD_ARGS="--build-arg CUDA_ARCHITECTURES=90" ./docker/image-test.sh
 
 # Two Ray nodes on this machine, two replicas behind Serve's proxy, lm-eval through it against a
 # single server's numbers (~5 minutes on 2 cores; writes scale_out/report.txt). Not part of `make test`.

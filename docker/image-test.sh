@@ -17,6 +17,7 @@ BASE=${BASE_IMAGE:-localhost/debian-bookworm-minbase}
 IMAGE=${IMAGE:-localhost/logprobs-server:test}
 DOCKERFILE=${DOCKERFILE:-docker/Dockerfile}
 MODELS=${MODELS:-$HOME/.cache/logprobs-server}
+BUILD_ARGS=${BUILD_ARGS:-}  # more buildah bud arguments, e.g. --build-arg CUDA_ARCHITECTURES=90
 MIRROR=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 PORT=${PORT:-18080}
 KEY=sk-image-test-key
@@ -44,7 +45,7 @@ CA_BUNDLE=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 printf '[global]\ncert = /etc/ssl/certs/build-host-ca.crt\n' > "$WORK/pip.conf"
 (cd "$ROOT" && buildah bud --isolation chroot --format docker --layers --force-rm --build-arg "BASE_IMAGE=$BASE" \
     --volume "$CA_BUNDLE:/etc/ssl/certs/build-host-ca.crt:ro" --volume "$WORK/pip.conf:/etc/pip.conf:ro" \
-    -f "$DOCKERFILE" -t "$IMAGE" .)
+    $BUILD_ARGS -f "$DOCKERFILE" -t "$IMAGE" .)
 say "built in $(( $(date +%s) - start )) s; $(podman image inspect --format '{{.Size}}' "$IMAGE" | numfmt --to=iec) bytes"
 
 MNT=$(podman image mount "$IMAGE")
@@ -64,6 +65,15 @@ SECRET=/tmp/api-key  # on the tmpfs (the image mount is read-only); Docker would
 echo "$KEY" > "$MNT$SECRET"
 chmod 0644 "$MNT$SECRET"
 mount --bind -o ro "$MODELS" "$MNT/models"
+
+# A CUDA build: llama.cpp's CUDA library is there and finds every library it links to (cudart and
+# cuBLAS from the image; the driver's libcuda is not linked, the container runtime brings it).
+CUDA_LIB=$(ls "$MNT"/opt/venv/lib/python3*/site-packages/llama_cpp/lib/libggml-cuda.so 2>/dev/null || true)
+if [ -n "$CUDA_LIB" ]; then
+    chroot "$MNT" ldd "${CUDA_LIB#"$MNT"}" | grep -E "cudart|cublas|not found" | sed 's/^/image-test: ldd: /'
+    if chroot "$MNT" ldd "${CUDA_LIB#"$MNT"}" | grep -q "not found"; then say "FAIL: a library of the CUDA build is missing"; exit 1; fi
+    say "CUDA build: $(basename "$CUDA_LIB") links; no GPU here, so the server below runs on the CPU"
+fi
 
 # The image's own configuration: environment, user, command, health check.
 mapfile -t ENVS < <(podman image inspect --format '{{range .Config.Env}}{{println .}}{{end}}' "$IMAGE" | sed '/^$/d')

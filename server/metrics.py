@@ -115,9 +115,12 @@ def _leaf_routes(routes):
 
 
 class ObservabilityMiddleware:
-    """Pure ASGI (it neither buffers a streamed body nor reads the request's `receive` channel):
-    gives each HTTP request its id (the client's x-request-id if sane, else a new one) in the
-    logging context and on the response, and counts it by route and the status actually sent."""
+    """Pure ASGI (it neither buffers a streamed body nor reads the request's `receive` channel
+    itself; it watches what the app reads): gives each HTTP request its id (the client's
+    x-request-id if sane, else a new one) in the logging context and on the response, and counts
+    it by route and the status actually sent, or 499 (nginx's "client closed request") when the
+    client left before any answer: a client hanging up halfway through its body otherwise counts
+    as the 400 that Starlette makes of the broken body, which nobody receives."""
 
     def __init__(self, app: ASGIApp, owner: FastAPI):
         self.app, self.owner = app, owner
@@ -140,6 +143,14 @@ class ObservabilityMiddleware:
         request_id = choose_request_id(sent_id)
         header = (HEADER.encode(), request_id.encode())
         status: int | None = None
+        left_first = False  # the client disconnected before the response started
+
+        async def watch_receive() -> Message:
+            nonlocal left_first
+            message = await receive()
+            if message["type"] == "http.disconnect" and status is None:
+                left_first = True
+            return message
 
         async def send_with_id(message: Message) -> None:
             nonlocal status
@@ -150,7 +161,7 @@ class ObservabilityMiddleware:
 
         token = set_request_id(request_id)
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, watch_receive, send_with_id)
         finally:
             reset_request_id(token)
             state = getattr(self.owner.state, "server", None)
@@ -158,7 +169,7 @@ class ObservabilityMiddleware:
                 # Nothing sent: the app failed (Starlette's error middleware, inside this one,
                 # sends a 500 when it can) or the connection went first.
                 route = self._route(scope)
-                state.metrics.requests.labels(route, str(status or 500)).inc()
+                state.metrics.requests.labels(route, "499" if left_first else str(status or 500)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 

@@ -118,6 +118,25 @@ def test_metrics_count_requests_tokens_and_jobs_exactly(server):
     assert value(after, "logprobs_model_load_seconds") > 0
 
 
+def test_a_client_gone_halfway_through_its_body_counts_as_499_not_400(server):
+    """Starlette turns a body cut short by a disconnect into a 400 that nobody receives; /metrics
+    counts what happened instead: the client closed the request (499)."""
+    before = scrape(server)
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.putrequest("POST", "/v1/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "1000")
+    connection.endheaders(b'{"prompt": "half a bo')
+    time.sleep(0.3)  # the server is reading the body when the client goes
+    connection.close()
+    deadline = time.monotonic() + 10
+    while grew(before, after := scrape(server), "logprobs_requests_total", route="/v1/completions", status="499") < 1:
+        assert time.monotonic() < deadline, "the cut request was not counted as 499"
+        time.sleep(0.1)
+    assert grew(before, after, "logprobs_requests_total", route="/v1/completions", status="499") == 1
+    assert grew(before, after, "logprobs_requests_total", route="/v1/completions", status="400") == 0
+
+
 def test_queue_gauges_show_jobs_waiting_behind_a_generation(server):
     """One sequence at a time (the default): while a long generation runs, another request's two
     jobs wait, and the gauges read them (their cost: prompt + max_tokens tokens each). The long
