@@ -48,8 +48,10 @@ def split_drift(backend) -> float:
     the tail from there) instead of from the start: the largest |difference| over every row, for
     tails of 2 tokens (the shortest the cache runs) and of half the prompt. Both ways run in
     n_batch chunks, as the engine does. Run at start-up on sequence 0, before the engine starts."""
-    tokens = backend.tokenize(PROBE_TEXT, True)
+    tokens = backend.tokenize(PROBE_TEXT, True)[:backend.info.n_ctx]  # a tiny --n-ctx still fits
     n = len(tokens)
+    if n < MIN_REUSE + 2:
+        return 0.0  # no prompt that fits could reuse anything
 
     def rows(start: int, stop: int) -> list[np.ndarray]:
         return [np.array(backend.prefill(0, tokens[lo:min(lo + backend.n_batch, stop)], lo, 0))
