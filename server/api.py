@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator
 
@@ -11,10 +12,25 @@ from fastapi.responses import Response, StreamingResponse
 
 from server.chat import create_chat_completion
 from server.completions import create_completion
-from server.protocol import (HOST_REFUSED, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                             CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
-                             DetokenizeResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
-                             error_responses, event_stream_schema)
+from server.fair_queue import set_client
+from server.protocol import (
+    HOST_REFUSED,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    error_responses,
+    event_stream_schema,
+)
 from server.serving import check_model, check_token_ids, timeout_error
 from server.state import ServerState
 
@@ -46,6 +62,15 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
+def client_of(request: Request, keyed: bool) -> str:
+    """Who the engine takes turns between: on a keyed server the key's holder (its digest, never the
+    key), else the address the request came from (on loopback, every local process is one client)."""
+    authorization = request.headers.get("authorization")
+    if keyed and authorization:
+        return "key:" + hashlib.sha256(authorization.encode()).hexdigest()[:16]
+    return "address:" + (request.client.host if request.client else "unknown")
+
+
 async def _respond(request: Request, create, body):
     """Run a generation handler, within --request-timeout (then 503). A non-streamed response is
     cancelled, with its engine jobs, as soon as its client disconnects; a streamed one when
@@ -53,6 +78,8 @@ async def _respond(request: Request, create, body):
     state = _state(request)
     timeout = state.settings.request_timeout or None
     deadline = None if timeout is None else time.monotonic() + timeout
+    keyed = state.settings.api_key is not None or state.settings.api_key_file is not None
+    set_client(client_of(request, keyed))  # before the task starts: it copies this context
     task = asyncio.ensure_future(create(state, body, deadline))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:

@@ -18,13 +18,13 @@ import concurrent.futures
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from server.backends.base import Backend, Step
+from server.fair_queue import FairQueue, current_client
 from server.prefix_cache import PrefixCache, Reuse
 from server.request_id import current_request_id
 from server.sampling import Sampler, SamplingParams
@@ -172,7 +172,7 @@ class Engine:
         self._busy_seconds, self._tokens_run = 0.0, 0  # for Retry-After: how fast the queue drains
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
-        self._queue: deque[_Running] = deque()
+        self._queue: FairQueue[_Running] = FairQueue()  # taken in turn by client
         self._wake = threading.Condition()
         self._closed = False
         self._purge = False  # a request was cancelled: drop its queued jobs at the next chance
@@ -211,7 +211,7 @@ class Engine:
             if self.queued_tokens + cost > self.max_queued_tokens:
                 raise QueueFull(cost, self.queued_tokens, self.max_queued_tokens, self._retry_after())
             self.queued_tokens += cost
-            self._queue.extend(submitted)
+            self._queue.extend(current_client(), submitted)
             self._wake.notify()
         return self._events(jobs, request, queue)
 
@@ -298,17 +298,13 @@ class Engine:
         self._queue.clear()
 
     def _drop_cancelled(self, free: list[int]) -> None:
-        kept: deque[_Running] = deque()
-        for running in self._queue:
-            if running.cancelled:
-                self.queued_tokens -= running.cost
-                self._finish(running, free, error=Cancelled())
-            else:
-                kept.append(running)
-        self._queue, self._purge = kept, False
+        for running in self._queue.remove_if(lambda r: r.cancelled):
+            self.queued_tokens -= running.cost
+            self._finish(running, free, error=Cancelled())
+        self._purge = False
 
     def _admit(self, free: list[int]) -> list[_Running]:
-        """Jobs from the queue, in order, while sequences are free. Each sequence has a context
+        """Jobs from the queue, clients in turn, while sequences are free. Each sequence has a context
         of its own, and requests were checked to fit one. Jobs of cancelled requests are dropped."""
         admitted: list[_Running] = []
         while self._queue and free:

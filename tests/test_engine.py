@@ -19,6 +19,7 @@ import pytest
 
 from server.backends.base import Backend, ModelInfo, Step
 from server.engine import Engine, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
+from server.fair_queue import NO_CLIENT, FairQueue, set_client
 from server.sampling import SamplingParams
 from server.tokens import TokenTable
 
@@ -327,3 +328,48 @@ def test_choices_admitted_together_reuse_each_others_prefix():
         assert engine.cache.hits == 3 and all(len(r.prompt_scores.token_logprobs) == 22 for r in results)
     finally:
         engine.close()
+
+
+# -- taking turns between clients ---------------------------------------------------------------
+
+def test_clients_take_turns_for_the_model(make_engine):
+    """Client A sends 12 prompts; client B, a moment later, 2. In arrival order B would wait for all
+    of A's; taking turns, B's first runs after at most the job of A's that was running and one more,
+    and B's second one A job later."""
+    engine, backend = make_engine(delay=0.02)
+
+    async def as_client(name: str, prompts: list[list[int]]):
+        set_client(name)  # what server.api does for each HTTP request
+        return await engine.complete([greedy_job(p, 0, echo=True, logprobs=1) for p in prompts])
+
+    async def main():
+        a = asyncio.ensure_future(as_client("a", [[1, 2, 3]] * 12))
+        await asyncio.to_thread(wait_until, lambda: len(backend.prefills) >= 1)  # A's first is running
+        b = asyncio.ensure_future(as_client("b", [[4, 5, 6, 7, 1]] * 2))
+        await asyncio.sleep(0.005)  # B's task has submitted its jobs
+        arrived = len(backend.prefills)
+        return arrived, await asyncio.gather(a, b)
+
+    arrived, (a_results, b_results) = asyncio.run(main())
+    assert len(a_results) == 12 and len(b_results) == 2
+    lengths = [n for _, _, n in backend.prefills]  # A's prompts have 3 tokens, B's 5
+    assert sorted(lengths) == [3] * 12 + [5] * 2
+    first = lengths.index(5)
+    second = lengths.index(5, first + 1)
+    assert arrived + 2 < 12, "B came too late to tell turns from arrival order"
+    assert first <= arrived + 2 and second - first == 2, (arrived, lengths)
+
+
+def test_fair_queue_turns_and_removal():
+    queue = FairQueue()
+    queue.extend("a", ["a1", "a2", "a3"])
+    queue.extend("b", ["b1"])
+    queue.extend("a", ["a4"])  # more work for a waiting client keeps its place in the turns
+    queue.extend("c", ["c1", "c2"])
+    assert len(queue) == 7 and list(queue) == ["a1", "a2", "a3", "a4", "b1", "c1", "c2"]
+    assert [queue.popleft() for _ in range(3)] == ["a1", "b1", "c1"]
+    assert queue.remove_if(lambda item: item in ("a3", "c2")) == ["a3", "c2"]
+    assert len(queue) == 2 and [queue.popleft(), queue.popleft()] == ["a2", "a4"]
+    assert not queue and len(queue) == 0
+    queue.extend(NO_CLIENT, ["x", "y"])  # no client named: plain arrival order
+    assert [queue.popleft(), queue.popleft()] == ["x", "y"]
