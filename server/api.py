@@ -13,24 +13,10 @@ from fastapi.responses import Response, StreamingResponse
 from server.chat import create_chat_completion
 from server.completions import create_completion
 from server.fair_queue import set_client
-from server.protocol import (
-    HOST_REFUSED,
-    ChatCompletionChunk,
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    CompletionChunk,
-    CompletionRequest,
-    CompletionResponse,
-    DetokenizeRequest,
-    DetokenizeResponse,
-    Health,
-    ModelList,
-    TokenizeRequest,
-    TokenizeResponse,
-    TokenizerInfo,
-    error_responses,
-    event_stream_schema,
-)
+from server.protocol import (HOST_REFUSED, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
+                             CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
+                             DetokenizeResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
+                             error_responses, event_stream_schema)
 from server.serving import check_model, check_token_ids, timeout_error
 from server.state import ServerState
 
