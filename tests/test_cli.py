@@ -127,3 +127,16 @@ def test_bad_model_path_is_one_clear_line(tmp_path, kind):
     served = uvicorn({"LOGPROBS_MODEL": str(path)})
     assert served.returncode != 0
     assert expected in served.stderr and "Traceback" not in served.stderr
+
+
+@pytest.mark.parametrize("entry", ["server.app", "server.cli"])
+def test_entry_points_load_llama_cpp_before_numpy(entry):
+    """On a CUDA build, a process that had loaded numpy before llama_cpp crashed loading a model
+    (issue 13); each entry point's first import (the server package) loads llama.cpp first.
+    (server.serve_ray too, which needs Ray, not installed by `make setup`.)"""
+    probe = (f"import sys, {entry}; names = list(sys.modules); "
+             "print(names.index('llama_cpp.llama_cpp'), names.index('numpy'))")
+    result = run([sys.executable, "-c", probe])
+    assert result.returncode == 0, result.stderr
+    llama_at, numpy_at = map(int, result.stdout.split())
+    assert llama_at < numpy_at, f"{entry}: numpy was imported before llama.cpp's library"
