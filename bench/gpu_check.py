@@ -49,6 +49,10 @@ from bench.shared_passes import MAKE_RANDOM_GGUF, SHAPES, random_model, speed_an
 from server.backends.gguf import GGUFBackend  # noqa: E402
 
 TOLERANCE = 1e-4
+# Prompts in shared passes (bench.shared_passes.parse_layout): a KV stream each, padded to the
+# longest; one unified cache as is; unified with every prompt's cells starting at a multiple of 16
+# or 32 (on CPUs, multiples of the SIMD width gave the same floats as alone, other offsets did not).
+SHARED_LAYOUTS = ["4", "16", "4u", "16u", "16u16", "16u32"]
 # Rough seconds for one model's whole turn (made, every row) at the default sizes on a GPU machine
 # (guesses, not yet measured there: the first GPU run's log gives the real ones); a model starts
 # only if this much of the budget is left.
@@ -242,10 +246,11 @@ def check(target: str, args) -> dict:
     if not args.shared_items:
         result["seconds"] = time.perf_counter() - started
         return result
-    rows = speed_and_exactness(model, args.shared_items, [4, 16], args.threads, args.rounds, lambda m: log("  " + m),
-                               unified_ks=[4, 16])
+    rows = speed_and_exactness(model, args.shared_items, SHARED_LAYOUTS, args.threads, args.rounds,
+                               lambda m: log("  " + m))
     result["shared_passes"] = rows
-    log("  shared passes (k: a KV stream each, padded; ku: one unified KV cache): " + ", ".join(
+    log("  shared passes (k: a KV stream each, padded; ku: one unified KV cache; kuN: unified, prompts padded to "
+        "multiples of N): " + ", ".join(
         f"{k}/pass {r['tokens_per_s'] / rows['1']['tokens_per_s']:.2f}x "
         f"{'same floats' if r['identical'] else 'DIFFERENT'} ({r['max_abs_logit_diff']:.2g})"
         for k, r in rows.items() if k != "1"))

@@ -448,7 +448,7 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
               "c": ("1B shape Q4_1, random weights", random_model(cache, "1b", "q4_1", log)),
               "d": ("1B shape Q4_K_M, random weights", random_model(cache, "1b", "q4_k_m", log))}
     for letter, (name, model) in models.items():
-        results = speed_and_exactness(model, args.shared_items, [4, 16], args.threads, args.rounds, log)
+        results = speed_and_exactness(model, args.shared_items, ["4", "16"], args.threads, args.rounds, log)
         for k, r in results.items():
             add(f"8{letter}{k}", f"{name}: {k} prompt(s) per forward pass", r["tokens_per_s"],
                 results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import re
 import subprocess
 import sys
 import time
@@ -92,12 +93,16 @@ class Passes:
     def forget(self, seq: int = -1, start: int = -1) -> None:
         self._ll.llama_memory_seq_rm(self.memory, seq, start, -1)
 
-    def group(self, prompts: Sequence[list[int]], pad: bool = True) -> list[np.ndarray]:
-        """The prompts in one forward pass, prompt i in stream i; each one's logits rows."""
+    def group(self, prompts: Sequence[list[int]], pad: bool = True, align: int = 1) -> list[np.ndarray]:
+        """The prompts in one forward pass, prompt i as sequence i; each one's logits rows. pad:
+        each padded at its end to the longest (separate KV streams need equal lengths); align:
+        each padded to a multiple of `align` tokens, so that in a unified KV cache every prompt's
+        cells start at a multiple of it."""
         width = max(map(len, prompts))
         entries = []
         for seq, tokens in enumerate(prompts):
-            padded = tokens + [tokens[-1]] * (width - len(tokens)) if pad else tokens
+            length = width if pad else -(-len(tokens) // align) * align
+            padded = tokens + [tokens[-1]] * (length - len(tokens))
             entries += [(seq, t, p, p < len(tokens)) for p, t in enumerate(padded)]
         logits = self.decode(entries)
         self.forget()
@@ -136,36 +141,47 @@ def groups_of(prompts: list[list[int]], k: int) -> tuple[list[list[int]], list[i
     return [order[g:g + k] for g in range(0, len(order), k)], order
 
 
-def speed_and_exactness(model: Path, n_items: int, ks: Sequence[int], threads: int, rounds: int,
-                        log=print, repack: bool = True, unified_ks: Sequence[int] = ()) -> dict[str, dict]:
-    """tokens/s of one prompt per pass and of k per pass (interleaved rounds, best kept), whether
-    every row of every prompt came out the same float as alone, and the padding's share.
-    ks: k prompts per pass, each in its own KV stream, padded to the longest. unified_ks (results
-    named "<k>u"): k prompts per pass in one KV pool (llama.cpp's unified cache), unpadded, since
-    llama.cpp then keeps a ragged batch in one ubatch; each prompt's cells follow the previous one's."""
+def parse_layout(name: str) -> tuple[int, bool, int]:
+    """"16": 16 prompts per pass, a KV stream each, padded to the longest; "16u": in one unified KV
+    cache, unpadded (llama.cpp keeps a ragged batch in one ubatch then); "16u16": unified, each
+    prompt padded to a multiple of 16 tokens. Returns (k, unified, align)."""
+    match = re.fullmatch(r"(\d+)(u(\d*))?", name)
+    if not match:
+        raise ValueError(f"not a layout: {name!r} (e.g. 16, 16u, 16u16)")
+    return int(match.group(1)), bool(match.group(2)), int(match.group(3) or 1)
+
+
+def speed_and_exactness(model: Path, n_items: int, layouts: Sequence[str], threads: int, rounds: int,
+                        log=print, repack: bool = True) -> dict[str, dict]:
+    """tokens/s of one prompt per pass and of each layout (see parse_layout; interleaved rounds,
+    best kept), whether every row of every prompt came out the same float as alone, and the
+    padding's share of the tokens run."""
     alone_ctx = Passes(model, 1, threads, repack=repack)
-    layouts = [(str(k), k, False) for k in ks] + [(f"{k}u", k, True) for k in unified_ks]
-    shared = {name: Passes(model, k, threads, repack=repack, unified=unified) for name, k, unified in layouts}
+    parsed = {name: parse_layout(name) for name in layouts}
+    shared = {name: Passes(model, k, threads, repack=repack, unified=unified) for name, (k, unified, _) in parsed.items()}
     prompts = hellaswag_prompts(alone_ctx, n_items)
     n_tokens = sum(map(len, prompts))
     log(f"{model.name}: {len(prompts)} prompts, {n_tokens} tokens, {threads} threads")
     alone_ctx.group(prompts[:1])  # warm-up
-    speeds: dict[str, list[float]] = {"1": [], **{name: [] for name, _, _ in layouts}}
+    speeds: dict[str, list[float]] = {"1": [], **{name: [] for name in parsed}}
     results: dict[str, dict] = {}
     for r in range(rounds):
         started = time.perf_counter()
         alone = [alone_ctx.group([p])[0] for p in prompts]
         speeds["1"].append(n_tokens / (time.perf_counter() - started))
-        for name, k, unified in layouts:
+        for name, (k, unified, align) in parsed.items():
             groups, _ = groups_of(prompts, k)
             started = time.perf_counter()
-            outs = [shared[name].group([prompts[i] for i in g], pad=not unified) for g in groups]
+            outs = [shared[name].group([prompts[i] for i in g], pad=not unified, align=align) for g in groups]
             speeds[name].append(n_tokens / (time.perf_counter() - started))
             pairs = [(out, alone[i]) for g, group_out in zip(groups, outs) for i, out in zip(g, group_out)]
-            padded = 0 if unified else sum(len(g) * max(len(prompts[i]) for i in g) for g in groups) - n_tokens
+            if unified:
+                run = sum(-(-len(prompts[i]) // align) * align for g in groups for i in g)
+            else:
+                run = sum(len(g) * max(len(prompts[i]) for i in g) for g in groups)
             results[name] = {"identical": all(np.array_equal(a, b) for a, b in pairs),
                              "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
-                             "padding": padded / n_tokens}
+                             "padding": run / n_tokens - 1}
         log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
     results = {"1": {"identical": True, "max_abs_logit_diff": 0.0, "padding": 0.0}, **results}
     for name, s in speeds.items():
@@ -203,7 +219,7 @@ def probe(model: Path, threads: int, log=print) -> None:
     u = Passes(model, 4, threads, unified=True)
     log("unified KV cache: one prompt alone, after another sequence took the first n cells:")
     base = u.pieces(prompts[0], [len(prompts[0])])
-    for n in (1, 3, 7, 16, 17):
+    for n in (1, 3, 7, 8, 16, 17, 24, 32, 48):
         u.decode([(1, prompts[1][j % len(prompts[1])], j, False) for j in range(n)])
         moved = u.decode([(0, t, j, True) for j, t in enumerate(prompts[0])])
         u.forget()
@@ -240,14 +256,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="GGUF files (default: the default model)")
     parser.add_argument("--items", type=int, default=25, help="HellaSwag items (4 prompts each)")
-    parser.add_argument("--per-pass", default="4,16", help="prompts per shared pass to try")
+    parser.add_argument("--per-pass", default="4,16",
+                        help="layouts to try: 16 (a KV stream per prompt, padded), 16u (one unified KV cache), "
+                             "16u16 (unified, each prompt padded to a multiple of 16 tokens)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--no-probe", action="store_true", help="skip the exactness probes")
     parser.add_argument("--no-repack", action="store_true",
                         help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels")
-    parser.add_argument("--unified-per-pass", default="",
-                        help="prompts per shared pass to try in one unified KV cache, unpadded (e.g. 4,16)")
     args = parser.parse_args()
     from server.config import Settings
     from server.default_model import ensure_default_model
@@ -255,14 +271,13 @@ def main() -> None:
     models = args.models or [ensure_default_model(Settings().cache_path())]
     if not args.no_probe:
         probe(models[0], args.threads)
-    ks = [int(k) for k in args.per_pass.split(",") if k]
-    unified_ks = [int(k) for k in args.unified_per_pass.split(",") if k]
+    layouts = [name for name in args.per_pass.split(",") if name]
     for model in models:
-        results = speed_and_exactness(model, args.items, ks, args.threads, args.rounds, repack=not args.no_repack,
-                                      unified_ks=unified_ks)
+        results = speed_and_exactness(model, args.items, layouts, args.threads, args.rounds,
+                                      repack=not args.no_repack)
         base = results["1"]["tokens_per_s"]
         for name, r in results.items():
-            print(f"{model.name}: {name:>3} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
+            print(f"{model.name}: {name:>5} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
                   f"{r['tokens_per_s'] / base:.2f}x  padding {r['padding']:.0%}  "
                   f"same floats as alone: {r['identical']} (max |d logit| {r['max_abs_logit_diff']:.2g})")
 
