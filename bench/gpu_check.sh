@@ -19,10 +19,12 @@
 #
 # Environment: BUDGET_S (seconds the whole run may take, default 560), SHAPES (random-weight
 # models, default 135m,1b,8b; cpu: none, the default model, SmolLM2-135M Q4_1, instead), ITEMS (HellaSwag items, default 100; cpu: 3), CUDA_ARCH (default 90),
-# CUDA_IMAGE (prepare: the image to take llama.cpp's CUDA build from).
+# CUDA_IMAGE (prepare: the image to take llama.cpp's CUDA build from), GPU_DIR (instead of .gpu),
+# PY_VERSION (prepare: the GPU machine's Python, default 3.12), PYTHON (run: default python3),
+# REQUIRE_GPU=0 (run: accept a CUDA build that finds no GPU, to rehearse the run without one).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-GPU=.gpu
+GPU=${GPU_DIR:-.gpu}
 LLAMA_CPP_PYTHON=0.3.36
 CUDA_IMAGE=${CUDA_IMAGE:-localhost/logprobs-server:cuda-test}
 say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
@@ -31,13 +33,13 @@ say() { echo "[gpu_check $(date +%H:%M:%S)] $*"; }
 # requests, jinja2, anyio, h11, click, prometheus-client): the versions this checkout is tested with.
 WHEELS="fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.5 pydantic-settings==2.16.3
 typing-inspection==0.4.5 typing-extensions==4.16.0 annotated-types==0.8.0 python-dotenv==1.2.4 uvicorn==0.54.0
-diskcache==5.6.3 gguf==0.19.0"
+diskcache==5.6.3 gguf==0.19.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2"
 
 prepare() {
     local saved=${1:-}
     mkdir -p $GPU/wheels $GPU/src $GPU/data $GPU/tools $GPU/cache
-    say "wheels for Python 3.12 on x86-64"
-    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    say "wheels for Python ${PY_VERSION:-3.12} on x86-64"
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version "${PY_VERSION:-3.12}" --implementation cp \
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d $GPU/wheels $WHEELS
     if [ ! -f $GPU/src/llama-cpp-python.tar.gz ]; then
@@ -98,7 +100,10 @@ run_on_gpu() {
     local py=${PYTHON:-python3} site=/tmp/gpu-site
     $py -m pip install -q --no-index --no-deps --no-compile --upgrade --target $site $GPU/wheels/*.whl
     export PYTHONPATH=$site LD_LIBRARY_PATH="$(cuda_libraries "$py")${LD_LIBRARY_PATH:-}"
-    cuda_ok() { $py -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() else 1)" 2>/dev/null; }
+    # REQUIRE_GPU=0: a CUDA build that finds no GPU will do (a rehearsal of this path on a machine
+    # without one; llama.cpp then runs on the CPU).
+    cuda_ok() { $py -c "import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_gpu_offload() or
+'${REQUIRE_GPU:-1}' == '0' else 1)" 2>/dev/null; }
     if cuda_ok; then
         say "CUDA build: the one this machine already has ($site)"
     elif [ -f $GPU/cache/llama-cpp-cuda.tar.xz ]; then
@@ -133,6 +138,7 @@ run_on_gpu() {
     local left=$(( ${BUDGET_S:-560} - ($(date +%s) - started) ))
     say "checks and measurements, ${left} s of the budget left"
     PYTHONUNBUFFERED=1 $py -m bench.gpu_check --shapes "${SHAPES:-135m,1b,8b}" --items "${ITEMS:-100}" \
+        --shared-items "${SHARED_ITEMS:-25}" \
         --budget-s "$left" --models /tmp/gpu-models --tokenizer-from $GPU/tokenizer.gguf \
         --tool $GPU/tools/make_random_gguf.py --data $GPU/data --out "$out" --logs /tmp/gpu-logs
 }

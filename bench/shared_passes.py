@@ -245,6 +245,8 @@ def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from:
         subprocess.run([sys.executable, str(tool), "--tokenizer-from", str(tokenizer_from), str(f16), *SHAPES[shape]],
                        check=True, capture_output=True)
     log(f"quantizing {f16.name} to {quant}")
+    import logging
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs every tensor
     params = ll.llama_model_quantize_default_params()
     params.ftype = {"q4_1": ll.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": ll.LLAMA_FTYPE_MOSTLY_Q4_K_M}[quant]
     if ll.llama_model_quantize(str(f16).encode(), str(target).encode(), params) != 0:
