@@ -242,6 +242,8 @@ def check(target: str, args) -> dict:
                                    args.server_flag)
     for row in result["server"].values():
         row["vs_in_process"] = row["tokens_per_s"] / ip["all_positions"]
+    log("  server / in-process every position (issue 13's target without reuse: >= 0.9x): " + ", ".join(
+        f"{name.replace('_', ' ')} {row['vs_in_process']:.2f}x" for name, row in result["server"].items()))
     result["exact"] = all(r["max_abs_logprob_diff"] <= TOLERANCE for r in result["server"].values())
     if not args.shared_items:
         result["seconds"] = time.perf_counter() - started
