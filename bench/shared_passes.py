@@ -254,6 +254,66 @@ def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from:
     return target
 
 
+def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], rounds: int,
+                            log=print) -> dict[str, dict]:
+    """The same question for an mlx-lm model: k prompts as one (k, longest) batch, each padded at its
+    end (causal attention keeps the pad out of its rows), against each prompt alone as a (1, n)
+    batch: tokens/s (interleaved rounds, best kept) and how far the rows moved, in logits and in
+    log-softmax (float64) over the whole vocabulary."""
+    import json
+
+    import mlx.core as mx
+    from mlx_lm import load
+
+    model, tokenizer = load(str(model_dir))
+    lines = (ROOT.parent / "shared/data/hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
+    prompts = [tokenizer.encode(item["ctx"] + " " + ending) for item in map(json.loads, lines)
+               for ending in item["endings"]]
+    n_tokens = sum(map(len, prompts))
+
+    def forward(batch: list[list[int]]) -> np.ndarray:
+        logits = model(mx.array(batch))
+        mx.eval(logits)
+        return np.array(logits)
+
+    def run(k: int) -> list[np.ndarray]:
+        if k == 1:
+            return [forward([p])[0] for p in prompts]
+        groups, _ = groups_of(prompts, k)
+        rows: list = [None] * len(prompts)
+        for g in groups:
+            width = max(len(prompts[i]) for i in g)
+            out = forward([prompts[i] + [prompts[i][-1]] * (width - len(prompts[i])) for i in g])
+            for j, i in enumerate(g):
+                rows[i] = out[j, :len(prompts[i])]
+        return rows
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        top = x.max(axis=1, keepdims=True)
+        return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+
+    log(f"{model_dir.name} (MLX): {len(prompts)} prompts, {n_tokens} tokens")
+    alone = run(1)  # warm-up, and the reference
+    speeds: dict[str, list[float]] = {str(k): [] for k in (1, *ks)}
+    results: dict[str, dict] = {"1": {"identical": True, "max_abs_logit_diff": 0.0, "max_abs_logprob_diff": 0.0}}
+    for r in range(rounds):
+        for k in (1, *ks):
+            started = time.perf_counter()
+            rows = run(k)
+            speeds[str(k)].append(n_tokens / (time.perf_counter() - started))
+            if k > 1:
+                pairs = list(zip(rows, alone))
+                results[str(k)] = {
+                    "identical": all(np.array_equal(a, b) for a, b in pairs),
+                    "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
+                    "max_abs_logprob_diff": max(float(np.abs(log_softmax(a) - log_softmax(b)).max()) for a, b in pairs)}
+        log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
+    for name, s in speeds.items():
+        results[name]["tokens_per_s"] = max(s)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="GGUF files (default: the default model)")
@@ -264,12 +324,20 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--no-probe", action="store_true", help="skip the exactness probes")
+    parser.add_argument("--mlx", type=Path, help="an mlx-lm model folder to measure instead (k per pass: --per-pass)")
     parser.add_argument("--no-repack", action="store_true",
                         help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels")
     args = parser.parse_args()
     from server.config import Settings
     from server.default_model import ensure_default_model
 
+    if args.mlx:
+        results = mlx_speed_and_exactness(args.mlx, args.items, [int(k) for k in args.per_pass.split(",")], args.rounds)
+        for name, r in results.items():
+            print(f"{args.mlx.name} (MLX): {name:>2} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
+                  f"{r['tokens_per_s'] / results['1']['tokens_per_s']:.2f}x  same floats as alone: {r['identical']} "
+                  f"(max |d logit| {r['max_abs_logit_diff']:.2g}, max |d logprob| {r['max_abs_logprob_diff']:.2g})")
+        return
     models = args.models or [ensure_default_model(Settings().cache_path())]
     if not args.no_probe:
         probe(models[0], args.threads)
