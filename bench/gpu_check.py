@@ -47,6 +47,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import BATCH, cpu_model, log, our_server  # noqa: E402
 from bench.shared_passes import MAKE_RANDOM_GGUF, SHAPES, random_model, speed_and_exactness  # noqa: E402
 from server.backends.gguf import GGUFBackend  # noqa: E402
+from tests.oracle import log_softmax64  # noqa: E402  (the tests' float64 reference)
 
 TOLERANCE = 1e-4
 # Prompts in shared passes (bench.shared_passes.parse_layout): a KV stream each, padded to the
@@ -123,10 +124,8 @@ def in_process(backend: GGUFBackend, sequences: list[list[int]], rounds: int) ->
                 backend.score(logits[:-1], np.asarray(tokens[1:]), 1)
                 scoring += time.perf_counter() - scored_at
             if keep:
-                rows = logits[:-1].astype(np.float64)
-                top = rows.max(axis=1)
-                lse = top + np.log(np.exp(rows - top[:, None]).sum(axis=1))
-                reference.append(rows[np.arange(len(rows)), tokens[1:]] - lse)
+                logprobs = log_softmax64(logits[:-1])
+                reference.append(logprobs[np.arange(len(logprobs)), tokens[1:]])
         elapsed = time.perf_counter() - started
         if score:
             scoring_share.append(scoring / elapsed)

@@ -9,6 +9,12 @@ one-token path gives other numbers than its many-token path (up to 0.66 in a log
 see `probe`). Pad tokens come after a prompt's last real token, so causal attention keeps them out
 of its rows; their logits are not asked for and their KV cells are dropped.
 
+Layouts (parse_layout): "16", a KV stream per prompt, padded as above; "16u", one unified KV cache,
+unpadded (llama.cpp then keeps a ragged batch in one ubatch, but a prompt's numbers depend on where
+its cells start); "16u16", unified with each prompt padded to a multiple of 16 tokens, so that its
+cells start at a multiple of 16, which gave the same floats as alone on this AVX-512 CPU. `--mlx
+FOLDER` asks the same of an mlx-lm model (one padded batch per pass).
+
 `python -m bench.shared_passes` prints the speed ratios (interleaved rounds, best of each) and the
 exactness probes; `make bench` adds its speed rows (group 8). tests/test_shared_passes.py holds
 the exactness rules on the default model.
@@ -101,7 +107,7 @@ class Passes:
         width = max(map(len, prompts))
         entries = []
         for seq, tokens in enumerate(prompts):
-            length = width if pad else -(-len(tokens) // align) * align
+            length = width if pad else aligned(len(tokens), align)
             padded = tokens + [tokens[-1]] * (length - len(tokens))
             entries += [(seq, t, p, p < len(tokens)) for p, t in enumerate(padded)]
         logits = self.decode(entries)
@@ -141,6 +147,11 @@ def groups_of(prompts: list[list[int]], k: int) -> tuple[list[list[int]], list[i
     return [order[g:g + k] for g in range(0, len(order), k)], order
 
 
+def aligned(n: int, align: int) -> int:
+    """n rounded up to a multiple of align."""
+    return -(-n // align) * align
+
+
 def parse_layout(name: str) -> tuple[int, bool, int]:
     """"16": 16 prompts per pass, a KV stream each, padded to the longest; "16u": in one unified KV
     cache, unpadded (llama.cpp keeps a ragged batch in one ubatch then); "16u16": unified, each
@@ -176,7 +187,7 @@ def speed_and_exactness(model: Path, n_items: int, layouts: Sequence[str], threa
             speeds[name].append(n_tokens / (time.perf_counter() - started))
             pairs = [(out, alone[i]) for g, group_out in zip(groups, outs) for i, out in zip(g, group_out)]
             if unified:
-                run = sum(-(-len(prompts[i]) // align) * align for g in groups for i in g)
+                run = sum(aligned(len(prompts[i]), align) for g in groups for i in g)
             else:
                 run = sum(len(g) * max(len(prompts[i]) for i in g) for g in groups)
             results[name] = {"identical": all(np.array_equal(a, b) for a, b in pairs),
@@ -265,6 +276,8 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
     import mlx.core as mx
     from mlx_lm import load
 
+    from tests.oracle import log_softmax64
+
     model, tokenizer = load(str(model_dir))
     lines = (ROOT.parent / "shared/data/hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
     prompts = [tokenizer.encode(item["ctx"] + " " + ending) for item in map(json.loads, lines)
@@ -288,11 +301,6 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
                 rows[i] = out[j, :len(prompts[i])]
         return rows
 
-    def log_softmax(x: np.ndarray) -> np.ndarray:
-        x = x.astype(np.float64)
-        top = x.max(axis=1, keepdims=True)
-        return x - top - np.log(np.exp(x - top).sum(axis=1, keepdims=True))
-
     log(f"{model_dir.name} (MLX): {len(prompts)} prompts, {n_tokens} tokens")
     alone = run(1)  # warm-up, and the reference
     speeds: dict[str, list[float]] = {str(k): [] for k in (1, *ks)}
@@ -307,7 +315,8 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
                 results[str(k)] = {
                     "identical": all(np.array_equal(a, b) for a, b in pairs),
                     "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
-                    "max_abs_logprob_diff": max(float(np.abs(log_softmax(a) - log_softmax(b)).max()) for a, b in pairs)}
+                    "max_abs_logprob_diff": max(float(np.abs(log_softmax64(a) - log_softmax64(b)).max())
+                                                for a, b in pairs)}
         log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
     for name, s in speeds.items():
         results[name]["tokens_per_s"] = max(s)
