@@ -25,7 +25,7 @@ Writes gpu_check.json to --out (the servers' logs to --logs) and exits 1 if a se
 
 from __future__ import annotations
 
-import llama_cpp  # noqa: F401  (first: see server/__init__.py)
+import llama_cpp  # first: see server/__init__.py
 
 import argparse
 import json
@@ -285,7 +285,7 @@ def main() -> None:
     args.models.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
 
-    import llama_cpp as ll
+    ll = llama_cpp
     report: dict = {"device": device_name(), "llama_cpp_python": ll.__version__,
                     "gpu_offload": bool(ll.llama_supports_gpu_offload()), "threads": args.threads, "models": {}}
     log(f"{report['device']}; llama-cpp-python {ll.__version__}, GPU offload {'yes' if report['gpu_offload'] else 'no'}")

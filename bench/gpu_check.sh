@@ -35,6 +35,11 @@ WHEELS="fastapi==0.165.0 starlette==1.10.0 pydantic==2.14.4 pydantic-core==2.50.
 typing-inspection==0.4.5 typing-extensions==4.16.0 annotated-types==0.8.0 python-dotenv==1.2.4 uvicorn==0.54.0
 diskcache==5.6.3 gguf==0.19.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2"
 
+default_model() {  # the default model's file (SmolLM2-135M Q4_1), fetched once into the cache
+    .venv/bin/python -c "from server.config import Settings; from server.default_model import \
+ensure_default_model as e; print(e(Settings().cache_path()))"
+}
+
 prepare() {
     local saved=${1:-}
     mkdir -p $GPU/wheels $GPU/src $GPU/data $GPU/tools $GPU/cache
@@ -56,8 +61,7 @@ prepare() {
         rm -rf "$tmp"
     fi
     say "a tokenizer-only GGUF (SmolLM2's tokenizer, one tiny layer): the models are made from it there"
-    local smol; smol=$(.venv/bin/python -c "from server.config import Settings; from server.default_model import \
-ensure_default_model as e; print(e(Settings().cache_path()))")
+    local smol; smol=$(default_model)
     cp ../shared/tools/make_random_gguf.py $GPU/tools/
     cp ../shared/data/hellaswag_dev.jsonl $GPU/data/
     [ -f $GPU/tokenizer.gguf ] || .venv/bin/python $GPU/tools/make_random_gguf.py --tokenizer-from "$smol" \
@@ -144,8 +148,7 @@ run_on_gpu() {
 }
 
 run_on_cpu() {
-    local smol; smol=$(.venv/bin/python -c "from server.config import Settings; from server.default_model import \
-ensure_default_model as e; print(e(Settings().cache_path()))")
+    local smol; smol=$(default_model)
     PYTHONUNBUFFERED=1 .venv/bin/python -m bench.gpu_check --model "$smol" --shapes "${SHAPES-}" --items "${ITEMS:-3}" \
         --shared-items "${ITEMS:-3}" --rounds 1 --budget-s "${BUDGET_S:-3600}" \
         --models "$(dirname "$smol")" --tokenizer-from "$smol" --out "${OUT:-bench_out/gpu-cpu}"
