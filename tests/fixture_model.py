@@ -1,6 +1,7 @@
 """A small model with the same float32 weights in both formats: a GGUF file and an mlx-lm folder.
 
-It is SmolLM2-135M cut to its first two transformer blocks: the default model's Q4_1/Q8_0 weights
+It is SmolLM2-135M cut to its first two transformer blocks (or any number, up to all 30: the bench's
+float32 model for lm-eval's `hf` model): the default model's Q4_1/Q8_0 weights
 are dequantized to float32 (so real embeddings and a real tokenizer, with peaked distributions),
 then written once as an F32 GGUF file and once as a Hugging Face-layout folder (config.json,
 model.safetensors, tokenizer.json). Both are cached; creation takes a few seconds.
@@ -39,7 +40,7 @@ def _hf_order(weight: np.ndarray, n_heads: int) -> np.ndarray:
     return weight.reshape(n_heads, out_dim // n_heads // 2, 2, -1).swapaxes(1, 2).reshape(weight.shape)
 
 
-def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int | None) -> None:
+def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int | None, n_layers: int) -> None:
     """bos_id: None keeps the source's BOS rules; an id makes it the BOS, added when tokenizing."""
     from gguf import GGUFValueType, GGUFWriter
 
@@ -53,7 +54,7 @@ def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int 
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == GGUFValueType.ARRAY else None
         writer.add_key_value(key, _field_value(field), vtype, sub_type=sub_type)
-    writer.add_block_count(N_LAYERS)
+    writer.add_block_count(n_layers)
     writer.add_file_type(0)  # ALL_F32
     if bos_id is not None:
         writer.add_bos_token_id(bos_id)
@@ -66,7 +67,8 @@ def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int 
     writer.close()
 
 
-def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_id: int | None) -> None:
+def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_id: int | None,
+                     n_layers: int) -> None:
     from safetensors.numpy import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
@@ -77,7 +79,7 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
     names = {"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
              "attn_q": "self_attn.q_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
              "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
-    for i in range(N_LAYERS):
+    for i in range(n_layers):
         for short, long in names.items():
             w = tensors[f"blk.{i}.{short}.weight"]
             if short == "attn_q":
@@ -97,7 +99,7 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
     config = {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
-        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "num_hidden_layers": N_LAYERS,
+        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "num_hidden_layers": n_layers,
         "head_dim": meta["llama.rope.dimension_count"], "hidden_act": "silu",
         "rms_norm_eps": float(np.float32(meta["llama.attention.layer_norm_rms_epsilon"])),
         # Top-level rope_theta on purpose: without it mlx-lm silently uses 10000.
@@ -129,24 +131,26 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
     }, indent=2))
 
 
-def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False) -> tuple[Path, Path]:
+def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
+                 n_layers: int = N_LAYERS) -> tuple[Path, Path]:
     """(GGUF file, mlx-lm folder) of the two-block float32 model, created once. add_bos: the
-    variant whose tokenizer adds BOS_TOKEN when tokenizing with special tokens."""
+    variant whose tokenizer adds BOS_TOKEN when tokenizing with special tokens; n_layers: keep
+    that many blocks (the folder is also what transformers loads)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
-    root = cache_dir / f"smollm2-{N_LAYERS}block-f32{'-bos' if add_bos else ''}-{VERSION}"
+    root = cache_dir / f"smollm2-{n_layers}block-f32{'-bos' if add_bos else ''}-{VERSION}"
     gguf_path, mlx_dir = root / "model-f32.gguf", root / "mlx"
     if (root / "done").exists():
         return gguf_path, mlx_dir
     root.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(str(source_gguf))
     bos_id = list(_field_value(reader.fields["tokenizer.ggml.tokens"])).index(BOS_TOKEN) if add_bos else None
-    keep = ("token_embd.", "output_norm.") + tuple(f"blk.{i}." for i in range(N_LAYERS))
+    keep = ("token_embd.", "output_norm.") + tuple(f"blk.{i}." for i in range(n_layers))
     tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
         [int(d) for d in reversed(t.shape)]) for t in reader.tensors if t.name.startswith(keep)}
-    _write_gguf(reader, tensors, gguf_path, bos_id)
-    _write_hf_folder(reader, tensors, mlx_dir, bos_id)
+    _write_gguf(reader, tensors, gguf_path, bos_id, n_layers)
+    _write_hf_folder(reader, tensors, mlx_dir, bos_id, n_layers)
     (root / "done").write_text("ok")
     return gguf_path, mlx_dir
 
