@@ -3,7 +3,8 @@
 A request is a list of jobs (one per prompt and sample), submitted together. The model thread
 admits queued jobs, from any request, while the backend has free sequences; runs each admitted
 prompt through the model on its own (reusing cached prefixes: a prompt's numbers must not depend
-on what else is running), then generates for all running jobs in lock-step, one decode step per
+on what else is running; the MLX backend, where that is faster, runs fresh prompts together, each
+within 1e-4 of alone), then generates for all running jobs in lock-step, one decode step per
 token carrying every running sequence. Jobs join and leave between steps.
 
 A request whose client goes away is cancelled as a whole: its queued jobs never run, and its
@@ -25,7 +26,7 @@ import numpy as np
 
 from server.backends.base import Backend, Step
 from server.fair_queue import FairQueue, current_client
-from server.prefix_cache import PrefixCache, Reuse
+from server.prefix_cache import MIN_REUSE, PrefixCache, Reuse, common_prefix
 from server.request_id import current_request_id
 from server.sampling import Sampler, SamplingParams
 from server.scoring import ScoredRows, first_rows, score_rows
@@ -135,6 +136,7 @@ class _Running:
         self.k = job.logprobs or 0
         self.score_prompt = job.echo and job.logprobs is not None
         self.reuse: Reuse | None = None
+        self.looked_up = False  # the prefix cache was asked (once: it counts hits)
         self.prompt_parts: list[ScoredRows] = []
         self.prompt_scores: ScoredRows | None = None
         self.next_logits: np.ndarray | None = None
@@ -279,13 +281,7 @@ class Engine:
                     self._drop_cancelled(free)
                 admitted = self._admit(free)
             started = time.perf_counter()
-            for r in admitted:
-                try:
-                    if self._prefill(r, free):
-                        active.append(r)
-                except Exception as exc:  # fails this job only (its own sequence), not the server
-                    log.exception("prompt pass failed")
-                    self._finish(r, free, error=exc)
+            active += self._run_prompts(admitted, free)
             active = self._step(active, free)
             self._busy_seconds += time.perf_counter() - started
 
@@ -318,21 +314,112 @@ class Engine:
             admitted.append(running)
         return admitted
 
+    def _run_prompts(self, admitted: list[_Running], free: list[int]) -> list[_Running]:
+        """The prompt passes of newly admitted jobs; returns those that go on to generate.
+
+        On llama.cpp prompts run one at a time: sharing passes gained nothing on CPUs (0.83-1.07x
+        with groups padded to equal length, which keep every number; ragged groups, which llama.cpp
+        splits into small ubatches, move them: bench/shared_passes.py, README "Prompts in shared
+        forward passes"). A backend whose batched passes are faster and stay within 1e-4 of each
+        prompt alone (MLX: Backend.shares_prompt_passes) runs the fresh ones together first; the
+        rest (long prompts, and those that reuse a cached prefix, including one that a prompt of
+        the group is about to leave in the cache) then run one by one, as on llama.cpp."""
+        going_on, one_by_one = [], admitted
+        if self.backend.shares_prompt_passes and len(admitted) > 1:
+            fresh, others = self._fresh_prompts(admitted)
+            one_by_one = []
+            for group in self._shared_passes(fresh):
+                if len(group) > 1:
+                    going_on += self._prefill_together(group, free)
+                else:
+                    one_by_one += group
+            one_by_one += others
+        for r in one_by_one:
+            try:
+                if self._prefill(r, free):
+                    going_on.append(r)
+            except Exception as exc:  # fails this job only (its own sequence), not the server
+                log.exception("prompt pass failed")
+                self._finish(r, free, error=exc)
+        return going_on
+
+    def _look_up(self, r: _Running) -> None:
+        """Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
+        where reuse pays, and where tests show it changes no number. Looked up just before the
+        prompt's pass, not at admission, so that jobs admitted together (one request's choices)
+        reuse each other."""
+        if self.cache is not None and r.score_prompt and not r.looked_up:
+            r.reuse = self.cache.find(r.job.tokens, r.k)
+        r.looked_up = True
+
+    def _fresh_prompts(self, admitted: list[_Running]) -> tuple[list[_Running], list[_Running]]:
+        """(prompts to run together, the others): a prompt joins the group when it fits one pass
+        and has nothing to reuse, neither in the cache nor from a prompt of the group (the other
+        choices of an lm-eval request wait for their context to be cached, and reuse it)."""
+        together, others = [], []
+        for r in admitted:
+            tokens = r.job.tokens
+            if len(tokens) > self.backend.n_batch:
+                others.append(r)
+                continue
+            if self.cache is not None and r.score_prompt and any(
+                    common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.score_prompt):
+                others.append(r)  # looked up after the group has run
+                continue
+            self._look_up(r)
+            (others if r.reuse is not None else together).append(r)
+        return together, others
+
+    def _shared_passes(self, fresh: list[_Running]) -> list[list[_Running]]:
+        """Fresh prompts in groups of similar length (longest first: less padding) whose padded
+        batch holds at most n_batch tokens, so that a shared pass holds no more logits than a
+        prompt's pass does."""
+        groups: list[list[_Running]] = []
+        for r in sorted(fresh, key=lambda r: -len(r.job.tokens)):
+            if groups and (len(groups[-1]) + 1) * len(groups[-1][0].job.tokens) <= self.backend.n_batch:
+                groups[-1].append(r)  # the group's first prompt is its longest
+            else:
+                groups.append([r])
+        return groups
+
+    def _prefill_together(self, group: list[_Running], free: list[int]) -> list[_Running]:
+        """Fresh prompts, each whole, in one forward pass of the backend's (shares_prompt_passes)."""
+        running = []
+        for r in group:
+            if r.cancelled:
+                self._finish(r, free, error=Cancelled())
+            else:
+                running.append(r)
+        if not running:
+            return []
+        wanted_from = [0 if r.score_prompt else len(r.job.tokens) - 1 for r in running]
+        try:
+            blocks = self.backend.prefill_together([(r.seq, r.job.tokens, w) for r, w in zip(running, wanted_from)])
+        except Exception as exc:  # a backend failure fails the jobs in that forward pass
+            log.exception("shared prompt pass failed")
+            for r in running:
+                self._finish(r, free, error=exc)
+            return []
+        going_on = []
+        for r, block, w in zip(running, blocks, wanted_from):
+            try:
+                n = len(r.job.tokens)
+                r.prompt_tokens_run += n
+                self._tokens_run += n
+                self._take_block(r, block, w, last=True)
+                self._prompt_done(r)
+                going_on.append(r)
+            except Exception as exc:  # scoring one prompt fails that job only
+                log.exception("prompt scoring failed")
+                self._finish(r, free, error=exc)
+        return going_on
+
     def _prefill(self, r: _Running, free: list[int]) -> bool:
         """Run a newly admitted job's prompt (its uncached part), n_batch tokens per call, scoring
-        the rows a response needs. False if the request was cancelled meanwhile.
-
-        Prompts run one at a time: sharing passes gained nothing on CPUs (0.83-1.07x with groups
-        padded to equal length, which keep every number; ragged groups, which llama.cpp splits into
-        small ubatches, move them: bench/shared_passes.py, README "Prompts in shared forward
-        passes"). Decode steps are batched (see _step)."""
+        the rows a response needs. False if the request was cancelled meanwhile."""
         backend = self.backend
         tokens, n, start = r.job.tokens, len(r.job.tokens), 0
-        # Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is
-        # where reuse pays, and where tests show it changes no number. Looked up now, not at
-        # admission, so that jobs admitted together (one request's choices) reuse each other.
-        if self.cache is not None and r.score_prompt:
-            r.reuse = self.cache.find(tokens, r.k)
+        self._look_up(r)
         if r.reuse is not None:
             backend.restore(r.seq, r.reuse.entry.state, r.reuse.length)
             start = r.reuse.length
@@ -348,23 +435,32 @@ class Engine:
             block = backend.prefill(r.seq, chunk, lo, max(0, wanted_from - lo))
             r.prompt_tokens_run += len(chunk)
             self._tokens_run += len(chunk)
-            if block is None:
-                continue
-            i = max(lo, wanted_from)  # the position of the block's first row
-            in_prompt = min(len(block), n - 1 - i)
-            if r.score_prompt and in_prompt > 0:
-                targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
-                r.prompt_parts.append(backend.score(block[:in_prompt], targets, r.k))
-            if lo + len(chunk) == n:
-                r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
+            if block is not None:
+                self._take_block(r, block, max(lo, wanted_from), last=lo + len(chunk) == n)
+        self._prompt_done(r)
+        return True
+
+    def _take_block(self, r: _Running, block, i: int, last: bool) -> None:
+        """Score a block of prompt logits whose first row is at position i (row i predicts token
+        i + 1); the prompt's last row, in its last block, predicts the first generated token."""
+        tokens, n = r.job.tokens, len(r.job.tokens)
+        in_prompt = min(len(block), n - 1 - i)
+        if r.score_prompt and in_prompt > 0:
+            targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
+            r.prompt_parts.append(self.backend.score(block[:in_prompt], targets, r.k))
+        if last:
+            r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
+
+    def _prompt_done(self, r: _Running) -> None:
+        """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
+        tokens = r.job.tokens
         r.prompt_scores = _concat(r.prompt_parts, r.k) if r.score_prompt else None
         if self.cache is not None and r.score_prompt and (r.reuse is None or r.reuse.entry.tokens != tokens):
-            state, size = backend.snapshot(r.seq)
+            state, size = self.backend.snapshot(r.seq)
             scores = r.prompt_scores
             size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
             self.cache.add(tokens, state, size, scores, r.k)
         r.emit(PromptScored(r.prompt_scores))
-        return True
 
     def _step(self, active: list[_Running], free: list[int]) -> list[_Running]:
         """Choose one token for every running job, then one decode step for those that go on."""

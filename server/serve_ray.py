@@ -55,7 +55,8 @@ def replica_app():
 
 
 # Defaults for a config file to override (deploy/ray/serve.yaml): one replica per machine, a few
-# requests queued at each (lm-eval's num_concurrent; the engine runs prompts one at a time anyway).
+# requests queued at each (lm-eval's num_concurrent; with one sequence, the engine runs prompts one
+# at a time anyway).
 LogprobsServer = serve.deployment(
     serve.ingress(replica_app)(),
     name="LogprobsServer",

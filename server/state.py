@@ -16,6 +16,7 @@ from server.fingerprint import Fingerprint
 from server.fingerprint import compute as compute_fingerprint
 from server.metrics import Metrics
 from server.prefix_cache import SPLIT_TOLERANCE, split_drift
+from server.shared_passes import SHARED_TOLERANCE, shared_pass_drift
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,16 @@ class ServerState:
                             "Q4_0/Q4_K kernels do this), so reuse would change results. Scoring runs every prompt "
                             "whole. A Q4_1, Q8_0 or F16 file of the model keeps reuse exact.", drift)
                 settings = settings.model_copy(update={"prefix_cache_mb": 0})
+        if backend.shares_prompt_passes:
+            drift = shared_pass_drift(backend)
+            if drift > SHARED_TOLERANCE:
+                log.warning("Prompts run one at a time: run together in one forward pass, they gave logits up "
+                            "to %.3g away from each prompt alone, past the %.0e this server allows.",
+                            drift, SHARED_TOLERANCE)
+                backend.shares_prompt_passes = False
+            else:
+                log.info("Fresh prompts admitted together share forward passes (logits within %.2g of each "
+                         "prompt alone in the start-up check)", drift)
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")

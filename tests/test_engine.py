@@ -330,6 +330,67 @@ def test_choices_admitted_together_reuse_each_others_prefix():
         engine.close()
 
 
+class SharingFakeBackend(SnapshotFakeBackend):
+    """The fake that runs fresh prompts together (as the MLX backend does): records each group."""
+
+    shares_prompt_passes = True
+
+    def __init__(self, **kw):
+        super().__init__(**kw)
+        self.groups: list[list[int]] = []  # the sequences of each prefill_together call
+
+    def prefill_together(self, prompts):
+        self.groups.append([seq for seq, _, _ in prompts])
+        return [self.prefill(seq, tokens, 0, logits_from) for seq, tokens, logits_from in prompts]
+
+
+def lm_eval_like_jobs(n_contexts: int, choices: int = 4) -> list[PromptJob]:
+    """Scored prompts as one lm-eval request sends them: each context with each of its endings."""
+    return [greedy_job([c + 1] * 12 + [6, e % 7], 1, echo=True, logprobs=1)
+            for c in range(n_contexts) for e in range(choices)]
+
+
+@pytest.mark.parametrize("prefix_cache_mb", [0, 1])
+def test_fresh_prompts_run_together_and_choices_then_reuse_their_context(prefix_cache_mb):
+    """8 sequences, one request of 2 contexts x 4 endings: without a prefix cache all 8 prompts run in
+    one shared pass; with it the first choice of each context runs together, and the other 6 reuse
+    the context it left in the cache, one by one. Either way the results are those of the backend
+    that runs every prompt alone."""
+    jobs = lm_eval_like_jobs(2)
+    alone = SnapshotFakeBackend(max_sequences=8)
+    engine = Engine(alone, prefix_cache_mb=prefix_cache_mb)
+    try:
+        expected = asyncio.run(engine.complete(jobs))
+    finally:
+        engine.close()
+    backend = SharingFakeBackend(max_sequences=8)
+    engine = Engine(backend, prefix_cache_mb=prefix_cache_mb)
+    try:
+        results = asyncio.run(engine.complete(jobs))
+    finally:
+        engine.close()
+    if prefix_cache_mb:
+        assert [len(g) for g in backend.groups] == [2]
+        assert [start for _, start, _ in backend.prefills] == [0, 0] + [12] * 6 and engine.cache.hits == 6
+    else:
+        assert [len(g) for g in backend.groups] == [8]
+    for got, want in zip(results, expected):
+        assert got.generated == want.generated
+        np.testing.assert_array_equal(got.prompt_scores.token_logprobs, want.prompt_scores.token_logprobs)
+
+
+def test_long_prompts_and_lone_ones_do_not_share_passes():
+    """A prompt longer than one pass runs in chunks on its own; a group of one is no group."""
+    backend = SharingFakeBackend(max_sequences=4, n_batch=8)
+    engine = Engine(backend)
+    try:
+        results = asyncio.run(engine.complete([greedy_job([1] * 20, 2), greedy_job([2, 3], 2)]))
+    finally:
+        engine.close()
+    assert backend.groups == []
+    assert [r.generated for r in results] == [expected_greedy([1] * 20, 2), expected_greedy([2, 3], 2)]
+
+
 # -- taking turns between clients ---------------------------------------------------------------
 
 def test_clients_take_turns_for_the_model(make_engine):

@@ -86,3 +86,54 @@ def test_mlx_padded_batches_stay_within_1e_4_of_each_prompt_alone(fixture_paths)
     results = mlx_speed_and_exactness(fixture_paths["mlx"], 3, [4, 12], rounds=1, log=lambda message: None)
     for k in ("4", "12"):
         assert results[k]["max_abs_logprob_diff"] <= 1e-4, results[k]
+
+
+@pytest.fixture(scope="module")
+def mlx_engine(fixture_paths):
+    """The engine on the MLX fixture with 4 sequences and no prefix cache (every prompt fresh); the
+    backend's shared passes are counted, not replaced."""
+    from server.backends.mlx import MLXBackend
+    from server.engine import Engine
+
+    backend = MLXBackend(str(fixture_paths["mlx"]), max_sequences=4)
+    assert backend.shares_prompt_passes
+    backend.groups = []
+    run_together = backend.prefill_together
+    backend.prefill_together = lambda prompts: backend.groups.append(len(prompts)) or run_together(prompts)
+    engine = Engine(backend)
+    yield engine, backend
+    engine.close()
+
+
+def test_mlx_engine_runs_prompts_together_within_1e_4_of_alone_in_every_order(mlx_engine):
+    """Three scored prompts (echo, logprobs=5) and one that generates 4 greedy tokens, as one
+    request: one shared pass, in each of the 24 orders, and each prompt's logprobs within 1e-4 of the
+    same prompt sent alone (which runs on its own), its top tokens and greedy tokens the same."""
+    import asyncio
+    import types
+
+    from server.engine import PromptJob
+    from server.sampling import SamplingParams
+
+    engine, backend = mlx_engine
+    prompts = hellaswag_prompts(types.SimpleNamespace(tokenize=lambda text: backend.tokenize(text, True)), 6)
+    chosen = [prompts[i] for i in (0, 5, 10, 17)]  # four contexts, 25 to 50 tokens
+    greedy = SamplingParams(temperature=0.0)
+    jobs = [PromptJob(p, max_tokens=0, logprobs=5, echo=True, sampling=greedy) for p in chosen[:3]]
+    jobs.append(PromptJob(chosen[3], max_tokens=4, logprobs=5, echo=False, sampling=greedy))
+    alone = [asyncio.run(engine.complete([job]))[0] for job in jobs]
+    assert backend.groups == []
+    for order in itertools.permutations(range(4)):
+        results = asyncio.run(engine.complete([jobs[i] for i in order]))
+        for i, got in zip(order, results):
+            want = alone[i]
+            for kind in ("prompt_scores", "generated_scores"):
+                a, b = getattr(got, kind), getattr(want, kind)
+                if b is None or not len(b.token_logprobs):
+                    continue
+                np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0,
+                                           err_msg=f"prompt {i} in order {order}")
+                np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-4, rtol=0)
+                np.testing.assert_array_equal(a.top_ids, b.top_ids)
+            assert got.generated == want.generated
+    assert backend.groups == [4] * 24

@@ -49,6 +49,9 @@ class Backend(ABC):
     n_batch: int  # most tokens one prefill() call takes
     max_sequences = 1  # sequences held at once (each its own KV), decoded together
     supports_snapshots = False  # snapshot()/restore() work: the prefix cache can be used
+    # prefill_together() works, is faster than prompts one by one, and keeps each prompt's numbers
+    # within 1e-4 of the prompt alone (tests/test_shared_passes.py holds each backend that says so).
+    shares_prompt_passes = False
     scoring_threads = 1  # CPU threads for the numpy scoring of logits blocks
 
     # -- tokenizer --------------------------------------------------------------------------
@@ -68,6 +71,12 @@ class Backend(ABC):
         when logits_from >= len(tokens). The block may be a view of the backend's buffer: it is
         valid until the next call on this backend, so copy what must outlive that. A long prompt
         comes as consecutive calls, so that the caller can stop between them."""
+
+    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list:
+        """Several whole prompts (seq, tokens, logits_from), each of at most n_batch tokens, each
+        beginning its sequence anew, in one forward pass (only if shares_prompt_passes). Returns
+        each prompt's block of logits, as prefill(seq, tokens, 0, logits_from) does."""
+        raise NotImplementedError
 
     @abstractmethod
     def decode(self, steps: Sequence[Step]) -> np.ndarray:

@@ -110,6 +110,9 @@ class MLXBackend(Backend):
         # Plain per-layer KV caches can be snapshotted for the prefix cache (rotating or state-space
         # caches of other architectures hold more than keys and values: no reuse for those).
         self.supports_snapshots = all(type(c) is KVCache for c in make_prompt_cache(self.model))
+        # Prompts admitted together (--max-sequences > 1) share passes where each sequence's cache
+        # can be cut out of the batch's: plain KV caches, as for snapshots.
+        self.shares_prompt_passes = self.supports_snapshots and max_sequences > 1
         n_ctx_train = int(text_config.get("max_position_embeddings") or self._hf.model_max_length or MAX_DEFAULT_CTX)
         eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
         self.tokens = TokenTable(_token_bytes_table(self._hf, n_vocab), eog)
@@ -150,6 +153,29 @@ class MLXBackend(Backend):
             return logits[logits_from:]
         mx.eval([c.state for c in cache])  # run the pass now: the next chunk needs this KV
         return None
+
+    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list:
+        """One (k, longest) batch, each prompt padded at its end with its last token: causal
+        attention keeps the pad out of its rows, and each sequence keeps only its own tokens' KV.
+        The batched matrix products round differently from one prompt's (up to 4.4e-5 in a
+        log-probability on the test fixture) and run faster (1.4x for 16 prompts there)."""
+        mx = self._mx
+        width = max(len(tokens) for _, tokens, _ in prompts)
+        for seq, _, _ in prompts:
+            self._leave_batch(seq)
+        shared = self._make_cache(self.model)
+        batch = mx.array([list(tokens) + [tokens[-1]] * (width - len(tokens)) for _, tokens, _ in prompts])
+        logits = self.model(batch, cache=shared)
+        blocks = []
+        for i, (seq, tokens, logits_from) in enumerate(prompts):
+            n = len(tokens)
+            own = self._make_cache(self.model)  # plain KVCache layers (shares_prompt_passes)
+            for layer, merged in zip(own, shared):
+                layer.keys, layer.values = merged.keys[i:i + 1, :, :n, :], merged.values[i:i + 1, :, :n, :]
+                layer.offset = n
+            self._caches[seq] = own
+            blocks.append(logits[i, logits_from:n])
+        return blocks
 
     def decode(self, steps: Sequence[Step]) -> np.ndarray:
         if len(steps) == 1:  # one sequence runs on its own cache, exactly as its prompt did
