@@ -9,14 +9,16 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  3. llama-cpp-python's own server on the same prompts as strings (echo, logprobs=1), on a subset,
     and how far its logprobs are from this server's (which the tests check against an oracle);
  4. rows 1 and 2 on Gemma 3 270M (vocabulary 262144);
- 5. the wall time of a whole lm-eval run (hellaswag_dev, 100 items) through the server;
+ 5. the wall time of a whole lm-eval run (hellaswag_dev, 200 items, batch 8) through the server, and
+    of lm-eval's own `hf` model in-process on the same weights dequantized to float32 (torch CPU);
  6. the MLX backend (the two-block SmolLM2 test fixture, float32): mlx-lm's forward pass
     in-process vs this server's scoring over HTTP, without and with prefix reuse;
  7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
     llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned);
  8. prompts in shared forward passes (bench/shared_passes.py): one prompt per llama_decode vs 4
     and 16 per pass (separate KV streams, padded to equal length), on SmolLM2, Gemma 3 and a
-    1B-shape random-weight model, with whether every row came out the same float as alone.
+    1B-shape random-weight model, with whether every row came out the same float as alone; and
+    on MLX (SmolLM2 whole, float32): one prompt per pass vs 4, 8 and 16 as one padded batch.
 
 Rows 1, 2, 4 and 6 are timed in interleaved rounds (--rounds): every row once per round, the best
 pass of each reported, so that the shared machine's slow spells fall on all rows alike.
@@ -212,19 +214,62 @@ def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out:
     return n_tokens / elapsed, max(gaps)
 
 
-def lm_eval_run(model: Path, threads: int, items: int, out: Path) -> tuple[float, dict]:
-    with our_server(model, threads, out, "lm-eval") as server:
-        name = requests.get(server.url.replace("/completions", "/models")).json()["data"][0]["id"]
-        env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"}
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args",
-                        f"base_url={server.url},model={name},tokenized_requests=True",
-                        "--tasks", "hellaswag_dev", "--include_path", str(ROOT / "clients" / "lm_eval_tasks"),
-                        "--limit", str(items), "--batch_size", str(BATCH), "--output_path", str(out / "lm_eval")],
-                       cwd=ROOT, env=env, check=True, capture_output=True)
-        elapsed = time.perf_counter() - started
-    results = json.loads(next((out / "lm_eval").rglob("results_*.json")).read_text())["results"]["hellaswag_dev"]
-    return elapsed, {k: v for k, v in results.items() if k.startswith("acc")}
+def lm_eval_wall(model: str, model_args: str, items: int, out: Path, *extra: str,
+                 env: dict[str, str] | None = None) -> tuple[float, dict]:
+    """Stock lm-eval on hellaswag_dev (batch 8): its whole wall time, start-up included, and accuracy."""
+    results_dir = out / f"lm_eval-{model}"
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
+                    "--tasks", "hellaswag_dev", "--include_path", str(ROOT / "clients" / "lm_eval_tasks"),
+                    "--limit", str(items), "--batch_size", str(BATCH), "--output_path", str(results_dir), *extra],
+                   cwd=ROOT, env={k: v for k, v in env.items() if v is not None}, check=True, capture_output=True)
+    elapsed = time.perf_counter() - started
+    newest = max(results_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
+    results = json.loads(newest.read_text())["results"]["hellaswag_dev"]
+    return elapsed, {k: round(v, 4) for k, v in results.items() if k.startswith("acc")}
+
+
+def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
+    """Rows 5: lm-eval through this server with the default model (5a), with the same weights as
+    float32 (5b) and as Q8_0 (5c) GGUF files, and lm-eval's own `hf` model in-process on the
+    float32 weights (5d: torch on the CPU, batch 8), one after the other."""
+    from bench.shared_passes import quantize
+    from tests.fixture_model import make_fixture
+
+    items = args.lm_eval_items
+    f32_gguf, hf_folder = make_fixture(smol, cache / "fixtures", n_layers=30)  # every block, float32
+    q8_gguf = f32_gguf.with_name("model-q8_0.gguf")
+    if not q8_gguf.exists():
+        quantize(f32_gguf, q8_gguf, "q8_0")
+    walls: dict[str, float] = {}
+
+    def add(row: str, name: str, wall: float, metrics: dict) -> None:
+        walls[row] = wall
+        rows.append({"row": row, "name": f"lm-eval hellaswag_dev, {items} items: {name}", "wall_s": wall,
+                     "metrics": metrics})
+        log(f"{row:>3}  {name}: {wall:.0f} s wall, {metrics}")
+
+    for row, label, model in [("5a", "SmolLM2 Q4_1 (the default model)", smol),
+                              ("5b", "the same weights as float32 (F32 GGUF)", f32_gguf),
+                              ("5c", "the same weights as Q8_0", q8_gguf)]:
+        with our_server(model, args.threads, args.out, f"lm-eval-{row}", "--model-name", "smollm2") as server:
+            model_args = f"base_url={server.url},model=smollm2,tokenized_requests=True"
+            wall, metrics = lm_eval_wall("local-completions", model_args, items, args.out)
+        add(row, f"through this server, {label}, prefix reuse", wall, metrics)
+    try:
+        import accelerate  # noqa: F401  (lm-eval's hf model needs it)
+        import torch  # noqa: F401
+    except ImportError:
+        log("  5d skipped: lm-eval's hf model needs torch and accelerate (make bench installs the bench extra)")
+        return
+    # Without the OpenBLAS preload (which the MLX rows want): it slowed torch's matrix products 3x here.
+    wall, metrics = lm_eval_wall("hf", f"pretrained={hf_folder},dtype=float32", items, args.out, "--device", "cpu",
+                                 env={"LD_PRELOAD": None})
+    add("5d", "lm-eval's hf model in-process (torch, the float32 weights, batch 8)", wall, metrics)
+    for r in rows:
+        if r["row"] in ("5a", "5b", "5c"):
+            r["ratio"] = f"{wall / r['wall_s']:.2f}x as fast as row 5d"
 
 
 def log_reuse_gap(plain: list, cached: list) -> None:
@@ -340,7 +385,7 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=25, help="HellaSwag items for rows 1-2 (4 sequences each)")
     parser.add_argument("--llama-server-items", type=int, default=3, help="items for row 3 (it is slow)")
     parser.add_argument("--gemma-items", type=int, default=8, help="items for row 4 (0 skips it)")
-    parser.add_argument("--lm-eval-items", type=int, default=100, help="items for row 5 (0 skips it)")
+    parser.add_argument("--lm-eval-items", type=int, default=200, help="items for rows 5 (0 skips them)")
     parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
     parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
     parser.add_argument("--shared-items", type=int, default=10, help="items for row 8 (0 skips it)")
@@ -382,10 +427,7 @@ def main() -> None:
     if "4" in groups and args.gemma_items:
         gemma_rows(cache, args, add)
     if "5" in groups and args.lm_eval_items:
-        wall, metrics = lm_eval_run(smol, args.threads, args.lm_eval_items, args.out)
-        rows.append({"row": "5", "name": f"lm-eval hellaswag_dev, {args.lm_eval_items} items, through the server",
-                     "wall_s": wall, "metrics": metrics})
-        log(f"  5  lm-eval hellaswag_dev ({args.lm_eval_items} items): {wall:.0f} s wall, {metrics}")
+        lm_eval_rows(cache, smol, args, rows)
     if "6" in groups and not args.skip_mlx:
         mlx_rows(sequences, args, add)
     if "7" in groups and not args.skip_generation:
@@ -453,6 +495,17 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
             add(f"8{letter}{k}", f"{name}: {k} prompt(s) per forward pass", r["tokens_per_s"],
                 results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],
                 max_abs_logit_diff=r["max_abs_logit_diff"], padding=r["padding"])
+    if args.skip_mlx:
+        return
+    from bench.shared_passes import mlx_speed_and_exactness
+    from tests.fixture_model import make_fixture
+
+    _, folder = make_fixture(smol, cache / "fixtures", n_layers=30)  # SmolLM2 whole, float32, for mlx-lm
+    results = mlx_speed_and_exactness(folder, args.shared_items, [4, 8, 16], args.rounds, log)
+    for k, r in results.items():
+        add(f"8e{k}", f"SmolLM2-135M float32 on MLX: {k} prompt(s) per forward pass", r["tokens_per_s"],
+            results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],
+            max_abs_logit_diff=r["max_abs_logit_diff"], max_abs_logprob_diff=r["max_abs_logprob_diff"])
 
 
 def finish(rows: list[dict], args) -> None:
@@ -461,11 +514,14 @@ def finish(rows: list[dict], args) -> None:
     table = ["| row | what | tokens/s | ratio |", "| --- | --- | ---: | --- |"]
     for r in rows:
         if "wall_s" in r:
-            table.append(f"| {r['row']} | {r['name']} | {r['wall_s']:.0f} s wall | {r['metrics']} |")
+            ratio = r.get("ratio", "")
+            table.append(f"| {r['row']} | {r['name']} | {r['wall_s']:.0f} s wall | {ratio} {r['metrics']} |")
         else:
             note = f"; max logprob error {r['max_logprob_error']:.2f}" if "max_logprob_error" in r else ""
             if "same_floats_as_alone" in r:
-                note = f"; same floats as alone: {r['same_floats_as_alone']}, padding {r['padding']:.0%}"
+                note = f"; same floats as alone: {r['same_floats_as_alone']}"
+                note += f", padding {r['padding']:.0%}" if "padding" in r else \
+                    f", max logprob difference {r['max_abs_logprob_diff']:.1e}"
             table.append(f"| {r['row']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['ratio']}{note} |")
     (args.out / "table.md").write_text("\n".join(table) + "\n")
     chart(rows, args.out / "chart.png", f"logprobs-server scoring speed ({machine})")
