@@ -357,18 +357,17 @@ def test_fresh_prompts_run_together_and_choices_then_reuse_their_context(prefix_
     the context it left in the cache, one by one. Either way the results are those of the backend
     that runs every prompt alone."""
     jobs = lm_eval_like_jobs(2)
-    alone = SnapshotFakeBackend(max_sequences=8)
-    engine = Engine(alone, prefix_cache_mb=prefix_cache_mb)
-    try:
-        expected = asyncio.run(engine.complete(jobs))
-    finally:
-        engine.close()
+
+    def run(backend: Backend) -> tuple[list[PromptResult], Engine]:
+        engine = Engine(backend, prefix_cache_mb=prefix_cache_mb)
+        try:
+            return asyncio.run(engine.complete(jobs)), engine
+        finally:
+            engine.close()
+
+    expected, _ = run(SnapshotFakeBackend(max_sequences=8))
     backend = SharingFakeBackend(max_sequences=8)
-    engine = Engine(backend, prefix_cache_mb=prefix_cache_mb)
-    try:
-        results = asyncio.run(engine.complete(jobs))
-    finally:
-        engine.close()
+    results, engine = run(backend)
     if prefix_cache_mb:
         assert [len(g) for g in backend.groups] == [2]
         assert [start for _, start, _ in backend.prefills] == [0, 0] + [12] * 6 and engine.cache.hits == 6
