@@ -235,10 +235,10 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
     float32 (5b) and as Q8_0 (5c) GGUF files, and lm-eval's own `hf` model in-process on the
     float32 weights (5d: torch on the CPU, batch 8), one after the other."""
     from bench.shared_passes import quantize
-    from tests.fixture_model import make_fixture
+    from tests.fixture_model import WHOLE, make_fixture
 
     items = args.lm_eval_items
-    f32_gguf, hf_folder = make_fixture(smol, cache / "fixtures", n_layers=30)  # every block, float32
+    f32_gguf, hf_folder = make_fixture(smol, cache / "fixtures", n_layers=WHOLE)
     q8_gguf = f32_gguf.with_name("model-q8_0.gguf")
     if not q8_gguf.exists():
         quantize(f32_gguf, q8_gguf, "q8_0")
@@ -498,9 +498,9 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     if args.skip_mlx:
         return
     from bench.shared_passes import mlx_speed_and_exactness
-    from tests.fixture_model import make_fixture
+    from tests.fixture_model import WHOLE, make_fixture
 
-    _, folder = make_fixture(smol, cache / "fixtures", n_layers=30)  # SmolLM2 whole, float32, for mlx-lm
+    _, folder = make_fixture(smol, cache / "fixtures", n_layers=WHOLE)
     results = mlx_speed_and_exactness(folder, args.shared_items, [4, 8, 16], args.rounds, log)
     for k, r in results.items():
         add(f"8e{k}", f"SmolLM2-135M float32 on MLX: {k} prompt(s) per forward pass", r["tokens_per_s"],

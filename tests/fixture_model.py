@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 N_LAYERS = 2
+WHOLE = 30  # SmolLM2-135M's blocks: n_layers=WHOLE is the model whole, in float32
 VERSION = "v1"
 TOKEN_TYPE_CONTROL = 3
 # The BOS-adding variant's BOS: SmolLM2's <|endoftext|> (id 0), a control token that the chat
