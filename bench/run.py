@@ -242,10 +242,8 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
     q8_gguf = f32_gguf.with_name("model-q8_0.gguf")
     if not q8_gguf.exists():
         quantize(f32_gguf, q8_gguf, "q8_0")
-    walls: dict[str, float] = {}
 
     def add(row: str, name: str, wall: float, metrics: dict) -> None:
-        walls[row] = wall
         rows.append({"row": row, "name": f"lm-eval hellaswag_dev, {items} items: {name}", "wall_s": wall,
                      "metrics": metrics})
         log(f"{row:>3}  {name}: {wall:.0f} s wall, {metrics}")

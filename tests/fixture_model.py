@@ -134,9 +134,9 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
 
 def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
                  n_layers: int = N_LAYERS) -> tuple[Path, Path]:
-    """(GGUF file, mlx-lm folder) of the two-block float32 model, created once. add_bos: the
-    variant whose tokenizer adds BOS_TOKEN when tokenizing with special tokens; n_layers: keep
-    that many blocks (the folder is also what transformers loads)."""
+    """(GGUF file, mlx-lm folder) of the float32 model, created once. add_bos: the variant whose
+    tokenizer adds BOS_TOKEN when tokenizing with special tokens; n_layers: keep that many blocks
+    (two by default; WHOLE: all; the folder is also what transformers loads)."""
     from gguf import GGUFReader
     from gguf.quants import dequantize
 
