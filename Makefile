@@ -19,6 +19,8 @@ endif
 PIP_FLAGS ?=
 # Optional dependency groups: mlx (the MLX backend), test (pytest, lm-eval). EXTRAS= installs the server alone.
 EXTRAS ?= mlx,test
+# The client (clients/, its own distribution) beside it: eval (lm-eval, numpy), chart (matplotlib).
+CLIENT_EXTRAS ?= eval,chart
 # mlx[cpu] on Linux bundles a reference BLAS ~40x slower than OpenBLAS; preload OpenBLAS when present
 # (Debian/Ubuntu: apt-get install libopenblas0-pthread). `logprobs-server` does this by itself.
 OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0 \
@@ -31,11 +33,12 @@ show-build-flags:
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing (the first build of llama-cpp-python compiles llama.cpp: ~10 minutes on 2 cores; pip caches it)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".$(if $(EXTRAS),[$(EXTRAS)])"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".$(if $(EXTRAS),[$(EXTRAS)])" \
+	  -e "./clients$(if $(CLIENT_EXTRAS),[$(CLIENT_EXTRAS)])"
 	touch $@
 
 serve: setup
@@ -49,12 +52,12 @@ test-fast: setup
 	$(TEST_ENV) $(BIN)/python -m pytest -m "not slow"
 
 # 16 concurrent clients for 3 minutes, after a warm-up of the same mix, against a server on
-# loopback with tight limits (tests/load/); prints a table, fails on any 5xx, scoring answers that
+# loopback with tight limits (testing/load/); prints a table, fails on any 5xx, scoring answers that
 # differ from the idle server's, a queue past its bound, RSS growth or an unanswered /health.
 # `make test` runs a 45-second version (tests/load/test_load.py).
 LOAD_ARGS ?= --duration 180 --warmup 45 --clients 16
 load: setup
-	$(TEST_ENV) $(BIN)/python -m tests.load $(LOAD_ARGS)
+	$(TEST_ENV) $(BIN)/python -m testing.load $(LOAD_ARGS)
 
 # Speed, side by side in one run (about 35 minutes on 2 cores; rows 8 about 14 of them, rows 5 about 5); writes bench_out/
 bench: setup

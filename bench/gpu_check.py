@@ -25,8 +25,6 @@ Writes gpu_check.json to --out (the servers' logs to --logs) and exits 1 if a se
 
 from __future__ import annotations
 
-import llama_cpp  # first: see server/__init__.py
-
 import argparse
 import json
 import os
@@ -38,6 +36,7 @@ import threading
 import time
 from pathlib import Path
 
+import llama_cpp  # first: see server/__init__.py
 import numpy as np
 import requests
 
@@ -47,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 from bench.run import BATCH, cpu_model, log, our_server  # noqa: E402
 from bench.shared_passes import MAKE_RANDOM_GGUF, SHAPES, random_model, speed_and_exactness  # noqa: E402
 from server.backends.gguf import GGUFBackend  # noqa: E402
-from tests.oracle import log_softmax64  # noqa: E402  (the tests' float64 reference)
+from testing.oracle import log_softmax64  # noqa: E402  (the tests' float64 reference)
 
 TOLERANCE = 1e-4
 # Prompts in shared passes (bench.shared_passes.parse_layout): a KV stream each, padded to the
@@ -196,10 +195,10 @@ def server_rows(model: Path, sequences, reference, threads: int, out: Path, clie
                                     *extra_flags)
                 log(f"  server up in {time.perf_counter() - started:.1f} s")
                 warm = sequences[-1][::-1]  # a prompt no sequence starts with
-                requests.post(server.url, json={"prompt": warm, "max_tokens": 1}, timeout=300).raise_for_status()
-            speed, answers = server_pass(server.url, sequences, n_clients)
+                requests.post(server.completions_url, json={"prompt": warm, "max_tokens": 1}, timeout=300).raise_for_status()
+            speed, answers = server_pass(server.completions_url, sequences, n_clients)
             gap = max(float(np.abs(np.asarray(a, dtype=np.float64) - ref).max()) for a, ref in zip(answers, reference))
-            metrics = requests.get(server.url.replace("/v1/completions", "/metrics"), timeout=30).text
+            metrics = requests.get(server.completions_url.replace("/v1/completions", "/metrics"), timeout=30).text
             cache_off = "Prefix cache off" in Path(server.log_file.name).read_text()
             reused = re.search(r"^logprobs_prompt_tokens_reused_total (\S+)", metrics, re.M)
             rows[name] = {"tokens_per_s": speed, "max_abs_logprob_diff": gap,

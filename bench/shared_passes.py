@@ -242,13 +242,12 @@ def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from:
                  tool: Path = MAKE_RANDOM_GGUF) -> Path:
     """A llama GGUF of one of SHAPES with random weights (speed only) and the tokenizer of
     `tokenizer_from` (default: the default model's), quantized; made once into the cache."""
-    import llama_cpp as ll
 
     target = cache / RANDOM_MODEL.format(shape=shape, quant=quant)
     if target.exists():
         return target
     if tokenizer_from is None:
-        from server.default_model import ensure_default_model
+        from server.models.default_model import ensure_default_model
         tokenizer_from = ensure_default_model(cache)
     f16 = cache / RANDOM_MODEL.format(shape=shape, quant="f16")
     if not f16.exists():
@@ -285,7 +284,7 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
     import mlx.core as mx
     from mlx_lm import load
 
-    from tests.oracle import log_softmax64
+    from testing.oracle import log_softmax64
 
     model, tokenizer = load(str(model_dir))
     lines = (ROOT.parent / "shared/data/hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
@@ -347,7 +346,7 @@ def main() -> None:
                         help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels")
     args = parser.parse_args()
     from server.config import Settings
-    from server.default_model import ensure_default_model
+    from server.models.default_model import ensure_default_model
 
     if args.mlx:
         results = mlx_speed_and_exactness(args.mlx, args.items, [int(k) for k in args.per_pass.split(",")], args.rounds)

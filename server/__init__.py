@@ -1,7 +1,18 @@
 """logprobs-server: OpenAI-compatible /v1/completions with echo and per-token logprobs for local models.
 
-The pipeline, by module: protocol (HTTP schema) -> api + completions (request handling) ->
-engine (one model worker) -> backends (llama.cpp) -> scoring (log-softmax, top-k math).
+A request's way through the package, top to bottom (each folder imports only those below it):
+
+    app.py, cli.py        the ASGI app (create_app) and the command line
+    api.py                the routes
+    http/                 the schema (protocol), errors, and the Host/key, body-limit and request-id layers
+    serving/              a request to engine jobs and back: the shared base, completions, chat
+    state.py              what a running server holds, and where it is built (model, probes, engine)
+    engine/               one model thread: admission, prefix reuse and shared passes, prefill, decode
+    backends/             llama.cpp (GGUF) and MLX forward passes, detection, start-up exactness probes
+    numerics/             scoring (log-softmax, top-k), sampling, text and token tables
+    observability/        metrics and the system fingerprint, beside the pipeline
+    models/               finding the model to serve
+    config.py             every setting, declared once (flags, LOGPROBS_* variables, --help)
 """
 
 # llama.cpp's libraries are loaded first, before numpy or anything else of ours: on a CUDA build,

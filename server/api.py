@@ -10,14 +10,28 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
-from server.chat import create_chat_completion
-from server.completions import create_completion
-from server.fair_queue import set_client
-from server.protocol import (HOST_REFUSED, ChatCompletionChunk, ChatCompletionRequest, ChatCompletionResponse,
-                             CompletionChunk, CompletionRequest, CompletionResponse, DetokenizeRequest,
-                             DetokenizeResponse, Health, ModelList, TokenizeRequest, TokenizeResponse, TokenizerInfo,
-                             error_responses, event_stream_schema)
-from server.serving import check_model, check_token_ids, timeout_error
+from server.engine.fair_queue import set_client
+from server.http.protocol import (
+    HOST_REFUSED,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CompletionChunk,
+    CompletionRequest,
+    CompletionResponse,
+    DetokenizeRequest,
+    DetokenizeResponse,
+    Health,
+    ModelList,
+    TokenizeRequest,
+    TokenizeResponse,
+    TokenizerInfo,
+    error_responses,
+    event_stream_schema,
+)
+from server.serving.base import check_model, check_token_ids, timeout_error
+from server.serving.chat import create_chat_completion
+from server.serving.completions import create_completion
 from server.state import ServerState
 
 router = APIRouter()
@@ -111,7 +125,7 @@ async def models(request: Request):
             "created": 0,
             "owned_by": "logprobs-server",
             "max_model_len": state.backend.info.n_ctx,
-            # What decides the numbers (server/fingerprint.py): responses carry its hash.
+            # What decides the numbers (server/observability/fingerprint.py): responses carry its hash.
             "system_fingerprint": state.fingerprint.short, "fingerprint": state.fingerprint.parts,
         }],
     }

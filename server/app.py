@@ -1,5 +1,6 @@
 """The ASGI application: `uvicorn server.app:app` reads LOGPROBS_* environment variables; the CLI
-passes the Settings it built from the environment and its flags."""
+passes the Settings it built from the environment and its flags; tests and embedders may pass a
+backend they built (then nothing is loaded from disk, and the app is ready without its lifespan)."""
 
 from __future__ import annotations
 
@@ -11,23 +12,27 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from server.api import router
-from server.body_limit import BodyLimit
+from server.backends.base import Backend
 from server.config import ConfigError, Settings
-from server.errors import install_error_handlers
-from server.metrics import install as install_observability
-from server.request_id import install_request_id_logging
-from server.security import Guard
+from server.http.body_limit import BodyLimit
+from server.http.errors import install_error_handlers
+from server.http.request_id import install_request_id_logging
+from server.http.security import Guard
+from server.observability.metrics import install as install_observability
 from server.state import ServerState
 
 
 def configure_logging(level: str) -> None:
-    # [request id]: "-" on lines logged outside any request (see server/request_id.py).
+    # [request id]: "-" on lines logged outside any request (see server/http/request_id.py).
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     logging.getLogger("server").setLevel(level.upper())
     install_request_id_logging()
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
+    """The app, around the model the settings name (loaded at start-up, in the lifespan) or around
+    `backend` (the state is built now, so in-process clients such as httpx's ASGITransport, which
+    run no lifespan, can call it at once; close it with app.state.server.close())."""
     problem: ConfigError | None = None
     if settings is None:  # `uvicorn server.app:app`: the environment's settings
         try:
@@ -44,7 +49,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if problem is not None:
                 raise problem
             configure_logging(settings.log_level)
-            app.state.server = ServerState.load(settings)
+            if getattr(app.state, "server", None) is None:
+                app.state.server = ServerState.build(settings)
         except ConfigError as exc:
             # Starlette reports any startup failure with a traceback; a setting the user must fix
             # deserves one clear line instead, so exit here.
@@ -66,6 +72,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Added last, so they run first: Host check, then API key, then the body limit and the rest.
         guard.install(app)
     install_observability(app)  # GET /metrics; request ids and counts around every other layer
+    if backend is not None:
+        app.state.server = ServerState.build(settings, backend)
     return app
 
 

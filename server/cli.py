@@ -14,7 +14,7 @@ from pydantic.fields import FieldInfo
 
 from server.backends import detect_backend
 from server.config import ConfigError, Settings, env_name, flag_name
-from server.security import check_exposure
+from server.http.security import check_exposure
 
 DESCRIPTION = """\
 Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact

@@ -3,93 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
-import subprocess
-import sys
-import json
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import requests
 
 from server.config import Settings
-from server.default_model import ensure_default_model
-
-ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"
-SERVER_N_CTX = 2048
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class LiveServer:
-    """`python -m server` in a subprocess, on a free loopback port. `env`: variables added to the
-    server's environment; `ca`: the CA file of a server started with a TLS certificate (https)."""
-
-    def __init__(self, model: Path, log_path: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 ca: str | None = None):
-        self.model = model
-        self.port = free_port()
-        self.url = f"{'https' if ca else 'http'}://127.0.0.1:{self.port}"
-        self.verify = ca or True  # for requests' verify=
-        self.log_path = log_path
-        self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server", "--model", str(model), "--port", str(self.port), *extra_args],
-            stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})},
-        )
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{self.log()}")
-            try:
-                if requests.get(self.url + "/health", timeout=1, verify=self.verify).ok:
-                    return
-            except requests.RequestException:
-                time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"server did not become healthy:\n{self.log()}")
-
-    def log(self) -> str:
-        return self.log_path.read_text()
-
-    def post(self, path: str, payload=None, **kwargs) -> requests.Response:
-        return requests.post(self.url + path, json=payload, timeout=300, **{"verify": self.verify, **kwargs})
-
-    def complete(self, **payload) -> dict:
-        response = self.post("/v1/completions", payload)
-        assert response.status_code == 200, response.text
-        return response.json()
-
-    def stream(self, path: str, **payload) -> list:
-        """The `data:` payloads of a streamed request (`stream: true` is added), checking the
-        Server-Sent Events framing on the way; the final [DONE] is checked and left out."""
-        with requests.post(self.url + path, json=payload | {"stream": True}, stream=True, timeout=120) as r:
-            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream"), r.text
-            events = []
-            for line in r.iter_lines(decode_unicode=True):
-                if not line:
-                    continue
-                assert line.startswith("data: "), line
-                data = line.removeprefix("data: ")
-                events.append(data if data == "[DONE]" else json.loads(data))
-        assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
-        return events[:-1]
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self._log.close()
+from server.models.default_model import ensure_default_model
+from testing.live_server import DATA, SERVER_N_CTX, LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -130,7 +51,7 @@ def server(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def oracle(model_path):
-    from tests.oracle import LlamaOracle
+    from testing.oracle import LlamaOracle
 
     return LlamaOracle(str(model_path), n_ctx=SERVER_N_CTX)
 
@@ -148,14 +69,14 @@ def greedy_ids(oracle, tokens: list[int], max_tokens: int, stop: list[str] = ())
     return out, "length"
 
 
-# -- the two-block fixture model, in both formats (tests/fixture_model.py) ------------------------
+# -- the two-block fixture model, in both formats (testing/fixture_model.py) ------------------------
 
 FIXTURE_NAME = "smollm2-2block"
 
 
 def fixture_files(model_path: Path, add_bos: bool) -> dict[str, Path]:
     """The fixture's GGUF file and mlx folder (created once, cached), by backend."""
-    from tests.fixture_model import make_fixture
+    from testing.fixture_model import make_fixture
 
     gguf, mlx = make_fixture(model_path, Settings().cache_path() / "fixtures", add_bos=add_bos)
     return {"gguf": gguf, "mlx": mlx}
@@ -199,14 +120,14 @@ def fixture_server(request):
 
 @pytest.fixture(scope="session")
 def mlx_oracle(fixture_paths):
-    from tests.oracle import MlxOracle
+    from testing.oracle import MlxOracle
 
     return MlxOracle(str(fixture_paths["mlx"]))
 
 
 @pytest.fixture(scope="session")
 def numpy_reference(fixture_paths):
-    from tests.numpy_llama import NumpyLlama
+    from testing.numpy_llama import NumpyLlama
 
     return NumpyLlama(fixture_paths["mlx"])
 
@@ -233,7 +154,7 @@ def bos_fixture_server(request, bos_fixture_paths, tmp_path_factory):
 @pytest.fixture(scope="session")
 def bos_numpy_reference(bos_fixture_paths):
     """The float64 forward pass of the BOS fixture's folder (the same weights as the plain fixture)."""
-    from tests.numpy_llama import NumpyLlama
+    from testing.numpy_llama import NumpyLlama
 
     return NumpyLlama(bos_fixture_paths["mlx"])
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from server.config import ConfigError, Settings, env_name, flag_name
-from tests.conftest import ROOT, free_port
+from testing.live_server import ROOT, free_port
 
 
 def run(args: list[str], env: dict | None = None, timeout: int = 60) -> subprocess.CompletedProcess:

@@ -18,13 +18,18 @@ import httpx
 import pytest
 import requests
 
-from tests.conftest import API_KEYS, DATA, ROOT, free_port, serve
+from testing.live_server import DATA, ROOT, free_port
+from tests.conftest import API_KEYS, serve
 from tests.test_lm_eval import encode_pair as lm_eval_encode_pair
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 
-from logprobs_client import APIError, AsyncClient, Client  # noqa: E402
-from logprobs_client import lm_eval_run  # noqa: E402
+from logprobs_client import (  # noqa: E402
+    APIError,
+    AsyncClient,
+    Client,
+    lm_eval_run,  # noqa: E402
+)
 from logprobs_client.cli import main as logprobs_eval  # noqa: E402
 
 LL_TOLERANCE = 1e-3

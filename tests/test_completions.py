@@ -184,7 +184,7 @@ def test_prompts_of_unequal_length_in_one_request_equal_each_alone(server):
     (llama.cpp once moved one sequence's last-row logits by 0.54 in such a batch)."""
     import json as json_
 
-    from tests.conftest import DATA
+    from testing.live_server import DATA
 
     items = [json_.loads(line) for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[6:9]]
     prompts = [item["ctx"] + " " + ending for item in items for ending in item["endings"]]

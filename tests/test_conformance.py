@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import requests
 
+from testing.fixture_model import BOS_TOKEN
 from tests.conftest import greedy_ids
-from tests.fixture_model import BOS_TOKEN
 
 REFERENCE_TOLERANCE = 1e-3  # each backend vs the float64 numpy forward pass
 CROSS_TOLERANCE = 1e-3  # |logprob(mlx) - logprob(gguf)| per token

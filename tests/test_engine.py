@@ -19,9 +19,9 @@ import pytest
 
 from server.backends.base import Backend, ModelInfo, Step
 from server.engine import Engine, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
-from server.fair_queue import NO_CLIENT, FairQueue, set_client
-from server.sampling import SamplingParams
-from server.tokens import TokenTable
+from server.engine.fair_queue import NO_CLIENT, FairQueue, set_client
+from server.numerics.sampling import SamplingParams
+from server.numerics.tokens import TokenTable
 
 N_VOCAB = 8
 END = 7  # the end-of-generation token

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from testing.live_server import ROOT
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def test_cpu_run_checks_server_against_in_process(tmp_path):
 def test_check_fails_when_the_server_numbers_move(tmp_path):
     """A server with a float16 KV cache gives other logprobs than llama.cpp in-process with float32."""
     from server.config import Settings
-    from server.default_model import ensure_default_model
+    from server.models.default_model import ensure_default_model
 
     model = ensure_default_model(Settings().cache_path())
     run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--model", str(model), "--shapes", "",

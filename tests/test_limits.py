@@ -205,7 +205,7 @@ def test_malformed_http_does_not_hurt(tight):
 
 
 def test_sigterm_lets_a_running_request_finish_then_exits_0(model_path, tmp_path):
-    from tests.conftest import LiveServer
+    from testing.live_server import LiveServer
 
     live = LiveServer(model_path, tmp_path / "server.log", "--n-ctx", "512", "--shutdown-grace", "60")
     try:
@@ -230,7 +230,7 @@ def test_sigterm_lets_a_running_request_finish_then_exits_0(model_path, tmp_path
 
 
 def test_sigterm_past_the_grace_period_cancels_and_exits_0(model_path, tmp_path):
-    from tests.conftest import LiveServer
+    from testing.live_server import LiveServer
 
     live = LiveServer(model_path, tmp_path / "server.log", "--n-ctx", "2048", "--shutdown-grace", "1")
     try:

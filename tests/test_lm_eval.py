@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import requests
 
-from tests.conftest import DATA, ROOT
+from testing.live_server import DATA, ROOT
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import DATA, ROOT, serve
+from testing.live_server import DATA, ROOT
+from tests.conftest import serve
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 

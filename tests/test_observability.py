@@ -22,9 +22,9 @@ from types import SimpleNamespace
 import requests
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.default_model import SHA256
-from server.fingerprint import DigestCache, Fingerprint, model_sha256
-from server.metrics import Metrics
+from server.models.default_model import SHA256
+from server.observability.fingerprint import DigestCache, Fingerprint, model_sha256
+from server.observability.metrics import Metrics
 from tests.conftest import serve
 
 GENERATED_ID = re.compile(r"[0-9a-f]{32}")
@@ -260,7 +260,7 @@ def test_system_fingerprint_on_every_response_and_settings_change_it(server, mod
 # -- model digests, without a server --------------------------------------------------------------
 
 def test_model_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
-    import server.fingerprint as fingerprint
+    import server.observability.fingerprint as fingerprint
 
     hashed = []
     real = fingerprint.sha256_of

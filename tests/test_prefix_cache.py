@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 import requests
 
-from server.prefix_cache import MIN_REUSE, PrefixCache
-from server.scoring import ScoredRows
-from tests.conftest import DATA, serve, serve_beside
+from server.engine.prefix_cache import MIN_REUSE, PrefixCache
+from server.numerics.scoring import ScoredRows
+from testing.live_server import DATA
+from tests.conftest import serve, serve_beside
 
 
 @pytest.fixture(scope="module", params=["gguf", "mlx"])

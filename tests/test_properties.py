@@ -1,5 +1,5 @@
-"""Properties, checked by hypothesis on generated inputs: the scoring math (server/scoring.py) for
-any finite float32 logits, the request schema (server/protocol.py), and, on a live server, the
+"""Properties, checked by hypothesis on generated inputs: the scoring math (server/numerics/scoring.py) for
+any finite float32 logits, the request schema (server/http/protocol.py), and, on a live server, the
 shape of echo/logprobs responses for random small valid requests and a 4xx in OpenAI's format
 (never a 5xx) for invalid ones."""
 
@@ -14,8 +14,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from pydantic import ValidationError
 
-from server.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
-from server.scoring import score_rows
+from server.http.protocol import ChatCompletionRequest, CompletionRequest, DetokenizeRequest, TokenizeRequest
+from server.numerics.scoring import score_rows
 from tests.conftest import serve
 
 # The same examples on every run (CI must not fail by chance), and no example database in the
@@ -90,7 +90,7 @@ def test_mlx_scoring_picks_the_same_top_k(case):
     """The MLX path (its own logsumexp, so values differ in the last bits) keeps the same tokens in
     the same order, ties to the lowest id included."""
     mx = pytest.importorskip("mlx.core")
-    from server.scoring import score_rows_mlx
+    from server.numerics.scoring import score_rows_mlx
 
     logits, targets, k = case
     on_device, on_host = score_rows_mlx(mx.array(logits), targets, k), score_rows(logits, targets, k)

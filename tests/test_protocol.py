@@ -1,4 +1,4 @@
-"""The request schema (server/protocol.py) on its own, no HTTP: the prompt's four forms, unknown
+"""The request schema (server/http/protocol.py) on its own, no HTTP: the prompt's four forms, unknown
 fields, and fields this server refuses rather than ignores."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.http.protocol import ChatCompletionRequest, CompletionRequest
 
 
 @pytest.mark.parametrize("prompt,normalized", [

@@ -21,7 +21,8 @@ import certifi
 import pytest
 import requests
 
-from tests.conftest import API_KEYS, ROOT
+from testing.live_server import ROOT
+from tests.conftest import API_KEYS
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Sampling (server/sampling.py) on its own, no model and no HTTP: greedy ties, seeds, the
+"""Sampling (server/numerics/sampling.py) on its own, no model and no HTTP: greedy ties, seeds, the
 truncations, logit_bias and penalties, and that draws follow the softmax they should."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.sampling import Sampler, SamplingParams
+from server.numerics.sampling import Sampler, SamplingParams
 
 LOGITS = np.array([1.0, 3.0, 3.0, 0.5, -2.0, 2.5], dtype=np.float32)
 

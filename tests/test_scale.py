@@ -26,7 +26,8 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import ROOT, SERVER_N_CTX, free_port, serve
+from testing.live_server import ROOT, free_port
+from tests.conftest import SERVER_N_CTX, serve
 
 pytestmark = [
     pytest.mark.scale, pytest.mark.slow,

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from server.scoring import ELEMENTS_PER_STEP, score_rows
-from server.text import StopStringWatcher, join_pieces, token_string
-from tests.oracle import log_softmax64
+from server.numerics.scoring import ELEMENTS_PER_STEP, score_rows
+from server.numerics.text import StopStringWatcher, join_pieces, token_string
+from testing.oracle import log_softmax64
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -87,7 +87,7 @@ def test_earliest_stop_string_wins():
 @pytest.mark.parametrize("k", [0, 1, 5])
 def test_mlx_scoring_matches_numpy_scoring(k):
     mx = pytest.importorskip("mlx.core")
-    from server.scoring import score_rows_mlx
+    from server.numerics.scoring import score_rows_mlx
 
     rng = np.random.default_rng(k)
     logits = (rng.standard_normal((70, 49152)) * 4).astype(np.float32)

@@ -17,7 +17,8 @@ import time
 import pytest
 import requests
 
-from tests.conftest import API_KEYS, FILE_KEY, ROOT, serve
+from testing.live_server import ROOT
+from tests.conftest import API_KEYS, FILE_KEY, serve
 
 KEY_ERROR = {"error": {"message": "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                        "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}

@@ -113,7 +113,7 @@ def test_mlx_engine_runs_prompts_together_within_1e_4_of_alone_in_every_order(ml
     import types
 
     from server.engine import PromptJob
-    from server.sampling import SamplingParams
+    from server.numerics.sampling import SamplingParams
 
     engine, backend = mlx_engine
     prompts = hellaswag_prompts(types.SimpleNamespace(tokenize=lambda text: backend.tokenize(text, True)), 6)

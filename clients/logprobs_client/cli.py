@@ -17,7 +17,6 @@ from pathlib import Path
 import httpx
 
 from logprobs_client import lm_eval_run
-from logprobs_client.compare import compare_runs, load_run, render_text
 from logprobs_client.lm_eval_run import Options, ServerInfo, Target
 from logprobs_client.types import APIError
 
@@ -80,6 +79,17 @@ def cmd_run(args, extra: list[str]) -> int:
     return lm_eval_run.run(target, info, options)
 
 
+def _compare():
+    """The comparison module, which needs numpy (the [eval] extra): imported only by the commands
+    that compare, so that the client and `run` need httpx alone."""
+    try:
+        from logprobs_client import compare
+    except ImportError as exc:
+        raise SystemExit(f"logprobs-eval: comparing runs needs {exc.name}: pip install './clients[eval]' "
+                         "(from a checkout of logprobs-server)") from None
+    return compare
+
+
 def _report(comparison, args) -> None:
     if args.chart:
         from logprobs_client.chart import write_chart
@@ -88,7 +98,7 @@ def _report(comparison, args) -> None:
     if args.json:
         print(json.dumps(comparison.to_json(), indent=2))
     else:
-        print(render_text(comparison), end="")
+        print(_compare().render_text(comparison), end="")
 
 
 def cmd_compare(args, extra: list[str]) -> int:
@@ -111,9 +121,11 @@ def cmd_compare(args, extra: list[str]) -> int:
             print(f"logprobs-eval: lm-eval failed against {label} ({target.root}), exit status {status}",
                   file=sys.stderr)
             return status
-    comparison = compare_runs(load_run(folders["A"]), load_run(folders["B"]),
-                              a_info=_side_info("A", target_a, info_a), b_info=_side_info("B", target_b, info_b),
-                              resamples=args.resamples, seed=args.bootstrap_seed, worst=args.worst)
+    compare = _compare()
+    comparison = compare.compare_runs(compare.load_run(folders["A"]), compare.load_run(folders["B"]),
+                                      a_info=_side_info("A", target_a, info_a),
+                                      b_info=_side_info("B", target_b, info_b),
+                                      resamples=args.resamples, seed=args.bootstrap_seed, worst=args.worst)
     (output / "comparison.json").write_text(json.dumps(comparison.to_json(), indent=2))
     print(f"logprobs-eval: lm-eval outputs and comparison.json in {output}", file=sys.stderr)
     _report(comparison, args)
@@ -123,8 +135,9 @@ def cmd_compare(args, extra: list[str]) -> int:
 def cmd_report(args, extra: list[str]) -> int:
     if extra:
         raise SystemExit("report takes no lm-eval arguments")
-    comparison = compare_runs(load_run(args.dir_a), load_run(args.dir_b), resamples=args.resamples,
-                              seed=args.bootstrap_seed, worst=args.worst)
+    compare = _compare()
+    comparison = compare.compare_runs(compare.load_run(args.dir_a), compare.load_run(args.dir_b),
+                                      resamples=args.resamples, seed=args.bootstrap_seed, worst=args.worst)
     _report(comparison, args)
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import itertools
 import logging
 import os
 import ssl
@@ -18,7 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import httpx
 
-from logprobs_client.types import (APIError, Completion, ModelInfo, Score, TokenizerInfo, Tokenized)
+from logprobs_client.types import APIError, Completion, ModelInfo, Score, Tokenized, TokenizerInfo
 
 log = logging.getLogger("logprobs_client")
 
@@ -143,6 +144,19 @@ class _Base:
         if self.on_retry is not None:
             self.on_retry(attempt + 1, error, wait)
         return wait
+
+    def _settle(self, attempt: int, outcome: httpx.Response | Exception) -> tuple[bool, Any]:
+        """The retry loop's one decision, for both drivers: after attempt number `attempt` (0 the
+        first) gave `outcome` (a response, or the transport error), (True, the JSON body), or
+        (False, seconds to wait before trying again); the error itself once retrying is over."""
+        if isinstance(outcome, httpx.Response):
+            if outcome.is_success:
+                return True, outcome.json()
+            outcome = api_error(outcome)
+        wait = self._wait_before_retry(attempt, outcome)
+        if wait is None:
+            raise outcome
+        return False, wait
 
     # -- operations (generators of HTTP calls) ------------------------------------------------------
 
@@ -283,20 +297,15 @@ class Client(_Base):
         self._http.close()
 
     def _request(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
-                response = self._http.request(call.method, call.path, json=call.json)
-                if response.is_success:
-                    return response.json()
-                error: Exception = api_error(response)
+                outcome: httpx.Response | Exception = self._http.request(call.method, call.path, json=call.json)
             except httpx.TransportError as exc:
-                error = exc
-            wait = self._wait_before_retry(attempt, error)
-            if wait is None:
-                raise error
-            time.sleep(wait)
-            attempt += 1
+                outcome = exc
+            done, value = self._settle(attempt, outcome)
+            if done:
+                return value
+            time.sleep(value)
 
     def _run(self, operation: Operation[T]) -> T:
         try:
@@ -365,20 +374,15 @@ class AsyncClient(_Base):
         await self._http.aclose()
 
     async def _request(self, call: Call) -> Any:
-        attempt = 0
-        while True:
+        for attempt in itertools.count():
             try:
-                response = await self._http.request(call.method, call.path, json=call.json)
-                if response.is_success:
-                    return response.json()
-                error: Exception = api_error(response)
+                outcome: httpx.Response | Exception = await self._http.request(call.method, call.path, json=call.json)
             except httpx.TransportError as exc:
-                error = exc
-            wait = self._wait_before_retry(attempt, error)
-            if wait is None:
-                raise error
-            await asyncio.sleep(wait)
-            attempt += 1
+                outcome = exc
+            done, value = self._settle(attempt, outcome)
+            if done:
+                return value
+            await asyncio.sleep(value)
 
     async def _run(self, operation: Operation[T]) -> T:
         limit = asyncio.Semaphore(self._max_concurrency)

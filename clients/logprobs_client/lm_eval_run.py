@@ -155,7 +155,7 @@ def environment(target: Target) -> Iterator[dict[str, str]]:
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
         raise SystemExit("logprobs-eval runs lm-eval, which is not installed here: "
-                         "pip install 'lm-eval[api]==0.4.13' (or this project's [eval] extra)")
+                         "pip install 'lm-eval[api]==0.4.13' (or the client's [eval] extra: pip install './clients[eval]')")
 
 
 def run(target: Target, info: ServerInfo, options: Options, *, stdout: IO | None = None, log: IO = sys.stderr) -> int:

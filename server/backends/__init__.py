@@ -1,11 +1,11 @@
-"""Backends: choose and load one from a model path."""
+"""Backends: tell a model file's kind once, and load the backend that runs it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from server.backends.base import Backend, ModelInfo
-from server.config import ConfigError
+from server.config import ConfigError, Settings, default_threads
 
 __all__ = ["Backend", "ModelInfo", "load_backend", "detect_backend"]
 
@@ -27,21 +27,24 @@ def detect_backend(path: Path) -> str:
     raise ConfigError(f"{path} is not a GGUF file (it does not start with the GGUF magic bytes).")
 
 
-def load_backend(path: Path, backend: str | None, *, n_ctx: int, n_threads: int, n_batch: int,
-                 kv_cache_type: str, max_sequences: int) -> Backend:
+def load_backend(path: Path, settings: Settings) -> Backend:
+    """The backend for `path` (of the kind --backend names, which must match the file), with the
+    settings' context, threads, batch, KV type and sequences."""
     detected = detect_backend(path)
-    kind = backend or detected
+    kind = settings.backend or detected
     if kind != detected:
         raise ConfigError(f"--backend {kind} does not match {path}, which is a{'n mlx-lm folder' if detected == 'mlx' else ' GGUF file'}.")
+    n_threads = settings.n_threads or default_threads()
     if kind == "gguf":
         from server.backends.gguf import GGUFBackend
 
-        return GGUFBackend(str(path), n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, kv_cache_type=kv_cache_type,
-                           max_sequences=max_sequences)
+        return GGUFBackend(str(path), n_ctx=settings.n_ctx, n_threads=n_threads, n_batch=settings.n_batch,
+                           kv_cache_type=settings.kv_cache_type, max_sequences=settings.max_sequences)
     try:
         import mlx_lm  # noqa: F401
     except ImportError:
         raise ConfigError("The MLX backend needs mlx-lm: pip install 'logprobs-server[mlx]'") from None
     from server.backends.mlx import MLXBackend
 
-    return MLXBackend(str(path), n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads, max_sequences=max_sequences)
+    return MLXBackend(str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_threads=n_threads,
+                      max_sequences=settings.max_sequences)

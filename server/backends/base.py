@@ -10,11 +10,20 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from importlib import metadata
 
 import numpy as np
 
-from server.scoring import ScoredRows, score_rows
-from server.tokens import TokenTable
+from server.numerics.scoring import ScoredRows, score_rows
+from server.numerics.tokens import TokenTable
+
+
+def package_version(distribution: str) -> str:
+    """An installed distribution's version ("unknown" when it is not installed)."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True)
@@ -44,6 +53,7 @@ class Backend(ABC):
     """What the engine asks of a model: a prompt pass on one sequence at a time, and decode steps
     that advance several sequences by one token each in one forward pass."""
 
+    kind = "?"  # "gguf" or "mlx": the fingerprint's `backend` part
     info: ModelInfo
     tokens: TokenTable  # filled by each backend from its tokenizer
     n_batch: int  # most tokens one prefill() call takes
@@ -99,6 +109,11 @@ class Backend(ABC):
     def restore(self, seq: int, state: object, n_tokens: int) -> None:
         """Make a sequence the first n_tokens of a snapshot (prefill() continues from there)."""
         raise NotImplementedError
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        """What of this backend decides the numbers besides the model file (the runtime's version
+        and build, precision settings): parts of the system fingerprint."""
+        return {}
 
     def close(self) -> None:
         """Free the model (the server calls this at shutdown)."""

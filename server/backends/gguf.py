@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from server.backends.base import Backend, ModelInfo, Step
-from server.tokens import TokenTable, default_context
+from server.numerics.tokens import TokenTable, default_context
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,7 @@ def is_gguf_file(path: Path) -> bool:
 
 
 class GGUFBackend(Backend):
+    kind = "gguf"
     supports_snapshots = True
 
     def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
@@ -69,6 +70,7 @@ class GGUFBackend(Backend):
         # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
         ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
         # llama.cpp stores K and V in float16 by default; float32 keeps scores exact (see Settings).
+        self.kv_cache_type = kv_cache_type
         kv_type = ll.GGML_TYPE_F32 if kv_cache_type == "f32" else ll.GGML_TYPE_F16
         ctx_params.type_k = ctx_params.type_v = kv_type
         self._ctx = ll.llama_init_from_model(self._model, ctx_params)
@@ -99,6 +101,15 @@ class GGUFBackend(Backend):
             chat_template=template.decode() if template else None,
             description=f"{desc.value.decode()}, {ll.llama_model_n_params(self._model) / 1e6:.0f}M params",
         )
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        return {
+            "llama_cpp_python": self._ll.__version__,
+            # The instruction sets and options this build of llama.cpp uses (AVX2, AVX512, ...).
+            "llama_cpp_system_info": self._ll.llama_print_system_info().decode(errors="replace").strip(" |"),
+            "flash_attn": "off",  # turned off in __init__: its CPU kernel is not exact
+            "kv_cache_type": self.kv_cache_type,
+        }
 
     def close(self) -> None:
         ll = self._ll

@@ -1,7 +1,7 @@
 """MLX models through mlx-lm: a Hugging Face-layout folder (config.json, safetensors, tokenizer).
 
 mlx-lm's model is called directly on token arrays with its own KV cache, which gives per-token
-logits. On a GPU (Metal), log-softmax and top-k run in MLX (server.scoring.score_rows_mlx), so
+logits. On a GPU (Metal), log-softmax and top-k run in MLX (server.numerics.scoring.score_rows_mlx), so
 only the numbers a response needs leave the device. On the CPU device the logits already are in
 host memory, and numpy reads them without a copy: its vectorized exp is ~9x faster than MLX's CPU
 exp (0.11 vs 0.95 ms per row at vocabulary 49152, measured), so scoring there is numpy's.
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo, Step
-from server.scoring import ScoredRows, score_rows, score_rows_mlx
-from server.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
+from server.backends.base import Backend, ModelInfo, Step, package_version
+from server.numerics.scoring import ScoredRows, score_rows, score_rows_mlx
+from server.numerics.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +37,6 @@ def find_openblas() -> str | None:
 
 def openblas_preloaded() -> bool:
     return "openblas" in os.environ.get("LD_PRELOAD", "")
-
-
-def is_mlx_folder(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").exists()
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -81,6 +77,7 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
 
 
 class MLXBackend(Backend):
+    kind = "mlx"
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1, max_sequences: int = 1):
         import mlx.core as mx
         from mlx_lm import load
@@ -236,6 +233,18 @@ class MLXBackend(Backend):
             self._mx.eval(logits)
             return score_rows(np.array(logits, copy=False), targets, k, threads=self.scoring_threads)
         return score_rows_mlx(logits, targets, k)
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        mx = self._mx
+        parts = {"mlx": package_version("mlx"), "mlx_lm": package_version("mlx-lm"), "device": str(mx.default_device())}
+        if not self.on_cpu:
+            try:
+                parts["device_architecture"] = str(mx.device_info().get("architecture", "unknown"))
+            except Exception:  # older MLX: mx.metal.device_info
+                parts["device_architecture"] = "unknown"
+        elif sys.platform.startswith("linux"):  # the BLAS behind MLX's CPU matmuls
+            parts["blas"] = "openblas" if openblas_preloaded() else "bundled"
+        return parts
 
     def close(self) -> None:
         self._caches.clear()

@@ -1,2 +1,1 @@
-"""Load test: tests/load/driver.py drives a live server; test_load.py is the short CI run,
-`python -m tests.load` (make load) the full one."""
+"""Tests of the load driver (testing/load/) and its short CI run against a live server."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 
-from tests.load.driver import LoadStats, Report, compare_scoring
+from testing.load.driver import LoadStats, Report, compare_scoring
 
 
 def answer(token_logprob: float = -1.5, top: dict | None = None) -> dict:

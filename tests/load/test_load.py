@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
+from testing.load.driver import SERVER_FLAGS, run_scenario
 from tests.conftest import serve
-from tests.load.driver import SERVER_FLAGS, run_scenario
 
 CLIENTS, WARMUP_S, DURATION_S = 16, 20, 45
 

@@ -1,7 +1,7 @@
 """What /v1/completions and /v1/chat/completions share: request checks, running a request's jobs
 through the engine, the response envelope, and the one streaming loop.
 
-Each endpoint builds its jobs and supplies a ResponseFormat, the few shapes in which it differs
+Each endpoint builds its jobs and supplies a ChoiceBuilder, the few shapes in which it differs
 (a choice, a streamed chunk's fields); everything else about serving a request happens here.
 """
 
@@ -16,16 +16,20 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi.responses import Response
 
 from server.engine import PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent, job_cost
-from server.errors import INTERNAL_ERROR, APIError, error_body
-from server.protocol import SamplingFields
-from server.sampling import SamplingParams
-from server.scoring import ScoredRows
-from server.state import ServerState
-from server.text import unsafe_suffix_length
+from server.http.errors import INTERNAL_ERROR, APIError, error_body
+from server.http.protocol import SamplingFields
+from server.http.request_id import current_request_id
+from server.numerics.sampling import SamplingParams
+from server.numerics.scoring import ScoredRows
+from server.numerics.text import unsafe_suffix_length
+
+if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
+    from server.state import ServerState
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +174,7 @@ class StreamedChoice:
         return pending
 
 
-class ResponseFormat(ABC):
+class ChoiceBuilder(ABC):
     """An endpoint's response shapes for one request (whose jobs it was built with)."""
 
     id_prefix: str
@@ -207,7 +211,7 @@ def json_response(content: dict) -> Response:
 def _submit(state: ServerState, jobs: list[PromptJob], progress: bool):
     """The engine's event iterator for these jobs, or a 429 when its queue has no room."""
     try:
-        return state.engine.stream(jobs, progress=progress)
+        return state.engine.stream(jobs, progress=progress, request_id=current_request_id())
     except QueueFull as full:
         raise APIError(
             f"The server is busy: {full.queued} tokens of work are waiting and this request adds {full.cost}, "
@@ -216,13 +220,13 @@ def _submit(state: ServerState, jobs: list[PromptJob], progress: bool):
         ) from None
 
 
-async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include_usage: bool,
+async def respond(state: ServerState, fmt: ChoiceBuilder, stream: bool, include_usage: bool,
                   deadline: float | None = None):
     """Run a request's jobs: the whole response, or (stream) its Server-Sent Events, which stop
     with an error event at `deadline` (time.monotonic()). Work on the request's jobs is only
     submitted here, after every check."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
-            "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/fingerprint.py
+            "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/observability/fingerprint.py
     events = _submit(state, fmt.jobs, progress=stream)
     if stream:
         return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)
@@ -238,7 +242,7 @@ async def respond(state: ServerState, fmt: ResponseFormat, stream: bool, include
     return await asyncio.to_thread(build)
 
 
-async def _sse(state: ServerState, fmt: ResponseFormat, events, head: dict, include_usage: bool,
+async def _sse(state: ServerState, fmt: ChoiceBuilder, events, head: dict, include_usage: bool,
                deadline: float | None) -> AsyncIterator[str]:
     def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
         return sse(head | {"choices": [{"index": index} | fields | {"finish_reason": finish_reason}]})

@@ -33,6 +33,17 @@ def first_rows(rows: ScoredRows, n: int, k: int) -> ScoredRows:
     return ScoredRows(rows.token_logprobs[:n], rows.top_ids[:n, :k], rows.top_logprobs[:n, :k])
 
 
+def concat_rows(parts: list[ScoredRows], k: int) -> ScoredRows:
+    """Scored rows one after another (an empty list: no rows, k columns)."""
+    if not parts:
+        return ScoredRows(np.empty(0, np.float32), np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+    return ScoredRows(
+        np.concatenate([p.token_logprobs for p in parts]),
+        np.concatenate([p.top_ids for p in parts]),
+        np.concatenate([p.top_logprobs for p in parts]),
+    )
+
+
 def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     """Row-wise log(sum(exp(x))) in float32, shifted by the row max for stability."""
     row_max = logits.max(axis=1)

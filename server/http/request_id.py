@@ -1,7 +1,7 @@
 """Request ids: one per HTTP request, sent back in `x-request-id` and carried by every log line
 about that request.
 
-The id lives in a context variable, set by the observability middleware (server.metrics) for the
+The id lives in a context variable, set by the observability middleware (server.observability.metrics) for the
 request's task; tasks the request starts copy it, so lines logged on the event loop carry it
 without being passed it. The model thread has no request context: the engine captures the id when
 a request is submitted and passes it to its log call as `extra={"request_id": ...}`.

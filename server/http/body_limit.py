@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from server.errors import error_body
+from server.http.errors import error_body
 
 
 class BodyLimit:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.oracle import log_softmax64
+from testing.oracle import log_softmax64
 
 
 class NumpyLlama:

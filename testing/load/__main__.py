@@ -1,4 +1,4 @@
-"""`python -m tests.load` (make load): start the server on a loopback port with the load test's
+"""`python -m testing.load` (make load): start the server on a loopback port with the load test's
 limits, run the scenario (references, warm-up, measured run), print the table, and exit 1 if a
 pass criterion was not met. --url drives a server that is already running instead."""
 
@@ -9,11 +9,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.load.driver import SERVER_FLAGS, run_scenario
+from testing.load.driver import SERVER_FLAGS, run_scenario
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tests.load", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m testing.load", description=__doc__)
     parser.add_argument("--duration", type=float, default=180, help="seconds of the measured run (default 180)")
     parser.add_argument("--warmup", type=float, default=45, help="seconds of the warm-up, same mix (default 45)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         report = run_scenario(args.url, args.pid, log_path=args.log, **scenario)
     else:
         from server.config import Settings
-        from server.default_model import ensure_default_model
-        from tests.conftest import SERVER_N_CTX, LiveServer
+        from server.models.default_model import ensure_default_model
+        from testing.live_server import SERVER_N_CTX, LiveServer
 
         model = args.model or ensure_default_model(Settings().cache_path())
         log_path = Path(tempfile.mkdtemp(prefix="load-")) / "server.log"

@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 # Temperatures below this sample greedily, as in vLLM: dividing logits by a denormal such as 1e-320
 # overflows to inf, and softmax of inf is NaN.
 GREEDY_BELOW = 1e-5

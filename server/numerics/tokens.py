@@ -10,7 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from server.text import token_string
+from server.numerics.text import token_string
 
 # n_ctx = 0 means the model's training context, capped here to bound KV memory.
 MAX_DEFAULT_CTX = 8192

@@ -11,7 +11,7 @@ Two layers:
   every pass criterion not met, `Report.table()` prints the numbers.
 
 Only loopback URLs are driven: this is a test of the machine it runs on, not a load generator
-for other hosts. Used by tests/load/test_load.py (short) and `python -m tests.load` (make load).
+for other hosts. Used by tests/load/test_load.py (short) and `python -m testing.load` (make load).
 """
 
 from __future__ import annotations
@@ -662,7 +662,7 @@ def format_table(report: Report) -> str:
         f"/health: {len(health)} probes answered, {len(stats.health_failures)} failed; latency p50 "
         f"{percentile(health, 50) * 1e3:.1f} ms, p99 {percentile(health, 99) * 1e3:.1f} ms, "
         f"max {max(health, default=math.nan) * 1e3:.1f} ms",
-        f"server-side statuses (logprobs_requests_total): "
+        "server-side statuses (logprobs_requests_total): "
         + ", ".join(f"{s}: {n:.0f}" for s, n in sorted(stats.server_statuses().items())),
     ]
     if report.cancellations is not None:

@@ -1,6 +1,6 @@
 """The HTTP schema: OpenAI's legacy completions API and vLLM's tokenizer endpoints.
 
-Requests are pydantic models (validated, with errors turned into 400s by server.errors).
+Requests are pydantic models (validated, with errors turned into 400s by server.http.errors).
 Responses are plain dicts built by the serving code; their shapes are declared here as
 TypedDicts, which type the code that builds them and document them in the OpenAPI schema
 (server.api names them in `responses=`, so FastAPI never validates or re-serializes through
@@ -13,13 +13,23 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, TypeAdapter, WithJsonSchema, field_validator,
-                      with_config)
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+    with_config,
+)
+from pydantic_core import PydanticCustomError
 from typing_extensions import NotRequired, TypedDict
 
-Prompt = list[str] | list[list[int]]
+Prompts = list[str] | list[list[int]]  # the prompt field, normalized: a list of prompts
 
-# What the prompt validator accepts (it normalizes to Prompt), as JSON Schema: the field itself
+# What the prompt validator accepts (it normalizes to Prompts), as JSON Schema: the field itself
 # is typed Any so that a batch of a million token ids is checked once, by _prompt_shape, not
 # again by a union of list types. Negative ids and empty prompts are refused later, with the
 # prompt's index (an empty string is 0 tokens unless the tokenizer adds BOS).
@@ -31,7 +41,7 @@ PROMPT_SCHEMA = {"anyOf": [
     _TOKEN_IDS,
     {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
 ]}
-# logit_bias is typed dict[str, float]; server.serving checks keys and values (with messages
+# logit_bias is typed dict[str, float]; server.serving.base checks keys and values (with messages
 # that say which token). The schema says what it accepts.
 LOGIT_BIAS_SCHEMA = {"anyOf": [
     {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,12}$"},
@@ -49,6 +59,45 @@ def _is_token_list(value: Any) -> bool:
 # not a max_tokens, 1 or "yes" not a boolean. Integers are numbers, and a number without a
 # fraction (5.0) is an integer, as in JSON Schema (see integer()).
 REQUEST = ConfigDict(extra="forbid", strict=True)
+
+
+def _unencodable(value: Any, path: tuple) -> tuple | None:
+    """The path of the first string (or object key) in a JSON value that is not valid Unicode: JSON
+    allows escapes of lone surrogates ("\\ud800"), which no tokenizer can encode as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _unencodable(key, (*path, key)) or _unencodable(item, (*path, key))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, (int, float)) and (found := _unencodable(item, (*path, i))):
+                return found
+    return None
+
+
+class Request(BaseModel):
+    """A request body: strict (see REQUEST), and every text in it valid Unicode, checked before
+    anything else reads it (a lone surrogate would fail the tokenizer; it is the client's error)."""
+
+    model_config = REQUEST
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_unicode(cls, data: Any) -> Any:
+        if (path := _unencodable(data, ())) is not None:
+            # The path can hold an object key with the surrogate itself: shown escaped.
+            where = ".".join(str(p) for p in path).encode("utf-8", "backslashreplace").decode() or "the request body"
+            raise PydanticCustomError(
+                "invalid_unicode", "'{where}' is not valid Unicode: it holds a lone surrogate escape (such as "
+                "\\ud800), which cannot be encoded as UTF-8; send the text as valid UTF-8",
+                {"where": where[:200], "param": str(path[0]) if path else None})
+        return data
 
 
 def _whole_number(value: Any) -> Any:
@@ -72,10 +121,8 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Request):
     """Generation settings shared by /v1/completions and /v1/chat/completions."""
-
-    model_config = REQUEST
 
     model: str | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
@@ -118,7 +165,7 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_shape(cls, value: Any) -> Prompt:
+    def _prompt_shape(cls, value: Any) -> Prompts:
         """Normalize to a list of prompts, each a string or a list of token ids."""
         if isinstance(value, str):
             return [value]
@@ -146,7 +193,8 @@ class CompletionRequest(SamplingFields):
 
 
 class ContentPart(BaseModel):
-    """One part of a message's content; only text parts reach the template (images are not read)."""
+    """One part of a message's content. Only text parts are taken: the models served here read text
+    only, and a part they cannot see (an image, audio, a file) is refused, never silently dropped."""
 
     model_config = ConfigDict(extra="allow", strict=True)
 
@@ -154,11 +202,29 @@ class ContentPart(BaseModel):
     text: str | None = None
 
 
+# OpenAI's message roles. Chat templates know system, user and assistant (and often tool):
+# `developer` (OpenAI's newer name for system instructions) reaches the template as `system`, and
+# `function` (the deprecated form of a tool result) as `tool`; `tool` goes as it is, for templates
+# that render tool results (others refuse it with a 400 naming the template's complaint).
+ChatRole = Literal["system", "developer", "user", "assistant", "tool", "function"]
+TEMPLATE_ROLE = {"developer": "system", "function": "tool"}
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow", strict=True)  # name, tool_calls, ...: passed to the chat template
 
-    role: str
+    role: ChatRole
     content: str | list[ContentPart] | None = None
+
+    @model_validator(mode="after")
+    def _text_parts_only(self) -> ChatMessage:
+        for i, part in enumerate(self.content if isinstance(self.content, list) else []):
+            if part.type != "text":
+                raise ValueError(f"content part {i} is of type '{part.type[:40]}', which this server cannot pass "
+                                 "to the model (it reads text only); send text parts only")
+            if part.text is None:
+                raise ValueError(f"content part {i} is a text part without 'text'")
+        return self
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -175,7 +241,7 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension
 
 
-class TokenizeRequest(BaseModel):
+class TokenizeRequest(Request):
     model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"prompt": "Hello, world"}]})
 
     prompt: str
@@ -183,7 +249,7 @@ class TokenizeRequest(BaseModel):
     model: str | None = None
 
 
-class DetokenizeRequest(BaseModel):
+class DetokenizeRequest(Request):
     model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 
     tokens: list[Int]
@@ -352,7 +418,7 @@ class ModelCard(TypedDict):
     owned_by: str
     max_model_len: int
     system_fingerprint: str
-    fingerprint: dict[str, str]  # what decides the numbers (server/fingerprint.py), in full
+    fingerprint: dict[str, str]  # what decides the numbers (server/observability/fingerprint.py), in full
 
 
 @closed
@@ -389,9 +455,9 @@ class Health(TypedDict):
 
 
 # -- errors in the OpenAPI schema ----------------------------------------------------------------
-# What each error status means, for the routes' `responses=` (server/api.py, server/metrics.py):
+# What each error status means, for the routes' `responses=` (server/api.py, server/observability/metrics.py):
 # the statuses the server really sends, from the middleware of server.app, the error handlers of
-# server.errors and the checks of server.serving, all with ErrorResponse as the body.
+# server.http.errors and the checks of server.serving.base, all with ErrorResponse as the body.
 
 HOST_REFUSED = "A Host header this server does not answer to (see --allowed-hosts)."
 ERROR_DESCRIPTIONS = {

@@ -17,7 +17,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import ConfigError, Settings
-from server.errors import error_response
+from server.http.errors import error_response
 
 KEY_MESSAGE = "Missing or invalid API key: send 'Authorization: Bearer <key>'."
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1", "[::1]")

@@ -5,25 +5,36 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from server.engine import PromptJob, PromptResult
-from server.errors import APIError
-from server.protocol import CompletionLogprobs, CompletionRequest
-from server.scoring import ScoredRows
-from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, check_request_cost,
-                            check_token_ids, respond, sampling_params)
-from server.state import ServerState
-from server.text import join_pieces
+from server.http.errors import APIError
+from server.http.protocol import CompletionLogprobs, CompletionRequest
+from server.numerics.scoring import ScoredRows
+from server.numerics.text import join_pieces
+from server.serving.base import (
+    ChoiceBuilder,
+    StreamedToken,
+    check_fits,
+    check_logprobs_limit,
+    check_request_cost,
+    check_token_ids,
+    respond,
+    sampling_params,
+)
+
+if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
+    from server.state import ServerState
 
 
 @dataclass
-class Prompt:
+class TokenizedPrompt:
     tokens: list[int]
     text: str | None  # the prompt as sent, when it was a string
     added_bos: bool  # the tokenizer put BOS first: it has no text of its own
 
 
-def prompt_tokens(state: ServerState, request: CompletionRequest) -> list[Prompt]:
+def prompt_tokens(state: ServerState, request: CompletionRequest) -> list[TokenizedPrompt]:
     """Token ids of each prompt: strings as /tokenize does with add_special_tokens=true, ids as given."""
     info = state.backend.info
     prompts = []
@@ -31,17 +42,17 @@ def prompt_tokens(state: ServerState, request: CompletionRequest) -> list[Prompt
         if isinstance(prompt, str):
             tokens = state.backend.tokenize(prompt, add_special_tokens=True)
             added_bos = info.add_bos and tokens[:1] == [info.bos_id]
-            prompts.append(Prompt(tokens, prompt, added_bos))
+            prompts.append(TokenizedPrompt(tokens, prompt, added_bos))
         else:
             check_token_ids(state, prompt, param="prompt", where=f"Prompt {p}")
-            prompts.append(Prompt(prompt, None, False))
+            prompts.append(TokenizedPrompt(prompt, None, False))
         if not prompts[-1].tokens:
             raise APIError(f"Prompt {p} is empty (0 tokens); there is nothing to score or continue.",
                            param="prompt")
     return prompts
 
 
-def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[PromptJob], list[Prompt]]:
+def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[PromptJob], list[TokenizedPrompt]]:
     """One job per choice: each prompt n times, choice index = prompt index * n + sample index.
     Returns the jobs and, for each job, its prompt."""
     if (unsupported := request.unsupported()) is not None:
@@ -65,7 +76,7 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
     return jobs, job_prompts
 
 
-def echo_text(state: ServerState, prompt: Prompt) -> tuple[str, list[int]]:
+def echo_text(state: ServerState, prompt: TokenizedPrompt) -> tuple[str, list[int]]:
     """The echoed prompt and each prompt token's character offset in it. A string prompt comes back
     as sent (as OpenAI and vLLM do): a BOS the tokenizer added stays among the tokens, with a
     zero-width offset of 0, so offsets still index the text."""
@@ -76,11 +87,11 @@ def echo_text(state: ServerState, prompt: Prompt) -> tuple[str, list[int]]:
     return (prompt.text if prompt.text is not None else text), offsets
 
 
-class CompletionFormat(ResponseFormat):
+class CompletionChoices(ChoiceBuilder):
     id_prefix = "cmpl"
     object = chunk_object = "text_completion"
 
-    def __init__(self, state: ServerState, jobs: list[PromptJob], prompts: list[Prompt]):
+    def __init__(self, state: ServerState, jobs: list[PromptJob], prompts: list[TokenizedPrompt]):
         super().__init__(state, jobs)
         self.echoes = {}  # job index -> (text, offsets), for echoing jobs
         for index, (job, prompt) in enumerate(zip(jobs, prompts)):
@@ -145,6 +156,6 @@ class CompletionFormat(ResponseFormat):
 async def create_completion(state: ServerState, request: CompletionRequest, deadline: float | None = None):
     """The response (or, with stream, its events); validation happens before any model work.
     Tokenizing runs off the event loop, which must stay free for other clients and /health."""
-    fmt = await asyncio.to_thread(lambda: CompletionFormat(state, *build_jobs(state, request)))
+    fmt = await asyncio.to_thread(lambda: CompletionChoices(state, *build_jobs(state, request)))
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     return await respond(state, fmt, bool(request.stream), include_usage, deadline)

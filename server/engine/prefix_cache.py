@@ -13,19 +13,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
-import numpy as np
-
-from server.scoring import ScoredRows
+from server.numerics.scoring import ScoredRows
 
 KEY_TOKENS = 8  # entries are found by their first tokens, then compared in full
 MIN_REUSE = 8  # shorter shared prefixes are not worth a restore
-# Reuse is on only if a prompt's logits run in two passes stay this close to one pass (logit units;
-# the tests' tolerance for reuse vs none). llama.cpp gives identical floats on Q4_1, Q8_0, F16
-# and F32 files and 1e-6 on some others, but its repacked Q4_0/Q4_K kernels take other paths for
-# other pass sizes (1.25 on a Q3_K_M file, 1.0 on Gemma 3 Q4_K_M); MLX: 3e-5.
-SPLIT_TOLERANCE = 1e-4
-PROBE_TEXT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps as his father "
-              "had taught him, and lit the lamp at the top.")
 
 
 @dataclass(eq=False)  # entries are compared by identity
@@ -41,29 +32,6 @@ class CachedPrompt:
 class Reuse:
     entry: CachedPrompt
     length: int  # positions whose KV (and, when scoring, rows) come from the cache
-
-
-def split_drift(backend) -> float:
-    """How far a prompt's logits move when it runs as after a cache hit (the restored prefix, then
-    the tail from there) instead of from the start: the largest |difference| over every row, for
-    tails of 2 tokens (the shortest the cache runs) and of half the prompt. Both ways run in
-    n_batch chunks, as the engine does. Run at start-up on sequence 0, before the engine starts."""
-    tokens = backend.tokenize(PROBE_TEXT, True)[:backend.info.n_ctx]  # a tiny --n-ctx still fits
-    n = len(tokens)
-    if n < MIN_REUSE + 2:
-        return 0.0  # no prompt that fits could reuse anything
-
-    def rows(start: int, stop: int) -> list[np.ndarray]:
-        return [np.array(backend.prefill(0, tokens[lo:min(lo + backend.n_batch, stop)], lo, 0))
-                for lo in range(start, stop, backend.n_batch)]
-
-    whole = np.concatenate(rows(0, n))
-    drift = 0.0
-    for cut in (n - 2, n // 2):
-        split = np.concatenate(rows(0, cut) + rows(cut, n))
-        drift = max(drift, float(np.abs(split - whole).max()))
-    backend.release(0)
-    return drift
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

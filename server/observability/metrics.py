@@ -20,11 +20,11 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine, EngineHooks
-from server.protocol import HOST_REFUSED, error_responses
-from server.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
+from server.http.protocol import HOST_REFUSED, error_responses
+from server.http.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
 
 if TYPE_CHECKING:
-    from server.fingerprint import Fingerprint
+    from server.observability.fingerprint import Fingerprint
 
 OTHER_ROUTE = "other"  # the route label of paths no route serves: clients cannot add label values
 # Requests run from milliseconds (a tokenization) to minutes (an lm-eval batch of long prompts).

@@ -158,7 +158,7 @@ def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
 
 if __name__ == "__main__":
     from server.config import Settings
-    from server.default_model import ensure_default_model
+    from server.models.default_model import ensure_default_model
 
     cache = Path(sys.argv[1]) if len(sys.argv) > 1 else Settings().cache_path() / "fixtures"
     source = ensure_default_model(Settings().cache_path())

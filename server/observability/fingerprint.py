@@ -22,14 +22,12 @@ import json
 import logging
 import os
 import platform
-import sys
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
-from server.backends.base import Backend
+from server.backends.base import Backend, package_version
 from server.config import Settings
-from server.default_model import sha256_of
+from server.models.default_model import sha256_of
 
 log = logging.getLogger(__name__)
 
@@ -45,13 +43,6 @@ class Fingerprint:
     def of(cls, parts: dict[str, str]) -> Fingerprint:
         digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
         return cls(parts=dict(parts), short="fp_" + digest[:12])
-
-
-def _version(package: str) -> str:
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # -- model digests --------------------------------------------------------------------------------
@@ -108,49 +99,20 @@ def model_sha256(path: Path, cache: DigestCache) -> str:
     return hashlib.sha256(listing.encode()).hexdigest()
 
 
-# -- backends -------------------------------------------------------------------------------------
-
-def _gguf_parts(settings: Settings) -> dict[str, str]:
-    import llama_cpp
-
-    return {
-        "llama_cpp_python": llama_cpp.__version__,
-        # The instruction sets and options this build of llama.cpp uses (AVX2, AVX512, ...).
-        "llama_cpp_system_info": llama_cpp.llama_print_system_info().decode(errors="replace").strip(" |"),
-        "flash_attn": "off",  # server/backends/gguf.py turns it off: its CPU kernel is not exact
-        "kv_cache_type": settings.kv_cache_type,
-    }
-
-
-def _mlx_parts(backend: Backend) -> dict[str, str]:
-    import mlx.core as mx
-
-    from server.backends.mlx import openblas_preloaded
-
-    parts = {"mlx": _version("mlx"), "mlx_lm": _version("mlx-lm"), "device": str(mx.default_device())}
-    if not getattr(backend, "on_cpu", True):
-        try:
-            parts["device_architecture"] = str(mx.device_info().get("architecture", "unknown"))
-        except Exception:  # older MLX: mx.metal.device_info
-            parts["device_architecture"] = "unknown"
-    elif sys.platform.startswith("linux"):  # the BLAS behind MLX's CPU matmuls
-        parts["blas"] = "openblas" if openblas_preloaded() else "bundled"
-    return parts
-
-
-def compute(settings: Settings, backend: Backend, model: Path, kind: str, cache_dir: Path | None) -> Fingerprint:
-    """The fingerprint of a loaded backend serving `model` ("gguf" or "mlx")."""
+def compute(settings: Settings, backend: Backend, model: Path | None, cache_dir: Path | None) -> Fingerprint:
+    """The fingerprint of a loaded backend serving `model` (None: a backend built in code, whose
+    model is no file)."""
     cache = DigestCache(cache_dir / DIGEST_CACHE if cache_dir is not None else None)
     parts = {
-        "model_sha256": model_sha256(model, cache),
-        "backend": kind,
-        **(_gguf_parts(settings) if kind == "gguf" else _mlx_parts(backend)),
+        "model_sha256": model_sha256(model, cache) if model is not None else "none",
+        "backend": backend.kind,
+        **backend.fingerprint_parts(),
         "n_batch": str(backend.n_batch),
         "max_sequences": str(backend.max_sequences),
         "prefix_cache": "on" if settings.prefix_cache_mb > 0 and backend.supports_snapshots else "off",
-        "numpy": _version("numpy"),
+        "numpy": package_version("numpy"),
         "machine": platform.machine(),
-        "logprobs_server": _version("logprobs-server"),
+        "logprobs_server": package_version("logprobs-server"),
     }
     cache.save()
     return Fingerprint.of(parts)

@@ -9,17 +9,27 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from server.engine import PromptJob, PromptResult
-from server.errors import APIError
-from server.protocol import ChatCompletionRequest, ChatTokenLogprob
-from server.scoring import ScoredRows
-from server.serving import (ResponseFormat, StreamedToken, check_fits, check_logprobs_limit, check_request_cost,
-                            respond, sampling_params)
-from server.state import ServerState
+from server.http.errors import APIError
+from server.http.protocol import TEMPLATE_ROLE, ChatCompletionRequest, ChatTokenLogprob
+from server.numerics.scoring import ScoredRows
+from server.serving.base import (
+    ChoiceBuilder,
+    StreamedToken,
+    check_fits,
+    check_logprobs_limit,
+    check_request_cost,
+    respond,
+    sampling_params,
+)
+
+if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
+    from server.state import ServerState
 
 
 def _raise(message: str):
@@ -42,8 +52,9 @@ def render_chat(state: ServerState, request: ChatCompletionRequest) -> str:
     messages = []
     for message in request.messages:
         item = message.model_dump(exclude_none=True)
-        if isinstance(item.get("content"), list):  # content parts: keep the text ones
-            item["content"] = "".join(p.get("text", "") for p in item["content"] if p.get("type") == "text")
+        item["role"] = TEMPLATE_ROLE.get(message.role, message.role)
+        if isinstance(item.get("content"), list):  # text parts only (the request model refuses others)
+            item["content"] = "".join(p["text"] for p in item["content"])
         messages.append(item)
     info, strings = state.backend.info, state.backend.tokens.strings
     own = {"messages": messages, "add_generation_prompt": request.add_generation_prompt,
@@ -77,7 +88,7 @@ def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[
     return jobs
 
 
-class ChatFormat(ResponseFormat):
+class ChatChoices(ChoiceBuilder):
     id_prefix = "chatcmpl"
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
@@ -118,4 +129,4 @@ async def create_chat_completion(state: ServerState, request: ChatCompletionRequ
     Rendering and tokenizing run off the event loop, which must stay free for other clients."""
     jobs = await asyncio.to_thread(build_chat_jobs, state, request)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(state, ChatFormat(state, jobs), bool(request.stream), include_usage, deadline)
+    return await respond(state, ChatChoices(state, jobs), bool(request.stream), include_usage, deadline)

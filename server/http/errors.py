@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +46,8 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     kind = first.get("type", "")
     if kind == "json_invalid":
         return f"The request body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}", None
+    if kind == "invalid_unicode":  # server.http.protocol.Request: the message names the field
+        return first["msg"] + ".", first["ctx"]["param"]
     if not loc:
         return "The request body must be a JSON object.", None
     param = loc[0]
@@ -74,13 +77,37 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind,
                               headers=exc.headers)
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception):
-        # Never the exception's text: it can hold paths, prompts or internals.
-        log.exception("Unexpected error in %s %s", request.method, request.url.path)
-        return error_response(500, INTERNAL_ERROR, type="server_error")
-
+    app.add_middleware(InternalErrors)  # the first added: innermost, right around the routes
     _no_422_in_schema(app)
+
+
+class InternalErrors:
+    """An exception no handler took becomes OpenAI's 500, answered here. (Starlette's own handler
+    for Exception answers too, but then re-raises it to the server, and uvicorn drops the client's
+    kept-alive connection: its next request would fail as well.) Pure ASGI: streams pass through."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            # Never the exception's text in the response: it can hold paths, prompts or internals.
+            log.exception("Unexpected error in %s %s", scope.get("method"), scope.get("path"))
+            if started:  # the status line is gone: nothing more can be said to this client
+                raise
+            await error_response(500, INTERNAL_ERROR, type="server_error")(scope, receive, send)
 
 
 def _no_422_in_schema(app: FastAPI) -> None:

@@ -1,0 +1,22 @@
+"""The engine: requests' jobs in, through one model thread, scored prompts and tokens out.
+
+Its parts, in the order a job meets them: jobs (what goes in and out), admission (the bounded,
+fair queue), sequences (the backend's sequences, and how a job ends), planner (prefix reuse and
+shared passes), prefill (prompt passes), decode (generation), loop (the model thread and the
+event loop's side); prefix_cache and fair_queue are the data structures they use.
+"""
+
+from server.engine.jobs import (
+                                Cancelled,
+                                EngineHooks,
+                                PromptJob,
+                                PromptResult,
+                                PromptScored,
+                                QueueFull,
+                                TokenEvent,
+                                job_cost,
+)
+from server.engine.loop import Engine
+
+__all__ = ["Cancelled", "Engine", "EngineHooks", "PromptJob", "PromptResult", "PromptScored", "QueueFull",
+           "TokenEvent", "job_cost"]

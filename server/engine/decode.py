@@ -1,0 +1,65 @@
+"""Generation: one token chosen for every running job, then one decode step carrying all of those
+that go on (jobs join and leave between steps)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.backends.base import Backend, Step
+from server.engine.admission import DrainRate
+from server.engine.jobs import Cancelled, TokenEvent
+from server.engine.running import RunningJob
+from server.engine.sequences import Sequences
+from server.numerics.scoring import score_rows
+
+
+class Decoder:
+    def __init__(self, backend: Backend, sequences: Sequences, rate: DrainRate):
+        self.backend, self.sequences, self.rate = backend, sequences, rate
+
+    def step(self, active: list[RunningJob]) -> list[RunningJob]:
+        """Choose one token for every running job, then one decode step for those that go on."""
+        going_on = []
+        for r in active:
+            if r.cancelled:
+                self.sequences.finish(r, error=Cancelled())
+                continue
+            if len(r.output.tokens) >= r.job.max_tokens:
+                self.sequences.finish(r)
+                continue
+            try:  # one job's failure (say, its sampling) is its own: the others go on
+                stopped = self._choose(r)
+            except Exception as exc:
+                self.sequences.fail([r], exc, "choosing a token")
+                continue
+            if stopped:
+                r.output.finish_reason = "stop"
+                self.sequences.finish(r)
+            elif len(r.output.tokens) == r.job.max_tokens:
+                self.sequences.finish(r)
+            else:
+                going_on.append(r)
+        if going_on:
+            steps = [Step(r.seq, r.output.tokens[-1], len(r.job.tokens) + len(r.output.tokens) - 1) for r in going_on]
+            try:
+                logits = self.backend.decode(steps)
+            except Exception as exc:  # a backend failure fails the jobs in that forward pass
+                self.sequences.fail(going_on, exc, "decode step")
+                return []
+            self.rate.tokens_run += len(steps)
+            for r, row in zip(going_on, logits):
+                r.next_logits = row
+        return going_on
+
+    def _choose(self, r: RunningJob) -> bool:
+        """Sample the job's next token and report it; True if it ends the generation."""
+        output, tokens = r.output, self.backend.tokens
+        token = output.sampler.choose(r.next_logits)
+        output.tokens.append(token)
+        scores = score_rows(r.next_logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
+        if scores is not None:
+            output.parts.append(scores)
+        # An end-of-generation token is reported (as vLLM does), its text is not.
+        stopped = tokens.is_end_of_generation(token) or output.watcher.feed(tokens.pieces[token])
+        r.emit(TokenEvent(token, scores, output.watcher.text))
+        return stopped

@@ -1,0 +1,147 @@
+"""The engine: one model thread that scores and generates for every request, batched.
+
+A request is a list of jobs (one per prompt and sample), submitted together. The model thread
+admits queued jobs, from any request, while the backend has free sequences (admission.py); runs
+each admitted prompt through the model (prefill.py; reusing cached prefixes: a prompt's numbers
+must not depend on what else is running; the MLX backend, where that is faster, runs fresh prompts
+together, each within 1e-4 of alone: planner.py), then generates for all running jobs in
+lock-step, one decode step per token carrying every running sequence (decode.py). Jobs join and
+leave between steps.
+
+A request whose client goes away is cancelled as a whole: its queued jobs never run, and its
+running ones stop before their next forward pass (a long prompt between its chunks).
+The event loop only waits on results, so /health and tokenization stay responsive.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator
+
+from server.backends.base import Backend
+from server.engine.admission import Admission, DrainRate
+from server.engine.decode import Decoder
+from server.engine.jobs import Cancelled, EngineHooks, PromptJob, PromptResult, PromptScored, TokenEvent
+from server.engine.prefill import PromptRunner
+from server.engine.prefix_cache import PrefixCache
+from server.engine.running import RequestState, RunningJob
+from server.engine.sequences import Sequences
+
+log = logging.getLogger(__name__)
+
+
+class Engine:
+    def __init__(self, backend: Backend, prefix_cache_mb: int = 0, max_queued_tokens: int = 1 << 62,
+                 hooks: EngineHooks | None = None):
+        self.backend = backend
+        use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
+        self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
+        rate = DrainRate()
+        self.admission = Admission(max_queued_tokens, rate)
+        self.sequences = Sequences(backend, hooks or EngineHooks())
+        self.prompts = PromptRunner(backend, self.cache, self.sequences, rate)
+        self.decoder = Decoder(backend, self.sequences, rate)
+        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
+        self._thread.start()
+
+    @property
+    def queued_jobs(self) -> int:
+        return len(self.admission)
+
+    @property
+    def queued_tokens(self) -> int:
+        return self.admission.queued_tokens
+
+    # -- the event loop's side ------------------------------------------------------------------
+    def stream(self, jobs: list[PromptJob], progress: bool = True, request_id: str | None = None,
+               ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        """Submit a request's jobs, all at once, now (QueueFull if the queue has no room for them,
+        before anything is sent to the client), and return an iterator of (job index, event) as
+        they run: with `progress`, each scored prompt and each generated token; always, (index,
+        result) when a job ends. Closing the iterator early, or cancelling the task that iterates
+        it (the client went away), cancels the request. `request_id` labels its log lines."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+        request = RequestState(len(jobs), request_id)
+
+        def deliver(index: int, future: concurrent.futures.Future) -> None:
+            item = future.exception() or future.result()
+            loop.call_soon_threadsafe(queue.put_nowait, (index, item))
+
+        submitted = []
+        for index, job in enumerate(jobs):
+            listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))) \
+                if progress else None
+            running = RunningJob(job, request, listener)
+            running.future.add_done_callback(lambda f, index=index: deliver(index, f))
+            submitted.append(running)
+        self.admission.submit(submitted)
+        return self._events(jobs, request, queue)
+
+    async def _events(self, jobs: list[PromptJob], request: RequestState, queue: asyncio.Queue):
+        started = time.perf_counter()
+        results: dict[int, PromptResult] = {}
+        try:
+            while len(results) < len(jobs):
+                index, item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, PromptResult):
+                    results[index] = item
+                yield index, item
+            self._log_done(jobs, [results[i] for i in range(len(jobs))], time.perf_counter() - started)
+        finally:
+            request.cancel.set()  # a no-op when every job has finished
+            if len(results) < len(jobs):
+                self.admission.purge_soon()
+
+    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
+        """A request's results, in job order (the same path as stream(), without the progress)."""
+        results: list[PromptResult | None] = [None] * len(jobs)
+        async for index, item in self.stream(jobs, progress=False):
+            results[index] = item
+        return results
+
+    def _log_done(self, jobs: list[PromptJob], results: list[PromptResult], elapsed: float) -> None:
+        n_prompt = sum(len(j.tokens) for j in jobs)
+        n_gen = sum(len(r.generated) for r in results)
+        cache = self.cache
+        log.info(
+            "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)%s",
+            len(jobs), n_prompt, n_gen, elapsed, (n_prompt + n_gen) / max(elapsed, 1e-9),
+            "" if cache is None else f"; prefix cache: {cache.hits}/{cache.lookups} hits, "
+            f"{cache.reused_tokens} tokens reused, {len(cache)} prompts in {cache.used / 2**20:.0f} MB",
+        )
+
+    def close(self) -> None:
+        self.admission.close()
+        self._thread.join(timeout=30)
+
+    # -- the model thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        active: list[RunningJob] = []
+        while True:
+            taken = self.admission.take(len(self.sequences.free), busy=bool(active))
+            if taken is None:
+                self._cancel_all(active)
+                return
+            admitted, dropped = taken
+            for r in dropped:
+                self.sequences.finish(r, error=Cancelled())
+            for r in admitted:
+                self.sequences.assign(r)
+            started = time.perf_counter()
+            active += self.prompts.run(admitted)
+            active = self.decoder.step(active)
+            self.admission.rate.busy_seconds += time.perf_counter() - started
+
+    def _cancel_all(self, active: list[RunningJob]) -> None:
+        """At shutdown: nothing is left waiting on a result that will never come."""
+        for r in [*active, *self.admission.drain()]:
+            r.request.reason = "the server is shutting down"
+            r.request.cancel.set()
+            self.sequences.finish(r, error=Cancelled())

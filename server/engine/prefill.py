@@ -1,0 +1,110 @@
+"""Prompt passes: each admitted job's prompt through the model (its uncached part, in n_batch
+chunks), or fresh prompts together in one pass where the planner grouped them; the rows a
+response needs are scored, the scored prompt is cached, and the row that chooses the first
+generated token is kept."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from server.backends.base import Backend
+from server.engine.admission import DrainRate
+from server.engine.jobs import Cancelled, PromptScored
+from server.engine.planner import PromptPlanner
+from server.engine.prefix_cache import PrefixCache
+from server.engine.running import RunningJob
+from server.engine.sequences import Sequences
+from server.numerics.scoring import concat_rows, first_rows
+
+
+class PromptRunner:
+    def __init__(self, backend: Backend, cache: PrefixCache | None, sequences: Sequences, rate: DrainRate):
+        self.backend, self.cache, self.sequences, self.rate = backend, cache, sequences, rate
+        self.planner = PromptPlanner(backend, cache)
+
+    def run(self, admitted: list[RunningJob]) -> list[RunningJob]:
+        """The prompt passes of newly admitted jobs; returns those that go on to generate."""
+        groups, one_by_one = self.planner.plan(admitted)
+        going_on = []
+        for group in groups:
+            going_on += self._together(group)
+        for r in one_by_one:
+            try:
+                if self._alone(r):
+                    going_on.append(r)
+            except Exception as exc:  # fails this job only (its own sequence), not the server
+                self.sequences.fail([r], exc, "prompt pass")
+        return going_on
+
+    def _together(self, group: list[RunningJob]) -> list[RunningJob]:
+        """Fresh prompts, each whole, in one forward pass of the backend's (shares_prompt_passes)."""
+        running = self.sequences.drop_cancelled(group)
+        if not running:
+            return []
+        wanted_from = [0 if r.score_prompt else len(r.job.tokens) - 1 for r in running]
+        try:
+            blocks = self.backend.prefill_together([(r.seq, r.job.tokens, w) for r, w in zip(running, wanted_from)])
+        except Exception as exc:  # a backend failure fails the jobs in that forward pass
+            self.sequences.fail(running, exc, "shared prompt pass")
+            return []
+        going_on = []
+        for r, block, w in zip(running, blocks, wanted_from):
+            try:
+                n = len(r.job.tokens)
+                r.prompt.tokens_run += n
+                self.rate.tokens_run += n
+                self._take_block(r, block, w, last=True)
+                self._done(r)
+                going_on.append(r)
+            except Exception as exc:  # scoring one prompt fails that job only
+                self.sequences.fail([r], exc, "prompt scoring")
+        return going_on
+
+    def _alone(self, r: RunningJob) -> bool:
+        """Run a job's prompt (its uncached part), n_batch tokens per call, scoring the rows a
+        response needs. False if the request was cancelled meanwhile."""
+        backend = self.backend
+        tokens, n, start = r.job.tokens, len(r.job.tokens), 0
+        self.planner.look_up(r)
+        reuse = r.prompt.reuse
+        if reuse is not None:
+            backend.restore(r.seq, reuse.entry.state, reuse.length)
+            start = reuse.length
+            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.k))
+        # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
+        # asked for only for the rows used.
+        wanted_from = start if r.score_prompt else n - 1
+        for lo in range(start, n, backend.n_batch):
+            if r.cancelled:
+                self.sequences.finish(r, error=Cancelled())
+                return False
+            chunk = tokens[lo:lo + backend.n_batch]
+            block = backend.prefill(r.seq, chunk, lo, max(0, wanted_from - lo))
+            r.prompt.tokens_run += len(chunk)
+            self.rate.tokens_run += len(chunk)
+            if block is not None:
+                self._take_block(r, block, max(lo, wanted_from), last=lo + len(chunk) == n)
+        self._done(r)
+        return True
+
+    def _take_block(self, r: RunningJob, block, i: int, last: bool) -> None:
+        """Score a block of prompt logits whose first row is at position i (row i predicts token
+        i + 1); the prompt's last row, in its last block, predicts the first generated token."""
+        tokens, n = r.job.tokens, len(r.job.tokens)
+        in_prompt = min(len(block), n - 1 - i)
+        if r.score_prompt and in_prompt > 0:
+            targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
+            r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.k))
+        if last:
+            r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
+
+    def _done(self, r: RunningJob) -> None:
+        """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
+        tokens, reuse = r.job.tokens, r.prompt.reuse
+        r.prompt.scores = concat_rows(r.prompt.parts, r.k) if r.score_prompt else None
+        if self.cache is not None and r.score_prompt and (reuse is None or reuse.entry.tokens != tokens):
+            state, size = self.backend.snapshot(r.seq)
+            scores = r.prompt.scores
+            size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
+            self.cache.add(tokens, state, size, scores, r.k)
+        r.emit(PromptScored(r.prompt.scores))
