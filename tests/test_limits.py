@@ -162,12 +162,19 @@ def test_chat_input_that_used_to_500(tight, body, param):
     assert error_of(tight.post("/v1/chat/completions", payload), 400)["param"] == param
 
 
-def test_text_content_parts_render(tight):
-    parts = [{"type": "text", "text": "Say "}, {"type": "image_url", "image_url": {"url": "x"}},
-             {"type": "text", "text": "hi."}]
-    out = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": parts}], "max_tokens": 2,
-                                               "temperature": 0})
+def test_text_content_parts_render_and_others_are_refused(tight):
+    """Text parts render as the same text sent whole; a part the model cannot see (an image) is a
+    400 naming it, never dropped silently (the model would answer a question it never saw)."""
+    text = [{"type": "text", "text": "Say "}, {"type": "text", "text": "hi."}]
+    ask = {"max_tokens": 2, "temperature": 0}
+    out = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": text}]} | ask)
+    whole = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Say hi."}]} | ask)
     assert out.status_code == 200, out.text
+    assert out.json()["usage"] == whole.json()["usage"]
+    assert out.json()["choices"][0]["message"] == whole.json()["choices"][0]["message"]
+    image = text[:1] + [{"type": "image_url", "image_url": {"url": "x"}}] + text[1:]
+    error = error_of(tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": image}]} | ask), 400)
+    assert error["param"] == "messages" and "image_url" in error["message"]
 
 
 def test_bad_sampling_in_one_request_never_fails_another(tight):

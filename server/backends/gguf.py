@@ -30,6 +30,25 @@ def is_gguf_file(path: Path) -> bool:
         return False
 
 
+def _context_params(ll, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type: str, max_sequences: int):
+    """llama.cpp's context parameters, chosen so that scores are exact."""
+    ctx_params = ll.llama_context_default_params()
+    # Each sequence gets its own KV stream of n_ctx cells. (llama.cpp's unified KV cache, one
+    # pool shared by all sequences, moved logits by up to 1.3 whenever another sequence held
+    # cells in it, in this build; separate streams give the same numbers as one sequence alone.)
+    ctx_params.n_ctx = n_ctx * max_sequences
+    ctx_params.n_seq_max = max_sequences
+    ctx_params.kv_unified = False
+    ctx_params.n_batch = ctx_params.n_ubatch = n_batch
+    ctx_params.n_threads = ctx_params.n_threads_batch = n_threads
+    # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
+    # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
+    ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    # llama.cpp stores K and V in float16 by default; float32 keeps scores exact (see Settings).
+    ctx_params.type_k = ctx_params.type_v = ll.GGML_TYPE_F32 if kv_cache_type == "f32" else ll.GGML_TYPE_F16
+    return ctx_params
+
+
 class GGUFBackend(Backend):
     kind = "gguf"
     supports_snapshots = True
@@ -54,25 +73,9 @@ class GGUFBackend(Backend):
         n_ctx = default_context(n_ctx, n_ctx_train)
         self.n_batch = min(n_batch, n_ctx)
 
-        ctx_params = ll.llama_context_default_params()
-        # Each sequence gets its own KV stream of n_ctx cells. (llama.cpp's unified KV cache, one
-        # pool shared by all sequences, moved logits by up to 1.3 whenever another sequence held
-        # cells in it, in this build; separate streams give the same numbers as one sequence alone.)
-        ctx_params.n_ctx = n_ctx * max_sequences
-        ctx_params.n_seq_max = self.max_sequences = max_sequences
-        ctx_params.kv_unified = False
-        ctx_params.n_batch = self.n_batch
-        ctx_params.n_ubatch = self.n_batch
-        ctx_params.n_threads = n_threads
-        ctx_params.n_threads_batch = n_threads
+        self.max_sequences, self.kv_cache_type = max_sequences, kv_cache_type
         self.scoring_threads = n_threads  # the forward pass waits while its logits are scored
-        # llama.cpp's default (auto) turns flash attention on for CPUs, whose kernel accumulates in
-        # float16: logits moved by up to 1.0 on SmolLM2 (logprobs by 0.1). Scores must be exact.
-        ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        # llama.cpp stores K and V in float16 by default; float32 keeps scores exact (see Settings).
-        self.kv_cache_type = kv_cache_type
-        kv_type = ll.GGML_TYPE_F32 if kv_cache_type == "f32" else ll.GGML_TYPE_F16
-        ctx_params.type_k = ctx_params.type_v = kv_type
+        ctx_params = _context_params(ll, n_ctx, self.n_batch, n_threads, kv_cache_type, max_sequences)
         self._ctx = ll.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             raise ValueError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")

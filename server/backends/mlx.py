@@ -76,6 +76,41 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
     return table
 
 
+def _model_info(path: str, config: dict, hf, n_vocab: int, n_ctx: int, n_ctx_train: int) -> ModelInfo:
+    """What the server tells clients about an mlx-lm model, from its config and HF tokenizer."""
+    text_config = config.get("text_config", config)
+    with_special = hf.encode("a", add_special_tokens=True)
+    without = hf.encode("a", add_special_tokens=False)
+    bos = hf.bos_token_id
+    quant = config.get("quantization", {})
+    return ModelInfo(
+        path=str(path),
+        n_ctx=n_ctx,
+        n_ctx_train=n_ctx_train,
+        n_vocab=n_vocab,
+        bos_id=bos,
+        eos_id=hf.eos_token_id,
+        pad_id=hf.pad_token_id,
+        add_bos=bos is not None and with_special[:1] == [bos] and without[:1] != [bos],
+        chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
+        description=f"{text_config.get('model_type', '?')} (mlx), "
+                    + (f"{quant.get('bits')}-bit quantized" if quant else str(config.get("torch_dtype", "float"))),
+    )
+
+
+def _fingerprint_parts(mx, on_cpu: bool) -> dict[str, str]:
+    """MLX's versions, its device, and on Linux the BLAS behind its CPU matmuls."""
+    parts = {"mlx": package_version("mlx"), "mlx_lm": package_version("mlx-lm"), "device": str(mx.default_device())}
+    if not on_cpu:
+        try:
+            parts["device_architecture"] = str(mx.device_info().get("architecture", "unknown"))
+        except Exception:  # older MLX: mx.metal.device_info
+            parts["device_architecture"] = "unknown"
+    elif sys.platform.startswith("linux"):
+        parts["blas"] = "openblas" if openblas_preloaded() else "bundled"
+    return parts
+
+
 class MLXBackend(Backend):
     kind = "mlx"
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1, max_sequences: int = 1):
@@ -114,23 +149,7 @@ class MLXBackend(Backend):
         eog = set(wrapper.eos_token_ids) | ({self._hf.eos_token_id} if self._hf.eos_token_id is not None else set())
         self.tokens = TokenTable(_token_bytes_table(self._hf, n_vocab), eog)
 
-        with_special = self._hf.encode("a", add_special_tokens=True)
-        without = self._hf.encode("a", add_special_tokens=False)
-        bos = self._hf.bos_token_id
-        quant = config.get("quantization", {})
-        self.info = ModelInfo(
-            path=str(path),
-            n_ctx=default_context(n_ctx, n_ctx_train),
-            n_ctx_train=n_ctx_train,
-            n_vocab=n_vocab,
-            bos_id=bos,
-            eos_id=self._hf.eos_token_id,
-            pad_id=self._hf.pad_token_id,
-            add_bos=bos is not None and with_special[:1] == [bos] and without[:1] != [bos],
-            chat_template=self._hf.chat_template if isinstance(self._hf.chat_template, str) else None,
-            description=f"{text_config.get('model_type', '?')} (mlx), "
-                        + (f"{quant.get('bits')}-bit quantized" if quant else str(config.get("torch_dtype", "float"))),
-        )
+        self.info = _model_info(path, config, self._hf, n_vocab, default_context(n_ctx, n_ctx_train), n_ctx_train)
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
@@ -235,16 +254,7 @@ class MLXBackend(Backend):
         return score_rows_mlx(logits, targets, k)
 
     def fingerprint_parts(self) -> dict[str, str]:
-        mx = self._mx
-        parts = {"mlx": package_version("mlx"), "mlx_lm": package_version("mlx-lm"), "device": str(mx.default_device())}
-        if not self.on_cpu:
-            try:
-                parts["device_architecture"] = str(mx.device_info().get("architecture", "unknown"))
-            except Exception:  # older MLX: mx.metal.device_info
-                parts["device_architecture"] = "unknown"
-        elif sys.platform.startswith("linux"):  # the BLAS behind MLX's CPU matmuls
-            parts["blas"] = "openblas" if openblas_preloaded() else "bundled"
-        return parts
+        return _fingerprint_parts(self._mx, self.on_cpu)
 
     def close(self) -> None:
         self._caches.clear()
