@@ -18,6 +18,7 @@ from server.http.body_limit import BodyLimit
 from server.http.errors import install_error_handlers
 from server.http.request_id import install_request_id_logging
 from server.http.security import Guard
+from server.models import ResolvedModel
 from server.observability.metrics import install as install_observability
 from server.state import ServerState
 
@@ -29,10 +30,12 @@ def configure_logging(level: str) -> None:
     install_request_id_logging()
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None) -> FastAPI:
-    """The app, around the model the settings name (loaded at start-up, in the lifespan) or around
-    `backend` (the state is built now, so in-process clients such as httpx's ASGITransport, which
-    run no lifespan, can call it at once; close it with app.state.server.close())."""
+def create_app(settings: Settings | None = None, backend: Backend | None = None,
+               model: ResolvedModel | None = None) -> FastAPI:
+    """The app, around the model the settings name (loaded at start-up, in the lifespan; `model`:
+    already found by the caller, as the CLI does) or around `backend` (the state is built now, so
+    in-process clients such as httpx's ASGITransport, which run no lifespan, can call it at once;
+    close it with app.state.server.close())."""
     problem: ConfigError | None = None
     if settings is None:  # `uvicorn server.app:app`: the environment's settings
         try:
@@ -50,7 +53,7 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None)
                 raise problem
             configure_logging(settings.log_level)
             if getattr(app.state, "server", None) is None:
-                app.state.server = ServerState.build(settings)
+                app.state.server = ServerState.build(settings, model=model)
         except ConfigError as exc:
             # Starlette reports any startup failure with a traceback; a setting the user must fix
             # deserves one clear line instead, so exit here.

@@ -6,7 +6,6 @@ import argparse
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import Literal, get_args, get_origin
 
 from pydantic import SecretStr
@@ -15,6 +14,7 @@ from pydantic.fields import FieldInfo
 from server.backends import detect_backend
 from server.config import ConfigError, Settings, env_name, flag_name
 from server.http.security import check_exposure
+from server.models import resolve_model
 
 DESCRIPTION = """\
 Serve a local model with an OpenAI-compatible /v1/completions endpoint that returns exact
@@ -32,7 +32,7 @@ examples:
     --model_args base_url=http://127.0.0.1:8000/v1/completions,tokenized_requests=True --batch_size 8"""
 
 
-def _choices(annotation) -> tuple | None:
+def choices_of(annotation) -> tuple | None:
     """The values of a Literal[...] or Literal[...] | None annotation."""
     for arg in (annotation, *get_args(annotation)):
         if get_origin(arg) is Literal:
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     environ = {key.upper(): value for key, value in os.environ.items()}  # pydantic-settings ignores case
     for name, field in Settings.model_fields.items():
-        choices = _choices(field.annotation)
+        choices = choices_of(field.annotation)
         # A bare switch (--allow-no-auth) means true; --allow-no-auth false works too.
         switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         metavar = "{" + ",".join(choices) + "}" if choices else ("BOOL" if switch else None)
@@ -78,16 +78,27 @@ def _preload_openblas(argv: list[str]) -> None:
     os.execve(sys.executable, [sys.executable, "-m", "server", *argv], {**os.environ, "LD_PRELOAD": preload})
 
 
+def _fail(exc: ConfigError) -> None:
+    """A setting the user must fix: one line on stderr, exit status 2 (as for a bad flag)."""
+    print(f"logprobs-server: error: {exc}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         # The environment, with the flags given on top.
         settings = Settings.load(**vars(build_parser().parse_args(argv)))
         # Keys, hosts and TLS files, and no keyless serving beyond loopback: before the model loads.
         warnings = check_exposure(settings)
-        # Fail before starting the server, with a message, not a traceback.
-        kind = detect_backend(Path(settings.model)) if settings.model else "gguf"
+        # The model found (a Hub name fetched, or found in the cache) and its kind told, before the
+        # server starts: a problem is one line and exit status 2, not a traceback.
+        from server.app import configure_logging
+
+        configure_logging(settings.log_level)  # now: fetching a Hub model logs what it took
+        model = resolve_model(settings)
+        kind = model.kind or detect_backend(model.path)
     except ConfigError as exc:
-        sys.exit(f"logprobs-server: error: {exc}")
+        _fail(exc)
     if kind == "mlx":
         _preload_openblas(sys.argv[1:] if argv is None else argv)
     for warning in warnings:  # after the restart, so said once
@@ -97,9 +108,9 @@ def main(argv: list[str] | None = None) -> None:
     from server.app import create_app
 
     try:
-        app = create_app(settings)  # reads the key file again: it may have changed since
+        app = create_app(settings, model=model)  # reads the key file again: it may have changed since
     except ConfigError as exc:
-        sys.exit(f"logprobs-server: error: {exc}")
+        _fail(exc)
     tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
     # SIGTERM: uvicorn stops accepting, gives running requests --shutdown-grace seconds, then
     # cancels the rest (their engine jobs with them); the lifespan closes the model; exit 0.

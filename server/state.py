@@ -15,7 +15,7 @@ from server.backends.probes import run_probes
 from server.config import Settings, default_threads
 from server.engine import Engine
 from server.engine.prefix_cache import MIN_REUSE
-from server.models import resolve_model
+from server.models import ResolvedModel, resolve_model
 from server.observability.fingerprint import Fingerprint
 from server.observability.fingerprint import compute as compute_fingerprint
 from server.observability.metrics import Metrics
@@ -33,15 +33,15 @@ class ServerState:
     metrics: Metrics  # this server's Prometheus registry (GET /metrics)
 
     @classmethod
-    def build(cls, settings: Settings, backend: Backend | None = None) -> ServerState:
-        """Load the model the settings name, or serve `backend` (built by the caller, e.g. a test's
-        fake backend: nothing is read from disk), and start the engine around it."""
-        path: Path | None = None
+    def build(cls, settings: Settings, backend: Backend | None = None,
+              model: ResolvedModel | None = None) -> ServerState:
+        """Load the model the settings name (`model`: already found), or serve `backend` (built by
+        the caller, e.g. a test's fake backend: nothing is read from disk), and start the engine."""
         started = time.perf_counter()
         if backend is None:
-            path = resolve_model(settings)
-            log.info("Loading %s (threads: %d)", path, settings.n_threads or default_threads())
-            backend = load_backend(path, settings)
+            model = model or resolve_model(settings)
+            log.info("Loading %s (threads: %d)", model.path, settings.n_threads or default_threads())
+            backend = load_backend(model.path, settings)
         load_seconds = time.perf_counter() - started
         info = backend.info
         log.info(
@@ -53,9 +53,9 @@ class ServerState:
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
                  f"{settings.prefix_cache_mb} MB" if settings.prefix_cache_mb and backend.supports_snapshots else "off")
-        named = path or Path(info.path)
-        name = settings.model_name or (named.name if named.is_dir() else named.stem)
-        fingerprint = compute_fingerprint(settings, backend, path, settings.cache_path())
+        name = settings.model_name or (model.name if model else Path(info.path).stem)
+        fingerprint = compute_fingerprint(settings, backend, model.path if model else None, settings.cache_path(),
+                                          model.fingerprint_parts if model else {})
         log.info("System fingerprint %s: %s", fingerprint.short,
                  ", ".join(f"{k}={v}" for k, v in fingerprint.parts.items()))
         metrics = Metrics()

