@@ -37,8 +37,10 @@ $(VENV)/.installed: pyproject.toml clients/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	@echo "Installing (the first build of llama-cpp-python compiles llama.cpp: ~10 minutes on 2 cores; pip caches it)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".$(if $(EXTRAS),[$(EXTRAS)])" \
-	  -e "./clients$(if $(CLIENT_EXTRAS),[$(CLIENT_EXTRAS)])"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install $(PIP_FLAGS) -e ".$(if $(EXTRAS),[$(EXTRAS)])"
+	@# After the server: a venv made before the client had its own distribution had logprobs-eval in
+	@# the server's files, which reinstalling the server removes.
+	$(BIN)/python -m pip install $(PIP_FLAGS) -e "./clients$(if $(CLIENT_EXTRAS),[$(CLIENT_EXTRAS)])"
 	touch $@
 
 serve: setup

@@ -77,8 +77,10 @@ class Settings(BaseSettings):
         1, ge=1, description="Sequences that generate together, one token of each per forward pass (GGUF: 8 "
         "concurrent generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). GGUF evaluates "
         "prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (1.4x faster, logits "
-        "within 1e-4 of each prompt alone, checked at start-up). Default 1: llama.cpp's multi-sequence batches "
-        "moved some logits by up to 0.06, so results would depend on what else is running; keep 1 for evaluations.")
+        "within 1e-4 of each prompt alone, checked at start-up). Default 1: with llama.cpp a sequence's numbers "
+        "can depend on what runs beside it (a token decoded in a batch of sequences differed from the same "
+        "position in a prompt pass by up to 0.48 on Gemma 3), so results would depend on what else is running; "
+        "keep 1 for evaluations.")
     prefix_cache_mb: int = Field(
         1024, ge=0, description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off. At start-up the "

@@ -21,13 +21,15 @@ from logprobs_client.lm_eval_run import Options, ServerInfo, Target
 from logprobs_client.types import APIError
 
 
-def _server_options(parser: argparse.ArgumentParser, suffix: str = "", which: str = "") -> None:
-    key_help = (f"API key{which} (default: --api-key)" if suffix else "API key (default: $LOGPROBS_API_KEY, else "
-                "$OPENAI_API_KEY); lm-eval gets it as OPENAI_API_KEY and as auth_token")
+def _server_options(parser: argparse.ArgumentParser, suffix: str = "", server: str = "") -> None:
+    """--api-key and --ca-cert, or with `suffix` ("-b") those of another server (`server`: "server B")."""
+    key_help = (f"API key of {server} (default: --api-key)" if suffix else "API key (default: $LOGPROBS_API_KEY, "
+                "else $OPENAI_API_KEY); lm-eval gets it as OPENAI_API_KEY and as auth_token")
     parser.add_argument(f"--api-key{suffix}", metavar="KEY", help=key_help)
+    whose = f"{server}'s" if suffix else "the server's"
     parser.add_argument(f"--ca-cert{suffix}", metavar="PEM",
-                        help=f"CA certificate that signed the server's{which} certificate (https with a private CA)"
-                        + ("" if not suffix else " (default: --ca-cert)"))
+                        help=f"CA certificate that signed {whose} certificate (https with a private CA)"
+                        + ("" if not suffix else "; default: --ca-cert"))
 
 
 def _lm_eval_options(parser: argparse.ArgumentParser) -> None:
@@ -169,7 +171,7 @@ def parser() -> argparse.ArgumentParser:
     compare.add_argument("url_a")
     compare.add_argument("url_b")
     _server_options(compare)
-    _server_options(compare, "-b", " of server B")
+    _server_options(compare, "-b", "server B")
     _lm_eval_options(compare)
     compare.add_argument("--output-path", help="folder for both lm-eval runs (A/, B/) and comparison.json "
                          "(default: lm_eval_out/compare-DATE-TIME)")

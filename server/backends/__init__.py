@@ -43,7 +43,7 @@ def load_backend(path: Path, settings: Settings) -> Backend:
     try:
         import mlx_lm  # noqa: F401
     except ImportError:
-        raise ConfigError("The MLX backend needs mlx-lm: pip install 'logprobs-server[mlx]'") from None
+        raise ConfigError("The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)") from None
     from server.backends.mlx import MLXBackend
 
     return MLXBackend(str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_threads=n_threads,
