@@ -61,6 +61,9 @@ def _is_token_list(value: Any) -> bool:
 REQUEST = ConfigDict(extra="forbid", strict=True)
 
 
+_NUMBERS = {int, float, bool}
+
+
 def _unencodable(value: Any, path: tuple) -> tuple | None:
     """The path of the first string (or object key) in a JSON value that is not valid Unicode: JSON
     allows escapes of lone surrogates ("\\ud800"), which no tokenizer can encode as UTF-8."""
@@ -75,8 +78,10 @@ def _unencodable(value: Any, path: tuple) -> tuple | None:
             if found:
                 return found
     elif isinstance(value, list):
+        if set(map(type, value)) <= _NUMBERS:  # token ids: skipped at C speed (a prompt may hold millions)
+            return None
         for i, item in enumerate(value):
-            if not isinstance(item, (int, float)) and (found := _unencodable(item, (*path, i))):
+            if (found := _unencodable(item, (*path, i))):
                 return found
     return None
 
