@@ -79,7 +79,7 @@ def test_cli_passes_settings_to_the_app(clean_env):
     clean_env.setenv("LOGPROBS_N_CTX", "4096")
     clean_env.setenv("LOGPROBS_PORT", "9123")
     made, served = [], []
-    clean_env.setattr(server.app, "create_app", lambda settings: made.append(settings) or "the app")
+    clean_env.setattr(server.app, "create_app", lambda settings, **found: made.append(settings) or "the app")
     clean_env.setattr(uvicorn_module, "run", lambda app, **kwargs: served.append((app, kwargs)))
     main(["--n-ctx", "128", "--log-level", "DEBUG", "--backend", "gguf"])
 
