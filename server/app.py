@@ -76,6 +76,8 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         guard.install(app)
     install_observability(app)  # GET /metrics; request ids and counts around every other layer
     if backend is not None:
+        if problem is not None:  # no lifespan will report it: the caller hears it now
+            raise problem
         app.state.server = ServerState.build(settings, backend)
     return app
 

@@ -37,9 +37,10 @@ class ServerState:
               model: ResolvedModel | None = None) -> ServerState:
         """Load the model the settings name (`model`: already found), or serve `backend` (built by
         the caller, e.g. a test's fake backend: nothing is read from disk), and start the engine."""
+        if backend is None:
+            model = model or resolve_model(settings)  # before the clock: a fetch is not loading
         started = time.perf_counter()
         if backend is None:
-            model = model or resolve_model(settings)
             log.info("Loading %s (threads: %d)", model.path, settings.n_threads or default_threads())
             backend = load_backend(model.path, settings)
         load_seconds = time.perf_counter() - started

@@ -1,8 +1,8 @@
 """The app around a backend (by default the byte-level fake), called in-process through httpx's
 ASGITransport: the HTTP layer (routes, validation, errors, keys, limits, streaming) tested without
-a subprocess or a model file. Exceptions that escape the app are raised here, not turned into a
-500: a request that makes the app raise is a test failure (on a real server it drops the client's
-kept-alive connection)."""
+a subprocess or a model file. An exception that escapes the app (one raised after a response has
+started; the app answers the others with a 500 itself) is raised here: a test failure, as on a
+real server it drops the client's kept-alive connection."""
 
 from __future__ import annotations
 

@@ -217,6 +217,8 @@ TEXT_FIELDS = [
     ("/v1/completions", lambda s: {"prompt": "ok", "user": s}, "user"),
     ("/v1/completions", lambda s: {"prompt": "ok", "suffix": s}, "suffix"),
     ("/v1/completions", lambda s: {"prompt": "ok", "logit_bias": {s: 1}}, "logit_bias"),
+    # An unknown top-level key: the param names it, the surrogate written as its escape.
+    ("/v1/completions", lambda s: {"prompt": "ok", s: 1}, lambda s: s.encode("utf-8", "backslashreplace").decode()),
     ("/v1/chat/completions", lambda s: {"messages": [{"role": "user", "content": s}]}, "messages"),
     ("/v1/chat/completions", lambda s: {"messages": [{"role": "user", "content": [{"type": "text", "text": s}]}]},
      "messages"),
@@ -236,9 +238,24 @@ def test_text_that_is_not_valid_unicode_is_a_400_in_every_field(app, field, bad)
     """JSON may escape lone surrogates; no tokenizer can encode them. Each gets a 400 naming the
     field, and the app raises nothing (a raise drops the client's kept-alive connection)."""
     path, make, param = field
+    param = param(bad) if callable(param) else param
     body = json.dumps(make(bad))  # ensure_ascii: the surrogate travels as its \\u escape
     response = app.request("POST", path, content=body, headers={"content-type": "application/json"})
     assert_error(response, 400, param, "not valid Unicode")
+
+
+@pytest.mark.parametrize("depth", [10, 500, 900, 990, 1000, 5000])
+def test_deeply_nested_bodies_never_give_a_500(app, depth):
+    """However deep the JSON nests (the parser's own limit is near 1000): an unknown field is a 400
+    in OpenAI's format, a field that takes any JSON (a chat message's extras) is served or refused
+    with a 4xx, never a 500 from a recursion limit."""
+    nested = "[" * depth + "]" * depth
+    unknown = app.request("POST", "/v1/completions", content='{"prompt": "a", "x": %s}' % nested,
+                          headers={"content-type": "application/json"})
+    assert_error(unknown, 400)
+    extra = app.request("POST", "/v1/chat/completions", content='{"max_tokens": 1, "messages": [{"role": "user", '
+                        '"content": "x", "x": %s}]}' % nested, headers={"content-type": "application/json"})
+    assert extra.status_code == 200 or assert_error(extra, 400)
 
 
 def test_after_a_bad_request_the_same_connection_serves_the_next(app):

@@ -47,7 +47,11 @@ def _imports(tree: ast.Module) -> list[str]:
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("server"):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            found.append(f"relative import (level {node.level}) of {node.module}")  # none allowed: see below
+        elif isinstance(node, ast.ImportFrom) and node.module == "server":
+            found += [f"server.{alias.name}" for alias in node.names]  # from server import engine
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("server."):
             found.append(node.module)
         elif isinstance(node, ast.Import):
             found += [a.name for a in node.names if a.name.startswith("server")]
@@ -65,6 +69,9 @@ def test_every_import_points_down_the_pipeline():
         if part in ENTRY_POINTS and module.count(".") <= 1:
             continue
         for target in imported:
+            if target.startswith("relative import"):
+                wrong.append(f"{module}: {target}; import server.… absolutely")
+                continue
             if target == "server" or _part(target) == part:
                 continue
             if _part(target) not in ALLOWED[part]:

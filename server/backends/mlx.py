@@ -113,6 +113,7 @@ def _fingerprint_parts(mx, on_cpu: bool) -> dict[str, str]:
 
 class MLXBackend(Backend):
     kind = "mlx"
+
     def __init__(self, path: str, n_ctx: int = 0, n_batch: int = 512, n_threads: int = 1, max_sequences: int = 1):
         import mlx.core as mx
         from mlx_lm import load

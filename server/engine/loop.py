@@ -57,7 +57,7 @@ class Engine:
         return self.admission.queued_tokens
 
     # -- the event loop's side ------------------------------------------------------------------
-    def stream(self, jobs: list[PromptJob], progress: bool = True, request_id: str | None = None,
+    def stream(self, jobs: list[PromptJob], progress: bool = True, request_id: str = "-",
                ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
         """Submit a request's jobs, all at once, now (QueueFull if the queue has no room for them,
         before anything is sent to the client), and return an iterator of (job index, event) as
@@ -99,10 +99,10 @@ class Engine:
             if len(results) < len(jobs):
                 self.admission.purge_soon()
 
-    async def complete(self, jobs: list[PromptJob]) -> list[PromptResult]:
+    async def complete(self, jobs: list[PromptJob], request_id: str = "-") -> list[PromptResult]:
         """A request's results, in job order (the same path as stream(), without the progress)."""
         results: list[PromptResult | None] = [None] * len(jobs)
-        async for index, item in self.stream(jobs, progress=False):
+        async for index, item in self.stream(jobs, progress=False, request_id=request_id):
             results[index] = item
         return results
 

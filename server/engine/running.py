@@ -20,7 +20,7 @@ class RequestState:
     """The jobs of one request: cancelled together. The model thread counts how each cancelled job
     ended, and logs it once the last one has."""
 
-    def __init__(self, n_jobs: int, request_id: str | None):
+    def __init__(self, n_jobs: int, request_id: str):
         self.cancel = threading.Event()
         self.unresolved = n_jobs
         self.never_ran = self.stopped = self.finished = 0

@@ -64,26 +64,29 @@ REQUEST = ConfigDict(extra="forbid", strict=True)
 _NUMBERS = {int, float, bool}
 
 
-def _unencodable(value: Any, path: tuple) -> tuple | None:
+def _unencodable(value: Any) -> tuple | None:
     """The path of the first string (or object key) in a JSON value that is not valid Unicode: JSON
-    allows escapes of lone surrogates ("\\ud800"), which no tokenizer can encode as UTF-8."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            found = _unencodable(key, (*path, key)) or _unencodable(item, (*path, key))
-            if found:
-                return found
-    elif isinstance(value, list):
-        if set(map(type, value)) <= _NUMBERS:  # token ids: skipped at C speed (a prompt may hold millions)
-            return None
-        for i, item in enumerate(value):
-            if (found := _unencodable(item, (*path, i))):
-                return found
+    allows escapes of lone surrogates ("\\ud800"), which no tokenizer can encode as UTF-8. A loop,
+    not recursion: a body nested as deep as the JSON parser allows must not exhaust the stack."""
+    stack: list[tuple[Any, tuple]] = [(value, ())]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return path
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack += [(child, (*path, key)), (key, (*path, key))]  # the key is looked at first
+        elif isinstance(item, list) and not set(map(type, item)) <= _NUMBERS:  # token ids: at C speed
+            stack += [(child, (*path, i)) for i, child in reversed(list(enumerate(item)))]
     return None
+
+
+def _escaped(text: str) -> str:
+    """Text that may hold a lone surrogate, with it written as its escape (safe to encode)."""
+    return text.encode("utf-8", "backslashreplace").decode()
 
 
 class Request(BaseModel):
@@ -95,13 +98,13 @@ class Request(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _valid_unicode(cls, data: Any) -> Any:
-        if (path := _unencodable(data, ())) is not None:
+        if (path := _unencodable(data)) is not None:
             # The path can hold an object key with the surrogate itself: shown escaped.
-            where = ".".join(str(p) for p in path).encode("utf-8", "backslashreplace").decode() or "the request body"
+            where = _escaped(".".join(str(p) for p in path)[:200]) or "the request body"
             raise PydanticCustomError(
                 "invalid_unicode", "'{where}' is not valid Unicode: it holds a lone surrogate escape (such as "
                 "\\ud800), which cannot be encoded as UTF-8; send the text as valid UTF-8",
-                {"where": where[:200], "param": str(path[0]) if path else None})
+                {"where": where, "param": _escaped(str(path[0])) if path else None})
         return data
 
 

@@ -3,8 +3,9 @@ about that request.
 
 The id lives in a context variable, set by the observability middleware (server.observability.metrics) for the
 request's task; tasks the request starts copy it, so lines logged on the event loop carry it
-without being passed it. The model thread has no request context: the engine captures the id when
-a request is submitted and passes it to its log call as `extra={"request_id": ...}`.
+without being passed it. The model thread has no request context: the serving layer hands the id
+to the engine with a request's jobs, and the engine passes it to its log calls as
+`extra={"request_id": ...}`.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ type, flash attention, n_batch, max_sequences, prefix cache on or off), numpy (w
 logits) and this server's version. n_ctx and n_threads are left out: both changed no logit, bit for
 bit, on SmolLM2 (n_ctx 512 / 2048 / 8192, 1 or 2 threads).
 
-Hashing the model reads the whole file once; the digest is kept in the cache folder, keyed by the
+Hashing the model reads the whole file once (server/models/digests.py); the digest is kept in the cache folder, keyed by the
 file's path, size and modification time, so a restart does not read it again.
 """
 
@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,6 @@ from server.backends.base import Backend, package_version
 from server.config import Settings
 from server.models.digests import DIGEST_CACHE, DigestCache, model_sha256
 
-log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Fingerprint:

@@ -166,8 +166,8 @@ class ObservabilityMiddleware:
             reset_request_id(token)
             state = getattr(self.owner.state, "server", None)
             if state is not None:
-                # Nothing sent: the app failed (Starlette's error middleware, inside this one,
-                # sends a 500 when it can) or the connection went first.
+                # Nothing sent: the app failed after it had begun (before that, its InternalErrors
+                # layer answers a 500 itself) or the connection went first.
                 route = self._route(scope)
                 state.metrics.requests.labels(route, "499" if left_first else str(status or 500)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
