@@ -199,7 +199,7 @@ def server_rows(model: Path, sequences, reference, threads: int, out: Path, clie
             speed, answers = server_pass(server.completions_url, sequences, n_clients)
             gap = max(float(np.abs(np.asarray(a, dtype=np.float64) - ref).max()) for a, ref in zip(answers, reference))
             metrics = requests.get(server.completions_url.replace("/v1/completions", "/metrics"), timeout=30).text
-            cache_off = "Prefix cache off" in Path(server.log_file.name).read_text()
+            cache_off = "Prefix cache off" in server.log()
             reused = re.search(r"^logprobs_prompt_tokens_reused_total (\S+)", metrics, re.M)
             rows[name] = {"tokens_per_s": speed, "max_abs_logprob_diff": gap,
                           "tokens_reused": float(reused.group(1)) if reused else None,
