@@ -21,6 +21,7 @@ from server.http.protocol import (
     CompletionResponse,
     DetokenizeRequest,
     DetokenizeResponse,
+    DistributionsRequest,
     Health,
     ModelList,
     TokenizeRequest,
@@ -32,6 +33,7 @@ from server.http.protocol import (
 from server.serving.base import check_model, check_token_ids, timeout_error
 from server.serving.chat import create_chat_completion
 from server.serving.completions import create_completion
+from server.serving.distributions import MEDIA_TYPE, create_distributions
 from server.state import ServerState
 
 router = APIRouter()
@@ -155,6 +157,14 @@ async def tokenizer_info(request: Request):
         "chat_template": info.chat_template,
         "model_max_length": info.n_ctx,
     }
+
+
+@router.post("/v1/distributions", response_class=Response, responses={200: {
+    "description": "This server's extension: the full log-distribution at each position from `start` on, as "
+    "little-endian float32 (or float16) rows [x-rows, x-vocab], row after row.",
+    "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}} | error_responses(*GENERATION))
+async def distributions(body: DistributionsRequest, request: Request):
+    return await _respond(request, create_distributions, body)
 
 
 @router.post("/tokenize", responses=ok(TokenizeResponse, "The prompt's token ids.")

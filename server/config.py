@@ -105,6 +105,9 @@ class Settings(BaseSettings):
     max_request_tokens: int = Field(
         262144, ge=1, description="Most tokens one request may cost: the sum over its choices (prompts x n) of "
         "prompt tokens plus max_tokens.")
+    max_distribution_values: int = Field(
+        1 << 25, ge=1, description="Most values (rows x vocabulary) one /v1/distributions response may carry: "
+        "33554432 is 128 MiB as float32, 683 rows of SmolLM2's 49152-token vocabulary.")
     max_queued_tokens: int = Field(
         524288, ge=1, description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
         "A request that would go past it is refused with 429 and Retry-After (lm-eval retries those), so the "

@@ -161,6 +161,35 @@ def test_chat_tool_role_reaches_the_template(app):
     assert body["usage"]["prompt_tokens"] == 1 + len(rendered.encode())
 
 
+def test_distributions_are_the_full_float64_log_softmax(app):
+    tokens = [BOS, *b"distributions"]
+    response = app.post("/v1/distributions", {"prompt": tokens, "start": 4})
+    assert response.status_code == 200 and response.headers["content-type"] == "application/octet-stream"
+    rows, vocab = int(response.headers["x-rows"]), int(response.headers["x-vocab"])
+    assert (rows, vocab, response.headers["x-start"]) == (len(tokens) - 1 - 4, 258, "4")
+    assert response.headers["x-system-fingerprint"] == app.state.fingerprint.short
+    got = np.frombuffer(response.content, "<f4").reshape(rows, vocab)
+    want = log_softmax64(fake_logits(tokens[4:-1], range(4, len(tokens) - 1)))
+    np.testing.assert_allclose(got, want, atol=TOLERANCE)
+    half = app.post("/v1/distributions", {"prompt": tokens, "start": 4, "dtype": "float16"})
+    assert len(half.content) == rows * vocab * 2
+    np.testing.assert_allclose(np.frombuffer(half.content, "<f2").reshape(rows, vocab), want, rtol=1e-3, atol=1e-3)
+
+
+def test_distributions_refuse_what_they_cannot_serve():
+    served = InProcess(max_distribution_values=258 * 4)
+    try:
+        assert_error(served.post("/v1/distributions", {"prompt": [1, 2, 3], "start": 2}), 400, "start", "past the last")
+        assert_error(served.post("/v1/distributions", {"prompt": [1]}), 400, "prompt")
+        assert_error(served.post("/v1/distributions", {"prompt": "text"}), 400, "prompt")
+        assert_error(served.post("/v1/distributions", {"prompt": [1, 999]}), 400, "prompt", "vocabulary")
+        assert_error(served.post("/v1/distributions", {"prompt": list(range(10))}), 400, "prompt",
+                     "--max-distribution-values")
+        assert served.post("/v1/distributions", {"prompt": list(range(10)), "start": 5}).status_code == 200
+    finally:
+        served.close()
+
+
 def test_metrics_count_requests_by_route_and_status():
     served = InProcess()
     try:

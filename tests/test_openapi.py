@@ -92,6 +92,7 @@ def test_the_schema_declares_what_the_server_sends():
     generation = [200, 400, 401, 404, 413, 429, 500, 503]
     assert declared == {
         "POST /v1/completions": generation, "POST /v1/chat/completions": generation,
+        "POST /v1/distributions": generation,
         "POST /tokenize": [200, 400, 401, 404, 413, 500], "POST /detokenize": [200, 400, 401, 404, 413, 500],
         "GET /v1/models": [200, 400, 401, 413, 500], "GET /tokenizer_info": [200, 400, 401, 413, 500],
         "GET /health": [200, 400, 413, 500], "GET /metrics": [200, 400, 401, 413, 500],
@@ -101,6 +102,8 @@ def test_the_schema_declares_what_the_server_sends():
     assert set(completions["200"]["content"]) == {"application/json", "text/event-stream"}
     assert completions["429"]["headers"]["Retry-After"]["required"]
     assert set(OPENAPI["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    distributions = OPENAPI["paths"]["/v1/distributions"]["post"]["responses"]["200"]["content"]
+    assert set(distributions) == {"application/octet-stream"}
     prompt = OPENAPI["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
     assert [(form["type"], form.get("items", {}).get("type")) for form in prompt["anyOf"]] == [
         ("string", None), ("array", "string"), ("array", "integer"), ("array", "array")]

@@ -144,6 +144,39 @@ def cmd_report(args, extra: list[str]) -> int:
     return 0
 
 
+def cmd_kld(args, extra: list[str]) -> int:
+    if extra:
+        raise SystemExit("kld takes no lm-eval arguments")
+    try:
+        from logprobs_client import kld
+    except ImportError as exc:
+        raise SystemExit(f"logprobs-eval: kld needs {exc.name}: pip install './clients[eval]'") from None
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rlogprobs-eval: window {done}/{total}", end="" if done < total else "\n", file=sys.stderr,
+              flush=True)
+
+    try:
+        results = kld.run(args.base_url, args.urls, args.text.read_text(encoding="utf-8"), ctx=args.ctx,
+                          chunks=args.chunks, top_k=args.top_k, dtype=args.dtype, api_key=_key(args.api_key),
+                          verify=args.ca_cert or True, progress=progress)
+    except kld.Refused as exc:
+        print(f"logprobs-eval: refused: {exc}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    for stats in results:
+        print(kld.render(stats))
+        print("Positions where the distributions moved most (context|token):")
+        for w in stats["worst"]:
+            print(f"  window {w['window']:>3} position {w['position']:>4}  KLD {w['kld']:.4f}  "
+                  f"{w['context']!r}|{w['token']!r}")
+        print()
+    print(kld.render_table(results), end="")
+    return 0
+
+
 def _report_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the comparison as JSON instead of tables")
     parser.add_argument("--chart", metavar="PNG", help="write a chart of the per-request differences (matplotlib)")
@@ -177,6 +210,27 @@ def parser() -> argparse.ArgumentParser:
                          "(default: lm_eval_out/compare-DATE-TIME)")
     _report_options(compare)
     compare.set_defaults(handler=cmd_compare)
+
+    kld = sub.add_parser("kld", help="KL divergence and llama-perplexity's statistics of builds against a base "
+                         "server, over a text", description="The text is tokenized by the base server and cut into "
+                         "llama-perplexity's windows (--ctx tokens, BOS first where the model adds one, the second "
+                         "half of each scored); every window goes to every server. Exact KL from each position's "
+                         "full distribution (logprobs-server's /v1/distributions), or with --top-k K a lower bound "
+                         "from echo's top-K alternatives (any OpenAI-style server with echo).")
+    kld.add_argument("base_url", help="the base build's server (the reference distribution)")
+    kld.add_argument("urls", nargs="+", metavar="url", help="the builds' servers")
+    kld.add_argument("--text", required=True, type=Path, help="a UTF-8 text file, e.g. WikiText-2")
+    kld.add_argument("--ctx", type=int, default=512, help="tokens per window (llama-perplexity's -c; default 512)")
+    kld.add_argument("--chunks", type=int, help="at most this many windows (default: all the text holds)")
+    kld.add_argument("--top-k", type=int, metavar="K", help="top-K mode: a lower bound of the KL from K "
+                     "alternatives per position (the servers' --max-logprobs must allow K)")
+    kld.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                     help="how the distributions travel (exact mode; float16 halves the bytes)")
+    kld.add_argument("--api-key", metavar="KEY", help="API key for every server (default: $LOGPROBS_API_KEY, else "
+                     "$OPENAI_API_KEY)")
+    kld.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the servers' certificates")
+    kld.add_argument("--json", action="store_true", help="print a JSON list, one object per build, instead of text")
+    kld.set_defaults(handler=cmd_kld)
 
     report = sub.add_parser("report", help="compare two existing lm-eval --log_samples output folders")
     report.add_argument("dir_a")

@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, TypeVar
 
 import httpx
 
-from logprobs_client.types import APIError, Completion, ModelInfo, Score, Tokenized, TokenizerInfo
+from logprobs_client.types import APIError, Completion, Distributions, ModelInfo, Score, Tokenized, TokenizerInfo
 
 log = logging.getLogger("logprobs_client")
 
@@ -32,6 +32,7 @@ class Call(NamedTuple):
     method: str
     path: str
     json: Any = None
+    binary: bool = False  # the answer is bytes (/v1/distributions), not JSON
 
 
 Operation = Generator[list[Call], list[Any], T]
@@ -145,13 +146,14 @@ class _Base:
             self.on_retry(attempt + 1, error, wait)
         return wait
 
-    def _settle(self, attempt: int, outcome: httpx.Response | Exception) -> tuple[bool, Any]:
+    def _settle(self, call: Call, attempt: int, outcome: httpx.Response | Exception) -> tuple[bool, Any]:
         """The retry loop's one decision, for both drivers: after attempt number `attempt` (0 the
-        first) gave `outcome` (a response, or the transport error), (True, the JSON body), or
-        (False, seconds to wait before trying again); the error itself once retrying is over."""
+        first) gave `outcome` (a response, or the transport error), (True, the JSON body, or for a
+        binary call the response), or (False, seconds to wait before trying again); the error
+        itself once retrying is over."""
         if isinstance(outcome, httpx.Response):
             if outcome.is_success:
-                return True, outcome.json()
+                return True, outcome if call.binary else outcome.json()
             outcome = api_error(outcome)
         wait = self._wait_before_retry(attempt, outcome)
         if wait is None:
@@ -182,6 +184,15 @@ class _Base:
         (body,) = yield [Call("POST", "/tokenize", self._with_model(
             {"prompt": text, "add_special_tokens": add_special_tokens}, model))]
         return Tokenized(tokens=body["tokens"], count=body["count"], max_model_len=body.get("max_model_len"))
+
+    def _op_distributions(self, tokens: Sequence[int], start: int, dtype: str,
+                          model: str | None) -> Operation[Distributions]:
+        (response,) = yield [Call("POST", "/v1/distributions", self._with_model(
+            {"prompt": list(tokens), "start": start, "dtype": dtype}, model), binary=True)]
+        headers = response.headers
+        return Distributions(rows=int(headers["x-rows"]), vocab=int(headers["x-vocab"]), dtype=headers["x-dtype"],
+                             start=int(headers["x-start"]), data=response.content,
+                             system_fingerprint=headers.get("x-system-fingerprint"))
 
     def _op_detokenize(self, tokens: Sequence[int], model: str | None) -> Operation[str]:
         (body,) = yield [Call("POST", "/detokenize", self._with_model({"tokens": list(tokens)}, model))]
@@ -302,7 +313,7 @@ class Client(_Base):
                 outcome: httpx.Response | Exception = self._http.request(call.method, call.path, json=call.json)
             except httpx.TransportError as exc:
                 outcome = exc
-            done, value = self._settle(attempt, outcome)
+            done, value = self._settle(call, attempt, outcome)
             if done:
                 return value
             time.sleep(value)
@@ -336,6 +347,12 @@ class Client(_Base):
 
     def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return self._run(self._op_detokenize(tokens, model))
+
+    def distributions(self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32",
+                      model: str | None = None) -> Distributions:
+        """POST /v1/distributions (logprobs-server's extension): the full log-distribution at each
+        position of a token-id prompt from `start` on, as bytes (Distributions.array() with numpy)."""
+        return self._run(self._op_distributions(tokens, start, dtype, model))
 
     def complete(self, prompt: str | list, *, max_tokens: int | None = 16, temperature: float | None = None,
                  logprobs: int | None = None, echo: bool = False, stop: str | list[str] | None = None,
@@ -379,7 +396,7 @@ class AsyncClient(_Base):
                 outcome: httpx.Response | Exception = await self._http.request(call.method, call.path, json=call.json)
             except httpx.TransportError as exc:
                 outcome = exc
-            done, value = self._settle(attempt, outcome)
+            done, value = self._settle(call, attempt, outcome)
             if done:
                 return value
             await asyncio.sleep(value)
@@ -415,6 +432,10 @@ class AsyncClient(_Base):
 
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return await self._run(self._op_detokenize(tokens, model))
+
+    async def distributions(self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32",
+                            model: str | None = None) -> Distributions:
+        return await self._run(self._op_distributions(tokens, start, dtype, model))
 
     async def complete(self, prompt: str | list, *, max_tokens: int | None = 16, temperature: float | None = None,
                        logprobs: int | None = None, echo: bool = False, stop: str | list[str] | None = None,

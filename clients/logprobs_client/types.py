@@ -37,6 +37,26 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class Distributions:
+    """/v1/distributions: `rows` full log-distributions over a vocabulary of `vocab` tokens, from
+    position `start` on (row j: the token after prompt[:start + j + 1]), as little-endian bytes."""
+
+    rows: int
+    vocab: int
+    dtype: str  # "float32" or "float16"
+    start: int
+    data: bytes
+    system_fingerprint: str | None = None
+
+    def array(self):
+        """The rows as a numpy array [rows, vocab] (numpy: the client's [eval] extra)."""
+        import numpy as np
+
+        return np.frombuffer(self.data, dtype={"float32": "<f4", "float16": "<f2"}[self.dtype]).reshape(
+            self.rows, self.vocab)
+
+
+@dataclass(frozen=True)
 class TokenizerInfo:
     """/tokenizer_info: the special tokens as text, whether the tokenizer adds BOS, the context size."""
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from server.numerics.sampling import SamplingParams
 from server.numerics.scoring import ScoredRows
 
@@ -19,6 +21,9 @@ class PromptJob:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     sample_index: int = 0  # which of a request's n samples this is (its own random stream)
+    # The full log-distribution of every row from this position on (row i: the next token after
+    # tokens[:i + 1]), up to the prompt's last token; None: none (/v1/distributions asks for them).
+    distributions_from: int | None = None
 
 
 def job_cost(job: PromptJob) -> int:
@@ -33,6 +38,7 @@ class PromptResult:
     generated_scores: ScoredRows | None
     generated_text: str  # without stop string, without end-of-generation tokens
     finish_reason: str  # "stop" or "length"
+    distributions: np.ndarray | None = None  # [rows, n_vocab] float32 log-probabilities (distributions_from)
 
 
 @dataclass

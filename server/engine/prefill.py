@@ -14,7 +14,7 @@ from server.engine.planner import PromptPlanner
 from server.engine.prefix_cache import PrefixCache
 from server.engine.running import RunningJob
 from server.engine.sequences import Sequences
-from server.numerics.scoring import concat_rows, first_rows
+from server.numerics.scoring import concat_rows, first_rows, log_softmax_rows
 
 
 class PromptRunner:
@@ -41,7 +41,7 @@ class PromptRunner:
         running = self.sequences.drop_cancelled(group)
         if not running:
             return []
-        wanted_from = [0 if r.score_prompt else len(r.job.tokens) - 1 for r in running]
+        wanted_from = [r.logits_from for r in running]
         try:
             blocks = self.backend.prefill_together([(r.seq, r.job.tokens, w) for r, w in zip(running, wanted_from)])
         except Exception as exc:  # a backend failure fails the jobs in that forward pass
@@ -73,7 +73,7 @@ class PromptRunner:
             r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.k))
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.
-        wanted_from = start if r.score_prompt else n - 1
+        wanted_from = max(start, r.logits_from)
         for lo in range(start, n, backend.n_batch):
             if r.cancelled:
                 self.sequences.finish(r, error=Cancelled())
@@ -95,6 +95,10 @@ class PromptRunner:
         if r.score_prompt and in_prompt > 0:
             targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
             r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.k))
+        if r.job.distributions_from is not None and in_prompt > 0:
+            skip = max(0, r.job.distributions_from - i)
+            if skip < in_prompt:
+                r.prompt.distributions.append(log_softmax_rows(np.array(block[skip:in_prompt], dtype=np.float32)))
         if last:
             r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
 

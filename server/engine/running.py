@@ -36,6 +36,7 @@ class PromptPass:
         self.looked_up = False  # the prefix cache was asked (once: it counts hits)
         self.parts: list[ScoredRows] = []
         self.scores: ScoredRows | None = None
+        self.distributions: list[np.ndarray] = []  # full log-distributions, block by block
         self.tokens_run = 0
 
     @property
@@ -68,6 +69,11 @@ class RunningJob:
         self.prompt = PromptPass()
         self.output = Generation(job)
         self.next_logits: np.ndarray | None = None  # the row that chooses the next token
+        n = len(job.tokens)
+        # The first row whose logits the job needs: every row of a scored prompt, the rows whose
+        # distributions were asked for, else the last row (it chooses the first generated token).
+        self.logits_from = 0 if self.score_prompt else min(job.distributions_from if job.distributions_from
+                                                            is not None else n - 1, n - 1)
 
     @property
     def cancelled(self) -> bool:
@@ -85,4 +91,6 @@ class RunningJob:
             generated_scores=concat_rows(output.parts, self.k) if self.job.logprobs is not None else None,
             generated_text=output.watcher.finish(),
             finish_reason=output.finish_reason,
+            distributions=np.concatenate(self.prompt.distributions) if self.job.distributions_from is not None
+            and self.prompt.distributions else None,
         )

@@ -257,6 +257,22 @@ class TokenizeRequest(Request):
     model: str | None = None
 
 
+class DistributionsRequest(Request):
+    """POST /v1/distributions (this server's extension): the full log-distribution at each position
+    of a token-id prompt from `start` on, in binary, for KL divergence between runtimes."""
+
+    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [
+        {"prompt": [1, 504, 3458, 282, 4649], "start": 2, "dtype": "float32"}]})
+
+    prompt: list[Int] = Field(min_length=2, description="Token ids (used exactly as given: no BOS added).")
+    start: NonNegative = Field(0, description="The first row: row i is the distribution of the token after "
+                               "prompt[:i + 1]; rows run to the one that predicts the prompt's last token.")
+    dtype: Literal["float32", "float16"] = Field(
+        "float32", description="float32: the log-probabilities as computed (float64 log-softmax, rounded once); "
+        "float16 halves the bytes.")
+    model: str | None = None
+
+
 class DetokenizeRequest(Request):
     model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [{"tokens": [1, 2, 3]}]})
 

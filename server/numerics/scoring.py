@@ -52,6 +52,18 @@ def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     return row_max + np.log(shifted.sum(axis=1))
 
 
+def log_softmax_rows(logits: np.ndarray, rows_per_step: int = 16) -> np.ndarray:
+    """Each row's full log-distribution, computed in float64 and returned as float32 (so the only
+    rounding is the last one), a few rows at a time to bound the float64 temporaries."""
+    out = np.empty(logits.shape, dtype=np.float32)
+    for lo in range(0, len(logits), rows_per_step):
+        x = logits[lo:lo + rows_per_step].astype(np.float64)
+        x -= x.max(axis=1, keepdims=True)
+        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+        out[lo:lo + rows_per_step] = x
+    return out
+
+
 @functools.cache
 def _workers(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="scoring")

@@ -208,7 +208,7 @@ def json_response(content: dict) -> Response:
     return Response(body.encode("utf-8"), media_type="application/json")
 
 
-def _submit(state: ServerState, jobs: list[PromptJob], progress: bool):
+def submit(state: ServerState, jobs: list[PromptJob], progress: bool):
     """The engine's event iterator for these jobs, or a 429 when its queue has no room."""
     try:
         return state.engine.stream(jobs, progress=progress, request_id=current_request_id())
@@ -227,7 +227,7 @@ async def respond(state: ServerState, fmt: ChoiceBuilder, stream: bool, include_
     submitted here, after every check."""
     head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
             "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/observability/fingerprint.py
-    events = _submit(state, fmt.jobs, progress=stream)
+    events = submit(state, fmt.jobs, progress=stream)
     if stream:
         return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)
     results: list[PromptResult | None] = [None] * len(fmt.jobs)

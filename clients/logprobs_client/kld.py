@@ -1,0 +1,290 @@
+"""`logprobs-eval kld`: how far builds of a model move its token distributions from a base build,
+with llama-perplexity's statistics (--kl-divergence), between any servers that speak HTTP.
+
+The text is tokenized once, by the base server, and cut into windows as llama-perplexity does:
+`ctx` tokens each (the model's BOS first where its tokenizer adds one), only the second half of
+each window scored. Each window goes to every server as token ids.
+
+- Exact mode (servers with logprobs-server's /v1/distributions): each scored position's full
+  log-distribution comes from every server, and KL(base || build) is computed in float64.
+- Top-K mode (--top-k K, or a server without the extension, such as vLLM): from echo's top-K
+  alternatives, the KL over the partition {tokens both servers returned} + {the rest}. Merging
+  outcomes cannot raise a KL divergence, so this is a lower bound of the full KL, never the KLD.
+
+Both: PPL of each side, delta-p = p_build(true) - p_base(true), same top = equal argmax.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from logprobs_client.client import Client
+from logprobs_client.types import APIError
+
+ROWS_PER_STEP = 32  # positions whose float64 distributions are held at once (bounds memory)
+PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
+
+
+class Refused(Exception):
+    """The servers cannot be compared (their tokenizers differ, a server lacks what the mode needs)."""
+
+
+@dataclass
+class Positions:
+    """Per scored position, in float64, for one build against the base."""
+
+    nll_base: list[np.ndarray] = field(default_factory=list)
+    nll: list[np.ndarray] = field(default_factory=list)
+    kld: list[np.ndarray] = field(default_factory=list)
+    dp: list[np.ndarray] = field(default_factory=list)
+    same_top: list[np.ndarray] = field(default_factory=list)
+    coverage: list[np.ndarray] = field(default_factory=list)  # base mass the partition covers (1: exact)
+    tokens: list[np.ndarray] = field(default_factory=list)  # the scored token ids, for the worst positions
+
+    def add(self, **arrays: np.ndarray) -> None:
+        for name, values in arrays.items():
+            getattr(self, name).append(np.asarray(values))
+
+    def array(self, name: str) -> np.ndarray:
+        parts = getattr(self, name)
+        return np.concatenate(parts) if parts else np.empty(0)
+
+
+def exact_positions(base: np.ndarray, build: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+    """KL(base || build), NLLs, delta-p and same-top at each row, in float64, from full
+    log-distributions [rows, vocab] (float32 or float16 as sent)."""
+    out = {k: np.empty(len(targets)) for k in ("nll_base", "nll", "kld", "dp")}
+    out["same_top"] = np.empty(len(targets), dtype=bool)
+    for lo in range(0, len(targets), ROWS_PER_STEP):
+        hi = min(lo + ROWS_PER_STEP, len(targets))
+        lb, lq = base[lo:hi].astype(np.float64), build[lo:hi].astype(np.float64)
+        # Renormalized in float64: the rows were rounded to float32/float16 after the log-softmax.
+        lb -= np.logaddexp.reduce(lb, axis=1, keepdims=True)
+        lq -= np.logaddexp.reduce(lq, axis=1, keepdims=True)
+        rows, t = np.arange(hi - lo), targets[lo:hi]
+        out["nll_base"][lo:hi], out["nll"][lo:hi] = -lb[rows, t], -lq[rows, t]
+        out["kld"][lo:hi] = np.maximum((np.exp(lb) * (lb - lq)).sum(axis=1), 0.0)
+        out["dp"][lo:hi] = np.exp(lq[rows, t]) - np.exp(lb[rows, t])
+        out["same_top"][lo:hi] = lb.argmax(axis=1) == lq.argmax(axis=1)
+    out["coverage"] = np.ones(len(targets))
+    return out
+
+
+# The rest's mass is 1 - (the returned tokens' mass), from float32 log-probabilities: each p is
+# known to about 1e-6 of itself (a float32 log-probability near -10 has an ulp of 1e-6), so with
+# up to ~1000 tokens the difference is noise below about 1e-6. Below that floor it is taken as the
+# floor on both sides, so rounding cannot make a rest of 0 on one side and a huge log ratio.
+REST_FLOOR = 1e-6
+
+
+def _log_rest(log_mass: float) -> float:
+    """log(max(1 - e^log_mass, REST_FLOOR)): the log of the mass outside the returned tokens."""
+    rest = -math.expm1(log_mass) if log_mass < 0 else 0.0
+    return math.log(max(rest, REST_FLOOR))
+
+
+def topk_positions(base: list[dict], build: list[dict], base_true: list[float],
+                   build_true: list[float]) -> dict[str, np.ndarray]:
+    """The partition bound of KL(base || build) at each position from echo's top-K dicts (token
+    string -> logprob, best first; the true token included), with the base mass it covers."""
+    kld, coverage, same = [], [], []
+    for top_b, top_q in zip(base, build):
+        shared = [s for s in top_b if s in top_q]
+        lb = np.array([top_b[s] for s in shared], dtype=np.float64)
+        lq = np.array([top_q[s] for s in shared], dtype=np.float64)
+        pb = np.exp(lb)
+        rest_b = _log_rest(float(np.logaddexp.reduce(lb))) if len(lb) else 0.0
+        rest_q = _log_rest(float(np.logaddexp.reduce(lq))) if len(lq) else 0.0
+        value = float((pb * (lb - lq)).sum()) + math.exp(rest_b) * (rest_b - rest_q)
+        kld.append(max(value, 0.0))
+        coverage.append(float(pb.sum()))
+        same.append(next(iter(top_b)) == next(iter(top_q)))
+    lb, lq = np.asarray(base_true, dtype=np.float64), np.asarray(build_true, dtype=np.float64)
+    return {"nll_base": -lb, "nll": -lq, "kld": np.array(kld), "dp": np.exp(lq) - np.exp(lb),
+            "same_top": np.array(same), "coverage": np.array(coverage)}
+
+
+# -- statistics, as llama-perplexity prints them ----------------------------------------------------
+
+def _mean_err(x: np.ndarray) -> tuple[float, float]:
+    return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
+
+
+def _percentiles(x: np.ndarray) -> dict[str, float]:
+    values = np.percentile(x, PERCENTILES)
+    return {"max": float(x.max()), **{f"p{p:g}": float(v) for p, v in zip(PERCENTILES, values)}, "min": float(x.min())}
+
+
+def summarize(build: str, positions: Positions, mode: str, top_k: int | None) -> dict:
+    """One build's statistics against the base (the JSON `--json` prints, one object per build)."""
+    nll_b, nll_q = positions.array("nll_base"), positions.array("nll")
+    kld, dp = positions.array("kld"), positions.array("dp")
+    same, coverage = positions.array("same_top").astype(np.float64), positions.array("coverage")
+    n = len(kld)
+    ln_ratio, ln_ratio_err = _mean_err(nll_q - nll_b)
+    ppl_b, ppl_q = math.exp(nll_b.mean()), math.exp(nll_q.mean())
+    kld_mean, kld_err = _mean_err(kld)
+    dp_mean, dp_err = _mean_err(dp)
+    rms = math.sqrt(float((dp ** 2).mean()))
+    rms_err = float((dp ** 2).std(ddof=1) / math.sqrt(n)) / (2 * rms) if n > 1 and rms > 0 else 0.0
+    same_p = float(same.mean())
+    return {
+        "build": build, "mode": mode, "top_k": top_k, "positions": n,
+        "ppl_base": ppl_b, "ppl_base_err": ppl_b * _mean_err(nll_b)[1],
+        "ppl": ppl_q, "ppl_err": ppl_q * _mean_err(nll_q)[1],
+        "ln_ppl_correlation": float(np.corrcoef(nll_b, nll_q)[0, 1]) if n > 1 and nll_b.std() and nll_q.std() else 1.0,
+        "ln_ppl_ratio_mean": ln_ratio, "ln_ppl_ratio_err": ln_ratio_err,
+        "ppl_ratio": math.exp(ln_ratio), "ppl_ratio_err": math.exp(ln_ratio) * ln_ratio_err,
+        "kld_mean": kld_mean, "kld_err": kld_err, "kld_max": float(kld.max()),
+        "kld_percentiles": _percentiles(kld),
+        "dp_mean": dp_mean, "dp_err": dp_err, "dp_percentiles": _percentiles(dp), "dp_rms": rms, "dp_rms_err": rms_err,
+        "same_top_p": same_p, "same_top_p_err": math.sqrt(same_p * (1 - same_p) / (n - 1)) if n > 1 else 0.0,
+        "coverage_mean": float(coverage.mean()), "coverage_p1": float(np.percentile(coverage, 1)),
+    }
+
+
+def render(stats: dict) -> str:
+    """llama-perplexity's blocks for one build (a lower bound is printed as one, never as the KLD)."""
+    exact = stats["mode"] == "exact"
+    kl = "KLD" if exact else "KLD lower bound"
+    lines = [f"====== {stats['build']} against the base: {stats['positions']} positions, "
+             + ("exact" if exact else f"top-{stats['top_k']} partition bound") + " ======",
+             f"Mean PPL(Q)                   : {stats['ppl']:10.6f} ± {stats['ppl_err']:.6f}",
+             f"Mean PPL(base)                : {stats['ppl_base']:10.6f} ± {stats['ppl_base_err']:.6f}",
+             f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * stats['ln_ppl_correlation']:6.2f}%",
+             f"Mean ln(PPL(Q)/PPL(base))     : {stats['ln_ppl_ratio_mean']:10.6f} ± {stats['ln_ppl_ratio_err']:.6f}",
+             f"Mean PPL(Q)/PPL(base)         : {stats['ppl_ratio']:10.6f} ± {stats['ppl_ratio_err']:.6f}",
+             "",
+             f"Mean    {kl}: {stats['kld_mean']:10.6f} ± {stats['kld_err']:.6f}"]
+    names = {"max": "Maximum", "min": "Minimum", "p50": "Median "}
+    lines += [f"{names.get(k, f'{k[1:]:>5}%'):<7} {kl}: {v:10.6f}" for k, v in stats["kld_percentiles"].items()
+              if k in ("max", "p99.9", "p99", "p95", "p90", "p50", "p10", "p5", "p1", "p0.1", "min")]
+    if not exact:
+        lines.append(f"Base mass covered: mean {100 * stats['coverage_mean']:.2f}%, "
+                     f"1st percentile {100 * stats['coverage_p1']:.2f}%")
+    lines += ["", f"Mean    Δp: {100 * stats['dp_mean']:8.3f} ± {100 * stats['dp_err']:.3f} %"]
+    lines += [f"{names.get(k, f'{k[1:]:>5}%'):<7} Δp: {100 * v:8.3f}%" for k, v in stats["dp_percentiles"].items()]
+    lines += [f"RMS Δp    : {100 * stats['dp_rms']:8.3f} ± {100 * stats['dp_rms_err']:.3f} %",
+              f"Same top p: {100 * stats['same_top_p']:8.3f} ± {100 * stats['same_top_p_err']:.3f} %"]
+    return "\n".join(lines) + "\n"
+
+
+def render_table(all_stats: list[dict]) -> str:
+    """The quantization PRs' table: one row per build."""
+    lines = ["| build | PPL | ΔPPL | KLD | mean Δp | RMS Δp | same top p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for s in all_stats:
+        kld = f"{s['kld_mean']:.6f}" if s["mode"] == "exact" else f">= {s['kld_mean']:.6f} (top-{s['top_k']})"
+        lines.append(f"| {s['build']} | {s['ppl']:.4f} | {s['ppl'] - s['ppl_base']:+.4f} | {kld} | "
+                     f"{100 * s['dp_mean']:+.3f}% | {100 * s['dp_rms']:.3f}% | {100 * s['same_top_p']:.2f}% |")
+    return "\n".join(lines) + "\n"
+
+
+# -- windows and servers ------------------------------------------------------------------------------
+
+def windows(tokens: list[int], ctx: int, bos: int | None, chunks: int | None) -> list[list[int]]:
+    """llama-perplexity's chunks: consecutive `ctx`-token pieces, BOS put in place of the first
+    token where the model adds one; at most `chunks`."""
+    n = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
+    out = []
+    for i in range(n):
+        window = list(tokens[i * ctx:(i + 1) * ctx])
+        if bos is not None:
+            window[0] = bos
+        out.append(window)
+    return out
+
+
+def _vocabulary(client: Client, probe: list[int]) -> int:
+    """The vocabulary size, from one /v1/distributions row; a server without it is refused."""
+    try:
+        return client.distributions(probe, start=0).vocab
+    except APIError as exc:
+        if exc.status in (404, 405):
+            raise Refused(f"{client.base_url} has no /v1/distributions (not a logprobs-server?): exact KL needs "
+                          "each position's full distribution; use --top-k K for the top-K lower bound") from None
+        raise
+
+
+def check_tokenizers(base: Client, others: list[Client], sample: str, exact: bool) -> int | None:
+    """The BOS id the windows start with (None: the model adds none), after refusing servers whose
+    tokenizers differ from the base's: special tokens, the BOS rule, the ids of a sample of the
+    text and (exact mode) the vocabulary size."""
+    info = base.tokenizer_info()
+    ids = base.tokenize(sample, add_special_tokens=False).tokens
+    probe = ids[:2] if len(ids) >= 2 else [0, 0]
+    vocab = _vocabulary(base, probe) if exact else None
+    for other in others:
+        theirs = other.tokenizer_info()
+        differ = [name for name in ("bos_token", "eos_token", "add_bos_token")
+                  if getattr(info, name) != getattr(theirs, name)]
+        if differ:
+            raise Refused(f"{other.base_url}'s tokenizer differs from the base's in " + ", ".join(
+                f"{n} ({getattr(theirs, n)!r} vs {getattr(info, n)!r})" for n in differ))
+        other_ids = other.tokenize(sample, add_special_tokens=False).tokens
+        if other_ids != ids:
+            at = next((i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b), min(len(ids), len(other_ids)))
+            raise Refused(f"{other.base_url} tokenizes the text differently from the base (first at token {at}: "
+                          f"{other_ids[at:at + 3]} vs {ids[at:at + 3]}); the distributions cannot be compared")
+        if exact and (other_vocab := _vocabulary(other, probe)) != vocab:
+            raise Refused(f"{other.base_url}'s vocabulary has {other_vocab} tokens, the base's {vocab}")
+    if info.add_bos_token and info.bos_token is not None:
+        return base.tokenize(info.bos_token, add_special_tokens=False).tokens[0]
+    return None
+
+
+def _echo_topk(client: Client, window: list[int], first: int, k: int) -> tuple[list[dict], list[float]]:
+    choice = client.complete([window], max_tokens=0, echo=True, logprobs=k, temperature=0).choices[0]
+    logprobs = choice.logprobs
+    return list(logprobs.top_logprobs[first + 1:]), list(logprobs.token_logprobs[first + 1:])
+
+
+def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: int | None = None,
+        top_k: int | None = None, dtype: str = "float32", api_key: str | None = None, verify=True,
+        progress=None) -> list[dict]:
+    """The statistics of each build at `urls` against the base at `base_url`, one dict per build."""
+    clients = [Client(url, api_key=api_key, verify=verify, timeout=600) for url in [base_url, *urls]]
+    base, builds = clients[0], clients[1:]
+    try:
+        bos = check_tokenizers(base, builds, text[:4000], exact=top_k is None)
+        tokens = base.tokenize(text, add_special_tokens=False).tokens
+        cut = windows(tokens, ctx, bos, chunks)
+        if not cut:
+            raise Refused(f"the text has {len(tokens)} tokens: fewer than one window of --ctx {ctx}")
+        first = ctx // 2
+        positions = [Positions() for _ in builds]
+        with ThreadPoolExecutor(len(clients)) as pool:  # every server works on the window at once
+            for i, window in enumerate(cut):
+                targets = np.asarray(window[first + 1:])
+                if top_k is None:
+                    rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+                    for build_rows, into in zip(rows[1:], positions):
+                        into.add(tokens=targets, **exact_positions(rows[0], build_rows, targets))
+                else:
+                    tops = list(pool.map(lambda c: _echo_topk(c, window, first, top_k), clients))
+                    for (top_q, true_q), into in zip(tops[1:], positions):
+                        into.add(tokens=targets, **topk_positions(tops[0][0], top_q, tops[0][1], true_q))
+                if progress is not None:
+                    progress(i + 1, len(cut))
+        mode = "exact" if top_k is None else "top-k"
+        return [summarize(url, p, mode, top_k) | {"worst": _worst(base, p, cut, first)}
+                for url, p in zip(urls, positions)]
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _worst(base: Client, positions: Positions, cut: list[list[int]], first: int, n: int = 5) -> list[dict]:
+    """The positions where the build moved the distribution most, with the text before them."""
+    kld = positions.array("kld")
+    per_window = len(cut[0]) - first - 1
+    found = []
+    for index in np.argsort(-kld, kind="stable")[:n]:
+        window, offset = cut[index // per_window], first + 1 + index % per_window
+        found.append({"window": int(index // per_window), "position": int(offset), "kld": float(kld[index]),
+                      "context": base.detokenize(window[max(0, offset - 12):offset]),
+                      "token": base.detokenize(window[offset:offset + 1])})
+    return found
