@@ -186,33 +186,37 @@ def server_rows(model: Path, sequences, reference, threads: int, out: Path, clie
     rows = {}
     for reuse in (False, True):
         server = None
-        for n_clients in clients:
-            name = f"{'reuse' if reuse else 'no_reuse'}_{n_clients}_clients"
-            if server is None:
-                started = time.perf_counter()
-                server = our_server(model, threads, out, f"{model.stem}-{name}", "--n-ctx", "2048",
-                                    "--max-sequences", "8", "--prefix-cache-mb", "1024" if reuse else "0",
-                                    *extra_flags)
-                log(f"  server up in {time.perf_counter() - started:.1f} s")
-                warm = sequences[-1][::-1]  # a prompt no sequence starts with
-                requests.post(server.completions_url, json={"prompt": warm, "max_tokens": 1}, timeout=300).raise_for_status()
-            speed, answers = server_pass(server.completions_url, sequences, n_clients)
-            gap = max(float(np.abs(np.asarray(a, dtype=np.float64) - ref).max()) for a, ref in zip(answers, reference))
-            metrics = requests.get(server.completions_url.replace("/v1/completions", "/metrics"), timeout=30).text
-            cache_off = "Prefix cache off" in server.log()
-            reused = re.search(r"^logprobs_prompt_tokens_reused_total (\S+)", metrics, re.M)
-            rows[name] = {"tokens_per_s": speed, "max_abs_logprob_diff": gap,
-                          "tokens_reused": float(reused.group(1)) if reused else None,
-                          "cache_turned_off_at_start": reuse and cache_off}
-            log(f"  server, {name.replace('_', ' ')}: {speed:.0f} tok/s, max |d logprob| vs alone in-process "
-                f"{gap:.2e}, prompt tokens reused {rows[name]['tokens_reused']:.0f}"
-                + (" (the start-up check turned the cache off: reuse would move numbers on this build)"
-                   if reuse and cache_off else ""))
-            if reuse:  # the next pass starts from an empty cache
+        try:
+            for n_clients in clients:
+                name = f"{'reuse' if reuse else 'no_reuse'}_{n_clients}_clients"
+                if server is None:
+                    started = time.perf_counter()
+                    server = our_server(model, threads, out, f"{model.stem}-{name}", "--n-ctx", "2048",
+                                        "--max-sequences", "8", "--prefix-cache-mb", "1024" if reuse else "0",
+                                        *extra_flags)
+                    log(f"  server up in {time.perf_counter() - started:.1f} s")
+                    warm = sequences[-1][::-1]  # a prompt no sequence starts with
+                    requests.post(server.completions_url, json={"prompt": warm, "max_tokens": 1},
+                                  timeout=300).raise_for_status()
+                speed, answers = server_pass(server.completions_url, sequences, n_clients)
+                gap = max(float(np.abs(np.asarray(a, dtype=np.float64) - ref).max())
+                          for a, ref in zip(answers, reference))
+                metrics = requests.get(server.completions_url.replace("/v1/completions", "/metrics"), timeout=30).text
+                cache_off = "Prefix cache off" in server.log()
+                reused = re.search(r"^logprobs_prompt_tokens_reused_total (\S+)", metrics, re.M)
+                rows[name] = {"tokens_per_s": speed, "max_abs_logprob_diff": gap,
+                              "tokens_reused": float(reused.group(1)) if reused else None,
+                              "cache_turned_off_at_start": reuse and cache_off}
+                log(f"  server, {name.replace('_', ' ')}: {speed:.0f} tok/s, max |d logprob| vs alone in-process "
+                    f"{gap:.2e}, prompt tokens reused {rows[name]['tokens_reused']:.0f}"
+                    + (" (the start-up check turned the cache off: reuse would move numbers on this build)"
+                       if reuse and cache_off else ""))
+                if reuse:  # the next pass starts from an empty cache
+                    server.stop()
+                    server = None
+        finally:  # a failed pass must not leave its server running
+            if server is not None:
                 server.stop()
-                server = None
-        if server is not None:
-            server.stop()
     return rows
 
 
