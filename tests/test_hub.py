@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -132,6 +133,20 @@ def no_network_was_tried(hub):
     assert not log.exists(), f"non-loopback connections attempted while offline: {log.read_text()}"
 
 
+@contextmanager
+def served(model: str, tmp_path_factory, name: str, env: dict[str, str], *flags: str):
+    """A live server of `model` (a Hub name), stopped afterwards."""
+    gen = serve(model, tmp_path_factory, name, *flags, env=env)
+    try:
+        yield next(gen)
+    finally:
+        next(gen, None)
+
+
+def model_card(server) -> dict:
+    return requests.get(server.url + "/v1/models").json()["data"][0]
+
+
 def echo(server) -> list[float]:
     body = server.complete(prompt=PROMPT, max_tokens=0, echo=True, logprobs=1, temperature=0)
     return body["choices"][0]["logprobs"]["token_logprobs"]
@@ -158,55 +173,39 @@ def by_path(files, tmp_path_factory) -> dict[str, list[float]]:
 ])
 def test_a_gguf_repo_by_name_serves_the_chosen_file(hub, files, by_path, tmp_path_factory, model, expected_file,
                                                     commit, quant):
-    gen = serve(model, tmp_path_factory, "hub", env=hub)
-    server = next(gen)
-    try:
+    with served(model, tmp_path_factory, "hub", hub) as server:
         assert echo(server) == by_path[quant]  # the same floats as the file served by path
-        card = requests.get(server.url + "/v1/models").json()["data"][0]
+        card = model_card(server)
         assert card["id"] == model
         parts = card["fingerprint"]
         assert parts["hub_repo"] == GGUF_REPO and parts["hub_commit"] == commit
         assert parts["hub_weights_sha256"] == f"{expected_file}={sha256(files[quant])}"
         assert parts["model_sha256"] == sha256(files[quant])
         assert f"{expected_file} (1 file(s)" in server.log()  # the log line says what was taken
-    finally:
-        next(gen, None)
 
 
 def test_a_split_gguf_is_loaded_from_its_first_part(hub, files, by_path, tmp_path_factory):
-    gen = serve(SPLIT_REPO, tmp_path_factory, "hub-split", env=hub)
-    server = next(gen)
-    try:
+    with served(SPLIT_REPO, tmp_path_factory, "hub-split", hub) as server:
         assert echo(server) == by_path["F32"]
-        weights = requests.get(server.url + "/v1/models").json()["data"][0]["fingerprint"]["hub_weights_sha256"]
+        weights = model_card(server)["fingerprint"]["hub_weights_sha256"]
         assert weights == ",".join(f"{p.name}={sha256(p)}" for p in files["split"])
-    finally:
-        next(gen, None)
 
 
 def test_an_mlx_repo_by_name_equals_the_folder_by_path(hub, fixture_paths, mlx_fixture_server, tmp_path_factory):
     pytest.importorskip("mlx_lm")
-    gen = serve(MLX_REPO, tmp_path_factory, "hub-mlx", "--model-name", FIXTURE_NAME, env=hub)
-    server = next(gen)
-    try:
+    with served(MLX_REPO, tmp_path_factory, "hub-mlx", hub, "--model-name", FIXTURE_NAME) as server:
         assert echo(server) == echo(mlx_fixture_server)
-        parts = requests.get(server.url + "/v1/models").json()["data"][0]["fingerprint"]
+        parts = model_card(server)["fingerprint"]
         assert parts["backend"] == "mlx" and parts["hub_commit"] == MLX_COMMIT
         assert parts["hub_weights_sha256"] == f"model.safetensors={sha256(fixture_paths['mlx'] / 'model.safetensors')}"
-    finally:
-        next(gen, None)
 
 
 def test_a_cached_file_whose_content_is_not_the_hubs_is_reported(hub, files, by_path, tmp_path_factory):
-    gen = serve(TAMPERED_REPO, tmp_path_factory, "hub-tampered", env=hub)
-    server = next(gen)
-    try:
+    with served(TAMPERED_REPO, tmp_path_factory, "hub-tampered", hub) as server:
         assert echo(server) == by_path["Q8_0"]  # served, with the file's own sha256 in the fingerprint
-        weights = requests.get(server.url + "/v1/models").json()["data"][0]["fingerprint"]["hub_weights_sha256"]
+        weights = model_card(server)["fingerprint"]["hub_weights_sha256"]
         assert weights == f"smollm2-2block-Q8_0.gguf={sha256(files['Q8_0'])}"
         assert f"but the Hub names it {'f' * 64}" in server.log()
-    finally:
-        next(gen, None)
 
 
 @pytest.mark.parametrize("args, words", [
