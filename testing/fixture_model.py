@@ -156,6 +156,21 @@ def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
     return gguf_path, mlx_dir
 
 
+def quantize(source: Path, target: Path, ftype: str) -> Path:
+    """`source` quantized (or requantized) by llama.cpp to `ftype` (e.g. "Q8_0", "Q3_K_M") at
+    `target`, made once: a partial file is renamed only when complete."""
+    import llama_cpp
+
+    if not target.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{ftype}"), True
+        partial = target.with_suffix(".partial")
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), params) != 0:
+            raise RuntimeError(f"llama.cpp could not quantize {source} to {ftype}")
+        partial.rename(target)
+    return target
+
+
 def write_split(source: Path, target: Path, parts: int = 2) -> list[Path]:
     """The GGUF file `source` split into `parts` files as llama.cpp's gguf-split names them
     (target's stem + -00001-of-0000N.gguf, ...): the same metadata and tensors, the tensors shared

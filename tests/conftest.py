@@ -24,16 +24,9 @@ def requantized_model_path(model_path) -> Path:
     cache folder). Its weight types (Q4_0, Q5_0 and Q4_K: the Q3_K_M recipe falls back to them for
     SmolLM2's 576-wide rows) go through llama.cpp's repacked CPU kernels, whose logits depend on how
     many tokens a forward pass holds (Q4_1 gives identical floats either way)."""
-    import llama_cpp
+    from testing.fixture_model import quantize
 
-    target = model_path.with_name(model_path.stem + "-to-Q3_K_M.gguf")
-    if not target.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q3_K_M, True
-        partial = target.with_suffix(".partial")
-        assert llama_cpp.llama_model_quantize(str(model_path).encode(), str(partial).encode(), params) == 0
-        partial.rename(target)
-    return target
+    return quantize(model_path, model_path.with_name(model_path.stem + "-to-Q3_K_M.gguf"), "Q3_K_M")
 
 
 def serve(model: Path, tmp_path_factory, name: str, *flags: str, **options):

@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import FIXTURE_NAME, serve
-from testing.fixture_model import write_split
+from testing.fixture_model import quantize, write_split
 from testing.live_server import ROOT
+from tests.conftest import FIXTURE_NAME, serve
 
 pytestmark = pytest.mark.slow  # a dozen servers of the fixture model: about a minute
 
@@ -79,22 +79,12 @@ def add_snapshot(cache: Path, repo: str, commit: str, files: dict[str, Path], re
         (root / "refs" / ref).write_text(commit)
 
 
-def quantize(source: Path, target: Path, ftype_name: str) -> Path:
-    import llama_cpp
-
-    if not target.exists():
-        params = llama_cpp.llama_model_quantize_default_params()
-        params.ftype = getattr(llama_cpp, ftype_name)
-        assert llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), params) == 0
-    return target
-
-
 @pytest.fixture(scope="module")
 def files(fixture_paths, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("hub-files")
     f32 = fixture_paths["gguf"]
-    return {"F32": f32, "Q8_0": quantize(f32, work / "q8_0.gguf", "LLAMA_FTYPE_MOSTLY_Q8_0"),
-            "Q4_K_M": quantize(f32, work / "q4_k_m.gguf", "LLAMA_FTYPE_MOSTLY_Q4_K_M"),
+    return {"F32": f32, "Q8_0": quantize(f32, work / "q8_0.gguf", "Q8_0"),
+            "Q4_K_M": quantize(f32, work / "q4_k_m.gguf", "Q4_K_M"),
             "split": write_split(f32, work / "smollm2-2block-F32.gguf")}
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from logprobs_client import Client
 
+from testing.fixture_model import quantize
 from testing.live_server import DATA
 from testing.oracle import LlamaOracle
 from tests.conftest import serve
-from tests.test_hub import quantize
 
 pytestmark = pytest.mark.slow  # two servers and an oracle of the fixture model: about a minute
 
@@ -24,8 +24,7 @@ FIRST = CTX // 2
 @pytest.fixture(scope="module")
 def builds(fixture_paths, tmp_path_factory) -> dict[str, str]:
     return {"F32": str(fixture_paths["gguf"]),
-            "Q8_0": str(quantize(fixture_paths["gguf"], tmp_path_factory.mktemp("kld") / "q8_0.gguf",
-                                 "LLAMA_FTYPE_MOSTLY_Q8_0"))}
+            "Q8_0": str(quantize(fixture_paths["gguf"], tmp_path_factory.mktemp("kld") / "q8_0.gguf", "Q8_0"))}
 
 
 @pytest.fixture(scope="module")
