@@ -43,7 +43,6 @@ class Positions:
     dp: list[np.ndarray] = field(default_factory=list)
     same_top: list[np.ndarray] = field(default_factory=list)
     coverage: list[np.ndarray] = field(default_factory=list)  # base mass the partition covers (1: exact)
-    tokens: list[np.ndarray] = field(default_factory=list)  # the scored token ids, for the worst positions
 
     def add(self, **arrays: np.ndarray) -> None:
         for name, values in arrays.items():
@@ -258,15 +257,15 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
         positions = [Positions() for _ in builds]
         with ThreadPoolExecutor(len(clients)) as pool:  # every server works on the window at once
             for i, window in enumerate(cut):
-                targets = np.asarray(window[first + 1:])
                 if top_k is None:
                     rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+                    targets = np.asarray(window[first + 1:])  # the tokens the rows predict
                     for build_rows, into in zip(rows[1:], positions):
-                        into.add(tokens=targets, **exact_positions(rows[0], build_rows, targets))
+                        into.add(**exact_positions(rows[0], build_rows, targets))
                 else:
                     tops = list(pool.map(lambda c: _echo_topk(c, window, first, top_k), clients))
                     for (top_q, true_q), into in zip(tops[1:], positions):
-                        into.add(tokens=targets, **topk_positions(tops[0][0], top_q, tops[0][1], true_q))
+                        into.add(**topk_positions(tops[0][0], top_q, tops[0][1], true_q))
                 if progress is not None:
                     progress(i + 1, len(cut))
         mode = "exact" if top_k is None else "top-k"
