@@ -164,8 +164,9 @@ def test_the_command_prints_the_block_the_table_and_json(servers, tmp_path, text
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Mean    KLD:" in out and "Same top p:" in out and "| build | PPL | ΔPPL | KLD |" in out
-    assert main([*args, "--top-k", "20"]) == 0
+    assert main([*args, "--top-k", "20", "--chart", str(tmp_path / "kld.png")]) == 0
     assert "KLD lower bound" in capsys.readouterr().out
+    assert (tmp_path / "kld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*args, "--json"]) == 0
     [stats] = json.loads(capsys.readouterr().out)
     for key in ("build", "mode", "top_k", "positions", "ppl_base", "ppl", "kld_mean", "kld_max", "dp_mean",

@@ -1,5 +1,5 @@
 """The comparison's chart: per-request loglikelihood differences (matplotlib, imported only here:
-`pip install 'logprobs-server[chart]'`)."""
+`pip install './clients[chart]'`)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ def write_chart(comparison: Comparison, path: str | Path, title: str | None = No
     try:
         import matplotlib
     except ImportError:
-        raise SystemExit("--chart needs matplotlib: pip install 'logprobs-server[chart]'") from None
+        raise SystemExit("--chart needs matplotlib: pip install './clients[chart]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -159,7 +159,7 @@ def cmd_kld(args, extra: list[str]) -> int:
     try:
         results = kld.run(args.base_url, args.urls, args.text.read_text(encoding="utf-8"), ctx=args.ctx,
                           chunks=args.chunks, top_k=args.top_k, dtype=args.dtype, api_key=_key(args.api_key),
-                          verify=args.ca_cert or True, progress=progress)
+                          verify=args.ca_cert or True, progress=progress, chart=args.chart)
     except kld.Refused as exc:
         print(f"logprobs-eval: refused: {exc}", file=sys.stderr)
         return 2
@@ -230,6 +230,8 @@ def parser() -> argparse.ArgumentParser:
                      "$OPENAI_API_KEY)")
     kld.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the servers' certificates")
     kld.add_argument("--json", action="store_true", help="print a JSON list, one object per build, instead of text")
+    kld.add_argument("--chart", metavar="PNG", help="write the distribution of per-position KLD of each build "
+                     "(matplotlib: the [chart] extra)")
     kld.set_defaults(handler=cmd_kld)
 
     report = sub.add_parser("report", help="compare two existing lm-eval --log_samples output folders")
