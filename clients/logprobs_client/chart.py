@@ -1,5 +1,5 @@
-"""The comparison's chart: per-request loglikelihood differences (matplotlib, imported only here:
-`pip install './clients[chart]'`)."""
+"""The charts of `logprobs-eval compare` (per-request loglikelihood differences) and `kld`
+(per-position KL divergence), with matplotlib, imported only here: `pip install './clients[chart]'`."""
 
 from __future__ import annotations
 
@@ -10,15 +10,22 @@ import numpy as np
 from logprobs_client.compare import Comparison
 
 
-def write_chart(comparison: Comparison, path: str | Path, title: str | None = None) -> Path:
-    """A PNG: left, the histogram of per-request delta loglikelihood (B - A) by task; right, each
-    request's delta against its loglikelihood on A (longer, less likely continuations move more)."""
+def _pyplot():
+    """matplotlib's pyplot on the file-only backend, or a one-line exit saying how to install it."""
     try:
         import matplotlib
     except ImportError:
         raise SystemExit("--chart needs matplotlib: pip install './clients[chart]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def write_chart(comparison: Comparison, path: str | Path, title: str | None = None) -> Path:
+    """A PNG: left, the histogram of per-request delta loglikelihood (B - A) by task; right, each
+    request's delta against its loglikelihood on A (longer, less likely continuations move more)."""
+    plt = _pyplot()
 
     requests = comparison.requests
     if not requests:
@@ -48,3 +55,21 @@ def write_chart(comparison: Comparison, path: str | Path, title: str | None = No
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def write_kld_chart(kld_by_build: dict[str, np.ndarray], path, mode: str, top_k: int | None) -> None:
+    """A PNG: the distribution of per-position KLD (log scale) for each build."""
+    plt = _pyplot()
+    floor = 1e-12  # a KLD of 0 (an identical build) is drawn at the left edge
+    values = {build: np.log10(np.maximum(kld, floor)) for build, kld in kld_by_build.items()}
+    low, high = min(v.min() for v in values.values()), max(v.max() for v in values.values())
+    bins = np.linspace(low, high if high > low else low + 1, 51)
+    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
+    for build, v in values.items():
+        ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=build)
+    ax.set_xlabel("log10 KLD per position" + ("" if mode == "exact" else f" (top-{top_k} lower bound)"))
+    ax.set_ylabel("positions")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -271,36 +271,14 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
                     progress(i + 1, len(cut))
         mode = "exact" if top_k is None else "top-k"
         if chart is not None:
-            write_chart({url: p.array("kld") for url, p in zip(urls, positions)}, chart, mode, top_k)
+            from logprobs_client.chart import write_kld_chart
+
+            write_kld_chart({url: p.array("kld") for url, p in zip(urls, positions)}, chart, mode, top_k)
         return [summarize(url, p, mode, top_k) | {"worst": _worst(base, p, cut, first)}
                 for url, p in zip(urls, positions)]
     finally:
         for client in clients:
             client.close()
-
-
-def write_chart(kld_by_build: dict[str, np.ndarray], path, mode: str, top_k: int | None) -> None:
-    """A PNG: the distribution of per-position KLD (log scale) for each build."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise SystemExit("--chart needs matplotlib: pip install './clients[chart]'") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    floor = 1e-12  # a KLD of 0 (an identical build) is drawn at the left edge
-    values = {build: np.log10(np.maximum(kld, floor)) for build, kld in kld_by_build.items()}
-    low, high = min(v.min() for v in values.values()), max(v.max() for v in values.values())
-    bins = np.linspace(low, high if high > low else low + 1, 51)
-    fig, ax = plt.subplots(figsize=(8, 3.6), dpi=100)
-    for build, v in values.items():
-        ax.hist(v, bins=bins, histtype="step", linewidth=1.5, label=build)
-    ax.set_xlabel("log10 KLD per position" + ("" if mode == "exact" else f" (top-{top_k} lower bound)"))
-    ax.set_ylabel("positions")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def _worst(base: Client, positions: Positions, cut: list[list[int]], first: int, n: int = 5) -> list[dict]:
