@@ -156,13 +156,31 @@ def cmd_kld(args, extra: list[str]) -> int:
         print(f"\rlogprobs-eval: window {done}/{total}", end="" if done < total else "\n", file=sys.stderr,
               flush=True)
 
+    if args.base is not None:
+        if args.text is not None or args.save_base is not None or args.top_k is not None or args.ctx is not None:
+            raise SystemExit("logprobs-eval kld: --base FILE holds the tokens and the windows: it takes no --text, "
+                             "--ctx, --top-k or --save-base")
+    elif args.text is None:
+        raise SystemExit("logprobs-eval kld: give the text (--text FILE), or a base file (--base FILE)")
+    elif len(args.urls) < 2 and args.save_base is None:
+        raise SystemExit("logprobs-eval kld: give the base server and at least one build's server "
+                         "(or only the base with --save-base FILE)")
+    common = dict(chunks=args.chunks, dtype=args.dtype, api_key=_key(args.api_key), verify=args.ca_cert or True,
+                  progress=progress, chart=args.chart)
     try:
-        results = kld.run(args.base_url, args.urls, args.text.read_text(encoding="utf-8"), ctx=args.ctx,
-                          chunks=args.chunks, top_k=args.top_k, dtype=args.dtype, api_key=_key(args.api_key),
-                          verify=args.ca_cert or True, progress=progress, chart=args.chart)
+        if args.base is not None:
+            results = kld.run_from_file(args.base, args.urls, **common)
+        else:
+            results = kld.run(args.urls[0], args.urls[1:], args.text.read_text(encoding="utf-8"),
+                              ctx=args.ctx or 512, top_k=args.top_k, save_base=args.save_base, **common)
     except kld.Refused as exc:
         print(f"logprobs-eval: refused: {exc}", file=sys.stderr)
         return 2
+    if args.save_base is not None:
+        print(f"logprobs-eval: wrote the base's distributions to {args.save_base} (llama-perplexity's "
+              "--kl-divergence-base format)", file=sys.stderr)
+    if not results:
+        return 0
     if args.json:
         print(json.dumps(results, indent=2))
         return 0
@@ -216,16 +234,23 @@ def parser() -> argparse.ArgumentParser:
                          "llama-perplexity's windows (--ctx tokens, BOS first where the model adds one, the second "
                          "half of each scored); every window goes to every server. Exact KL from each position's "
                          "full distribution (logprobs-server's /v1/distributions), or with --top-k K a lower bound "
-                         "from echo's top-K alternatives (any OpenAI-style server with echo).")
-    kld.add_argument("base_url", help="the base build's server (the reference distribution)")
-    kld.add_argument("urls", nargs="+", metavar="url", help="the builds' servers")
-    kld.add_argument("--text", required=True, type=Path, help="a UTF-8 text file, e.g. WikiText-2")
-    kld.add_argument("--ctx", type=int, default=512, help="tokens per window (llama-perplexity's -c; default 512)")
+                         "from echo's top-K alternatives (any OpenAI-style server with echo). The base's distributions can be "
+                         "saved (--save-base FILE) and used in place of its server (--base FILE), in "
+                         "llama-perplexity's --kl-divergence-base format: files pass between the two tools.")
+    kld.add_argument("urls", nargs="+", metavar="url", help="the base build's server (the reference distribution), "
+                     "then the builds' servers; with --base FILE, the builds' servers only")
+    kld.add_argument("--text", type=Path, help="a UTF-8 text file, e.g. WikiText-2 (not with --base)")
+    kld.add_argument("--ctx", type=int, help="tokens per window (llama-perplexity's -c; default 512)")
     kld.add_argument("--chunks", type=int, help="at most this many windows (default: all the text holds)")
     kld.add_argument("--top-k", type=int, metavar="K", help="top-K mode: a lower bound of the KL from K "
                      "alternatives per position (the servers' --max-logprobs must allow K)")
     kld.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                      help="how the distributions travel (exact mode; float16 halves the bytes)")
+    kld.add_argument("--save-base", metavar="FILE", help="also write the base's distributions as llama-perplexity's "
+                     "--kl-divergence-base file (16 bits a value), for later runs with --base and for llama-perplexity")
+    kld.add_argument("--base", metavar="FILE", type=Path, help="take the base from a --kl-divergence-base file "
+                     "(llama-perplexity's or --save-base's) instead of a server; the statistics then follow "
+                     "llama-perplexity's rule for such files (tokens below e^-16 left out)")
     kld.add_argument("--api-key", metavar="KEY", help="API key for every server (default: $LOGPROBS_API_KEY, else "
                      "$OPENAI_API_KEY)")
     kld.add_argument("--ca-cert", metavar="PEM", help="CA certificate that signed the servers' certificates")

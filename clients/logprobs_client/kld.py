@@ -19,9 +19,11 @@ from __future__ import annotations
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from logprobs_client import kld_file
 from logprobs_client.client import Client
 from logprobs_client.types import APIError
 
@@ -208,10 +210,10 @@ def _vocabulary(client: Client, probe: list[int]) -> int:
         raise
 
 
-def check_tokenizers(base: Client, others: list[Client], sample: str, exact: bool) -> int | None:
-    """The BOS id the windows start with (None: the model adds none), after refusing servers whose
-    tokenizers differ from the base's: special tokens, the BOS rule, the ids of a sample of the
-    text and (exact mode) the vocabulary size."""
+def check_tokenizers(base: Client, others: list[Client], sample: str, exact: bool) -> tuple[int | None, int | None]:
+    """(the BOS id the windows start with, or None where the model adds none; the vocabulary size
+    in exact mode), after refusing servers whose tokenizers differ from the base's: special tokens,
+    the BOS rule, the ids of a sample of the text and (exact mode) the vocabulary size."""
     info = base.tokenizer_info()
     ids = base.tokenize(sample, add_special_tokens=False).tokens
     probe = ids[:2] if len(ids) >= 2 else [0, 0]
@@ -230,9 +232,10 @@ def check_tokenizers(base: Client, others: list[Client], sample: str, exact: boo
                           f"{other_ids[at:at + 3]} vs {ids[at:at + 3]}); the distributions cannot be compared")
         if exact and (other_vocab := _vocabulary(other, probe)) != vocab:
             raise Refused(f"{other.base_url}'s vocabulary has {other_vocab} tokens, the base's {vocab}")
+    bos = None
     if info.add_bos_token and info.bos_token is not None:
-        return base.tokenize(info.bos_token, add_special_tokens=False).tokens[0]
-    return None
+        bos = base.tokenize(info.bos_token, add_special_tokens=False).tokens[0]
+    return bos, vocab
 
 
 def _echo_topk(client: Client, window: list[int], first: int, k: int) -> tuple[list[dict], list[float]]:
@@ -241,41 +244,107 @@ def _echo_topk(client: Client, window: list[int], first: int, k: int) -> tuple[l
     return list(logprobs.top_logprobs[first + 1:]), list(logprobs.token_logprobs[first + 1:])
 
 
+def _clients(urls: list[str], api_key: str | None, verify) -> list[Client]:
+    return [Client(url, api_key=api_key, verify=verify, timeout=600) for url in urls]
+
+
+def _score(cut: list[list[int]], n_builds: int, n_servers: int, window_positions, progress) -> list[Positions]:
+    """Every window to every server at once; window_positions(i, window, pool) gives one dict of
+    per-position arrays per build."""
+    positions = [Positions() for _ in range(n_builds)]
+    with ThreadPoolExecutor(n_servers) as pool:
+        for i, window in enumerate(cut):
+            for values, into in zip(window_positions(i, window, pool), positions):
+                into.add(**values)
+            if progress is not None:
+                progress(i + 1, len(cut))
+    return positions
+
+
+def _results(urls: list[str], positions: list[Positions], mode: str, top_k: int | None, chart, worst) -> list[dict]:
+    if chart is not None:
+        from logprobs_client.chart import write_kld_chart
+
+        write_kld_chart({url: p.array("kld") for url, p in zip(urls, positions)}, chart, mode, top_k)
+    return [summarize(url, p, mode, top_k) | {"worst": worst(p)} for url, p in zip(urls, positions)]
+
+
 def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: int | None = None,
         top_k: int | None = None, dtype: str = "float32", api_key: str | None = None, verify=True,
-        progress=None, chart=None) -> list[dict]:
+        progress=None, chart=None, save_base: str | Path | None = None) -> list[dict]:
     """The statistics of each build at `urls` against the base at `base_url`, one dict per build;
-    `chart`: a PNG path for the KLD distribution of each build."""
-    clients = [Client(url, api_key=api_key, verify=verify, timeout=600) for url in [base_url, *urls]]
-    base, builds = clients[0], clients[1:]
+    `chart`: a PNG path for the KLD distribution of each build; `save_base`: also write the base's
+    rows as llama-perplexity's --kl-divergence-base file (exact mode; `urls` may then be empty)."""
+    if save_base is not None and top_k is not None:
+        raise Refused("--save-base keeps each position's full distribution: it cannot come from --top-k")
+    clients = _clients([base_url, *urls], api_key, verify)
+    base = clients[0]
+    writer = None
     try:
-        bos = check_tokenizers(base, builds, text[:4000], exact=top_k is None)
-        tokens = base.tokenize(text, add_special_tokens=False).tokens
+        bos, vocab = check_tokenizers(base, clients[1:], text[:4000], exact=top_k is None)
+        # As llama-perplexity tokenizes: the whole text with the model's special tokens (BOS first
+        # where it adds one), so the windows, and a saved file's tokens, are the same as its.
+        tokens = base.tokenize(text, add_special_tokens=True).tokens
         cut = windows(tokens, ctx, bos, chunks)
         if not cut:
             raise Refused(f"the text has {len(tokens)} tokens: fewer than one window of --ctx {ctx}")
         first = ctx // 2
-        positions = [Positions() for _ in builds]
-        with ThreadPoolExecutor(len(clients)) as pool:  # every server works on the window at once
-            for i, window in enumerate(cut):
-                if top_k is None:
-                    rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
-                    targets = np.asarray(window[first + 1:])  # the tokens the rows predict
-                    for build_rows, into in zip(rows[1:], positions):
-                        into.add(**exact_positions(rows[0], build_rows, targets))
-                else:
-                    tops = list(pool.map(lambda c: _echo_topk(c, window, first, top_k), clients))
-                    for (top_q, true_q), into in zip(tops[1:], positions):
-                        into.add(**topk_positions(tops[0][0], top_q, tops[0][1], true_q))
-                if progress is not None:
-                    progress(i + 1, len(cut))
-        mode = "exact" if top_k is None else "top-k"
-        if chart is not None:
-            from logprobs_client.chart import write_kld_chart
+        if save_base is not None:
+            writer = kld_file.Writer(save_base, ctx, vocab, np.asarray(tokens[:len(cut) * ctx]).reshape(len(cut), ctx))
 
-            write_kld_chart({url: p.array("kld") for url, p in zip(urls, positions)}, chart, mode, top_k)
-        return [summarize(url, p, mode, top_k) | {"worst": _worst(base, p, cut, first)}
-                for url, p in zip(urls, positions)]
+        def exact(i, window, pool):
+            rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+            if writer is not None:
+                writer.add(rows[0])
+            targets = np.asarray(window[first + 1:])  # the tokens the rows predict
+            return [exact_positions(rows[0], build_rows, targets) for build_rows in rows[1:]]
+
+        def top(i, window, pool):
+            tops = list(pool.map(lambda c: _echo_topk(c, window, first, top_k), clients))
+            return [topk_positions(tops[0][0], top_q, tops[0][1], true_q) for top_q, true_q in tops[1:]]
+
+        positions = _score(cut, len(urls), len(clients), exact if top_k is None else top, progress)
+        if writer is not None:
+            writer.close()
+            writer = None
+        return _results(urls, positions, "exact" if top_k is None else "top-k", top_k, chart,
+                        lambda p: _worst(base, p, cut, first))
+    finally:
+        if writer is not None:
+            writer.abandon()  # no half-written base file left behind
+        for client in clients:
+            client.close()
+
+
+def run_from_file(path: str | Path, urls: list[str], *, chunks: int | None = None, dtype: str = "float32",
+                  api_key: str | None = None, verify=True, progress=None, chart=None) -> list[dict]:
+    """The statistics of each build at `urls` against a base file (llama-perplexity's
+    --kl-divergence-base, or `kld --save-base`), computed as llama-perplexity computes them from it."""
+    base = kld_file.read(path)
+    clients = _clients(urls, api_key, verify)
+    try:
+        first_build = clients[0]
+        sample = first_build.detokenize([int(t) for t in base.tokens[0, 1:513]])
+        bos, vocab = check_tokenizers(first_build, clients[1:], sample, exact=True)
+        if vocab != base.n_vocab:
+            raise Refused(f"{path} holds distributions over {base.n_vocab} tokens; {first_build.base_url}'s "
+                          f"vocabulary has {vocab}: the file was made with another model's tokenizer")
+        if bos is not None and int(base.tokens[0, 0]) != bos:
+            raise Refused(f"{path} starts with token {int(base.tokens[0, 0])}, not the BOS ({bos}) that "
+                          f"{first_build.base_url}'s tokenizer adds: the file was made with another tokenizer")
+        n = base.n_chunk if chunks is None else min(chunks, base.n_chunk)
+        cut = [[bos if (j == 0 and bos is not None) else int(t) for j, t in enumerate(base.tokens[i])]
+               for i in range(n)]
+        first = base.n_ctx // 2
+
+        def from_file(i, window, pool):
+            rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+            targets = np.asarray(window[first + 1:])
+            return [kld_file.file_positions(base.rows[i], base.n_vocab, build_rows, targets) for build_rows in rows]
+
+        positions = _score(cut, len(urls), len(clients), from_file, progress)
+        return [stats | {"base_file": str(path)} for stats in _results(
+            urls, positions, "exact", None, chart, lambda p: _worst(first_build, p, cut, first))]
     finally:
         for client in clients:
             client.close()
