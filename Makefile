@@ -27,7 +27,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast load bench clean show-build-flags image-test image-test-cuda scale-test
+.PHONY: setup serve test test-fast load bench kld-bench clean show-build-flags image-test image-test-cuda scale-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -65,6 +65,12 @@ load: setup
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(TEST_ENV) $(BIN)/python -m bench.run
+
+# logprobs-eval kld against llama-perplexity (built once from the vendored llama.cpp), across
+# runtimes, and its speed (about 25 minutes on 2 cores); writes bench_out/kld/. KLD_ARGS: e.g. --parts llama
+KLD_ARGS ?=
+kld-bench: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TEST_ENV) $(BIN)/python -m bench.kld $(KLD_ARGS)
 
 # Build docker/Dockerfile without a Docker engine or registry and smoke-test the image (root;
 # buildah, podman, debootstrap; ~20 minutes on 2 busy cores, most of it building llama.cpp).

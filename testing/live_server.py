@@ -71,13 +71,15 @@ class ServerProcess:
 
 
 class LiveServer(ServerProcess):
-    """This server (`python -m server --model MODEL`) on a free loopback port."""
+    """This server (`python -m server --model MODEL`) on a free loopback port; `prefix`: a command
+    it runs under (e.g. `taskset -c 0`)."""
 
     def __init__(self, model: Path, log_path: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 ca: str | None = None, timeout: float = 120):
+                 ca: str | None = None, timeout: float = 120, prefix: tuple[str, ...] = ()):
         self.model = model
         port = free_port()
-        super().__init__([sys.executable, "-m", "server", "--model", str(model), "--port", str(port), *extra_args],
+        super().__init__([*prefix, sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
+                          *extra_args],
                          port, log_path, env=env, ca=ca, timeout=timeout)
 
     def post(self, path: str, payload=None, **kwargs) -> requests.Response:
