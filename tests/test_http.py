@@ -95,6 +95,70 @@ def test_echo_logprobs_equal_the_float64_oracle(app, prompt):
     assert body["system_fingerprint"] == app.state.fingerprint.short
 
 
+def check_prompt_logprobs(app, tokens: list[int], entries: list, n: int) -> None:
+    """vLLM's prompt_logprobs against the float64 oracle: null first, then at each position the n best
+    (best first, ties by lower id) and the prompt's own token, each with its logprob, its rank in that
+    order and its text."""
+    assert len(entries) == len(tokens) and entries[0] is None
+    rows = log_softmax64(fake_logits(tokens[:-1], range(len(tokens) - 1)))
+    strings = app.backend.tokens.strings
+    for i, entry in enumerate(entries[1:]):
+        order = list(np.argsort(-rows[i], kind="stable"))
+        token = tokens[i + 1]
+        shown = order[:n] + ([token] if token not in order[:n] else [])
+        assert list(entry) == [str(t) for t in shown]
+        for t in shown:
+            assert entry[str(t)]["rank"] == order.index(t) + 1
+            assert abs(entry[str(t)]["logprob"] - rows[i][t]) <= TOLERANCE
+            assert entry[str(t)]["decoded_token"] == strings[t]
+
+
+@pytest.mark.parametrize("echo", [False, True])
+def test_prompt_logprobs_are_vllms_with_the_oracles_values_and_ranks(app, echo):
+    tokens = [BOS, *b"The capital of France is"]
+    payload = {"prompt": [tokens], "max_tokens": 3, "temperature": 0, "prompt_logprobs": 4, "echo": echo,
+               "logprobs": 1}
+    choice = app.post("/v1/completions", payload).json()["choices"][0]
+    check_prompt_logprobs(app, tokens, choice["prompt_logprobs"], 4)
+    # The echo's and the generated tokens' top-k stay what `logprobs` asked: 1 (and the token itself).
+    assert all(len(top) <= 2 for top in choice["logprobs"]["top_logprobs"] if top is not None)
+    assert len(choice["logprobs"]["tokens"]) == (len(tokens) if echo else 0) + 3
+    streamed = app.events("/v1/completions", payload)
+    assert streamed[0]["choices"][0]["prompt_logprobs"] == choice["prompt_logprobs"]
+    assert all("prompt_logprobs" not in c["choices"][0] for c in streamed[1:])
+    plain = app.post("/v1/completions", {"prompt": [tokens], "max_tokens": 1}).json()["choices"][0]
+    assert "prompt_logprobs" not in plain  # only when asked for
+
+
+def test_prompt_logprobs_and_echo_share_the_prefix_cache_without_mixing_widths():
+    """A prompt cached by an echo (top-1, no ranks) is not reused for prompt_logprobs (ranks needed);
+    one cached by prompt_logprobs (top-4 and ranks) serves a later echo narrowed to its top-1."""
+    served = InProcess(max_logprobs=20, prefix_cache_mb=64)
+    try:
+        a = [BOS, *b"A shared context, then one ending"]
+        b = [BOS, *b"Another shared context, and its ending"]
+        echo = {"max_tokens": 0, "echo": True, "logprobs": 1}
+        first = served.post("/v1/completions", {"prompt": [a], **echo}).json()["choices"][0]
+        ranked = served.post("/v1/completions", {"prompt": [a], "max_tokens": 0, "prompt_logprobs": 4}).json()
+        check_prompt_logprobs(served, a, ranked["choices"][0]["prompt_logprobs"], 4)
+        served.post("/v1/completions", {"prompt": [b], "max_tokens": 0, "prompt_logprobs": 4})
+        again = served.post("/v1/completions", {"prompt": [b], **echo}).json()["choices"][0]
+        rows, strings = log_softmax64(fake_logits(b[:-1], range(len(b) - 1))), served.backend.tokens.strings
+        for i, top in enumerate(again["logprobs"]["top_logprobs"][1:]):  # the top-1 (+ the token itself)
+            best = int(np.argmax(rows[i]))
+            assert list(top) == [strings[best]] + ([strings[b[i + 1]]] if b[i + 1] != best else [])
+        np.testing.assert_allclose(again["logprobs"]["token_logprobs"][1:], expected_prompt_logprobs(b), atol=TOLERANCE)
+        np.testing.assert_allclose(first["logprobs"]["token_logprobs"][1:], expected_prompt_logprobs(a), atol=TOLERANCE)
+        assert served.state.engine.cache.hits >= 1
+    finally:
+        served.close()
+
+
+def test_prompt_logprobs_above_the_limit_is_a_400(app):
+    response = app.post("/v1/completions", {"prompt": "abc", "max_tokens": 1, "prompt_logprobs": 21})
+    assert_error(response, 400, param="prompt_logprobs", contains="max-logprobs")
+
+
 def test_greedy_generation_and_n_samples(app):
     tokens = [BOS, *b"abc"]
     body = app.post("/v1/completions", {"prompt": "abc", "max_tokens": 6, "temperature": 0, "n": 2,

@@ -94,10 +94,11 @@ class Backend(ABC):
         it stands) in one forward pass. Returns the next-token logits as a new float32 array of
         shape [len(steps), n_vocab], row i for steps[i]."""
 
-    def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
-        """Log-probabilities of `targets` and the top-k under each row of a block from prefill().
-        Backends whose logits live on a device override this to do the math there."""
-        return score_rows(logits, targets, k, threads=self.scoring_threads)
+    def score(self, logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
+        """Log-probabilities of `targets` and the top-k under each row of a block from prefill()
+        (ranks: and each target's rank). Backends whose logits live on a device override this to
+        do the math there."""
+        return score_rows(logits, targets, k, threads=self.scoring_threads, ranks=ranks)
 
     def release(self, seq: int) -> None:
         """Forget a finished sequence (frees its KV cells)."""

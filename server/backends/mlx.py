@@ -247,12 +247,12 @@ class MLXBackend(Backend):
         self._leave_batch(seq)
         self._caches.pop(seq, None)
 
-    def score(self, logits, targets: np.ndarray, k: int) -> ScoredRows:
+    def score(self, logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
         if self.on_cpu:  # see the module's docstring
             logits = logits.astype(self._mx.float32)
             self._mx.eval(logits)
-            return score_rows(np.array(logits, copy=False), targets, k, threads=self.scoring_threads)
-        return score_rows_mlx(logits, targets, k)
+            return score_rows(np.array(logits, copy=False), targets, k, threads=self.scoring_threads, ranks=ranks)
+        return score_rows_mlx(logits, targets, k, ranks=ranks)
 
     def fingerprint_parts(self) -> dict[str, str]:
         return _fingerprint_parts(self._mx, self.on_cpu)

@@ -24,6 +24,9 @@ class PromptJob:
     # The full log-distribution of every row from this position on (row i: the next token after
     # tokens[:i + 1]), up to the prompt's last token; None: none (/v1/distributions asks for them).
     distributions_from: int | None = None
+    # vLLM's prompt_logprobs: every prompt row scored with this top-k and the token's rank, whether
+    # or not the prompt is echoed; None: not asked.
+    prompt_logprobs: int | None = None
 
 
 def job_cost(job: PromptJob) -> int:

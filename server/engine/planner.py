@@ -20,7 +20,7 @@ class PromptPlanner:
     def look_up(self, r: RunningJob) -> None:
         """Ask the cache for the job's longest cached prefix, once (a lookup counts as a hit or miss)."""
         if self.cache is not None and r.score_prompt and not r.prompt.looked_up:
-            r.prompt.reuse = self.cache.find(r.job.tokens, r.k)
+            r.prompt.reuse = self.cache.find(r.job.tokens, r.prompt_k, ranks=r.prompt_ranks)
         r.prompt.looked_up = True
 
     def plan(self, admitted: list[RunningJob]) -> tuple[list[list[RunningJob]], list[RunningJob]]:

@@ -70,7 +70,7 @@ class PromptRunner:
         if reuse is not None:
             backend.restore(r.seq, reuse.entry.state, reuse.length)
             start = reuse.length
-            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.k))
+            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.prompt_k))
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.
         wanted_from = max(start, r.logits_from)
@@ -94,7 +94,7 @@ class PromptRunner:
         in_prompt = min(len(block), n - 1 - i)
         if r.score_prompt and in_prompt > 0:
             targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
-            r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.k))
+            r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.prompt_k, ranks=r.prompt_ranks))
         if r.job.distributions_from is not None and in_prompt > 0:
             skip = max(0, r.job.distributions_from - i)
             if skip < in_prompt:
@@ -105,10 +105,11 @@ class PromptRunner:
     def _done(self, r: RunningJob) -> None:
         """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
         tokens, reuse = r.job.tokens, r.prompt.reuse
-        r.prompt.scores = concat_rows(r.prompt.parts, r.k) if r.score_prompt else None
+        r.prompt.scores = concat_rows(r.prompt.parts, r.prompt_k) if r.score_prompt else None
         if self.cache is not None and r.score_prompt and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
             scores = r.prompt.scores
-            size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes
-            self.cache.add(tokens, state, size, scores, r.k)
+            size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes + (
+                0 if scores.token_ranks is None else scores.token_ranks.nbytes)
+            self.cache.add(tokens, state, size, scores, r.prompt_k)
         r.emit(PromptScored(r.prompt.scores))

@@ -50,12 +50,12 @@ class PrefixCache:
         self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
         self.hits = self.lookups = self.reused_tokens = 0
 
-    def find(self, tokens: list[int], k: int) -> Reuse | None:
-        """The longest usable cached prefix for a prompt scored with top-k."""
+    def find(self, tokens: list[int], k: int, ranks: bool = False) -> Reuse | None:
+        """The longest usable cached prefix for a prompt scored with top-k (ranks: and ranks)."""
         self.lookups += 1
         best: Reuse | None = None
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
-            if entry.k < k:
+            if entry.k < k or (ranks and entry.scores.token_ranks is None):
                 continue
             shared = common_prefix(entry.tokens, tokens)
             # Row r-1 must predict a token both share, so r <= shared - 1; and at least the last two

@@ -64,8 +64,10 @@ class RunningJob:
         self.queued_at = time.perf_counter()
         self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
         self.seq = -1
-        self.k = job.logprobs or 0
-        self.score_prompt = job.echo and job.logprobs is not None
+        self.k = job.logprobs or 0  # the top-k of generated tokens (and of an echoed prompt)
+        self.score_prompt = (job.echo and job.logprobs is not None) or job.prompt_logprobs is not None
+        self.prompt_k = max(self.k, job.prompt_logprobs or 0)  # the top-k the prompt rows are scored with
+        self.prompt_ranks = job.prompt_logprobs is not None
         self.prompt = PromptPass()
         self.output = Generation(job)
         self.next_logits: np.ndarray | None = None  # the row that chooses the next token

@@ -167,6 +167,9 @@ class CompletionRequest(SamplingFields):
     max_tokens: NonNegative | None = 16
     logprobs: NonNegative | None = None
     echo: bool = False
+    prompt_logprobs: NonNegative | None = Field(None, description=(
+        "vLLM's extension: each prompt token's logprob, rank and the top N alternatives, in each choice's "
+        "`prompt_logprobs` (a list, null for the first token), whether or not the prompt is echoed."))
     # Accepted by OpenAI, not supported here: anything but their neutral value is rejected.
     suffix: str | None = None
     best_of: Int | None = None
@@ -301,11 +304,24 @@ class CompletionLogprobs(TypedDict):
 
 
 @closed
+class PromptLogprob(TypedDict):
+    logprob: float
+    rank: int  # 1 = the most likely token (ties ordered by lower id, as the top-k is)
+    decoded_token: str
+
+
+# vLLM's prompt_logprobs: per prompt token, null for the first; else token id (as a JSON key) -> entry,
+# the N best and the prompt's own token.
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
+@closed
 class CompletionChoice(TypedDict):
     index: int
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason
+    prompt_logprobs: NotRequired[PromptLogprobs]  # only when the request asked for them
 
 
 @closed
@@ -332,6 +348,7 @@ class CompletionChunkChoice(TypedDict):
     text: str
     logprobs: CompletionLogprobs | None
     finish_reason: FinishReason | None
+    prompt_logprobs: NotRequired[PromptLogprobs]  # in a choice's first chunk, when asked for
 
 
 @closed

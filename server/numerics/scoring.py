@@ -26,22 +26,47 @@ class ScoredRows:
     token_logprobs: np.ndarray  # [n] float32
     top_ids: np.ndarray  # [n, k] int64
     top_logprobs: np.ndarray  # [n, k] float32
+    # [n] int64, where asked for (vLLM's prompt_logprobs): the token's 1-based place in the order
+    # the top-k uses (best logit first, ties by lower id), so a token in the top-k has its index + 1.
+    token_ranks: np.ndarray | None = None
 
 
 def first_rows(rows: ScoredRows, n: int, k: int) -> ScoredRows:
     """The first n rows with the top-k narrowed to k (the kept columns are the best k, in order)."""
-    return ScoredRows(rows.token_logprobs[:n], rows.top_ids[:n, :k], rows.top_logprobs[:n, :k])
+    ranks = None if rows.token_ranks is None else rows.token_ranks[:n]
+    return ScoredRows(rows.token_logprobs[:n], rows.top_ids[:n, :k], rows.top_logprobs[:n, :k], ranks)
 
 
 def concat_rows(parts: list[ScoredRows], k: int) -> ScoredRows:
     """Scored rows one after another (an empty list: no rows, k columns)."""
     if not parts:
         return ScoredRows(np.empty(0, np.float32), np.empty((0, k), np.int64), np.empty((0, k), np.float32))
+    ranks = None if any(p.token_ranks is None for p in parts) else np.concatenate([p.token_ranks for p in parts])
     return ScoredRows(
         np.concatenate([p.token_logprobs for p in parts]),
         np.concatenate([p.top_ids for p in parts]),
         np.concatenate([p.top_logprobs for p in parts]),
+        ranks,
     )
+
+
+def token_ranks(rows, targets: np.ndarray, target_logits) -> np.ndarray:
+    """Each target's 1-based place among its row's logits, best first and ties by lower id (the
+    top-k's order): 1 + (logits above it) + (logits equal to it at a lower id). `rows`: numpy
+    logits, or MLX ones (counted on their device)."""
+    if isinstance(rows, np.ndarray):
+        value = np.asarray(target_logits, dtype=rows.dtype)[:, None]
+        above, ties = (rows > value).sum(axis=1), (rows == value).sum(axis=1)
+    else:
+        import mlx.core as mx
+
+        value = mx.array(np.asarray(target_logits, dtype=np.float32))[:, None]
+        above, ties = np.array(mx.sum(rows > value, axis=1)), np.array(mx.sum(rows == value, axis=1))
+    ranks = above.astype(np.int64) + 1
+    for i in np.flatnonzero(ties > 1):  # rare: count the tied ones before the target
+        row = np.asarray(rows[int(i)], dtype=np.float32)
+        ranks[i] += int((row[:int(targets[i])] == row[int(targets[i])]).sum())
+    return ranks
 
 
 def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
@@ -69,18 +94,19 @@ def _workers(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(threads, thread_name_prefix="scoring")
 
 
-def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1) -> ScoredRows:
+def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1, ranks: bool = False) -> ScoredRows:
     """Logprob of targets[i] under row i of `logits`, and each row's top-k.
 
     Every value is logit - lse computed the same way in float32, so a target that is also in the
     top-k carries exactly the same float in both places (lm-eval's greedy check uses ==).
     Rows are split among `threads` workers (numpy releases the GIL; the forward pass is idle
     meanwhile); each writes its own rows of the result, so the numbers do not depend on it.
+    ranks: also each target's rank (token_ranks), one more pass over the rows.
     """
     n, n_vocab = logits.shape
     k = min(k, n_vocab)
     out = ScoredRows(np.empty(n, dtype=np.float32), np.empty((n, k), dtype=np.int64),
-                     np.empty((n, k), dtype=np.float32))
+                     np.empty((n, k), dtype=np.float32), np.empty(n, dtype=np.int64) if ranks else None)
     step = max(1, min(ELEMENTS_PER_STEP // n_vocab, -(-n // threads)))
     spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     if threads > 1 and len(spans) > 1:
@@ -97,6 +123,8 @@ def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: in
     lse = logsumexp_rows(rows)
     r = np.arange(hi - lo)
     out.token_logprobs[lo:hi] = rows[r, targets[lo:hi]] - lse
+    if out.token_ranks is not None:
+        out.token_ranks[lo:hi] = token_ranks(rows, targets[lo:hi], rows[r, targets[lo:hi]])
     if not k:
         return
     if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~15x cheaper than argpartition
@@ -147,7 +175,7 @@ def _logsumexp_mlx(logits):
     return row_max[:, 0] + mx.log(total)
 
 
-def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
+def score_rows_mlx(logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
     """score_rows for an MLX array, computed on the device: only n + 2nk numbers come back.
 
     The same definitions as score_rows (float32 logit - logsumexp, so a target in the top-k has
@@ -160,10 +188,12 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
     k = min(k, n_vocab)
     logits = logits.astype(mx.float32)
     lse = _logsumexp_mlx(logits)
-    token_lp = mx.take_along_axis(logits, mx.array(targets, dtype=mx.int32)[:, None], axis=1)[:, 0] - lse
+    target_logits = mx.take_along_axis(logits, mx.array(targets, dtype=mx.int32)[:, None], axis=1)[:, 0]
+    token_lp = target_logits - lse
+    rank = token_ranks(logits, targets, np.array(target_logits)) if ranks else None
     if not k:
         mx.eval(token_lp)
-        return ScoredRows(np.array(token_lp), np.empty((n, 0), np.int64), np.empty((n, 0), np.float32))
+        return ScoredRows(np.array(token_lp), np.empty((n, 0), np.int64), np.empty((n, 0), np.float32), rank)
     if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~8x cheaper than argpartition on CPU
         part = mx.argmax(logits, axis=1)[:, None]
     else:
@@ -181,4 +211,4 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int) -> ScoredRows:
     # By logit, as score_rows: two logits can round to the same logprob.
     order = np.lexsort((part, -part_values), axis=1)
     return ScoredRows(np.array(token_lp), np.take_along_axis(part, order, axis=1),
-                      np.take_along_axis(part_lp, order, axis=1))
+                      np.take_along_axis(part_lp, order, axis=1), rank)

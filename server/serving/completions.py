@@ -9,8 +9,8 @@ from typing import TYPE_CHECKING
 
 from server.engine import PromptJob, PromptResult
 from server.http.errors import APIError
-from server.http.protocol import CompletionLogprobs, CompletionRequest
-from server.numerics.scoring import ScoredRows
+from server.http.protocol import CompletionLogprobs, CompletionRequest, PromptLogprobs
+from server.numerics.scoring import ScoredRows, first_rows
 from server.numerics.text import join_pieces
 from server.serving.base import (
     ChoiceBuilder,
@@ -64,13 +64,14 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
                        code="limit_exceeded")
     sampling = sampling_params(state, request)
     check_logprobs_limit(state, request.logprobs, "logprobs")
+    check_logprobs_limit(state, request.prompt_logprobs, "prompt_logprobs")
     jobs, job_prompts = [], []
     for p, prompt in enumerate(prompt_tokens(state, request)):
         max_tokens = check_fits(state, prompt.tokens, request.max_tokens, f"Prompt {p}")
         for sample in range(request.n or 1):
             jobs.append(PromptJob(tokens=prompt.tokens, max_tokens=max_tokens, logprobs=request.logprobs,
                                   echo=request.echo, sampling=sampling, stop=request.stop_list(),
-                                  sample_index=sample))
+                                  sample_index=sample, prompt_logprobs=request.prompt_logprobs))
             job_prompts.append(prompt)
     check_request_cost(state, jobs)
     return jobs, job_prompts
@@ -119,6 +120,27 @@ class CompletionChoices(ChoiceBuilder):
         return {"tokens": [strings[t] for t in ids], "token_logprobs": token_logprobs,
                 "top_logprobs": top_logprobs, "text_offset": offsets}
 
+    def _prompt_logprobs(self, job: PromptJob, scores: ScoredRows) -> PromptLogprobs:
+        """vLLM's prompt_logprobs: null for the first token, then token id -> {logprob, rank,
+        decoded_token} for the N best at each position and the prompt's own token."""
+        strings, n = self.state.backend.tokens.strings, job.prompt_logprobs
+        out: PromptLogprobs = [None]
+        if len(job.tokens) < 2:  # one token: nothing to score
+            return out
+        for token, token_lp, rank, top_ids, top_lps in zip(
+                job.tokens[1:], scores.token_logprobs.tolist(), scores.token_ranks.tolist(),
+                scores.top_ids[:, :n].tolist(), scores.top_logprobs[:, :n].tolist()):
+            entry = {str(i): {"logprob": lp, "rank": place, "decoded_token": strings[i]}
+                     for place, (i, lp) in enumerate(zip(top_ids, top_lps), start=1)}
+            entry.setdefault(str(token), {"logprob": token_lp, "rank": rank, "decoded_token": strings[token]})
+            out.append(entry)
+        return out
+
+    def _echo_scores(self, job: PromptJob, scores: ScoredRows) -> ScoredRows:
+        """An echoed prompt's rows with the top-k asked in `logprobs` (prompt_logprobs may have
+        scored them wider)."""
+        return first_rows(scores, len(scores.token_logprobs), job.logprobs)
+
     def echo_length(self, index: int) -> int:
         return len(self.echoes[index][0]) if index in self.echoes else 0
 
@@ -127,23 +149,27 @@ class CompletionChoices(ChoiceBuilder):
         job = self.jobs[index]
         prompt_text, prompt_offsets = self.echoes.get(index, ("", []))
         text = prompt_text + result.generated_text
+        extra = {} if job.prompt_logprobs is None else {
+            "prompt_logprobs": self._prompt_logprobs(job, result.prompt_scores)}
         if job.logprobs is None:
-            return {"text": text, "logprobs": None, "finish_reason": result.finish_reason}
+            return {"text": text, "logprobs": None, "finish_reason": result.finish_reason, **extra}
         # End-of-generation tokens are reported in logprobs but add no text.
         _, gen_offsets = join_pieces(self.state.backend.tokens.text_pieces(result.generated))
         ids = (job.tokens if job.echo else []) + result.generated
-        parts = ([result.prompt_scores] if job.echo else []) + [result.generated_scores]
+        parts = ([self._echo_scores(job, result.prompt_scores)] if job.echo else []) + [result.generated_scores]
         offsets = prompt_offsets + [len(prompt_text) + o for o in gen_offsets]
         logprobs = self._logprobs(ids, parts, offsets, first_is_null=job.echo)
-        return {"text": text, "logprobs": logprobs, "finish_reason": result.finish_reason}
+        return {"text": text, "logprobs": logprobs, "finish_reason": result.finish_reason, **extra}
 
     def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
         job = self.jobs[index]
+        extra = {} if job.prompt_logprobs is None else {"prompt_logprobs": self._prompt_logprobs(job, scores)}
         if not job.echo:
-            return None
+            return {"text": "", "logprobs": None, **extra} if extra else None
         text, offsets = self.echoes[index]
-        logprobs = None if job.logprobs is None else self._logprobs(job.tokens, [scores], offsets, first_is_null=True)
-        return {"text": text, "logprobs": logprobs}
+        logprobs = None if job.logprobs is None else self._logprobs(
+            job.tokens, [self._echo_scores(job, scores)], offsets, first_is_null=True)
+        return {"text": text, "logprobs": logprobs, **extra}
 
     def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
         logprobs = None
