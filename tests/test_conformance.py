@@ -55,6 +55,26 @@ def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, 
     check_against_reference(numpy_reference, tokens, lp, 5)
 
 
+def test_prompt_logprobs_values_and_ranks_match_float64_reference(fixture_server, numpy_reference):
+    """vLLM's prompt_logprobs from the real backend: each prompt token's logprob as echo gives it, and
+    its rank where the float64 reference puts it (a token within the tolerance of another may swap
+    places with it: the rank must lie in the span such near-ties allow)."""
+    prompt = PROMPTS[0]
+    tokens = tokenize(fixture_server, prompt)
+    choice = fixture_server.complete(prompt=prompt, max_tokens=0, prompt_logprobs=3, echo=True, logprobs=3)["choices"][0]
+    entries = choice["prompt_logprobs"]
+    expected = numpy_reference.logprob_matrix(tokens)
+    assert len(entries) == len(tokens) and entries[0] is None
+    for i, (entry, token) in enumerate(zip(entries[1:], tokens[1:])):
+        own = entry[str(token)]
+        assert own["logprob"] == choice["logprobs"]["token_logprobs"][i + 1]  # the same float as echo's
+        row, value = expected[i], expected[i][token]
+        assert (row > value + REFERENCE_TOLERANCE).sum() + 1 <= own["rank"] <= (row >= value - REFERENCE_TOLERANCE).sum()
+        best = [e for e in entry.values() if e["rank"] <= 3]
+        assert [e["rank"] for e in best] == [1, 2, 3]
+        assert np.abs(np.array([e["logprob"] for e in best]) - np.sort(row)[::-1][:3]).max() <= REFERENCE_TOLERANCE
+
+
 def test_backends_agree_token_by_token(gguf_fixture_server, mlx_fixture_server):
     worst = 0.0
     for prompt in PROMPTS:

@@ -57,6 +57,21 @@ def test_ties_are_broken_by_lowest_token_id():
     assert score_rows(logits, np.array([0]), 1).top_ids.tolist() == [[3]]
 
 
+def test_ranks_follow_the_top_k_order_ties_by_lowest_id():
+    """A target's rank is its place in the top-k's order (ties by lower id), for every target, on
+    random rows and rows full of ties; numpy's stable argsort is the independent count."""
+    rng = np.random.default_rng(1)
+    logits = np.round(rng.standard_normal((60, 300)) * 2).astype(np.float32)  # many exact ties
+    targets = rng.integers(0, 300, 60)
+    scored = score_rows(logits, targets, 5, ranks=True)
+    want = [int(np.flatnonzero(np.argsort(-row, kind="stable") == t)[0]) + 1 for row, t in zip(logits, targets)]
+    assert scored.token_ranks.tolist() == want
+    for row, ids, t, rank in zip(logits, scored.top_ids, targets, scored.token_ranks):
+        if t in ids:
+            assert rank == list(ids).index(t) + 1
+    assert score_rows(logits, targets, 5).token_ranks is None  # only when asked
+
+
 def test_token_string_uses_openai_bytes_form_for_partial_utf8():
     assert token_string(" caf\xc3\xa9".encode("latin-1")) == " café"
     assert token_string(b"\xf0\x9f") == "bytes:\\xf0\\x9f"
@@ -93,7 +108,9 @@ def test_mlx_scoring_matches_numpy_scoring(k):
     logits = (rng.standard_normal((70, 49152)) * 4).astype(np.float32)
     targets = rng.integers(0, 49152, 70)
     targets[:10] = logits[:10].argmax(axis=1)  # some targets are the top token
-    on_device, on_host = score_rows_mlx(mx.array(logits), targets, k), score_rows(logits, targets, k)
+    on_device = score_rows_mlx(mx.array(logits), targets, k, ranks=True)
+    on_host = score_rows(logits, targets, k, ranks=True)
+    np.testing.assert_array_equal(on_device.token_ranks, on_host.token_ranks)
     assert np.abs(on_device.token_logprobs - on_host.token_logprobs).max() < 1e-5
     np.testing.assert_array_equal(on_device.top_ids, on_host.top_ids)
     if k:
