@@ -13,6 +13,9 @@ A request's way through the package, top to bottom (each folder imports only tho
     observability/        metrics and the system fingerprint, beside the pipeline
     models/               finding the model to serve
     config.py             every setting, declared once (flags, LOGPROBS_* variables, --help)
+
+    serve_ray.py, scale/  beside it all: Ray Serve's ingress and model replicas, prefix-affinity
+                          routing, splitting multi-prompt requests (the replicas run app.py's app)
 """
 
 # llama.cpp's libraries are loaded first, before numpy or anything else of ours: on a CUDA build,

@@ -1,28 +1,49 @@
-"""Scale-out on Ray Serve: the same FastAPI app as N replicas, each with its own model and prefix cache.
+"""Scale-out on Ray Serve: N model replicas, each with its own model and prefix cache, behind a thin
+ingress that routes every prompt to the replica holding its prefix.
 
     serve run deploy/ray/serve.yaml          # see that file and docs/deployment.md
 
-Each replica calls `create_app()` with no settings, so it reads its LOGPROBS_* environment (set per
-replica with `ray_actor_options.runtime_env.env_vars`: LOGPROBS_N_THREADS, LOGPROBS_MODEL,
-LOGPROBS_API_KEY_FILE, ...), and its lifespan loads the model once, when the replica starts.
-Serve's proxy forwards the client's Host header, so give the replicas an API key (then any Host is
-accepted) or LOGPROBS_ALLOWED_HOSTS.
+Serve's HTTP proxy picks a replica before it reads a request's body, so it cannot route by prompt.
+Here the proxy reaches `LogprobsIngress` (light: it parses, splits and joins), which calls the model
+replicas through a deployment handle; the handle's request router (server/scale/router.py) sees each
+call's prompt and sends it where its prefix is cached, within a load bound (server/scale/affinity.py
+says why that rule). A non-streamed completion of several token-id prompts (lm-eval's batches) is
+split into one call per prompt and joined in order (server/scale/fanout.py); anything else goes whole.
 
-Routing is Serve's default (the shorter queue of two random replicas): no prefix affinity. Serve's
-proxy routes before it reads the request body, so an HTTP router never sees the prompt; see
-docs/deployment.md for what that costs the prefix caches. Start the nodes with
-RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING=0, or each proxy keeps requests on its own node.
-
-Every response carries `X-Serve-Replica: <replica id>`, so a client can tell which replica answered;
-GET /metrics through the proxy reaches one replica at a time, and this header says which.
+Each model replica runs the app of server.app.create_app, configured from its LOGPROBS_* environment
+(set per deployment with `ray_actor_options.runtime_env.env_vars`), on exactly the request the
+client sent (method, path, headers, body): keys, the Host check, limits, errors and streaming are the
+replica's own. Its responses carry `X-Serve-Replica: <replica id>` (a joined response: each part's,
+comma-separated), so GET /metrics tells which replica answered. When the client leaves, the calls
+are cancelled and the replicas stop the work (their app sees the client disconnect).
 """
 
-from __future__ import annotations
+# No `from __future__ import annotations` here: FastAPI reads the route's annotations (Request) on a
+# class that Serve's ingress wraps, where string annotations were taken for query parameters.
+import asyncio
+import json
+import logging
+import uuid
+from dataclasses import replace
 
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve import context as serve_context
+from ray.serve.config import RequestRouterConfig
+from ray.serve.handle import DeploymentHandle
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.config import Settings
+from server.http.body_limit import BodyLimit
+from server.http.errors import error_body
+from server.http.request_id import HEADER as REQUEST_ID_HEADER
+from server.http.request_id import choose_request_id
+from server.http.security import Guard
+from server.scale import asgi_call, fanout
+
 REPLICA_HEADER = b"x-serve-replica"
+log = logging.getLogger(__name__)
 
 
 class ReplicaTag:
@@ -44,33 +65,136 @@ class ReplicaTag:
         await self.app(scope, receive, tagged)
 
 
-def replica_app():
-    """Called once in each replica (Serve's ingress builder): the app of server.app.create_app,
-    configured from this replica's environment."""
-    from server.app import create_app
-
-    app = create_app()
-    app.add_middleware(ReplicaTag, replica=serve.get_replica_context().replica_id.unique_id)
-    return app
-
-
-# Defaults for a config file to override (deploy/ray/serve.yaml): one replica per machine, a few
-# requests queued at each (lm-eval's num_concurrent; with one sequence, the engine runs prompts one
-# at a time anyway).
-LogprobsServer = serve.deployment(
-    serve.ingress(replica_app)(),
-    name="LogprobsServer",
-    max_ongoing_requests=4,
+# max_ongoing_requests: Serve's own bound on the calls a replica holds. The router places prompts by
+# prefix and by how many each replica was sent (affinity.py); a replica's engine queues them fairly and
+# answers 429 past --max-queued-tokens. A small bound here made Serve back off and retry (up to
+# 12.8 s for 8 requests of 4 prompts that compute in 2 s, measured) and sent prompts off their prefix.
+@serve.deployment(
+    name="LogprobsModel",
+    max_ongoing_requests=64,
     max_replicas_per_node=1,
     health_check_period_s=10,
     graceful_shutdown_timeout_s=30,
+    request_router_config=RequestRouterConfig(request_router_class="server.scale.router:PrefixAffinityRouter"),
 )
+class LogprobsModel:
+    """One model replica: this server's app, loaded once when the replica starts."""
+
+    async def __init__(self):
+        from server.app import create_app
+
+        self.app = create_app()
+        self.app.add_middleware(ReplicaTag, replica=serve.get_replica_context().replica_id.unique_id)
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        await self._lifespan.__aenter__()  # loads the model (the replica is ready after this)
+
+    async def forward(self, call: dict):
+        """The response to one forwarded request, message by message (a generator: streams stay streams)."""
+        async for message in asgi_call.run(self.app, call):
+            yield message
+
+    async def __del__(self):
+        await self._lifespan.__aexit__(None, None, None)
+
+
+async def _collect(model: DeploymentHandle, call: dict) -> tuple[int, list, bytes]:
+    """One part of a split request (run as its own task), its whole response."""
+    # Serve 2.60 gives a handle call its parent request's internal id, and its router indexes the
+    # calls waiting for a replica by that id: concurrent calls of one request then overwrite each
+    # other there and wait forever (measured: the first part answered, the rest hung until the
+    # client's timeout). Each part gets an id of its own, in this task's copy of the context.
+    context = serve_context._get_serve_request_context()
+    serve_context._serve_request_context.set(replace(context, _internal_request_id=uuid.uuid4().hex))
+    status, headers, chunks = 500, [], []
+    stream = model.options(stream=True).forward.remote(call)
+    try:
+        async for message in stream:
+            if message["type"] == "http.response.start":
+                status, headers = message["status"], message.get("headers", [])
+            else:
+                chunks.append(message.get("body", b""))
+    except asyncio.CancelledError:
+        stream.cancel()  # the client left: the replica stops this part's work
+        raise
+    return status, headers, b"".join(chunks)
+
+
+def ingress_app() -> FastAPI:
+    """The ingress's HTTP app: the same body limit, keys and Host check as a replica (so nothing is
+    split or forwarded for a client the replicas would refuse), then forwarding."""
+    settings = Settings.load()
+    app = FastAPI(title="logprobs-server (Ray Serve ingress)", openapi_url=None, docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    Guard.load(settings).install(app)
+    app.state.settings = settings
+    return app
+
+
+app = ingress_app()
+
+
+@serve.deployment(name="LogprobsIngress", max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class LogprobsIngress:
+    def __init__(self, model: DeploymentHandle):
+        self.model, self.settings = model, app.state.settings
+
+    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
+                   include_in_schema=False)
+    async def forward(self, request: Request, path: str) -> Response:
+        body = await request.body()
+        # One request id for every part, so the replicas' log lines of one request share it.
+        request_id = choose_request_id(request.headers.get(REQUEST_ID_HEADER, "").encode() or None)
+        headers = [(k, v) for k, v in request.headers.items() if k != REQUEST_ID_HEADER]
+        call = {"method": request.method, "path": request.url.path, "query": request.url.query, "body": body,
+                "headers": [*headers, (REQUEST_ID_HEADER, request_id)],
+                "client": list(request.client) if request.client else None}
+        parsed = fanout.parse(body) if request.method == "POST" and body else None
+        parts = fanout.split(request.url.path, parsed, self.settings) if parsed is not None else None
+        try:
+            if parts is not None:
+                joined = await self._split(call, parts, parsed.get("n") or 1)  # split() took n >= 1 or null
+                if joined is not None:
+                    return joined
+            return await self._whole(call | {"route_key": fanout.route_key(parsed)})
+        except asyncio.CancelledError:
+            raise  # the client left: Serve cancels the calls made for it
+        except Exception:
+            log.exception("forwarding %s %s failed", request.method, request.url.path)
+            return JSONResponse(error_body("No model replica could answer; retry shortly.", type="server_error"),
+                                status_code=503, headers={"Retry-After": "1"})
+
+    async def _split(self, call: dict, parts: list[dict], n: int) -> Response | None:
+        """The parts, each to the replica holding its prefix, joined; None if any part failed."""
+        results = await asyncio.gather(*[
+            _collect(self.model, call | {"body": json.dumps(part).encode(), "route_key": fanout.route_key(part)})
+            for part in parts])
+        if any(status != 200 for status, _, _ in results):
+            return None  # the whole request again: the client gets a single server's error, prompt index and all
+        joined = fanout.join([json.loads(body) for _, _, body in results], n)
+        replicas = sorted({v.decode() for _, headers, _ in results for k, v in headers if k == REPLICA_HEADER})
+        return Response(json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode(),
+                        media_type="application/json",
+                        headers={"x-serve-replica": ",".join(replicas), REQUEST_ID_HEADER: dict(call["headers"])[
+                            REQUEST_ID_HEADER], "x-system-fingerprint": joined.get("system_fingerprint", "")})
+
+    async def _whole(self, call: dict) -> Response:
+        stream = self.model.options(stream=True).forward.remote(call)
+        start = await stream.__anext__()
+
+        async def body():
+            try:
+                async for message in stream:
+                    yield message.get("body", b"")
+            finally:
+                stream.cancel()  # the client left mid-stream (a no-op once the stream is done)
+
+        response = StreamingResponse(body(), status_code=start["status"])
+        response.raw_headers = [(k, v) for k, v in start.get("headers", []) if k.lower() != b"content-length"]
+        return response
 
 
 def build(args: dict | None = None):
     """Application builder (`import_path: server.serve_ray:build`); deployment options come from the
     config file's `deployments:` section."""
-    return LogprobsServer.bind()
-
-
-app = build()
+    return LogprobsIngress.bind(LogprobsModel.bind())

@@ -13,9 +13,10 @@ Why this rule (measured on lm-eval's requests in tests/test_affinity.py and `mak
   every item of a task) to one replica; hashing the whole prompt separates the choices of one
   item, whose contexts are what the prefix cache reuses;
 - the longest match finds the item: its context is on one replica only, while a few-shot prefix,
-  once on every replica, ties them all, and a tie goes to the least loaded;
+  once on most replicas, is no reason to prefer any of them, and then load decides;
 - the load bound (bounded-load consistent hashing's rule: no replica above (1 + SLACK) x the mean
-  count of prompts sent) keeps a hot prefix from piling on one replica.
+  count of prompts sent, + BURST so that an item's choices stay together while few prompts have
+  been sent) keeps a hot prefix from piling on one replica.
 A prompt is remembered on its replica as soon as it is chosen, so the next choice of the same
 item, arriving before the first has run, already finds it.
 """
@@ -23,12 +24,14 @@ item, arriving before the first has run, already finds it.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 
 BLOCK_TOKENS = 16
 BLOCK_CHARS = 64  # ~16 tokens of English text
 SLACK = 0.2  # the load bound: a replica takes a prompt by affinity up to (1 + SLACK) x the mean
+BURST = 4  # ... + this many: the choices of one item (sent together) stay together from the start
 REMEMBERED_BLOCKS = 1 << 17  # per replica (~3 MB of names): far more than a prefix cache holds
 
 
@@ -90,24 +93,26 @@ class PrefixAffinity:
         self.sync(current)
         names = block_names(prompt) if prompt is not None else []
         total = sum(r.sent for r in self.replicas.values())
-        bound = (1 + self.slack) * (total + 1) / max(len(current), 1)
+        bound = math.ceil((1 + self.slack) * (total + 1) / max(len(current), 1)) + BURST
         matches = {rid: self.replicas[rid].match(names) for rid in current}
         # Least loaded first (ties by id, so every router orders alike); then, among replicas
-        # under the bound, the longest match leads. Nothing matched more than every replica
-        # holds (a shared few-shot prefix): only load decides.
+        # under the bound, the longest match leads. A match that most replicas hold (a shared
+        # few-shot prefix, once spread) says nothing: only what goes beyond it counts, and a
+        # replica that holds nothing yet is still among the least loaded.
         by_load = sorted(current, key=lambda rid: (self.replicas[rid].sent, rid))
-        floor = min(matches.values(), default=0)
+        floor = sorted(matches.values(), reverse=True)[len(current) // 2] if current else 0
         affine = [rid for rid in by_load if matches[rid] > floor and self.replicas[rid].sent + 1 <= bound]
         affine.sort(key=lambda rid: -matches[rid])  # stable: equal matches stay least loaded first
         return affine + [rid for rid in by_load if rid not in affine]
 
-    def expect(self, replica: str, prompt: Sequence[int] | str | None) -> None:
-        """A prompt is about to go to `replica`: remember its blocks there now, so that a prompt of
-        the same item routed before this one is sent finds them."""
-        if prompt is not None:
-            self.replicas.setdefault(replica, Replica(self.capacity)).remember(block_names(prompt))
+    def unsend(self, replica: str) -> None:
+        """A prompt counted for `replica` went elsewhere after all (its blocks may stay: a hint)."""
+        if replica in self.replicas and self.replicas[replica].sent > 0:
+            self.replicas[replica].sent -= 1
 
     def sent(self, replica: str, prompt: Sequence[int] | str | None) -> None:
         """A prompt went to `replica`: count it and remember its blocks there."""
-        self.replicas.setdefault(replica, Replica(self.capacity)).sent += 1
-        self.expect(replica, prompt)
+        state = self.replicas.setdefault(replica, Replica(self.capacity))
+        state.sent += 1
+        if prompt is not None:  # remembered now, so the item's next choice, sent right after, finds it
+            state.remember(block_names(prompt))
