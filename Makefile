@@ -83,11 +83,19 @@ image-test-cuda:
 	DOCKERFILE=docker/Dockerfile.cuda IMAGE=localhost/logprobs-server:cuda-test \
 	  BUILD_ARGS="--build-arg CUDA_ARCHITECTURES=90" ./docker/image-test.sh
 
-# Two Ray nodes on this machine, two replicas behind Serve's proxy, lm-eval through it against a
-# single server's numbers (~5 minutes on 2 cores; writes scale_out/report.txt). Not part of `make test`.
+# Two Ray nodes on this machine, LOGPROBS_SCALE_REPLICAS model replicas behind the prefix-routing
+# ingress, lm-eval through it against a single server's numbers and reuse (~6 minutes on 2 cores at
+# 2 replicas; writes scale_out/report.txt). Not part of `make test`. E.g.
+#   make scale-test LOGPROBS_SCALE_REPLICAS=4 LOGPROBS_SCALE_FEWSHOT=5
+LOGPROBS_SCALE_REPLICAS ?= 2
+LOGPROBS_SCALE_FEWSHOT ?= 0
+LOGPROBS_SCALE_BATCH ?= 4
+LOGPROBS_SCALE_LIMIT ?= 40
 scale-test: setup
 	$(BIN)/python -m pip install --quiet -e ".[ray]"
-	LOGPROBS_SCALE_TEST=1 $(TEST_ENV) $(BIN)/python -m pytest -s tests/test_scale.py
+	LOGPROBS_SCALE_TEST=1 LOGPROBS_SCALE_REPLICAS=$(LOGPROBS_SCALE_REPLICAS) LOGPROBS_SCALE_FEWSHOT=$(LOGPROBS_SCALE_FEWSHOT) \
+	  LOGPROBS_SCALE_BATCH=$(LOGPROBS_SCALE_BATCH) LOGPROBS_SCALE_LIMIT=$(LOGPROBS_SCALE_LIMIT) \
+	  $(TEST_ENV) $(BIN)/python -m pytest -s tests/test_scale.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

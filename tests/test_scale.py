@@ -1,13 +1,17 @@
 """Scale-out on Ray Serve, end to end on loopback (`make scale-test`; opt-in: LOGPROBS_SCALE_TEST=1).
 
 Two Ray nodes on this machine (a head and a worker, each `ray start --block` with its own ports),
-deploy/ray/serve.yaml run by `serve run` with two replicas of one thread each (one per node),
-then unmodified lm-eval (`local-completions`, num_concurrent=4) through Serve's proxy on the
-HellaSwag items, and the same lm-eval run against a single server. Every loglikelihood must
-match the single server's to 1e-4; each replica's prefix-cache counters are read from its own
-/metrics (responses name their replica in X-Serve-Replica) and reported.
+deploy/ray/serve.yaml run by `serve run` with LOGPROBS_SCALE_REPLICAS model replicas (default 2) of
+one thread each behind the prefix-routing ingress, then unmodified lm-eval (`local-completions`,
+num_concurrent=8, batch_size LOGPROBS_SCALE_BATCH, default 4, so multi-prompt requests are split)
+through Serve's proxy on the HellaSwag items (LOGPROBS_SCALE_FEWSHOT shots, default 0), and the same
+lm-eval run against a single server. Every loglikelihood must match the single server's; each
+replica's counters are read from its own /metrics (responses name their replica in X-Serve-Replica):
+the replicas must reuse >= 0.95 of the prompt tokens one server reuses, and no replica may get more
+than 1.25x the mean share of prompts. Then `serve run` again: the new replicas answer a split
+request with the single server's numbers.
 
-Opt-in because it needs the `ray` extra and ~3-5 minutes on 2 cores: `make test` skips it.
+Opt-in because it needs the `ray` extra and ~5-10 minutes on 2 cores: `make test` skips it.
 Everything it starts (Ray nodes, `serve run`) is its own process group, stopped at the end."""
 
 from __future__ import annotations
@@ -36,12 +40,16 @@ pytestmark = [
 ]
 
 TASK, LIMIT = "hellaswag_dev", int(os.environ.get("LOGPROBS_SCALE_LIMIT", "40"))
+REPLICAS = int(os.environ.get("LOGPROBS_SCALE_REPLICAS", "2"))
+PER_NODE = -(-REPLICAS // 2)  # two Ray nodes
+FEWSHOT = int(os.environ.get("LOGPROBS_SCALE_FEWSHOT", "0"))
+BATCH = int(os.environ.get("LOGPROBS_SCALE_BATCH", "4"))
 KEY = "sk-scale-test-key"
 LL_TOLERANCE = 1e-4
 BIN = Path(sys.executable).parent
 REPLICA_HEADER = "x-serve-replica"
 COUNTERS = ("logprobs_prefix_cache_lookups_total", "logprobs_prefix_cache_hits_total",
-            "logprobs_prefix_cache_reused_tokens_total")
+            "logprobs_prefix_cache_reused_tokens_total", "logprobs_prompt_tokens_run_total")
 
 
 def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> None:
@@ -71,7 +79,7 @@ class RayNodes:
     def _start(self, name: str, *args: str) -> None:
         ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
                  "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-        command = [str(BIN / "ray"), "start", "--block", "--num-cpus=1", "--object-store-memory=100000000",
+        command = [str(BIN / "ray"), "start", "--block", f"--num-cpus={PER_NODE}", "--object-store-memory=100000000",
                    "--disable-usage-stats", *args, *(f"{p}={free_port()}" for p in ports)]
         log = open(self.folder / f"ray-{name}.log", "w")
         self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
@@ -112,7 +120,7 @@ def scrape_replicas(url: str, n: int, headers: dict, timeout: float = 180) -> di
         replica, values = scrape(url, headers)
         assert replica, "no X-Serve-Replica header"
         seen[replica] = values
-        if len(seen) == n:
+        if len(seen) >= n:
             return seen
         time.sleep(0.2)
     raise AssertionError(f"only reached replicas {sorted(seen)} in {timeout:.0f} s")
@@ -121,15 +129,15 @@ def scrape_replicas(url: str, n: int, headers: dict, timeout: float = 180) -> di
 def run_lm_eval(url: str, out_dir: Path, key: str | None) -> tuple[float, dict[int, list]]:
     """lm-eval as the README runs it; returns the wall time and doc_id -> [(loglikelihood, is_greedy)]."""
     model_args = (f"base_url={url}/v1/completions,tokenized_requests=True,tokenizer_backend=remote,"
-                  f"num_concurrent=4,max_retries=1,timeout=120" + (f",auth_token={key}" if key else ""))
+                  f"num_concurrent=8,max_retries=1,timeout=300" + (f",auth_token={key}" if key else ""))
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
     env.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(out_dir / "hf_cache"),
                 "TOKENIZERS_PARALLELISM": "false", **({"OPENAI_API_KEY": key} if key else {})})
     command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
                "--tasks", TASK, "--include_path", str(ROOT / "clients" / "lm_eval_tasks"), "--limit", str(LIMIT),
-               "--batch_size", "1", "--log_samples", "--output_path", str(out_dir)]
+               "--batch_size", str(BATCH), "--num_fewshot", str(FEWSHOT), "--log_samples", "--output_path", str(out_dir)]
     start = time.monotonic()
-    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     wall = time.monotonic() - start
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     lines = next(out_dir.rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()
@@ -138,19 +146,58 @@ def run_lm_eval(url: str, out_dir: Path, key: str | None) -> tuple[float, dict[i
     return wall, {d: [(float(r[0][0]), str(r[0][1]) == "True") for r in s["resps"]] for d, s in samples.items()}
 
 
-def deploy_config(folder: Path, port: int, key_file: Path) -> Path:
-    """deploy/ray/serve.yaml as shipped, with this test's port, loopback, one thread and the key file."""
+def deploy_config(folder: Path, port: int, key_file: Path, generation: int = 1) -> Path:
+    """deploy/ray/serve.yaml as shipped, with this test's port, loopback, replicas, one thread each and
+    the key file; `generation` changes the environment, so Serve replaces every replica (a redeploy
+    of an unchanged config keeps them)."""
     import yaml  # PyYAML: a dependency of ray (and lm-eval)
 
     config = yaml.safe_load((ROOT / "deploy" / "ray" / "serve.yaml").read_text())
     config["http_options"] = {"host": "127.0.0.1", "port": port}
-    deployment = config["applications"][0]["deployments"][0]
-    assert deployment["num_replicas"] == 2 and deployment["max_replicas_per_node"] == 1
-    deployment["ray_actor_options"]["runtime_env"]["env_vars"].update({
-        "LOGPROBS_N_THREADS": "1", "LOGPROBS_API_KEY_FILE": str(key_file), "LOGPROBS_N_CTX": str(SERVER_N_CTX)})
-    path = folder / "serve.yaml"
+    application = config["applications"][0]
+    model = next(d for d in application["deployments"] if d["name"] == "LogprobsModel")
+    assert model["num_replicas"] == 2 and model["max_replicas_per_node"] == 1
+    model.update({"num_replicas": REPLICAS, "max_replicas_per_node": PER_NODE})
+    application["runtime_env"]["env_vars"].update({
+        "LOGPROBS_N_THREADS": "1", "LOGPROBS_API_KEY_FILE": str(key_file), "LOGPROBS_N_CTX": str(SERVER_N_CTX),
+        "SCALE_TEST_GENERATION": str(generation)})
+    path = folder / f"serve-{generation}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+class ServeRun:
+    """`serve run CONFIG` against the nodes, until it is stopped (Ctrl-C: it deletes its app)."""
+
+    def __init__(self, nodes: RayNodes, config: Path, folder: Path, env: dict, url: str, name: str):
+        self.log_path = folder / f"serve-run-{name}.log"
+        self.proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", nodes.address, str(config)],
+                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+                                     start_new_session=True)
+        deadline = time.monotonic() + 300
+        while True:
+            assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
+            assert time.monotonic() < deadline, self.log_path.read_text()[-4000:]
+            try:
+                if requests.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except requests.RequestException:
+                pass
+            time.sleep(1)
+
+    def stop(self) -> None:
+        stop_group(self.proc, signal.SIGINT, timeout=60)
+
+
+SPLIT_PROMPTS = [[504, 3458, 282, 4649, 314, 1345, 28], [504, 3458, 282, 1065, 30], [1345, 28, 504], [42, 43, 44, 45]]
+
+
+def split_request(url: str, headers: dict) -> tuple[dict, str]:
+    """A multi-prompt echo request (the ingress splits it): the body and the replicas that answered."""
+    response = requests.post(url + "/v1/completions", headers=headers, timeout=120, json={
+        "prompt": SPLIT_PROMPTS, "max_tokens": 2, "echo": True, "logprobs": 3, "temperature": 0})
+    assert response.status_code == 200, response.text
+    return response.json(), response.headers.get(REPLICA_HEADER, "")
 
 
 def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_path_factory):
@@ -159,42 +206,36 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
     key_file.write_text(KEY + "\n")
     headers = {"Authorization": f"Bearer {KEY}"}
     # Replicas import this checkout's `server` (PYTHONPATH is passed from `ray start` to its workers).
-    # Serve's proxies prefer their own node's replicas while those have room (max_ongoing_requests):
-    # one client through one proxy then reaches one machine only. README: turn that off on every node.
     env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
            "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
     nodes = RayNodes(tmp_path, env)
-    serve_run = None
+    running = None
     try:
         started = time.monotonic()
         nodes.start()
         proxy_port = free_port()
         config = deploy_config(tmp_path, proxy_port, key_file)
-        serve_log = open(tmp_path / "serve-run.log", "w")
-        serve_run = subprocess.Popen([str(BIN / "serve"), "run", "--address", nodes.address, str(config)],
-                                     stdout=serve_log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                     start_new_session=True)
         url = f"http://127.0.0.1:{proxy_port}"
-        deadline = time.monotonic() + 300
-        while True:
-            assert serve_run.poll() is None, (tmp_path / "serve-run.log").read_text()[-4000:]
-            assert time.monotonic() < deadline, (tmp_path / "serve-run.log").read_text()[-4000:]
-            try:
-                if requests.get(url + "/health", timeout=5).status_code == 200:
-                    break
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        before = scrape_replicas(url, 2, headers)
+        running = ServeRun(nodes, config, tmp_path, env, url, "first")
+        before = scrape_replicas(url, REPLICAS, headers)
         ready = time.monotonic() - started
         # The Host check: proxied requests keep the client's Host; with a key, any is accepted.
         assert requests.get(url + "/v1/models", headers={**headers, "Host": "scale.example.org"}, timeout=30).ok
+        assert requests.get(url + "/v1/models", timeout=30).status_code == 401  # the key is checked
 
         ray_wall, ray_lls = run_lm_eval(url, tmp_path_factory.mktemp("lm-eval-ray"), KEY)
-        after = scrape_replicas(url, 2, headers)
+        after = scrape_replicas(url, REPLICAS, headers)
+        # A redeploy: new replicas, and the router (rebuilt with the ingress) knows only them.
+        running.stop()
+        running = ServeRun(nodes, deploy_config(tmp_path, proxy_port, key_file, 2), tmp_path, env, url, "again")
+        deadline = time.monotonic() + 300  # the old replicas answer until the new ones are up
+        while set(redeployed := scrape_replicas(url, REPLICAS, headers)) & set(after):
+            assert time.monotonic() < deadline, "the redeploy kept the old replicas"
+            time.sleep(2)
+        split_body, split_replicas = split_request(url, headers)
     finally:
-        if serve_run is not None:
-            stop_group(serve_run, signal.SIGINT, timeout=60)  # Ctrl-C: `serve run` deletes its app
+        if running is not None:
+            running.stop()
         nodes.stop()
 
     single = serve(model_path, tmp_path_factory, "scale-single", "--n-threads", "1")
@@ -202,30 +243,41 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
     try:
         single_wall, single_lls = run_lm_eval(server.url, tmp_path_factory.mktemp("lm-eval-single"), None)
         _, single_counters = scrape(server.url, {})
+        single_split, _ = split_request(server.url, {})
     finally:
         next(single, None)
 
     worst = max(abs(a[0] - b[0]) for d in single_lls for a, b in zip(ray_lls[d], single_lls[d]))
     greedy_same = all(a[1] == b[1] for d in single_lls for a, b in zip(ray_lls[d], single_lls[d]))
-    report = [f"Ray Serve, 2 nodes x 1 replica x 1 thread: cluster + replicas ready in {ready:.0f} s; "
-              f"lm-eval {TASK} --limit {LIMIT} (num_concurrent=4, batch_size 1): {ray_wall:.1f} s through Serve, "
-              f"{single_wall:.1f} s on one server (1 thread); max |d loglik| = {worst:.1e}"]
+    report = [f"Ray Serve, 2 nodes, {REPLICAS} model replicas x 1 thread behind the prefix-routing ingress: "
+              f"ready in {ready:.0f} s; lm-eval {TASK} --limit {LIMIT} --num_fewshot {FEWSHOT} (num_concurrent=8, "
+              f"batch_size {BATCH}): {ray_wall:.1f} s through Serve, {single_wall:.1f} s on one server (1 thread); "
+              f"max |d loglik| = {worst:.1e}"]
     total = dict.fromkeys(COUNTERS, 0.0)
+    shares = []
     for replica in sorted(after):
         delta = {name: after[replica][name] - before.get(replica, {}).get(name, 0.0) for name in COUNTERS}
         for name in COUNTERS:
             total[name] += delta[name]
-        lookups, hits, reused = (delta[name] for name in COUNTERS)
-        report.append(f"  replica {replica}: {lookups:.0f} lookups, {hits:.0f} prefix-cache hits "
-                      f"({hits / max(lookups, 1):.2f}), {reused:.0f} prompt tokens reused")
-    lookups, hits, reused = (total[name] for name in COUNTERS)
-    lookups1, hits1, reused1 = (single_counters[name] for name in COUNTERS)
-    report.append(f"  all replicas: {hits:.0f} hits, {reused:.0f} tokens reused; one server: {hits1:.0f} hits, "
-                  f"{reused1:.0f} tokens reused (replicas reused {reused / max(reused1, 1):.2f} of what one server did)")
+        lookups, hits, reused, run = (delta[name] for name in COUNTERS)
+        shares.append(lookups)
+        report.append(f"  replica {replica}: {lookups:.0f} prompts, {hits:.0f} prefix-cache hits, "
+                      f"{reused:.0f} prompt tokens reused, {run:.0f} computed")
+    lookups, hits, reused, run = (total[name] for name in COUNTERS)
+    lookups1, hits1, reused1, run1 = (single_counters[name] for name in COUNTERS)
+    mean_share = sum(shares) / len(shares)
+    report.append(f"  all replicas: {hits:.0f} hits, {reused:.0f} tokens reused, {run:.0f} computed; one server: "
+                  f"{hits1:.0f} hits, {reused1:.0f} reused, {run1:.0f} computed")
+    report.append(f"  replicas reused {reused / max(reused1, 1):.2f} of what one server did; computed "
+                  f"{run / max(run1, 1):.3f}x its prompt tokens; largest share of prompts {max(shares) / mean_share:.2f}x "
+                  f"the mean")
     print("\n".join(report))
     (ROOT / "scale_out").mkdir(exist_ok=True)
     (ROOT / "scale_out" / "report.txt").write_text("\n".join(report) + "\n")
     assert worst <= LL_TOLERANCE and greedy_same
     assert lookups == lookups1 == 4 * LIMIT  # every choice was scored once, and on some replica
-    per_replica = [after[r][COUNTERS[0]] - before.get(r, {}).get(COUNTERS[0], 0.0) for r in after]
-    assert min(per_replica) > 0, "one replica got all the work: the proxy did not spread it"
+    assert reused >= 0.95 * reused1, "the replicas lost prefix reuse"
+    assert max(shares) <= 1.25 * mean_share, f"unbalanced: {shares}"
+    # After the redeploy (other replicas): the same numbers as one server for a split request.
+    assert split_body["choices"] == single_split["choices"] and split_body["usage"] == single_split["usage"]
+    assert split_replicas, "no X-Serve-Replica on the joined response"
