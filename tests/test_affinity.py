@@ -89,9 +89,11 @@ def test_replicas_reuse_what_one_server_reuses_and_share_the_work(docs, tokenize
           f"shares {sorted(shares)} (max {max(shares) / np.mean(shares):.2f}x the mean)")
     assert len(shares) == n
     assert reused >= 0.95 * one
-    if n <= 4:  # the issue's target at 2 and 4 replicas (at 8, each replica computes the shared
-        # few-shot prefix once more, and the per-replica caches see fewer of an item's neighbours)
-        assert computed <= 1.05 * computed_one
+    # Tokens computed: at most 1.05x one server's at 2 and 4 replicas (the issue's target; measured
+    # at most 1.049x, with one few-shot prefix shared by every item at 4). At 8, where every replica
+    # computes that prefix once and one server reuses 87 % of those prompts' tokens (so 1 % less
+    # reuse is 7 % more computing), measured 1.096x: held at 1.15x.
+    assert computed <= (1.05 if n <= 4 else 1.15) * computed_one
     assert max(shares) <= 1.25 * np.mean(shares)
     if shots != "same":  # (with a shared few-shot prefix, random routing also finds it on every replica)
         assert spread < 0.95 * one  # the measure can tell routing that ignores the prompt
@@ -116,7 +118,7 @@ def test_the_load_bound_moves_a_hot_prefix_off_its_replica():
     for _ in range(20):
         rule.sent(rule.order(hot, replicas)[0], hot)
     counts = [rule.replicas[r].sent for r in replicas]
-    assert max(counts) <= 1.2 * 21 / 2 + 1 and min(counts) > 0
+    assert max(counts) <= 1.2 * 21 / 2 + 1 + 4 and min(counts) > 0  # SLACK, rounded up, + BURST
 
 
 def test_a_redeploy_forgets_the_old_replicas():
