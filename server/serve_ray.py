@@ -11,7 +11,8 @@ says why that rule). A non-streamed completion of several token-id prompts (lm-e
 split into one call per prompt and joined in order (server/scale/fanout.py); anything else goes whole.
 
 Each model replica runs the app of server.app.create_app, configured from its LOGPROBS_* environment
-(set per deployment with `ray_actor_options.runtime_env.env_vars`), on exactly the request the
+(set for the whole application, `runtime_env.env_vars` in deploy/ray/serve.yaml: the ingress checks
+the same body limit, keys and whole-request limits before it splits), on exactly the request the
 client sent (method, path, headers, body): keys, the Host check, limits, errors and streaming are the
 replica's own. Its responses carry `X-Serve-Replica: <replica id>` (a joined response: each part's,
 comma-separated), so GET /metrics tells which replica answered. When the client leaves, the calls
@@ -150,7 +151,7 @@ class LogprobsIngress:
                 "headers": [*headers, (REQUEST_ID_HEADER, request_id)],
                 "client": list(request.client) if request.client else None}
         parsed = fanout.parse(body) if request.method == "POST" and body else None
-        parts = fanout.split(request.url.path, parsed, self.settings) if parsed is not None else None
+        parts = fanout.split(request.url.path, parsed, self.settings, len(body)) if parsed is not None else None
         try:
             if parts is not None:
                 joined = await self._split(call, parts, parsed.get("n") or 1)  # split() took n >= 1 or null
@@ -165,14 +166,28 @@ class LogprobsIngress:
                                 status_code=503, headers={"Retry-After": "1"})
 
     async def _split(self, call: dict, parts: list[dict], n: int) -> Response | None:
-        """The parts, each to the replica holding its prefix, joined; None if any part failed."""
+        """The parts, each to the replica holding its prefix, joined; None: send the whole request
+        (a part was refused or failed, or the parts came from different builds)."""
+        headers = [(k, v) for k, v in call["headers"] if k != "content-length"]
+        bodies = [json.dumps(part, separators=(",", ":")).encode() for part in parts]
         results = await asyncio.gather(*[
-            _collect(self.model, call | {"body": json.dumps(part).encode(), "route_key": fanout.route_key(part)})
-            for part in parts])
-        if any(status != 200 for status, _, _ in results):
+            _collect(self.model, call | {"body": body, "route_key": fanout.route_key(part),
+                                         "headers": [*headers, ("content-length", str(len(body)))]})
+            for part, body in zip(parts, bodies)], return_exceptions=True)  # every part ends before we go on
+        for result in results:
+            if not isinstance(result, BaseException) and result[0] in (429, 503):
+                # Busy: say so (with its Retry-After) rather than sending the whole request to a busy server.
+                status, part_headers, body = result
+                return Response(body, status_code=status, headers={
+                    k.decode("latin-1"): v.decode("latin-1") for k, v in part_headers if k.lower() != b"content-length"})
+        if any(isinstance(result, BaseException) or result[0] != 200 for result in results):
             return None  # the whole request again: the client gets a single server's error, prompt index and all
-        joined = fanout.join([json.loads(body) for _, _, body in results], n)
-        replicas = sorted({v.decode() for _, headers, _ in results for k, v in headers if k == REPLICA_HEADER})
+        answers = [json.loads(body) for _, _, body in results]
+        if not fanout.consistent(answers):
+            log.warning("the parts of a split request came from different builds (a redeploy?): sent whole")
+            return None
+        joined = fanout.join(answers, n)
+        replicas = sorted({v.decode() for _, part_headers, _ in results for k, v in part_headers if k == REPLICA_HEADER})
         return Response(json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode(),
                         media_type="application/json",
                         headers={"x-serve-replica": ",".join(replicas), REQUEST_ID_HEADER: dict(call["headers"])[

@@ -129,6 +129,21 @@ def test_a_redeploy_forgets_the_old_replicas():
     assert set(rule.replicas) == {"new-1", "new-2"}
 
 
+def test_a_replica_that_joins_takes_its_share_from_then_on():
+    """A replica added to (or restarted among) busy ones starts at their mean count: it does not take
+    every prompt until it has caught up with their history."""
+    rule = PrefixAffinity()
+    for i in range(100):
+        prompt = [i] * 32
+        rule.sent(rule.order(prompt, ["a", "b"])[0], prompt)
+    sent_before = {r: rule.replicas[r].sent for r in ("a", "b")}
+    for i in range(100, 160):
+        prompt = [i] * 32
+        rule.sent(rule.order(prompt, ["a", "b", "c"])[0], prompt)
+    gained = [rule.replicas[r].sent - sent_before.get(r, 50) for r in ("a", "b", "c")]
+    assert max(gained) <= 1.25 * 60 / 3 + 1, gained
+
+
 def test_block_names_chain_the_whole_prefix():
     a, b = list(range(48)), list(range(48))
     b[3] = 999  # differs in the first block only

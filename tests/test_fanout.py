@@ -71,6 +71,18 @@ def test_what_a_single_server_answers_differently_goes_whole():
                  {"prompt": [[1, 2], "b"]}, {"prompt": [[1, 2], []]}, {"prompt": ids, "n": 0}, {"prompt": ids, "n": True}):
         assert fanout.split("/v1/completions", body, settings) is None, body
     assert fanout.split("/v1/chat/completions", {"prompt": ids}, settings) is None
+    # Large fields beside the prompt are not copied once per prompt: such a request goes whole.
+    many = [[1, 2]] * 4
+    heavy = {"prompt": many, "max_tokens": 1, "stop": ["x" * 5000] * 3}
+    assert fanout.split("/v1/completions", heavy, settings, len(json.dumps(heavy))) is None
+    light = {"prompt": many, "max_tokens": 1, "stop": ["\n"]}
+    assert fanout.split("/v1/completions", light, settings, len(json.dumps(light))) is not None
+
+
+def test_parts_from_different_builds_are_not_joined():
+    a = {"model": "m", "system_fingerprint": "fp_1", "choices": [], "usage": {"prompt_tokens": 1}}
+    assert fanout.consistent([a, dict(a)])
+    assert not fanout.consistent([a, {**a, "system_fingerprint": "fp_2"}])
 
 
 def test_route_keys():

@@ -70,7 +70,10 @@ def exact_positions(base: np.ndarray, build: np.ndarray, targets: np.ndarray) ->
         out["same_top"][lo:hi] = base[lo:hi].argmax(axis=1) == build[lo:hi].argmax(axis=1)
         p = np.exp(lb)
         lb -= lq  # the log ratio, in place: one [rows, vocab] buffer fewer
-        out["kld"][lo:hi] = np.maximum(np.einsum("ij,ij->i", p, lb), 0.0)
+        kl = np.einsum("ij,ij->i", p, lb)
+        for i in np.flatnonzero(np.isnan(kl)):  # a token at -inf on both sides: 0 * nan, counted as 0
+            kl[i] = np.where(p[i] > 0, p[i] * lb[i], 0.0).sum()
+        out["kld"][lo:hi] = np.maximum(kl, 0.0)
     out["coverage"] = np.ones(len(targets))
     return out
 
@@ -278,7 +281,7 @@ def _on_every_server(clients: list[Client], ask):
 
 
 def _results(urls: list[str], positions: list[Positions], mode: str, top_k: int | None, chart, worst) -> list[dict]:
-    if chart is not None:
+    if chart is not None and urls:  # (--save-base with the base alone: nothing to draw)
         from logprobs_client.chart import write_kld_chart
 
         write_kld_chart({url: p.array("kld") for url, p in zip(urls, positions)}, chart, mode, top_k)
@@ -293,6 +296,9 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
     rows as llama-perplexity's --kl-divergence-base file (exact mode; `urls` may then be empty)."""
     if save_base is not None and top_k is not None:
         raise Refused("--save-base keeps each position's full distribution: it cannot come from --top-k")
+    if save_base is not None and dtype != "float32":
+        raise Refused("--save-base with --dtype float16 would round the base to float16 (steps of 0.008 nats "
+                      "near -10) before its 16 bits: leave --dtype at float32")
     clients = _clients([base_url, *urls], api_key, verify)
     base = clients[0]
     writer = None

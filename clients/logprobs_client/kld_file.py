@@ -90,7 +90,8 @@ def file_positions(base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targe
         lq = normalized(build[lo:hi])
         rows, t = np.arange(hi - lo), targets[lo:hi]
         out["nll_base"][lo:hi], out["nll"][lo:hi] = -lb[rows, t], -lq[rows, t]
-        out["kld"][lo:hi] = np.einsum("ij,ij->i", np.where(lb > FLOOR, np.exp(lb), 0.0), lb - lq)
+        # (where on the product: a build token at -inf beside a base one below the floor gives 0, not nan)
+        out["kld"][lo:hi] = np.where(lb > FLOOR, np.exp(lb) * (lb - lq), 0.0).sum(axis=1)
         out["dp"][lo:hi] = np.exp(lq[rows, t]) - np.exp(lb[rows, t])
         out["same_top"][lo:hi] = lb.argmax(axis=1) == build[lo:hi].argmax(axis=1)
     out["coverage"] = np.ones(len(targets))
@@ -143,8 +144,12 @@ class Writer:
         self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, len(tokens)
         self._written = 0
         self._file: BinaryIO = Path(path).open("wb")
-        self._file.write(HEADER.pack(MAGIC, n_ctx, n_vocab, self.n_chunk))
-        self._file.write(tokens.reshape(self.n_chunk, n_ctx).tobytes())
+        try:
+            self._file.write(HEADER.pack(MAGIC, n_ctx, n_vocab, self.n_chunk))
+            self._file.write(tokens.reshape(self.n_chunk, n_ctx).tobytes())
+        except BaseException:  # a full disk: no half-written file left behind
+            self.abandon()
+            raise
 
     def add(self, logprobs: np.ndarray) -> None:
         """One window's scored rows [scored(n_ctx), n_vocab]."""

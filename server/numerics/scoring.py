@@ -63,9 +63,17 @@ def token_ranks(rows, targets: np.ndarray, target_logits) -> np.ndarray:
         value = mx.array(np.asarray(target_logits, dtype=np.float32))[:, None]
         above, ties = np.array(mx.sum(rows > value, axis=1)), np.array(mx.sum(rows == value, axis=1))
     ranks = above.astype(np.int64) + 1
-    for i in np.flatnonzero(ties > 1):  # rare: count the tied ones before the target
-        row = np.asarray(rows[int(i)], dtype=np.float32)
-        ranks[i] += int((row[:int(targets[i])] == row[int(targets[i])]).sum())
+    tied = np.flatnonzero(ties > 1)
+    if len(tied):  # count the tied ones before the target, for those rows only, in one copy
+        if isinstance(rows, np.ndarray):
+            sub = rows[tied]
+        else:
+            import mlx.core as mx
+
+            sub = np.array(rows[mx.array(tied)].astype(mx.float32))
+        t = np.asarray(targets)[tied]
+        before = np.arange(sub.shape[1])[None, :] < t[:, None]
+        ranks[tied] += ((sub == sub[np.arange(len(tied)), t][:, None]) & before).sum(axis=1)
     return ranks
 
 

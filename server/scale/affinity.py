@@ -82,11 +82,17 @@ class PrefixAffinity:
         self.replicas: dict[str, Replica] = {}
 
     def sync(self, current: Sequence[str]) -> None:
-        """Forget replicas that are gone (a redeploy's new replicas start empty)."""
+        """Forget replicas that are gone; a replica that joins (a restart, a scale-up) starts with
+        nothing remembered and the mean count of the others, so that it takes its share from now
+        on rather than every prompt until it has caught up with their history."""
         for gone in set(self.replicas) - set(current):
             del self.replicas[gone]
-        for new in current:
-            self.replicas.setdefault(new, Replica(self.capacity))
+        joining = [rid for rid in current if rid not in self.replicas]
+        if joining:
+            mean = sum(r.sent for r in self.replicas.values()) // len(self.replicas) if self.replicas else 0
+            for rid in joining:
+                self.replicas[rid] = Replica(self.capacity)
+                self.replicas[rid].sent = mean
 
     def order(self, prompt: Sequence[int] | str | None, current: Sequence[str]) -> list[str]:
         """The replicas in the order to try them for this prompt (the first is the choice)."""

@@ -40,8 +40,11 @@ def _token_lists(prompt) -> list[list[int]] | None:
     return None
 
 
-def split(path: str, body: dict, settings: Settings) -> list[dict] | None:
-    """One body per prompt, or None: the request goes whole."""
+def split(path: str, body: dict, settings: Settings, body_bytes: int = 0) -> list[dict] | None:
+    """One body per prompt, or None: the request goes whole. Each part repeats every field but the
+    prompt, so a request whose other fields are large (a long `stop` list, `logit_bias`) goes whole
+    rather than being copied once per prompt: the parts may hold at most twice the body's bytes,
+    + 4 kB each (`body_bytes`: the request body's size)."""
     max_tokens, n = body.get("max_tokens", 16), body.get("n", 1)
     n = 1 if n is None else n
     # (type() is int: a bool is an int to Python, and an error to the strict request model)
@@ -53,7 +56,16 @@ def split(path: str, body: dict, settings: Settings) -> list[dict] | None:
     cost = sum(len(p) + max_tokens for p in prompts) * n
     if cost > settings.max_request_tokens:
         return None
+    rest = len(json.dumps({k: v for k, v in body.items() if k != "prompt"}))
+    if rest * len(prompts) > 2 * body_bytes + 4096 * len(prompts):
+        return None
     return [{**body, "prompt": [p]} for p in prompts]
+
+
+def consistent(parts: list[dict]) -> bool:
+    """The parts came from replicas serving one model and build (during a rolling redeploy they
+    may not have): only then may they be joined under one system_fingerprint."""
+    return len({(part.get("model"), part.get("system_fingerprint")) for part in parts}) == 1
 
 
 def join(parts: list[dict], n: int) -> dict:
