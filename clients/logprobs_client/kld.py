@@ -271,6 +271,13 @@ def _score(cut: list[list[int]], n_builds: int, fetch, compute, progress) -> lis
     return positions
 
 
+def _rows_from(first: int, dtype: str):
+    """ask for _on_every_server: a window's full log-distributions from row `first` on."""
+    def rows_of(client: Client, window: list[int]) -> np.ndarray:
+        return client.distributions(window, start=first, dtype=dtype).array()
+    return rows_of
+
+
 def _on_every_server(clients: list[Client], ask):
     """fetch for _score: ask(client, window) of every server at once."""
     pool = ThreadPoolExecutor(len(clients))
@@ -323,13 +330,10 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
         def top(i, window, tops):
             return [topk_positions(tops[0][0], top_q, tops[0][1], true_q) for top_q, true_q in tops[1:]]
 
-        def rows_of(client, window):
-            return client.distributions(window, start=first, dtype=dtype).array()
-
         def top_of(client, window):
             return _echo_topk(client, window, first, top_k)
 
-        pool, fetch = _on_every_server(clients, rows_of if top_k is None else top_of)
+        pool, fetch = _on_every_server(clients, _rows_from(first, dtype) if top_k is None else top_of)
         with pool:
             positions = _score(cut, len(urls), fetch, exact if top_k is None else top, progress)
         if writer is not None:
@@ -369,8 +373,7 @@ def run_from_file(path: str | Path, urls: list[str], *, chunks: int | None = Non
             targets = np.asarray(window[first + 1:])
             return [kld_file.file_positions(base.rows[i], base.n_vocab, build_rows, targets) for build_rows in rows]
 
-        pool, fetch = _on_every_server(clients, lambda c, window: c.distributions(
-            window, start=first, dtype=dtype).array())
+        pool, fetch = _on_every_server(clients, _rows_from(first, dtype))
         with pool:
             positions = _score(cut, len(urls), fetch, from_file, progress)
         return [stats | {"base_file": str(path)} for stats in _results(
