@@ -1,7 +1,7 @@
 """The CUDA path, checked and measured in one run (issue 13); `bench/gpu_check.sh` sets it up.
 
 For each model shape (random-weight llama GGUFs of SmolLM2-135M's, a 1B and an 8B shape, Q4_K_M,
-made by ../shared/tools/make_random_gguf.py; speed does not depend on weight values, and every
+made by bench/make_random_gguf.py; speed does not depend on weight values, and every
 check below compares llama.cpp with itself on the same device, never with a real model's numbers):
 
 - exactness: the server over HTTP (lm-eval's loglikelihood requests: batches of 8 token-id prompts,
@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.run import BATCH, cpu_model, log, our_server  # noqa: E402
-from bench.shared_passes import MAKE_RANDOM_GGUF, SHAPES, random_model, speed_and_exactness  # noqa: E402
+from bench.shared_passes import DATA, MAKE_RANDOM_GGUF, SHAPES, random_model, speed_and_exactness  # noqa: E402
 from server.backends.gguf import GGUFBackend  # noqa: E402
 from testing.oracle import log_softmax64  # noqa: E402  (the tests' float64 reference)
 
@@ -277,7 +277,7 @@ def main() -> None:
     parser.add_argument("--models", type=Path, required=True, help="folder for the model files (made once)")
     parser.add_argument("--tokenizer-from", type=Path, required=True, help="a GGUF whose tokenizer the models get")
     parser.add_argument("--tool", type=Path, default=MAKE_RANDOM_GGUF, help="make_random_gguf.py")
-    parser.add_argument("--data", type=Path, default=ROOT.parent / "shared/data", help="holds hellaswag_dev.jsonl")
+    parser.add_argument("--data", type=Path, default=DATA, help="holds hellaswag_dev.jsonl")
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out/gpu", help="where gpu_check.json goes")
     parser.add_argument("--logs", type=Path, help="where the servers' logs go (default: OUT/logs)")
     args = parser.parse_args()

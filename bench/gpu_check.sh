@@ -62,8 +62,8 @@ prepare() {
     fi
     say "a tokenizer-only GGUF (SmolLM2's tokenizer, one tiny layer): the models are made from it there"
     local smol; smol=$(default_model)
-    cp ../shared/tools/make_random_gguf.py $GPU/tools/
-    cp ../shared/data/hellaswag_dev.jsonl $GPU/data/
+    cp bench/make_random_gguf.py $GPU/tools/
+    cp data/hellaswag_dev.jsonl $GPU/data/
     [ -f $GPU/tokenizer.gguf ] || .venv/bin/python $GPU/tools/make_random_gguf.py --tokenizer-from "$smol" \
         $GPU/tokenizer.gguf --n-embd 32 --n-layer 1 --n-head 1 --n-head-kv 1 --n-ff 32 --n-ctx 2048
     if [ -n "$saved" ]; then

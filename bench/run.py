@@ -1,6 +1,6 @@
 """`make bench`: how fast the server scores, measured side by side in one run, as ratios.
 
-Rows (tokens/s over lm-eval-style HellaSwag sequences from ../shared/data/hellaswag_dev.jsonl:
+Rows (tokens/s over lm-eval-style HellaSwag sequences from data/hellaswag_dev.jsonl:
 context + " " + ending, for every ending, in lm-eval's order: longest first):
  1. the raw forward pass in-process (llama-cpp-python's Llama.eval; the limit), logits for the last
     position only, and for every position (what echo needs);

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-RANDOM_MODEL = "random-llama-{shape}-{quant}.gguf"  # made by ../shared/tools/make_random_gguf.py; speed only
+RANDOM_MODEL = "random-llama-{shape}-{quant}.gguf"  # made by bench/make_random_gguf.py; speed only
 # make_random_gguf.py's arguments for llama shapes people evaluate (SmolLM2-135M's, Llama 3.2 1B's
 # without tied embeddings, Llama 3.1 8B's).
 SHAPES = {
@@ -43,7 +43,8 @@ SHAPES = {
     "1b": ["--n-embd", "2048", "--n-layer", "16", "--n-head", "32", "--n-head-kv", "8", "--n-ff", "8192"],
     "8b": ["--n-embd", "4096", "--n-layer", "32", "--n-head", "32", "--n-head-kv", "8", "--n-ff", "14336"],
 }
-MAKE_RANDOM_GGUF = ROOT.parent / "shared/tools/make_random_gguf.py"
+MAKE_RANDOM_GGUF = ROOT / "bench" / "make_random_gguf.py"
+DATA = ROOT / "data"  # the data sets the repository carries (data/README.md)
 
 
 class Passes:
@@ -136,7 +137,7 @@ def hellaswag_prompts(passes: Passes, n_items: int) -> list[list[int]]:
     """Context + " " + ending for every ending, with BOS where the model adds one."""
     import json
 
-    lines = (ROOT.parent / "shared/data/hellaswag_dev.jsonl").read_text().splitlines()
+    lines = (DATA / "hellaswag_dev.jsonl").read_text().splitlines()
     items = [json.loads(line) for line in lines[:n_items]]
     return [passes.tokenize(item["ctx"] + " " + ending) for item in items for ending in item["endings"]]
 
@@ -287,7 +288,7 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
     from testing.oracle import log_softmax64
 
     model, tokenizer = load(str(model_dir))
-    lines = (ROOT.parent / "shared/data/hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
+    lines = (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
     prompts = [tokenizer.encode(item["ctx"] + " " + ending) for item in map(json.loads, lines)
                for ending in item["endings"]]
     n_tokens = sum(map(len, prompts))

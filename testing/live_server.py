@@ -14,7 +14,7 @@ from pathlib import Path
 import requests
 
 ROOT = Path(__file__).resolve().parent.parent
-DATA = ROOT.parent / "shared" / "data"  # the shared data sets (hellaswag_dev, gsm8k, wikitext2)
+DATA = ROOT / "data"  # the data sets the tests read (hellaswag_dev, gsm8k, wikitext2; data/README.md)
 SERVER_N_CTX = 2048  # the context the tests' servers (and the load driver's) run with
 
 

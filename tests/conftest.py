@@ -183,4 +183,4 @@ def secure_server(model_path, tls_files, tmp_path_factory):
                      "--ssl-keyfile", str(tls_files["key"]), ca=str(tls_files["ca"]))
 
 def pytest_report_header(config):
-    return f"shared data: {DATA} ({'present' if DATA.exists() else 'MISSING'}); cpus: {os.cpu_count()}"
+    return f"data: {DATA} ({'present' if DATA.exists() else 'MISSING'}); cpus: {os.cpu_count()}"

@@ -1,5 +1,5 @@
 """The prefix-affinity rule (server/scale/affinity.py) on lm-eval's own request stream: HellaSwag's
-items from ../shared/data as lm-eval builds them (context and " " + ending tokenized apart by the
+items from data/ as lm-eval builds them (context and " " + ending tokenized apart by the
 default model's tokenizer, then joined; sent longest first, as lm-eval's Collator orders them),
 0-shot and 5-shot. Each replica's prefix cache is the engine's own PrefixCache, so "reused" is
 what the replicas would reuse; one server is the same cache with every prompt."""
