@@ -45,6 +45,10 @@ def _lm_eval_options(parser: argparse.ArgumentParser) -> None:
                         "when present; 'none' for none)")
     parser.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                         help="another lm-eval model_args entry, or one to replace (repeatable)")
+    parser.add_argument("--apply-chat-template", action="store_true",
+                        help="evaluate an instruct model with its own chat template, which the server publishes "
+                        "(lm-eval's --apply_chat_template, few-shot examples as turns: --fewshot_as_multiturn); "
+                        "no Hugging Face tokenizer needed")
 
 
 def _key(explicit: str | None) -> str | None:
@@ -54,7 +58,8 @@ def _key(explicit: str | None) -> str | None:
 def _options(args, extra: list[str], **overrides) -> Options:
     return Options(tasks=args.tasks, limit=args.limit, batch_size=args.batch_size, num_concurrent=args.num_concurrent,
                    max_retries=args.max_retries, timeout=args.timeout, max_length=args.max_length,
-                   include_path=args.include_path, model_args=args.model_arg, extra=extra, **overrides)
+                   include_path=args.include_path, model_args=args.model_arg,
+                   apply_chat_template=args.apply_chat_template, extra=extra, **overrides)
 
 
 def _describe(label: str, target: Target, info: ServerInfo) -> str:

@@ -61,6 +61,7 @@ class Options:
     output_path: str | None = None
     log_samples: bool = False
     model_args: list[str] = field(default_factory=list)  # KEY=VALUE, added to (or replacing) ours
+    apply_chat_template: bool = False  # the server's chat template, through logprobs_client.lm_eval_model
     extra: list[str] = field(default_factory=list)
 
 
@@ -107,9 +108,16 @@ def model_args(target: Target, info: ServerInfo, options: Options) -> dict[str, 
 
 def command(target: Target, info: ServerInfo, options: Options, python: str = sys.executable) -> list[str]:
     """lm-eval's command line (as a list) for this server and these options."""
-    argv = [python, "-m", "lm_eval", "--model", "local-completions",
-            "--model_args", ",".join(_model_arg(k, v) for k, v in model_args(target, info, options).items()),
-            "--tasks", options.tasks, "--batch_size", str(options.batch_size)]
+    if options.apply_chat_template:
+        # lm-eval's own command line with a model that renders the server's template (see lm_eval_model);
+        # lm-eval turns fewshot_as_multiturn on with it.
+        argv = [python, "-m", "logprobs_client.lm_eval_model", "--model", "logprobs-completions"]
+    else:
+        argv = [python, "-m", "lm_eval", "--model", "local-completions"]
+    argv += ["--model_args", ",".join(_model_arg(k, v) for k, v in model_args(target, info, options).items()),
+             "--tasks", options.tasks, "--batch_size", str(options.batch_size)]
+    if options.apply_chat_template:
+        argv.append("--apply_chat_template")
     include = options.include_path
     if include is None and BUNDLED_TASKS.is_dir():
         include = str(BUNDLED_TASKS)
