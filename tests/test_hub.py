@@ -200,6 +200,9 @@ def test_a_cached_file_whose_content_is_not_the_hubs_is_reported(hub, files, by_
 
 @pytest.mark.parametrize("args, words", [
     (["--model", "testorg/not-cached"], ["not in the Hugging Face cache", "hf download testorg/not-cached"]),
+    # One quantization or one file: the download suggested is that narrow, not the whole repository.
+    (["--model", "testorg/not-cached:Q8_0"], ['hf download testorg/not-cached --include "*Q8_0*" (or']),
+    (["--model", "testorg/not-cached/m.Q8_0.gguf"], ["hf download testorg/not-cached m.Q8_0.gguf (or"]),
     (["--model", f"{GGUF_REPO}@v9"], ["revision 'v9' is not in the cache", f"hf download {GGUF_REPO} --revision v9"]),
     (["--model", f"{GGUF_REPO}:Q5_K"], ["no file for the quantization Q5_K", "smollm2-2block-Q8_0.gguf"]),
     (["--model", f"{GGUF_REPO}/other.gguf"], ["has no file other.gguf", "smollm2-2block-F32.gguf"]),

@@ -151,7 +151,10 @@ def _cache_folder(repo: str) -> Path:
 
 def _cached_commit(ref: HubRef) -> str:
     folder = _cache_folder(ref.repo)
-    fill = f"fill it while online with: hf download {ref.repo}" + (f" --revision {ref.revision}" if ref.revision else "")
+    # The narrowest download that serves this reference: one file, one quantization, or the repo.
+    narrow = f" {ref.file}" if ref.file else f' --include "*{ref.quant}*"' if ref.quant else ""
+    fill = (f"fill it while online with: hf download {ref.repo}{narrow}"
+            + (f" --revision {ref.revision}" if ref.revision else ""))
     if not folder.is_dir():
         raise ConfigError(f"{ref.repo} is not in the Hugging Face cache ({folder.parent}) and HF_HUB_OFFLINE=1 "
                           f"forbids fetching it; {fill} (or unset HF_HUB_OFFLINE).")
