@@ -69,7 +69,8 @@ CHAT_CASES = [
     ("message without role", {"messages": [{"content": "hi"}]}, 400, "messages", "Missing"),
     ("top_logprobs above limit", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
                                   "top_logprobs": 21}, 400, "top_logprobs", "limit of 20"),
-    ("conversation too long", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "prompt", "does not fit"),
+    # OpenAI's param for a conversation past the context: the messages are the prompt.
+    ("conversation too long", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "messages", "does not fit"),
     ("conversation + max_tokens too long", {"messages": [{"role": "user", "content": "hi " * 1900}], "max_tokens": 500},
      400, "max_tokens", "do not fit"),
     ("unknown model", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model", "not served"),

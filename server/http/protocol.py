@@ -11,6 +11,7 @@ the schema does not declare.
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -149,6 +150,10 @@ class SamplingFields(Request):
         None, description="Token id (a string of digits) -> bias added to its logit when sampling, within -100..100.")
     user: str | None = None  # an end-user id for the caller's bookkeeping; no effect here
 
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something this server does not do."""
+        return None
+
     def stop_list(self) -> list[str]:
         if self.stop is None:
             return []
@@ -238,6 +243,34 @@ class ChatMessage(BaseModel):
         return self
 
 
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format: only its default, {"type": "text"}, is served (server.serving.chat
+    refuses json_object and json_schema with a 400 that says so, rather than answering free text)."""
+
+    model_config = ConfigDict(extra="allow", strict=True)  # json_schema's own fields: refused with the type
+
+    type: str
+
+
+# OpenAI chat fields for what this server does not do (tools, audio, stored completions, service
+# tiers, reasoning models): their default values are accepted, as OpenAI's SDKs and proxies send
+# them, and any other value is a 400 naming the field (never silently ignored). field -> (the
+# values that ask for nothing, why another value is refused).
+CHAT_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
+    "tools": ((None, []), "tool calling is not supported"),
+    "tool_choice": ((None, "none", "auto"), "tool calling is not supported (no tools can be given)"),
+    "functions": ((None, []), "function calling is not supported"),
+    "function_call": ((None, "none", "auto"), "function calling is not supported (no functions can be given)"),
+    "store": ((None, False), "completions are not stored by this server"),
+    "service_tier": ((None, "auto", "default"), "this server has one service tier"),
+    "modalities": ((None, ["text"]), "this server generates text only"),
+    "audio": ((None,), "this server generates text only"),
+    "prediction": ((None,), "predicted outputs are not supported"),
+    "reasoning_effort": ((None,), "reasoning effort applies to reasoning models only"),
+    "web_search_options": ((None,), "web search is not supported"),
+}
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
@@ -248,8 +281,36 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: NonNegative | None = None
     logprobs: bool | None = False
     top_logprobs: NonNegative | None = None
+    response_format: ResponseFormat | None = None
     add_generation_prompt: bool = True  # vLLM's extension
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM's extension
+    # No effect here (OpenAI's bookkeeping: the caller's tags), as `user`.
+    metadata: dict[str, str] | None = None
+    parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
+    # Accepted at their neutral values only (CHAT_NEUTRAL).
+    tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    def unsupported(self) -> tuple[str, str] | None:
+        """(field, message) for the first field set to something this server does not do."""
+        if self.response_format is not None and self.response_format.type != "text":
+            kind = self.response_format.type[:40]
+            return "response_format", (f"response_format type '{kind}' (structured output) is not supported by this "
+                                       "server; omit response_format or send {\"type\": \"text\"}")
+        for field, (neutral, why) in CHAT_NEUTRAL.items():
+            if getattr(self, field) not in neutral:  # strict types: no 0 for False here
+                allowed = " or ".join(json.dumps(ok) for ok in neutral)
+                return field, f"{field} is accepted only as {allowed}: {why}"
+        return None
 
 
 class TokenizeRequest(Request):
@@ -511,7 +572,8 @@ ERROR_DESCRIPTIONS = {
     413: "The request body is larger than --max-body-bytes.",
     429: "The server's queue is full (--max-queued-tokens): retry after Retry-After seconds.",
     500: "An unexpected error (a bug); the server log has the details.",
-    503: "The request did not finish within --request-timeout and was cancelled.",
+    503: "The request did not finish within --request-timeout and was cancelled, or the server stopped it while "
+         "shutting down (past --shutdown-grace; with Retry-After).",
 }
 ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},

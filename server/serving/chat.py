@@ -80,7 +80,7 @@ def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[
         raise APIError("top_logprobs needs logprobs=true.", param="top_logprobs")
     tokens = state.backend.tokenize(render_chat(state, request), add_special_tokens=False)
     requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
-    max_tokens = check_fits(state, tokens, requested, "The rendered conversation")
+    max_tokens = check_fits(state, tokens, requested, "The rendered conversation", prompt_param="messages")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
     jobs = [PromptJob(tokens=tokens, max_tokens=max_tokens, logprobs=logprobs, echo=False, sampling=sampling,
                       stop=request.stop_list(), sample_index=i) for i in range(request.n or 1)]

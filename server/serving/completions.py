@@ -55,9 +55,6 @@ def prompt_tokens(state: ServerState, request: CompletionRequest) -> list[Tokeni
 def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[PromptJob], list[TokenizedPrompt]]:
     """One job per choice: each prompt n times, choice index = prompt index * n + sample index.
     Returns the jobs and, for each job, its prompt."""
-    if (unsupported := request.unsupported()) is not None:
-        field, message = unsupported
-        raise APIError(message, param=field)
     if len(request.prompt) > state.settings.max_prompts:
         raise APIError(f"{len(request.prompt)} prompts sent; this server takes at most {state.settings.max_prompts} "
                        "per request (--max-prompts). Split them over several requests.", param="prompt",
