@@ -67,6 +67,9 @@ def create_app(settings: Settings | None = None, backend: Backend | None = None,
         title="logprobs-server",
         summary="OpenAI-compatible completions with echo and exact per-token logprobs for local models.",
         lifespan=lifespan,
+        # No redirects from this API: `/v1/completions/` is a 404 in OpenAI's format, not a 307 whose
+        # Location Starlette builds from the client's Host header.
+        redirect_slashes=False,
     )
     install_error_handlers(app)
     app.include_router(router)

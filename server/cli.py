@@ -117,5 +117,9 @@ def main(argv: list[str] | None = None) -> None:
     # uvicorn re-raises the SIGTERM it caught once it has shut down; this handler makes that a
     # clean exit (status 0), as a service manager expects after a requested stop.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # The HTTP parser: llhttp (refuses ambiguous framing), with a bound on slow requests (server/http/connections.py).
+    from server.http.connections import protocol_with
+
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace, **tls)
+                timeout_graceful_shutdown=settings.shutdown_grace, http=protocol_with(settings.request_read_timeout),
+                **tls)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "LOGPROBS_"
+MAX_DISTRIBUTION_VALUES = 1 << 25  # 128 MiB of float32
+SMOLLM2_VOCAB = 49152  # the default model's vocabulary, which help texts count in
 
 
 class ConfigError(Exception):
@@ -31,6 +33,10 @@ def env_name(field: str) -> str:
 
 def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
+
+
+def _lower_case(value):
+    return value.lower() if isinstance(value, str) else value
 
 
 class Settings(BaseSettings):
@@ -91,6 +97,7 @@ class Settings(BaseSettings):
     max_logprobs: int = Field(
         20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")
+    max_stop_chars: int = Field(4096, ge=1, description="Most characters a request's stop strings may hold together.")
     default_max_tokens: int = Field(
         1024, ge=1, description="Tokens generated when a chat request sends no max_tokens, or a completion "
         "request sends max_tokens: null (bounded, so a request that names no length cannot hold the model for "
@@ -105,9 +112,10 @@ class Settings(BaseSettings):
     max_request_tokens: int = Field(
         262144, ge=1, description="Most tokens one request may cost: the sum over its choices (prompts x n) of "
         "prompt tokens plus max_tokens.")
-    max_distribution_values: int = Field(
-        1 << 25, ge=1, description="Most values (rows x vocabulary) one /v1/distributions response may carry: "
-        "33554432 is 128 MiB as float32, 683 rows of SmolLM2's 49152-token vocabulary.")
+    max_distribution_values: int = Field(MAX_DISTRIBUTION_VALUES, ge=1, description=(
+        f"Most values (rows x vocabulary) one /v1/distributions response may carry: {MAX_DISTRIBUTION_VALUES} is "
+        f"{MAX_DISTRIBUTION_VALUES * 4 >> 20} MiB as float32, {MAX_DISTRIBUTION_VALUES // SMOLLM2_VOCAB} rows of "
+        f"SmolLM2's {SMOLLM2_VOCAB}-token vocabulary."))
     max_queued_tokens: int = Field(
         524288, ge=1, description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
         "A request that would go past it is refused with 429 and Retry-After (lm-eval retries those), so the "
@@ -115,6 +123,9 @@ class Settings(BaseSettings):
     request_timeout: float = Field(
         600.0, ge=0, description="Seconds a request may wait and run before it is cancelled and answered 503. "
         "0 = no limit.")
+    request_read_timeout: float = Field(
+        60.0, ge=0, description="Seconds a client may take to deliver a whole request from the moment its connection "
+        "opens or its request begins; slower ones get 408 and are closed. 0 = no limit (CLI; see docs/limits.md).")
     shutdown_grace: float = Field(
         30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (no new ones are accepted); "
         "what is left is then cancelled, and the server exits 0.")
@@ -144,13 +155,8 @@ class Settings(BaseSettings):
         "Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
     host: str = Field("127.0.0.1", description="Address to listen on (CLI). Use 0.0.0.0 to serve other machines.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (CLI).")
-    log_level: Literal["debug", "info", "warning", "error"] = Field(
+    log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower_case)] = Field(
         "info", description="Log level: debug, info, warning or error.")
-
-    @field_validator("log_level", mode="before")
-    @classmethod
-    def _lower_case(cls, value):
-        return value.lower() if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self):

@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from server.config import ConfigError, Settings, env_name, flag_name
+from server.http.connections import HttpProtocol
 from testing.live_server import ROOT, free_port
 
 
@@ -81,12 +82,15 @@ def test_cli_passes_settings_to_the_app(clean_env):
     made, served = [], []
     clean_env.setattr(server.app, "create_app", lambda settings, **found: made.append(settings) or "the app")
     clean_env.setattr(uvicorn_module, "run", lambda app, **kwargs: served.append((app, kwargs)))
-    main(["--n-ctx", "128", "--log-level", "DEBUG", "--backend", "gguf"])
+    main(["--n-ctx", "128", "--log-level", "DEBUG", "--backend", "gguf", "--request-read-timeout", "7.5"])
 
     [settings] = made
     assert (settings.n_ctx, settings.port, settings.log_level, settings.backend) == (128, 9123, "debug", "gguf")
-    assert served == [("the app", {"host": "127.0.0.1", "port": 9123, "log_level": "debug",
-                                   "timeout_graceful_shutdown": 30.0})]
+    [(app, kwargs)] = served
+    protocol = kwargs.pop("http")  # the connection's protocol, carrying --request-read-timeout
+    assert (app, kwargs) == ("the app", {"host": "127.0.0.1", "port": 9123, "log_level": "debug",
+                                         "timeout_graceful_shutdown": 30.0})
+    assert issubclass(protocol, HttpProtocol) and protocol.read_timeout == 7.5
     assert os.environ["LOGPROBS_N_CTX"] == "4096" and "LOGPROBS_LOG_LEVEL" not in os.environ
 
 

@@ -185,10 +185,9 @@ def test_stop_string_cuts_the_text(app):
 
 
 def test_streamed_completion_framing_and_content_equal_the_whole_response(app):
-    payload = {"prompt": "xyz", "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True,
-               "stream_options": {"include_usage": True}}
+    payload = {"prompt": "xyz", "max_tokens": 5, "temperature": 0, "logprobs": 2, "echo": True}
     whole = app.post("/v1/completions", payload).json()
-    events = app.events("/v1/completions", payload)
+    events = app.events("/v1/completions", payload | {"stream_options": {"include_usage": True}})
     usage = events[-1]
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
     chunks = events[:-1]
@@ -289,6 +288,54 @@ def test_validation_errors_are_400_in_openai_format(app):
     assert_error(app.get("/v1/nothing"), 404, None)
     error = assert_error(app.get("/v1/completions"), 405, None)
     assert error["type"] == "invalid_request_error"
+
+
+CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "temperature": 0}
+
+
+@pytest.mark.parametrize("route, body", [("/v1/completions", {"prompt": "a", "max_tokens": 2}), ("/v1/chat/completions", CHAT)])
+def test_stream_options_need_stream(app, route, body):
+    """OpenAI and vLLM refuse stream_options without stream: it would be silently ignored."""
+    for stream in ({}, {"stream": False}):
+        assert_error(app.post(route, body | stream | {"stream_options": {"include_usage": True}}), 400,
+                     "stream_options", "only allowed when stream is true")
+    events = app.events(route, body | {"stream": True, "stream_options": {"include_usage": True}})
+    assert events[-1]["usage"]["completion_tokens"] == 2 and events[-1]["choices"] == []
+
+
+def test_openai_chat_defaults_are_accepted_and_other_values_refused_by_name(app):
+    plain = app.post("/v1/chat/completions", CHAT).json()
+    # What OpenAI's SDKs and proxies send as defaults changes nothing.
+    defaults = {"response_format": {"type": "text"}, "tools": [], "tool_choice": "none", "parallel_tool_calls": True,
+                "store": False, "service_tier": "auto", "modalities": ["text"], "metadata": {"run": "7"},
+                "audio": None, "prediction": None, "reasoning_effort": None, "functions": None, "function_call": "auto"}
+    same = app.post("/v1/chat/completions", CHAT | defaults).json()
+    assert same["choices"] == plain["choices"] and same["usage"] == plain["usage"]
+    for field, value, words in [
+            ("response_format", {"type": "json_object"}, "(structured output) is not supported"),
+            ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}, "'json_schema'"),
+            ("tools", [{"type": "function", "function": {"name": "f"}}], "tool calling is not supported"),
+            ("tool_choice", "required", "tool calling"), ("store", True, "not stored"),
+            ("service_tier", "flex", "one service tier"), ("modalities", ["text", "audio"], "text only"),
+            ("audio", {"voice": "alloy", "format": "wav"}, "text only"), ("reasoning_effort", "low", "reasoning"),
+            ("prediction", {"type": "content", "content": "x"}, "predicted outputs")]:
+        assert_error(app.post("/v1/chat/completions", CHAT | {field: value}), 400, field, words)
+    assert_error(app.post("/v1/chat/completions", CHAT | {"response_format": {"kind": "text"}}), 400,
+                 "response_format", "missing")
+
+
+def test_a_prompt_past_the_context_has_openais_code(app):
+    """OpenAI's code context_length_exceeded (litellm and others detect overflow by it); on chat the
+    prompt is in `messages`."""
+    error = assert_error(app.post("/v1/completions", {"prompt": "a" * 600, "max_tokens": 0}), 400, "prompt", "context")
+    assert error["code"] == "context_length_exceeded"
+    error = assert_error(app.post("/v1/completions", {"prompt": "a" * 100, "max_tokens": 500}), 400, "max_tokens")
+    assert error["code"] == "context_length_exceeded"
+    long_chat = {"messages": [{"role": "user", "content": "a" * 600}], "max_tokens": 1}
+    error = assert_error(app.post("/v1/chat/completions", long_chat), 400, "messages", "context")
+    assert error["code"] == "context_length_exceeded"
+    error = assert_error(app.post("/v1/chat/completions", long_chat | {"max_tokens": None}), 400, "messages")
+    assert error["code"] == "context_length_exceeded"
 
 
 def test_a_body_that_is_not_utf8_is_a_400(app):
@@ -430,12 +477,13 @@ def test_api_keys_and_the_host_check():
 
 def test_body_and_request_limits():
     served = InProcess(max_body_bytes=2000, max_prompts=2, max_request_tokens=100, max_queued_tokens=100,
-                       max_stop=1)
+                       max_stop=1, max_stop_chars=1000)
     try:
         assert_error(served.post("/v1/completions", {"prompt": "a" * 3000}), 413)
         assert_error(served.post("/v1/completions", {"prompt": ["a", "b", "c"]}), 400, "prompt", "at most 2")
         assert_error(served.post("/v1/completions", {"prompt": "a" * 50, "max_tokens": 60}), 400)
         assert_error(served.post("/v1/completions", {"prompt": "a", "stop": ["x", "y"]}), 400, "stop")
+        assert_error(served.post("/v1/completions", {"prompt": "a", "stop": "x" * 1500}), 400, "stop", "1500 characters")
     finally:
         served.close()
 

@@ -236,26 +236,44 @@ def test_sigterm_lets_a_running_request_finish_then_exits_0(model_path, tmp_path
         live.stop()
 
 
-def test_sigterm_past_the_grace_period_cancels_and_exits_0(model_path, tmp_path):
+def test_sigterm_past_the_grace_period_answers_503_and_exits_0(model_path, tmp_path):
+    """8 requests in flight (one long generation, seven scoring requests queued behind it) and a 1 s
+    grace: each is answered, a 503 in OpenAI's format with Retry-After (lm-eval retries those) where
+    the grace cut it, and the log holds no traceback."""
     from testing.live_server import LiveServer
 
     live = LiveServer(model_path, tmp_path / "server.log", "--n-ctx", "2048", "--shutdown-grace", "1")
+    answers: dict[int, requests.Response | Exception] = {}
     try:
-        def generate():
-            try:
-                live.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0})
-            except requests.RequestException:
-                pass
+        long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
 
-        thread = threading.Thread(target=generate)
-        thread.start()
+        def send(i: int):
+            payload = ({"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0} if i == 0 else
+                       {"prompt": f"{i} {long_prompt}", "max_tokens": 0, "echo": True, "logprobs": 1})
+            try:
+                answers[i] = live.post("/v1/completions", payload)
+            except requests.RequestException as exc:
+                answers[i] = exc
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+            time.sleep(0.05)
         time.sleep(1.0)
         started = time.monotonic()
         live.proc.send_signal(signal.SIGTERM)
         assert live.proc.wait(60) == 0
-        thread.join(60)
-        # 1,900 tokens take far longer than the 1 s grace: the request was cancelled, not finished.
-        assert "request cancelled" in live.log() and "completed 1 prompt" not in live.log()
-        print(f"exited {time.monotonic() - started:.1f} s after SIGTERM")
+        for thread in threads:
+            thread.join(60)
+        statuses = sorted(a.status_code if isinstance(a, requests.Response) else type(a).__name__
+                          for a in answers.values())
+        print(f"exited {time.monotonic() - started:.1f} s after SIGTERM; answers: {statuses}")
+        cut = [a for a in answers.values() if isinstance(a, requests.Response) and a.status_code == 503]
+        assert len(answers) == 8 and all(isinstance(a, requests.Response) for a in answers.values()), statuses
+        assert set(statuses) <= {200, 503} and isinstance(answers[0], requests.Response) and answers[0].status_code == 503
+        for response in cut:
+            assert error_of(response, 503)["code"] == "shutting_down" and int(response.headers["Retry-After"]) >= 1
+        # 1,900 tokens take far longer than the 1 s grace: the generation was cancelled, not finished.
+        assert "request cancelled" in live.log() and "Traceback" not in live.log(), live.log()[-3000:]
     finally:
         live.stop()

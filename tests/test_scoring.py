@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.numerics.scoring import ELEMENTS_PER_STEP, score_rows
 from server.numerics.text import StopStringWatcher, join_pieces, token_string
@@ -97,6 +99,42 @@ def test_earliest_stop_string_wins():
     watcher = StopStringWatcher(["b", "abc"])
     assert watcher.feed(b"xxabc")
     assert watcher.finish() == "xx"  # "abc" starts before "b"
+
+
+def _held_by_search(text: str, stops: list[str]) -> int:
+    """The longest end of text that begins a stop string, by trying every length."""
+    return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
+
+
+@given(st.lists(st.text("ab", min_size=1, max_size=6), min_size=1, max_size=3),
+       st.lists(st.text("abc", max_size=5), max_size=8))
+@settings(max_examples=300, deadline=None)
+def test_stop_matching_equals_a_search_of_the_whole_text(stops, pieces):
+    """Linear-time matching finds what searching the whole text after each token finds: the earliest
+    stop string, and while none has ended, how much of the text's end may begin one."""
+    watcher, text = StopStringWatcher(stops), ""
+    for piece in pieces:
+        text += piece
+        hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+        assert watcher.feed(piece.encode()) == bool(hits)
+        if hits:
+            assert watcher.finish() == text[:min(hits)] and watcher.held == 0
+            return
+        assert watcher.text == text and watcher.held == _held_by_search(text, stops)
+
+
+def test_stop_matching_time_is_linear_in_long_stop_strings():
+    """4 stop strings of 100,000 characters against 2,000 generated tokens: each token costs about
+    its own length, not the text's (a generous bound that catches quadratic work, not a speed test)."""
+    import time
+
+    stops = ["x" * 99_999 + str(i) for i in range(4)]
+    watcher = StopStringWatcher(stops)
+    began = time.perf_counter()
+    for _ in range(2000):
+        assert not watcher.feed(b"xxxx")
+        assert watcher.held == len(watcher.text)  # all of it may begin a stop string
+    assert time.perf_counter() - began < 20
 
 
 @pytest.mark.parametrize("k", [0, 1, 5])

@@ -61,5 +61,5 @@ class Decoder:
             output.parts.append(scores)
         # An end-of-generation token is reported (as vLLM does), its text is not.
         stopped = tokens.is_end_of_generation(token) or output.watcher.feed(tokens.pieces[token])
-        r.emit(TokenEvent(token, scores, output.watcher.text))
+        r.emit(TokenEvent(token, scores, output.watcher.text, output.watcher.held))
         return stopped

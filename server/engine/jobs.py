@@ -58,6 +58,7 @@ class TokenEvent:
     token: int
     scores: ScoredRows | None
     text: str  # all generated text so far, a found stop string cut off
+    held: int = 0  # characters at text's end that may begin a stop string: not to be streamed yet
 
 
 Listener = Callable[[PromptScored | TokenEvent], None]

@@ -1,4 +1,8 @@
-"""A bound on request bodies (--max-body-bytes), enforced while they arrive, before any parsing.
+"""A bound on request bodies (--max-body-bytes), enforced while they arrive, before any parsing; and
+no body of ambiguous length: a request with both Transfer-Encoding and Content-Length is refused and
+its connection closed (RFC 9112 section 6.1: behind a proxy that reads the other header, the rest
+of the bytes would be a smuggled request). llhttp, the parser logprobs-server uses, refuses those
+itself; this catches them under uvicorn's h11 parser, which does not.
 
 Pure ASGI, so streamed responses are not buffered and the disconnect watch in server.api still
 reads the real `receive` channel.
@@ -15,11 +19,11 @@ class BodyLimit:
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _refusal(self) -> tuple[dict, dict]:
-        body = json.dumps(error_body(
-            f"The request body is larger than this server's limit of {self.max_bytes} bytes (--max-body-bytes).",
-            param=None, code="body_too_large")).encode()
-        start = {"type": "http.response.start", "status": 413,
+    def _refusal(self, status: int = 413, message: str | None = None, code: str = "body_too_large") -> tuple[dict, dict]:
+        message = message or f"The request body is larger than this server's limit of {self.max_bytes} bytes " \
+                             "(--max-body-bytes)."
+        body = json.dumps(error_body(message, param=None, code=code)).encode()
+        start = {"type": "http.response.start", "status": status,
                  "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                              (b"connection", b"close")]}
         return start, {"type": "http.response.body", "body": body}
@@ -27,7 +31,13 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers", [])).get(b"content-length")
+        headers = dict(scope.get("headers", []))
+        declared = headers.get(b"content-length")
+        if declared is not None and b"transfer-encoding" in headers:
+            for message in self._refusal(400, "The request has both Transfer-Encoding and Content-Length, so its "
+                                         "length is ambiguous; send one of them.", "invalid_http"):
+                await send(message)
+            return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             for message in self._refusal():  # refused before a byte of the body is read
                 await send(message)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from fastapi import FastAPI, Request
@@ -37,6 +38,9 @@ def error_response(status: int, message: str, *, type: str = "invalid_request_er
 
 
 INTERNAL_ERROR = "Internal server error; the server log has the details."
+SHUTTING_DOWN = ("The server is shutting down and stopped this request before it finished (past its "
+                 "--shutdown-grace); retry it once the server is back.")
+SHUTDOWN_RETRY_AFTER = "5"  # seconds: about what a restart of a small model takes
 
 
 def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
@@ -84,7 +88,10 @@ def install_error_handlers(app: FastAPI) -> None:
 class InternalErrors:
     """An exception no handler took becomes OpenAI's 500, answered here. (Starlette's own handler
     for Exception answers too, but then re-raises it to the server, and uvicorn drops the client's
-    kept-alive connection: its next request would fail as well.) Pure ASGI: streams pass through."""
+    kept-alive connection: its next request would fail as well.) A request the server cancels
+    (uvicorn, when --shutdown-grace runs out; a client that leaves never cancels one) becomes a
+    503 with Retry-After, which lm-eval retries, instead of uvicorn's text/plain 500 and a
+    traceback. Pure ASGI: streams pass through."""
 
     def __init__(self, app: ASGIApp):
         self.app = app
@@ -102,6 +109,14 @@ class InternalErrors:
 
         try:
             await self.app(scope, receive, tracked)
+        except asyncio.CancelledError:
+            # The request's own work was cancelled with it (server.api); the cancellation ends here,
+            # with an answer where the status line is not sent yet.
+            log.warning("%s %s stopped by the shutdown before it finished%s", scope.get("method"), scope.get("path"),
+                        "" if started else "; answered 503")
+            if not started:
+                await error_response(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
+                                     headers={"Retry-After": SHUTDOWN_RETRY_AFTER})(scope, receive, send)
         except Exception:
             # Never the exception's text in the response: it can hold paths, prompts or internals.
             log.exception("Unexpected error in %s %s", scope.get("method"), scope.get("path"))

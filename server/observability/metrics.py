@@ -118,9 +118,10 @@ class ObservabilityMiddleware:
     """Pure ASGI (it neither buffers a streamed body nor reads the request's `receive` channel
     itself; it watches what the app reads): gives each HTTP request its id (the client's
     x-request-id if sane, else a new one) in the logging context and on the response, and counts
-    it by route and the status actually sent, or 499 (nginx's "client closed request") when the
-    client left before any answer: a client hanging up halfway through its body otherwise counts
-    as the 400 that Starlette makes of the broken body, which nobody receives."""
+    it by route and the status actually sent, or 499 (nginx's and vLLM's "client closed request")
+    when the client left before the whole answer: a client hanging up halfway through its body
+    otherwise counts as the 400 that Starlette makes of the broken body, which nobody receives, and
+    an abandoned stream as the 200 its first line said."""
 
     def __init__(self, app: ASGIApp, owner: FastAPI):
         self.app, self.owner = app, owner
@@ -143,21 +144,28 @@ class ObservabilityMiddleware:
         request_id = choose_request_id(sent_id)
         header = (HEADER.encode(), request_id.encode())
         status: int | None = None
-        left_first = False  # the client disconnected before the response started
+        answered = False  # the response's last byte was sent
+        left = False  # the client disconnected before that
 
         async def watch_receive() -> Message:
-            nonlocal left_first
+            nonlocal left
             message = await receive()
-            if message["type"] == "http.disconnect" and status is None:
-                left_first = True
+            if message["type"] == "http.disconnect" and not answered:
+                left = True
             return message
 
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, answered, left
             if message["type"] == "http.response.start":
                 status = message["status"]
                 message = {**message, "headers": [*message.get("headers", ()), header]}
-            await send(message)
+            try:
+                await send(message)
+            except OSError:  # a stream's client gone (ASGI 2.4 servers say so here, not in receive)
+                left = True
+                raise
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                answered = True
 
         token = set_request_id(request_id)
         try:
@@ -169,7 +177,7 @@ class ObservabilityMiddleware:
                 # Nothing sent: the app failed after it had begun (before that, its InternalErrors
                 # layer answers a 500 itself) or the connection went first.
                 route = self._route(scope)
-                state.metrics.requests.labels(route, "499" if left_first else str(status or 500)).inc()
+                state.metrics.requests.labels(route, "499" if left else str(status or 500)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
 
 

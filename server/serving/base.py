@@ -26,7 +26,6 @@ from server.http.protocol import SamplingFields
 from server.http.request_id import current_request_id
 from server.numerics.sampling import SamplingParams
 from server.numerics.scoring import ScoredRows
-from server.numerics.text import unsafe_suffix_length
 
 if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
     from server.state import ServerState
@@ -65,10 +64,20 @@ def check_logprobs_limit(state: ServerState, value: int | None, param: str) -> N
 def sampling_params(state: ServerState, request: SamplingFields) -> SamplingParams:
     """Validated sampling settings of a completions or chat request."""
     check_model(state, request.model)
+    if (unsupported := request.unsupported()) is not None:
+        field, message = unsupported
+        raise APIError(message, param=field)
+    if request.stream_options is not None and not request.stream:
+        raise APIError("stream_options is only allowed when stream is true; drop it or set stream: true.",
+                       param="stream_options")
     stops = request.stop_list()
     if len(stops) > state.settings.max_stop:
         raise APIError(f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
                        "(restart the server with a higher --max-stop to allow more).", param="stop")
+    if (chars := sum(map(len, stops))) > state.settings.max_stop_chars:
+        raise APIError(f"The stop strings hold {chars} characters together; at most {state.settings.max_stop_chars} are "
+                       "accepted (restart the server with a higher --max-stop-chars to allow more).", param="stop",
+                       code="limit_exceeded")
     n, max_n = request.n or 1, state.settings.max_n
     if n > max_n:
         raise APIError(f"n={n} is above this server's limit of {max_n} samples per prompt "
@@ -95,20 +104,26 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
     )
 
 
-def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, where: str) -> int:
+CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients (litellm) test for
+
+
+def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, where: str,
+               prompt_param: str = "prompt") -> int:
     """max_tokens to use (None: --default-max-tokens, or what room the context has left); a prompt
-    that cannot fit is a 400 with numbers."""
+    that cannot fit is a 400 with numbers and OpenAI's code. prompt_param: the field that holds
+    the prompt (chat: messages)."""
     n_ctx = state.backend.info.n_ctx
     if max_tokens is None:
         if len(tokens) >= n_ctx:
             raise APIError(f"{where} has {len(tokens)} tokens: that does not fit this server's context of {n_ctx} "
-                           "with room to generate. Shorten the prompt.", param="prompt")
+                           "with room to generate. Shorten the prompt.", param=prompt_param,
+                           code=CONTEXT_LENGTH_EXCEEDED)
         return min(state.settings.default_max_tokens, n_ctx - len(tokens))
     if len(tokens) + max_tokens > n_ctx:
         raise APIError(
             f"{where} has {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
             f"tokens do not fit this server's context of {n_ctx}. Shorten the prompt or lower max_tokens.",
-            param="prompt" if len(tokens) >= n_ctx else "max_tokens",
+            param=prompt_param if len(tokens) >= n_ctx else "max_tokens", code=CONTEXT_LENGTH_EXCEEDED,
         )
     return max_tokens
 
@@ -158,7 +173,7 @@ class StreamedChoice:
         """Text that can be sent now, or None."""
         self.pending.append(StreamedToken(event.token, event.scores, self.echo_length + self.text_length))
         self.text_length = len(event.text)
-        safe = len(event.text) - unsafe_suffix_length(event.text, self.job.stop)
+        safe = len(event.text) - event.held
         if safe <= self.sent:
             return None
         text, self.sent = event.text[self.sent:safe], safe
