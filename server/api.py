@@ -11,6 +11,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from server.engine.fair_queue import set_client
+from server.http.body import OffLoopBodyRoute
 from server.http.protocol import (
     HOST_REFUSED,
     ChatCompletionChunk,
@@ -36,7 +37,7 @@ from server.serving.completions import create_completion
 from server.serving.distributions import MEDIA_TYPE, create_distributions
 from server.state import ServerState
 
-router = APIRouter()
+router = APIRouter(route_class=OffLoopBodyRoute)  # bodies parsed and validated off the event loop
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away; nobody reads it
 
 # -- the OpenAPI schema's responses ---------------------------------------------------------------
@@ -181,5 +182,9 @@ async def tokenize(body: TokenizeRequest, request: Request):
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)
-    check_token_ids(state, body.tokens, param="tokens", where="'tokens'")
-    return {"prompt": state.backend.tokens.detokenize(body.tokens)}
+
+    def detokenize() -> dict:  # millions of ids take a second: off the event loop
+        check_token_ids(state, body.tokens, param="tokens", where="'tokens'")
+        return {"prompt": state.backend.tokens.detokenize(body.tokens)}
+
+    return await asyncio.to_thread(detokenize)

@@ -39,11 +39,9 @@ def _lower_case(value):
     return value.lower() if isinstance(value, str) else value
 
 
-class Settings(BaseSettings):
-    """Every setting, with its help text: the LOGPROBS_* variables, the CLI flags and --help derive from this.
-
-    `Settings.load(**overrides)` reads the environment, applies the overrides (the CLI's flags) on
-    top, and reports invalid values as a ConfigError naming the variable or flag."""
+class ModelSettings(BaseSettings):
+    """The settings of the model and its limits: the first part of Settings (below), which adds the
+    exposure and the listening address. Two classes only to keep each one short; use Settings."""
 
     model_config = SettingsConfigDict(
         env_prefix=ENV_PREFIX,
@@ -120,6 +118,10 @@ class Settings(BaseSettings):
         524288, ge=1, description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
         "A request that would go past it is refused with 429 and Retry-After (lm-eval retries those), so the "
         "queue never grows without bound. At least --max-request-tokens.")
+    job_overhead_tokens: int = Field(
+        32, ge=0, description="Tokens each prompt (each of its n samples) counts for beyond its own tokens and "
+        "max_tokens, in --max-request-tokens and --max-queued-tokens: its fixed cost (a pass, its scoring, its "
+        "answer), which a 1-token prompt costs as well (docs/limits.md has the measurement).")
     request_timeout: float = Field(
         600.0, ge=0, description="Seconds a request may wait and run before it is cancelled and answered 503. "
         "0 = no limit.")
@@ -129,6 +131,14 @@ class Settings(BaseSettings):
     shutdown_grace: float = Field(
         30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (no new ones are accepted); "
         "what is left is then cancelled, and the server exits 0.")
+
+
+class Settings(ModelSettings):
+    """Every setting, with its help text: the LOGPROBS_* variables, the CLI flags and --help derive from this
+    (ModelSettings' fields first, in declaration order).
+
+    `Settings.load(**overrides)` reads the environment, applies the overrides (the CLI's flags) on
+    top, and reports invalid values as a ConfigError naming the variable or flag."""
 
     # -- exposure: keys, TLS, hosts, metrics ----------------------------------------------------------
     api_key: SecretStr | None = Field(

@@ -61,7 +61,7 @@ class ServerState:
                  ", ".join(f"{k}={v}" for k, v in fingerprint.parts.items()))
         metrics = Metrics()
         engine = Engine(backend, settings.prefix_cache_mb, max_queued_tokens=settings.max_queued_tokens,
-                        hooks=metrics.hooks)
+                        hooks=metrics.hooks, job_overhead_tokens=settings.job_overhead_tokens)
         metrics.describe_server(engine, name, fingerprint, load_seconds)
         return cls(settings=settings, backend=backend, engine=engine, model_name=name, fingerprint=fingerprint,
                    metrics=metrics)

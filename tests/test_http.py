@@ -488,8 +488,22 @@ def test_body_and_request_limits():
         served.close()
 
 
+def test_every_choice_counts_its_fixed_cost():
+    """Many tiny prompts, or many samples of them, cost what their passes cost: --job-overhead-tokens
+    each, beside their tokens and max_tokens."""
+    served = InProcess(job_overhead_tokens=10, max_request_tokens=100, max_n=4)
+    try:
+        payload = {"prompt": [[5]] * 4, "max_tokens": 1}
+        assert served.post("/v1/completions", payload | {"n": 2}).status_code == 200  # (1 + 1 + 10) x 8 = 96
+        assert_error(served.post("/v1/completions", payload | {"n": 3}), 400, "prompt",
+                     "may cost 144 tokens (prompt tokens plus max_tokens plus 10 for each of its 12 choices")
+    finally:
+        served.close()
+
+
 def test_a_full_queue_answers_429_with_retry_after():
-    served = InProcess(ByteBackend(delay=0.05), max_request_tokens=60, max_queued_tokens=60)
+    # Each request costs 21 prompt tokens + 30 + 32 (--job-overhead-tokens): one fits the queue at a time.
+    served = InProcess(ByteBackend(delay=0.05), max_request_tokens=100, max_queued_tokens=100)
 
     async def work(client):
         payload = {"prompt": "a" * 20, "max_tokens": 30}

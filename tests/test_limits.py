@@ -88,13 +88,14 @@ def queued_tokens(server) -> float:
 
 
 def test_queue_bound_answers_429_with_retry_after(tight):
-    """Fill the queue: 8 distinct prompts of 360 tokens (2,888 tokens of work; 4 run at once, 4
-    wait), and once over 1,000 tokens wait (the /metrics gauge), ask for 2,100 more: 429 with
+    """Fill the queue: 8 distinct prompts of 340 tokens (2,984 tokens of work with the 32 each prompt
+    counts for; 4 run at once, 4 wait), and once over 1,000 tokens wait (the /metrics gauge), ask
+    for 2,164 more: 429 with
     Retry-After, nothing of it queued; the first request comes back whole."""
     first: dict = {}
 
     def long_request():
-        prompts = [[100 + 13 * i + j % 7 for j in range(360)] for i in range(8)]  # distinct: no prefix reuse
+        prompts = [[100 + 13 * i + j % 7 for j in range(340)] for i in range(8)]  # distinct: no prefix reuse
         first["response"] = tight.post("/v1/completions", {"prompt": prompts, "max_tokens": 1,
                                                             "echo": True, "logprobs": 1})
 

@@ -29,10 +29,11 @@ SEED = 20240601  # the same requests on every run
 # Seconds each phase of each operation may take: past them its remaining cases are generated but
 # not sent (a bound for slow or busy machines; every phase took under 15 s when this was written).
 BUDGET_S = 25
-# Limits that keep each request cheap: a generated request costs at most 48 tokens of model time.
+# Limits that keep each request cheap: a generated request costs at most 80 tokens of model time
+# (48 tokens, or fewer with more prompts: each prompt also counts --job-overhead-tokens, 32).
 # One llama.cpp thread: the other core is the fuzzer's (two threads that wait on each other ran
 # 10x slower when the machine was busy).
-FLAGS = ["--n-threads", "1", "--n-ctx", "512", "--max-request-tokens", "48", "--max-queued-tokens", "4096",
+FLAGS = ["--n-threads", "1", "--n-ctx", "512", "--max-request-tokens", "80", "--max-queued-tokens", "4096",
          "--default-max-tokens", "4", "--max-n", "2", "--max-prompts", "4", "--max-logprobs", "5",
          "--max-body-bytes", "65536", "--request-timeout", "60"]
 # Operations whose generated requests must include some that the server serves (2xx).

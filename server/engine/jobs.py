@@ -29,9 +29,10 @@ class PromptJob:
     prompt_logprobs: int | None = None
 
 
-def job_cost(job: PromptJob) -> int:
-    """What a job may cost the model, in tokens: its prompt and everything it may generate."""
-    return len(job.tokens) + job.max_tokens
+def job_cost(job: PromptJob, overhead: int = 0) -> int:
+    """What a job may cost the model, in tokens: its prompt, everything it may generate, and
+    `overhead` for what every job costs whatever its length (--job-overhead-tokens)."""
+    return len(job.tokens) + job.max_tokens + overhead
 
 
 @dataclass

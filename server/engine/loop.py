@@ -36,8 +36,9 @@ log = logging.getLogger(__name__)
 
 class Engine:
     def __init__(self, backend: Backend, prefix_cache_mb: int = 0, max_queued_tokens: int = 1 << 62,
-                 hooks: EngineHooks | None = None):
+                 hooks: EngineHooks | None = None, job_overhead_tokens: int = 0):
         self.backend = backend
+        self.job_overhead_tokens = job_overhead_tokens  # what each job counts for beyond its tokens (admission)
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
         rate = DrainRate()
@@ -76,7 +77,7 @@ class Engine:
         for index, job in enumerate(jobs):
             listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))) \
                 if progress else None
-            running = RunningJob(job, request, listener)
+            running = RunningJob(job, request, listener, self.job_overhead_tokens)
             running.future.add_done_callback(lambda f, index=index: deliver(index, f))
             submitted.append(running)
         self.admission.submit(submitted)

@@ -58,9 +58,9 @@ class Generation:
 class RunningJob:
     """A job on its way through the engine: queued, then on a sequence of the backend (seq >= 0)."""
 
-    def __init__(self, job: PromptJob, request: RequestState, listener: Listener | None):
+    def __init__(self, job: PromptJob, request: RequestState, listener: Listener | None, overhead: int = 0):
         self.job, self.request, self.listener = job, request, listener
-        self.cost = job_cost(job)
+        self.cost = job_cost(job, overhead)
         self.queued_at = time.perf_counter()
         self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
         self.seq = -1

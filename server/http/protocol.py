@@ -12,6 +12,7 @@ the schema does not declare.
 from __future__ import annotations
 
 import json
+from itertools import chain
 from typing import Annotated, Any, Literal
 
 from pydantic import (
@@ -52,7 +53,15 @@ LOGIT_BIAS_SCHEMA = {"anyOf": [
 
 
 def _is_token_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return type(value) is list and set(map(type, value)) <= _INT  # at C speed (a bool's type is not int)
+
+
+def _are_token_lists(value: list) -> bool:
+    """Every item a list of token ids: checked at C speed, for batches of a million prompts."""
+    return set(map(type, value)) <= _LIST and set(map(type, chain.from_iterable(value))) <= _INT
+
+
+_INT, _LIST = {int}, {list}
 
 
 # Requests: unknown fields are an error, not silently ignored (a typo must not change results
@@ -81,6 +90,8 @@ def _unencodable(value: Any) -> tuple | None:
             for key, child in reversed(item.items()):
                 stack += [(child, (*path, key)), (key, (*path, key))]  # the key is looked at first
         elif isinstance(item, list) and not set(map(type, item)) <= _NUMBERS:  # token ids: at C speed
+            if set(map(type, item)) <= _LIST and set(map(type, chain.from_iterable(item))) <= _NUMBERS:
+                continue  # a batch of token-id prompts, also at C speed
             stack += [(child, (*path, i)) for i, child in reversed(list(enumerate(item)))]
     return None
 
@@ -190,7 +201,7 @@ class CompletionRequest(SamplingFields):
                 return value
             if _is_token_list(value):
                 return [value]
-            if all(_is_token_list(p) for p in value):
+            if _are_token_lists(value):
                 return value
         if isinstance(value, list) and not value:
             raise ValueError("prompt is an empty list; send at least one prompt")
@@ -249,7 +260,8 @@ class ResponseFormat(BaseModel):
 
     model_config = ConfigDict(extra="allow", strict=True)  # json_schema's own fields: refused with the type
 
-    type: str
+    # Any string is read (so that json_object gets a 400 that says why); the schema says what is served.
+    type: Annotated[str, WithJsonSchema({"const": "text"})]
 
 
 # OpenAI chat fields for what this server does not do (tools, audio, stored completions, service
@@ -271,6 +283,10 @@ CHAT_NEUTRAL: dict[str, tuple[tuple[Any, ...], str]] = {
 }
 
 
+def _neutral(field: str) -> WithJsonSchema:
+    return WithJsonSchema({"enum": list(CHAT_NEUTRAL[field][0])})
+
+
 class ChatCompletionRequest(SamplingFields):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
@@ -287,18 +303,19 @@ class ChatCompletionRequest(SamplingFields):
     # No effect here (OpenAI's bookkeeping: the caller's tags), as `user`.
     metadata: dict[str, str] | None = None
     parallel_tool_calls: bool | None = None  # only means something with tools, which are refused
-    # Accepted at their neutral values only (CHAT_NEUTRAL).
-    tools: list[Any] | None = None
-    tool_choice: str | dict[str, Any] | None = None
-    functions: list[Any] | None = None
-    function_call: str | dict[str, Any] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    web_search_options: dict[str, Any] | None = None
+    # Accepted at their neutral values only (CHAT_NEUTRAL): read as any value of their type, so that
+    # another gets a 400 that says why, and published in the schema as those values.
+    tools: Annotated[list[Any] | None, _neutral("tools")] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, _neutral("tool_choice")] = None
+    functions: Annotated[list[Any] | None, _neutral("functions")] = None
+    function_call: Annotated[str | dict[str, Any] | None, _neutral("function_call")] = None
+    store: Annotated[bool | None, _neutral("store")] = None
+    service_tier: Annotated[str | None, _neutral("service_tier")] = None
+    modalities: Annotated[list[str] | None, _neutral("modalities")] = None
+    audio: Annotated[dict[str, Any] | None, _neutral("audio")] = None
+    prediction: Annotated[dict[str, Any] | None, _neutral("prediction")] = None
+    reasoning_effort: Annotated[str | None, _neutral("reasoning_effort")] = None
+    web_search_options: Annotated[dict[str, Any] | None, _neutral("web_search_options")] = None
 
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to something this server does not do."""
@@ -306,6 +323,8 @@ class ChatCompletionRequest(SamplingFields):
             kind = self.response_format.type[:40]
             return "response_format", (f"response_format type '{kind}' (structured output) is not supported by this "
                                        "server; omit response_format or send {\"type\": \"text\"}")
+        if self.response_format is not None and self.response_format.model_extra:
+            return "response_format", "response_format {\"type\": \"text\"} takes no other fields"
         for field, (neutral, why) in CHAT_NEUTRAL.items():
             if getattr(self, field) not in neutral:  # strict types: no 0 for False here
                 allowed = " or ".join(json.dumps(ok) for ok in neutral)

@@ -53,7 +53,7 @@ def split(path: str, body: dict, settings: Settings, body_bytes: int = 0) -> lis
     prompts = _token_lists(body.get("prompt"))
     if prompts is None or len(prompts) > settings.max_prompts:
         return None
-    cost = sum(len(p) + max_tokens for p in prompts) * n
+    cost = sum(len(p) + max_tokens + settings.job_overhead_tokens for p in prompts) * n  # as the server counts
     if cost > settings.max_request_tokens:
         return None
     rest = len(json.dumps({k: v for k, v in body.items() if k != "prompt"}))

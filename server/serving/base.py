@@ -129,13 +129,16 @@ def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, wh
 
 
 def check_request_cost(state: ServerState, jobs: list[PromptJob]) -> None:
-    """The tokens a request may cost (each choice's prompt plus its max_tokens) within --max-request-tokens."""
-    cost, limit = sum(job_cost(job) for job in jobs), state.settings.max_request_tokens
+    """The tokens a request may cost (each choice's prompt plus its max_tokens, plus what each choice
+    costs whatever its length) within --max-request-tokens."""
+    overhead = state.settings.job_overhead_tokens
+    cost, limit = sum(job_cost(job, overhead) for job in jobs), state.settings.max_request_tokens
     if cost > limit:
         raise APIError(
-            f"This request may cost {cost} tokens (prompt tokens plus max_tokens, for each of its {len(jobs)} "
-            f"choices); this server's limit is {limit} per request (--max-request-tokens). Split it into smaller "
-            "requests or lower max_tokens.", param="prompt", code="limit_exceeded")
+            f"This request may cost {cost} tokens (prompt tokens plus max_tokens plus {overhead} for each of its "
+            f"{len(jobs)} choices, --job-overhead-tokens); this server's limit is {limit} per request "
+            "(--max-request-tokens). Split it into smaller requests or lower max_tokens.",
+            param="prompt", code="limit_exceeded")
 
 
 # -- responses ------------------------------------------------------------------------------------

@@ -73,7 +73,7 @@ def _check_loopback(url: str) -> None:
 def scoring_pool(seed: int, size: int = 12, vocab: tuple[int, int] = (100, 40000)) -> list[dict]:
     """lm-eval-style loglikelihood batches: one context shared by 2-4 continuations (a multiple-
     choice question), as token-id prompts with echo, logprobs=1, temperature 0, max_tokens 0 or 1.
-    Each costs at most 4 x (96 + 8) + 4 tokens, under --max-request-tokens."""
+    Each costs at most 4 x (96 + 8 + 32) + 4 tokens (32: --job-overhead-tokens), under --max-request-tokens."""
     rng = random.Random(f"score-{seed}")
     pool = []
     for _ in range(size):
