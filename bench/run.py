@@ -18,9 +18,12 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
  8. prompts in shared forward passes (bench/shared_passes.py): one prompt per llama_decode vs 4
     and 16 per pass (separate KV streams, padded to equal length), on SmolLM2, Gemma 3 and a
     1B-shape random-weight model, with whether every row came out the same float as alone; and
-    on MLX (SmolLM2 whole, float32): one prompt per pass vs 4, 8 and 16 as one padded batch.
+    on MLX (SmolLM2 whole, float32): one prompt per pass vs 4, 8 and 16 as one padded batch;
+ 9. the K-quant files people download (Q4_K_M, Q5_K_M) of the 1B shape (random weights): the raw
+    every-position pass in-process with llama.cpp's repacked weights and without, and this server
+    without and with prefix reuse, with whether reuse changed any logprob.
 
-Rows 1, 2, 4 and 6 are timed in interleaved rounds (--rounds): every row once per round, the best
+Rows 1, 2, 4, 6 and 9 are timed in interleaved rounds (--rounds): every row once per round, the best
 pass of each reported, so that the shared machine's slow spells fall on all rows alike.
 
 Writes bench_out/results.json, bench_out/table.md and bench_out/chart.png.
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -230,11 +234,15 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
             r["ratio"] = f"{wall / r['wall_s']:.2f}x as fast as row 5d"
 
 
+def reuse_gap(plain: list, cached: list) -> float:
+    """The largest |difference| of a prompt logprob with reuse vs without (the last token is
+    generated, not part of the prompt)."""
+    return max(abs(a - b) for x, y in zip(plain, cached)
+               for a, b in zip(x["logprobs"]["token_logprobs"][1:-1], y["logprobs"]["token_logprobs"][1:-1]))
+
+
 def log_reuse_gap(plain: list, cached: list) -> None:
-    """Prompt logprobs with reuse vs without (the last token is generated, not part of the prompt)."""
-    gap = max(abs(a - b) for x, y in zip(plain, cached)
-              for a, b in zip(x["logprobs"]["token_logprobs"][1:-1], y["logprobs"]["token_logprobs"][1:-1]))
-    log(f"     reuse vs no reuse: max |prompt logprob difference| = {gap:.2e}")
+    log(f"     reuse vs no reuse: max |prompt logprob difference| = {reuse_gap(plain, cached):.2e}")
 
 
 def mlx_rows(sequences, args, add) -> None:
@@ -347,6 +355,7 @@ def main() -> None:
     parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
     parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
     parser.add_argument("--shared-items", type=int, default=10, help="items for row 8 (0 skips it)")
+    parser.add_argument("--kquant-items", type=int, default=10, help="items for rows 9 (0 skips them)")
     parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="passes of each scoring row (rows 1, 2, 4, 6), interleaved; the best is reported")
@@ -369,7 +378,8 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
-        reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a", "8": row[:2] + "1"}[row[0]]
+        reference = {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a", "8": row[:2] + "1",
+                     "9": row[:2] + "f"}[row[0]]
         ratio = f"{value / base:.2f}x row {reference}" if base else ""
         # Echo needs logits at every position: rows 1b / 4b are the forward pass that scoring needs.
         echo_limit = {"2": "1b", "3": "1b", "4": "4b"}.get(row[0])
@@ -379,7 +389,7 @@ def main() -> None:
         rows.append({"row": row, "name": name, "tokens_per_s": value, "ratio": ratio, **extra})
         log(f"{row:>3}  {name:<58} {value:8.1f} tok/s  {ratio}")
 
-    groups = set(args.only.split(",")) if args.only else set("12345678")
+    groups = set(args.only.split(",")) if args.only else set("123456789")
     if groups & set("123"):
         scoring_rows(smol, sequences, args, add)
     if "4" in groups and args.gemma_items:
@@ -392,6 +402,8 @@ def main() -> None:
         generation_rows(smol, args.threads, args.out, add)
     if "8" in groups and args.shared_items:
         shared_pass_rows(cache, smol, args, add)
+    if "9" in groups and args.kquant_items:
+        kquant_rows(cache, args, add)
     finish(rows, args)
 
 
@@ -435,6 +447,72 @@ def gemma_rows(cache: Path, args, add) -> None:
     add("4b", "Gemma 3 270M: raw forward (logits: every position)", best["4b"], best["4a"])
     add("4c", "Gemma 3 270M: this server, no prefix reuse", best["4c"], best["4a"])
     add("4d", "Gemma 3 270M: this server, prefix reuse", best["4d"], best["4a"])
+
+
+def raw_forward_stored(model: Path, sequences, threads: int) -> Callable[[], float]:
+    """raw_forward's every-position pass with the weights as the file stores them: llama.cpp's
+    repacked CPU layouts off (use_extra_bufts, which Llama() does not expose), through its C API."""
+    import llama_cpp as ll
+
+    params = ll.llama_model_default_params()
+    params.use_extra_bufts = False
+    llm = ll.llama_model_load_from_file(str(model).encode(), params)
+    ctx_params = ll.llama_context_default_params()
+    ctx_params.n_ctx = ctx_params.n_batch = ctx_params.n_ubatch = 2048
+    ctx_params.n_threads = ctx_params.n_threads_batch = threads
+    ctx_params.flash_attn_type = ll.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    ctx_params.type_k = ctx_params.type_v = ll.GGML_TYPE_F32
+    ctx = ll.llama_init_from_model(llm, ctx_params)
+    batch = ll.llama_batch_init(2048, 0, 1)
+    memory = ll.llama_get_memory(ctx)
+
+    def run(tokens) -> None:
+        ll.llama_memory_clear(memory, True)
+        batch.n_tokens = len(tokens)
+        for i, token in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, i, 1, True
+            batch.seq_id[i][0] = 0
+        if ll.llama_decode(ctx, batch) != 0:
+            raise RuntimeError("llama_decode failed")
+
+    run(sequences[-1])  # warm-up
+
+    def one_pass() -> float:
+        started = time.perf_counter()
+        for tokens in sequences:
+            run(tokens)
+        return sum(map(len, sequences)) / (time.perf_counter() - started)
+
+    return one_pass
+
+
+def kquant_rows(cache: Path, args, add) -> None:
+    """Rows 9<type><row>: for each K-quant file of the 1B shape, f the raw every-position pass
+    (repacked), g the same with the weights as stored, h this server without reuse, i with reuse."""
+    import llama_cpp
+
+    from bench.shared_passes import random_model
+
+    for letter, quant in (("a", "q4_k_m"), ("b", "q5_k_m")):
+        model = random_model(cache, "1b", quant, log)
+        vocab = llama_cpp.Llama(model_path=str(model), vocab_only=True, verbose=False)
+        sequences = hellaswag_sequences(vocab, args.kquant_items)
+        name = f"1B shape {quant.upper()}, random weights"
+        log(f"{name}: {len(sequences)} sequences, {sum(map(len, sequences))} tokens")
+        with (Scoring(model, sequences, args.threads, args.out, f"{quant}-nocache", cache=False) as plain,
+              Scoring(model, sequences, args.threads, args.out, f"{quant}-cache", cache=True) as cached):
+            best = best_of_rounds({"f": raw_forward(model, sequences, args.threads, all_logits=True),
+                                   "g": raw_forward_stored(model, sequences, args.threads),
+                                   "h": plain, "i": cached}, args.rounds)
+        cached_log = (args.out / f"server-{quant}-cache.log").read_text()
+        rule = re.search(r"prefix cache: \d+ MB, ([^\n]+)", cached_log)
+        fastest = max(best["f"], best["g"])
+        add(f"9{letter}f", f"{name}: raw every-position pass, repacked", best["f"], fastest)
+        add(f"9{letter}g", f"{name}: raw every-position pass, as stored", best["g"], fastest)
+        add(f"9{letter}h", f"{name}: this server, no prefix reuse", best["h"], fastest)
+        add(f"9{letter}i", f"{name}: this server, prefix reuse ({rule.group(1) if rule else 'cache off'})",
+            best["i"], fastest, max_reuse_logprob_gap=reuse_gap(plain.choices, cached.choices))
+        log_reuse_gap(plain.choices, cached.choices)
 
 
 def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:

@@ -260,15 +260,15 @@ def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from:
 
 
 def quantize(source: Path, target: Path, quant: str) -> Path:
-    """llama.cpp's quantizer (llama_model_quantize): source GGUF -> target, of type q4_1, q4_k_m or q8_0."""
+    """llama.cpp's quantizer (llama_model_quantize): source GGUF -> target, of a type such as q4_1,
+    q4_k_m, q5_k_m or q8_0."""
     import logging
 
     import llama_cpp as ll
 
     logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # llama.cpp logs every tensor
     params = ll.llama_model_quantize_default_params()
-    params.ftype = {"q4_1": ll.LLAMA_FTYPE_MOSTLY_Q4_1, "q4_k_m": ll.LLAMA_FTYPE_MOSTLY_Q4_K_M,
-                    "q8_0": ll.LLAMA_FTYPE_MOSTLY_Q8_0}[quant]
+    params.ftype = getattr(ll, f"LLAMA_FTYPE_MOSTLY_{quant.upper()}")
     if ll.llama_model_quantize(str(source).encode(), str(target).encode(), params) != 0:
         raise RuntimeError(f"quantizing {source} failed")
     return target

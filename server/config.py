@@ -90,8 +90,9 @@ class ModelSettings(BaseSettings):
     prefix_cache_mb: int = Field(
         1024, ge=0, description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off. At start-up the "
-        "server checks that a prompt run in two passes gives the numbers of one pass, and turns the cache off "
-        "(with a warning) where it does not (llama.cpp's repacked Q4_0/Q4_K kernels).")
+        "server checks that prompts run as after cache hits give the numbers of whole passes, chooses where a "
+        "cached prompt's tail may start so that they do (K-quant files: tails of 8+ tokens at multiples of 4), "
+        "and turns the cache off (with a warning) where no such rule is found.")
     max_logprobs: int = Field(
         20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
     max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")

@@ -60,8 +60,8 @@ def twin_server(model_path, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def requantized_server(requantized_model_path, tmp_path_factory):
-    """Another build of the same model (conftest's Q3_K_M). Its server turns the prefix cache off by
-    itself (see test_prefix_cache); the flag says so here too."""
+    """Another build of the same model (conftest's Q3_K_M), without the prefix cache: its numbers
+    are then the same whatever came before, with or without it (test_prefix_cache)."""
     yield from serve(requantized_model_path, tmp_path_factory, "requantized", "--prefix-cache-mb", "0")
 
 

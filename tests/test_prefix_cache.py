@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 
@@ -9,8 +10,12 @@ import numpy as np
 import pytest
 import requests
 
+from server.backends.base import ReuseRule
+from server.backends.probes import choose_reuse_rule
+from server.engine import Engine, PromptJob
 from server.engine.prefix_cache import MIN_REUSE, PrefixCache
 from server.numerics.scoring import ScoredRows
+from testing.fake_backend import BOS, ByteBackend
 from testing.live_server import DATA
 from tests.conftest import serve, serve_beside
 
@@ -73,25 +78,32 @@ def test_generation_is_not_served_from_the_cache(servers):
 
 
 @pytest.fixture(scope="module")
-def repacked_server(requantized_model_path, tmp_path_factory):
-    """The Q3_K_M build of the default model, with the cache asked for (the default 1024 MB)."""
-    yield from serve(requantized_model_path, tmp_path_factory, "repacked")
+def repacked_servers(requantized_model_path, tmp_path_factory):
+    """The Q3_K_M build of the default model (its weights go through llama.cpp's repacked kernels),
+    with the cache asked for (the default 1024 MB), and the same without."""
+    cached = serve(requantized_model_path, tmp_path_factory, "repacked")
+    uncached = serve(requantized_model_path, tmp_path_factory, "repacked-uncached", "--prefix-cache-mb", "0")
+    yield next(cached), next(uncached)
+    next(cached, None), next(uncached, None)
 
 
-def test_reuse_is_turned_off_where_passes_change_the_numbers(repacked_server):
-    """With weights that llama.cpp repacks, a prompt run as after a cache hit (prefix, then tail)
-    gives other logits than run whole: the server measures that at start-up, says so, and serves
-    without reuse, so that a prompt's numbers never depend on which prompts came before."""
-    log = repacked_server.log()
-    drift = float(re.search(r"Prefix cache off: .* moved by up to (\S+);", log).group(1))
-    assert drift > 1e-2  # ~1 on this file: far above the 1e-4 tolerance, not a rounding matter
-    assert "prefix cache: off" in log and "prefix_cache=off" in log  # the settings line and the fingerprint
-    metrics = requests.get(repacked_server.url + "/metrics", timeout=10).text
-    assert re.search(r"^logprobs_prefix_cache_capacity_bytes 0\.0$", metrics, re.M)
-    sequences = hellaswag_requests(repacked_server, 2)  # two contexts, four endings each
-    first = [repacked_server.complete(prompt=sequences, echo=True, logprobs=1, max_tokens=0)["choices"]
-             for _ in range(2)]
-    assert first[0] == first[1] and _hits(repacked_server) is None
+def test_reuse_stays_exact_where_pass_shapes_change_the_numbers(repacked_servers):
+    """With weights that llama.cpp repacks, a cache hit whose tail starts anywhere gives other logits
+    than the whole prompt (0.99 on this file): the start-up check finds so, says so, and keeps the
+    cache on under the rule that gives the same floats (tails of 8+ tokens at multiples of 4), and
+    HellaSwag's requests after cache hits get exactly the numbers the uncached server gives."""
+    server, uncached = repacked_servers
+    log = server.log()
+    plain = float(re.search(r"check \(tails at multiples of 1, at least 2 tokens\): .* moved by up to (\S+) ", log).group(1))
+    assert plain > 1e-2  # far above the 1e-4 tolerance, not a rounding matter
+    assert "check (tails at multiples of 4, at least 8 tokens): " in log and "moved by up to 0 (" in log
+    assert "prefix cache: 1024 MB, tails at multiples of 4, at least 8 tokens" in log and "prefix_cache=on" in log
+    sequences = hellaswag_requests(server, 4)  # four contexts, four endings each
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # lm-eval's order
+    for start in range(0, len(order), 4):
+        payload = dict(prompt=[sequences[i] for i in order[start:start + 4]], echo=True, logprobs=1, max_tokens=0)
+        assert server.complete(**payload)["choices"] == uncached.complete(**payload)["choices"]
+    assert _hits(server) >= 8
 
 
 def _counts(server) -> tuple[int, int] | None:
@@ -115,6 +127,23 @@ def _rows(n: int, k: int) -> ScoredRows:
     return ScoredRows(np.zeros(n, np.float32), np.zeros((n, k), np.int64), np.zeros((n, k), np.float32))
 
 
+def test_an_aligned_rule_starts_tails_where_the_whole_passes_compute_the_same():
+    """ReuseRule(4, 8) on a grid of 64: tails start at multiples of 4 past a grid line, with at least
+    8 tokens in their first pass, or on the line itself."""
+    rule, n_batch = ReuseRule(4, 8), 64
+    assert rule.restore_length(shared=300, n=300, n_batch=n_batch) == 292  # 8 tokens run, from 292 = 256 + 36
+    assert rule.restore_length(shared=298, n=300, n_batch=n_batch) == 292
+    assert rule.restore_length(shared=150, n=300, n_batch=n_batch) == 148  # 149 cut back to 128 + 20
+    assert rule.restore_length(shared=128, n=300, n_batch=n_batch) == 120  # 124..127 would be a 4-token pass
+    assert rule.restore_length(shared=129, n=300, n_batch=n_batch) == 128  # on the line: a whole pass
+    assert ReuseRule().restore_length(shared=127, n=300, n_batch=n_batch) == 126  # the plain rule: 2 tokens
+    for shared in range(1, 301):
+        length = rule.restore_length(shared, 300, n_batch)
+        line = length // n_batch * n_batch
+        assert 0 <= length < shared and (length - line) % 4 == 0
+        assert length == line or min(300, line + n_batch) - length >= 8
+
+
 def test_cache_rules():
     cache = PrefixCache(max_bytes=1000)
     base = list(range(100, 130))
@@ -135,3 +164,50 @@ def test_cache_rules():
     cache.add(list(range(900, 930)), "state-c", 400, _rows(29, 1), 1)
     assert cache.used <= 1000 and len(cache) == 2
     assert cache.find(other + [1], k=1) is None and cache.find(base + [1], k=1) is not None
+
+
+class KernelPaths(ByteBackend):
+    """The fake model, with llama.cpp's pass-shape rules made explicit: a pass of fewer than `short`
+    tokens, or one that starts off a multiple of `group` past its n_batch grid line, takes another
+    kernel path, whose logits differ by `moved` (as K-quant and repacked kernels do)."""
+
+    reuse_rules = (ReuseRule(1, 2), ReuseRule(4, 8), ReuseRule(16, 16))
+
+    def __init__(self, short: int, group: int, moved: float = 1e-3, **kwargs):
+        super().__init__(**kwargs)
+        self.short, self.group, self.moved = short, group, moved
+
+    def prefill(self, seq, tokens, start, logits_from):
+        block = super().prefill(seq, tokens, start, logits_from)
+        if block is not None and (len(tokens) < self.short or (start - start // self.n_batch * self.n_batch) % self.group):
+            block = block + np.float32(self.moved)
+        return block
+
+
+@pytest.mark.parametrize("short, group, chosen", [(1, 1, ReuseRule(1, 2)), (8, 4, ReuseRule(4, 8)),
+                                                   (3, 4, ReuseRule(4, 8)), (16, 16, ReuseRule(16, 16)),
+                                                   (8, 32, None), (40, 4, None)])
+def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group, chosen):
+    """The check tries the backend's rules in turn on the shapes real requests take and keeps the
+    first whose cache hits give the whole pass's floats, or turns the cache off; with the rule it
+    chose, lm-eval-shaped requests after cache hits get exactly the numbers they get without."""
+    backend = KernelPaths(short, group, n_batch=64, n_ctx=512)
+    assert choose_reuse_rule(backend, MIN_REUSE) == chosen
+    if chosen is None:
+        return
+    backend.reuse_rule = chosen
+    contexts = [[BOS, *bytes(range(40 + 7 * i, 140 + 11 * i))] for i in range(6)]
+    requests = [[c + [65 + j] * (1 + j % 3) for j in range(4)] for c in contexts]  # MMLU-like: 1-3 token answers
+    requests += [[c[:60] + list(b"an ending of some length")[:10 + 3 * j] for j in range(4)] for c in contexts]
+
+    def scores(cache_mb: int):
+        engine = Engine(backend, prefix_cache_mb=cache_mb)
+        try:
+            out = [r.prompt_scores.token_logprobs for prompts in requests for r in asyncio.run(engine.complete(
+                [PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts]))]
+            return out, engine.cache.hits if engine.cache else 0
+        finally:
+            engine.close()
+
+    (cached, hits), (whole, _) = scores(64), scores(0)
+    assert hits >= len(requests) and all(np.array_equal(a, b) for a, b in zip(cached, whole))

@@ -8,7 +8,7 @@ are shared by all backends.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -49,6 +49,52 @@ class ModelInfo:
     description: str  # one line for the log: architecture, size, quantization
 
 
+def grid_chunks(start: int, stop: int, n_batch: int) -> Iterator[tuple[int, int]]:
+    """The prompt passes (lo, hi) that run positions start..stop-1: chunks of n_batch on one grid
+    of absolute positions, so that a tail that starts mid-chunk ends its first pass where the whole
+    prompt's pass ends, and runs the same passes after it."""
+    lo = start
+    while lo < stop:
+        hi = min(stop, (lo // n_batch + 1) * n_batch)
+        yield lo, hi
+        lo = hi
+
+
+@dataclass(frozen=True)
+class ReuseRule:
+    """Where the prefix cache may start a cached prompt's tail, so that the tail's rows are the same
+    floats as in the whole prompt's passes. Prompt passes run in n_batch chunks on one grid of
+    absolute positions (0, n_batch, 2 n_batch, ...), a tail's too; its first chunk starts `align`
+    tokens times some whole number past its grid line, and holds at least `min_tail` tokens unless
+    it starts on the line. (llama.cpp's CPU kernels take other paths for passes of fewer than 8
+    tokens, and its repacked ones group a pass's tokens by 4 from its start: docs/exactness.md.)"""
+
+    align: int = 1
+    min_tail: int = 2  # a pass with one token of a prompt takes llama.cpp's single-token path
+
+    def restore_length(self, shared: int, n: int, n_batch: int, cached: int | None = None) -> int:
+        """How many of an n-token prompt's first tokens to restore from a cached prompt of `cached`
+        tokens (default n) that shares `shared` of them: the row before the first run token must
+        predict a token the prompt shares (so at most shared - 1), at least min_tail tokens run
+        again, the tail starts where the rule allows, and the restored rows past the last grid line
+        came from a pass of the cached prompt that held at least min_tail tokens (else only the
+        whole chunks before that line are restored)."""
+        length = min(shared - 1, n - self.min_tail)
+        if length <= 0:
+            return 0
+        line = length // n_batch * n_batch
+        length = line + (length - line) // self.align * self.align
+        first_end = min(n, line + n_batch)
+        if length > line and first_end - length < self.min_tail:
+            length = line + max(0, first_end - self.min_tail - line) // self.align * self.align
+        if length > line and min(n if cached is None else cached, line + n_batch) - line < self.min_tail:
+            length = line
+        return length
+
+    def __str__(self) -> str:
+        return f"tails at multiples of {self.align}, at least {self.min_tail} tokens"
+
+
 class Backend(ABC):
     """What the engine asks of a model: a prompt pass on one sequence at a time, and decode steps
     that advance several sequences by one token each in one forward pass."""
@@ -59,6 +105,10 @@ class Backend(ABC):
     n_batch: int  # most tokens one prefill() call takes
     max_sequences = 1  # sequences held at once (each its own KV), decoded together
     supports_snapshots = False  # snapshot()/restore() work: the prefix cache can be used
+    # The rules under which the prefix cache may be exact, tried at start-up in this order (the
+    # first the check passes is used, else the cache is off), and the one chosen.
+    reuse_rules: tuple[ReuseRule, ...] = (ReuseRule(),)
+    reuse_rule: ReuseRule | None = None
     # prefill_together() works, is faster than prompts one by one, and keeps each prompt's numbers
     # within 1e-4 of the prompt alone (tests/test_shared_passes.py holds each backend that says so).
     shares_prompt_passes = False

@@ -1,10 +1,13 @@
 """Start-up exactness probes: run on the loaded backend before the engine starts, they turn off
 what would change the numbers with this model file on this machine.
 
-- Prefix reuse: a prompt run in two passes (the restored prefix, then the tail, as after a cache
-  hit) must give the logits of one pass. llama.cpp gives identical floats on Q4_1, Q8_0, F16 and
-  F32 files and 1e-6 on some others, but its repacked Q4_0/Q4_K kernels take other paths for other
-  pass sizes (1.25 on a Q3_K_M file, 1.0 on Gemma 3 Q4_K_M); MLX: 3e-5.
+- Prefix reuse: a prompt run as after a cache hit (restored from a cached prefix, the tail run
+  from there) must give the logits of the whole prompt's passes, in the shapes real requests take
+  (tails of 1-9 tokens after a long context, tails that cross an n_batch grid line). The backend
+  lists rules for where a tail may start (ReuseRule); the first that gives the same floats is used
+  (else the first within tolerance, else the cache is off). llama.cpp: any tail on Q4_1, Q8_0,
+  F16, F32; on K-quant and repacked files only tails of 8 or more tokens starting at multiples of
+  4 past a grid line (docs/exactness.md). MLX: 3e-5, any tail.
 - Shared passes: a backend that can run several fresh prompts in one pass (MLX, where the batched
   float32 products are faster) rounds them differently from one prompt's pass; prompts of three
   lengths run together must stay within the tolerance of each alone.
@@ -13,10 +16,11 @@ what would change the numbers with this model file on this machine.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, ReuseRule, grid_chunks
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -28,28 +32,84 @@ PROBE_TEXT = ("The old lighthouse keeper climbed the stairs every evening, count
               "had taught him, and lit the lamp at the top.")
 
 
-def split_drift(backend: Backend, min_reuse: int) -> float:
-    """How far a prompt's logits move when it runs as after a cache hit (the restored prefix, then
-    the tail from there) instead of from the start: the largest |difference| over every row, for
-    tails of 2 tokens (the shortest the cache runs) and of half the prompt. Both ways run in
-    n_batch chunks, as the engine does. Run at start-up on sequence 0, before the engine starts.
-    `min_reuse`: the shortest prefix the cache reuses."""
-    tokens = backend.tokenize(PROBE_TEXT, True)[:backend.info.n_ctx]  # a tiny --n-ctx still fits
+def probe_tokens(backend: Backend, n: int) -> list[int]:
+    """The probe text's tokens, repeated to n (BOS, where the model adds one, first only)."""
+    text = backend.tokenize(PROBE_TEXT, True)
+    body = backend.tokenize(" " + PROBE_TEXT, False) or text
+    tokens = list(text)
+    while len(tokens) < n:
+        tokens += body
+    return tokens[:n]
+
+
+def reuse_cuts(n: int, n_batch: int) -> tuple[list[int], list[int]]:
+    """The cache hits real requests make on an n-token prompt, as (how many tokens a cached prompt
+    shares with it, how long cached prompts are): shared all but the last 1-9 tokens (a long context
+    and a one-letter answer, as MMLU and ARC send), near half and a third (HellaSwag's endings), and
+    around each n_batch grid line (a tail that crosses it, or starts just past it); cached prompts
+    of the same length, and shorter ones that end just past a grid line or near the end (their
+    last pass was short, so some of their rows may not be reused)."""
+    lines = range(n_batch, n, n_batch)
+    shares = {n - 1, n - 2, n - 4, n - 7, n // 2 + 1}
+    cached = {n, n - 6}
+    for line in lines:
+        shares |= {line - 3, line + 1, line + 4}
+        cached |= {line + 2, line + 9}
+    return sorted(x for x in shares if 0 < x < n), sorted(x for x in cached if 0 < x <= n)
+
+
+WINDOW = 8  # rows compared at each place a pass's kernel path can change
+PROBE_GRID = 32
+
+
+def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[float, int]:
+    """How far a prompt's logits move when it runs as after a cache hit instead of whole: a cached
+    prompt (the probe prompt's first tokens, run whole, its rows kept and its KV snapshot taken)
+    gives the prefix `rule` allows, the rest runs from there on the n_batch grid, as the engine
+    does. Returns the largest |difference| of any restored or computed row from the whole prompt's,
+    and the number of hits tried; stops early once past SPLIT_TOLERANCE. The probe runs on a grid
+    of PROBE_GRID tokens (or n_batch, if smaller) and a prompt 24 tokens longer (within the
+    context), so that tails cross a grid line: the kernels' rules are about a pass's size and where
+    it starts (fewer than 8 tokens, groups of 4), which a small grid shows as well as n_batch's, in
+    a few hundred tokens instead of thousands. Compared are the rows where a pass's kernel path can
+    change (a whole vocabulary per row: 1 MB for Gemma's): the WINDOW before and after each cut,
+    and before each grid line and the end. Run at start-up on sequence 0, before the engine starts."""
+    n_batch = min(backend.n_batch, PROBE_GRID)
+    tokens = probe_tokens(backend, min(backend.info.n_ctx, n_batch + 24))
     n = len(tokens)
-    if n < min_reuse + 2:
-        return 0.0  # no prompt that fits could reuse anything
+    shares, cached_lengths = reuse_cuts(n, n_batch)
+    last_line = (n - 1) // n_batch * n_batch
+    # Shorter cached prompts matter past the last grid line (their last pass), so only cuts there.
+    hits = {(m, length) for m in cached_lengths for share in shares if share <= m and (m == n or share > last_line - 4)
+            if (length := rule.restore_length(share, n, n_batch, cached=m)) >= min_reuse}
+    edges = {length for _, length in hits} | {*range(n_batch, n, n_batch), n} | set(cached_lengths)
+    kept = {i for edge in edges for i in range(max(0, edge - WINDOW), min(n, edge + WINDOW))}
 
-    def rows(start: int, stop: int) -> list[np.ndarray]:
-        return [np.array(backend.prefill(0, tokens[lo:min(lo + backend.n_batch, stop)], lo, 0))
-                for lo in range(start, stop, backend.n_batch)]
+    def run(start: int, stop: int) -> dict[int, np.ndarray]:
+        """The kept rows of tokens[start:stop], run from `start` on the grid."""
+        rows = {}
+        for lo, hi in grid_chunks(start, stop, n_batch):
+            block = backend.prefill(0, tokens[lo:hi], lo, 0)
+            rows |= {i: np.array(block[i - lo], dtype=np.float32) for i in kept if lo <= i < hi}
+        return rows
 
-    whole = np.concatenate(rows(0, n))
-    drift = 0.0
-    for cut in (n - 2, n // 2):
-        split = np.concatenate(rows(0, cut) + rows(cut, n))
-        drift = max(drift, float(np.abs(split - whole).max()))
+    def drift(rows: dict[int, np.ndarray], lo: int, hi: int) -> float:
+        return max((float(np.abs(rows[i] - whole[i]).max()) for i in rows if lo <= i < hi), default=0.0)
+
+    whole = run(0, n)
+    worst = 0.0
+    for m in sorted({m for m, _ in hits}, reverse=True):  # n first: the sequence still holds the whole pass
+        entry = whole if m == n else run(0, m)
+        state, _ = backend.snapshot(0)
+        for length in sorted(length for c, length in hits if c == m):
+            worst = max(worst, drift(entry, 0, length))  # rows the cache gives back
+            backend.restore(0, state, length)
+            worst = max(worst, drift(run(length, n), length, n))  # rows run again
+            if worst > SPLIT_TOLERANCE:
+                backend.release(0)
+                return worst, len(hits)
     backend.release(0)
-    return drift
+    return worst, len(hits)
 
 
 def shared_pass_drift(backend: Backend) -> float:
@@ -68,16 +128,37 @@ def shared_pass_drift(backend: Backend) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
 
 
+def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
+    """The first of the backend's reuse rules under which a cache hit gives the whole pass's
+    logits (within SPLIT_TOLERANCE), or None."""
+    drifts: dict[ReuseRule, float] = {}
+    for rule in backend.reuse_rules:  # the first that gives the same floats; else the first within tolerance
+        started = time.perf_counter()
+        drift, cuts = reuse_drift(backend, rule, min_reuse)
+        log.info("Prefix cache check (%s): %d cache hits against the whole prompt, logits moved by up to %.3g "
+                 "(%.1f s)", rule, cuts, drift, time.perf_counter() - started)
+        drifts[rule] = drift
+        if drift == 0:
+            return rule
+    within = [rule for rule, drift in drifts.items() if drift <= SPLIT_TOLERANCE]
+    if within:
+        return within[0]
+    log.warning("Prefix cache off: with this model file, a prompt run as after a cache hit (a cached prefix, then "
+                "the rest) gives other numbers than run whole under every rule tried (logits moved by up to %.3g; "
+                "tolerance %.0e), so reuse would change results. Scoring runs every prompt whole.",
+                min(drifts.values()), SPLIT_TOLERANCE)
+    return None
+
+
 def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Settings:
     """Both probes, as the settings ask for them; returns the settings with the prefix cache off
-    where reuse would change results, and turns shared passes off on the backend where they would."""
+    where reuse would change results (else the backend's reuse_rule is the one that keeps it
+    exact), and turns shared passes off on the backend where they would change them."""
     if settings.prefix_cache_mb and backend.supports_snapshots:
-        drift = split_drift(backend, min_reuse)
-        if drift > SPLIT_TOLERANCE:
-            log.warning("Prefix cache off: with this model file, a prompt run in two passes (as after a cache "
-                        "hit) gives other numbers than in one (logits moved by up to %.3g; llama.cpp's repacked "
-                        "Q4_0/Q4_K kernels do this), so reuse would change results. Scoring runs every prompt "
-                        "whole. A Q4_1, Q8_0 or F16 file of the model keeps reuse exact.", drift)
+        log.info("Checking that prefix reuse keeps every number (a prompt run whole and as after cache hits; "
+                 "seconds on large models)")
+        backend.reuse_rule = choose_reuse_rule(backend, min_reuse)
+        if backend.reuse_rule is None:
             settings = settings.model_copy(update={"prefix_cache_mb": 0})
     if backend.shares_prompt_passes:
         drift = shared_pass_drift(backend)

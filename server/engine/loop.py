@@ -40,7 +40,9 @@ class Engine:
         self.backend = backend
         self.job_overhead_tokens = job_overhead_tokens  # what each job counts for beyond its tokens (admission)
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
-        self.cache = PrefixCache(prefix_cache_mb << 20) if use_cache else None
+        # The rule the start-up check chose (a backend built without the check: its first).
+        rule = backend.reuse_rule or backend.reuse_rules[0]
+        self.cache = PrefixCache(prefix_cache_mb << 20, rule, backend.n_batch) if use_cache else None
         rate = DrainRate()
         self.admission = Admission(max_queued_tokens, rate)
         self.sequences = Sequences(backend, hooks or EngineHooks())

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.backends.base import Backend
+from server.backends.base import Backend, grid_chunks
 from server.engine.admission import DrainRate
 from server.engine.jobs import Cancelled, PromptScored
 from server.engine.planner import PromptPlanner
@@ -74,11 +74,11 @@ class PromptRunner:
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.
         wanted_from = max(start, r.logits_from)
-        for lo in range(start, n, backend.n_batch):
+        for lo, hi in grid_chunks(start, n, backend.n_batch):
             if r.cancelled:
                 self.sequences.finish(r, error=Cancelled())
                 return False
-            chunk = tokens[lo:lo + backend.n_batch]
+            chunk = tokens[lo:hi]
             block = backend.prefill(r.seq, chunk, lo, max(0, wanted_from - lo))
             r.prompt.tokens_run += len(chunk)
             self.rate.tokens_run += len(chunk)

@@ -5,7 +5,8 @@ requests by length). So the cache keeps the KV state of recent prompts (a snapsh
 the backend) together with their scored rows, under a memory bound, evicting the least recently
 used. A new prompt that starts with r + 1 tokens of a cached one restores that KV for positions
 0..r-1, reuses the scores of rows 0..r-1 (which predict tokens 1..r), and runs the forward pass
-from position r only.
+from position r only, where r is cut back to where the backend's ReuseRule (decided by the
+start-up check) lets a tail start with the whole pass's floats.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from server.backends.base import ReuseRule
 from server.numerics.scoring import ScoredRows
 
 KEY_TOKENS = 8  # entries are found by their first tokens, then compared in full
@@ -43,8 +45,9 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int):
+    def __init__(self, max_bytes: int, rule: ReuseRule = ReuseRule(), n_batch: int = 1 << 30):
         self.max_bytes = max_bytes
+        self.rule, self.n_batch = rule, n_batch  # where a tail may start (prompt passes run on the n_batch grid)
         self.used = 0
         self._entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # LRU order, by id(entry)
         self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
@@ -57,11 +60,8 @@ class PrefixCache:
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
             if entry.k < k or (ranks and entry.scores.token_ranks is None):
                 continue
-            shared = common_prefix(entry.tokens, tokens)
-            # Row r-1 must predict a token both share, so r <= shared - 1; and at least the last two
-            # prompt tokens run again, never one alone: llama.cpp's single-token path gave logits
-            # 0.5 away from its batched path at some positions.
-            length = min(shared - 1, len(tokens) - 2)
+            length = self.rule.restore_length(common_prefix(entry.tokens, tokens), len(tokens), self.n_batch,
+                                              cached=len(entry.tokens))
             if length >= MIN_REUSE and (best is None or length > best.length):
                 best = Reuse(entry, length)
         if best is not None:

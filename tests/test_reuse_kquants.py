@@ -1,0 +1,93 @@
+"""Prefix reuse on the GGUF types people download (Q4_K_M, Q5_K_M, Q6_K, Q3_K_M, Q2_K, Q4_0,
+IQ4_XS, Q8_0), on a shape whose rows take K-quants (1024 wide; random weights, whose flat
+distributions make any difference of floats visible): the start-up check picks a rule under which
+the cache stays on, and every prompt scored after cache hits gets the floats it gets with the
+cache off, for MMLU-like requests (a long context, 1-3 token answers) and HellaSwag-like ones
+(a context, four endings), with n_batch small enough that prompts cross its grid lines.
+
+The engine runs in-process on llama.cpp (no HTTP: the engine and the backend are what is tested)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from server.backends.gguf import GGUFBackend
+from server.backends.probes import choose_reuse_rule
+from server.config import Settings
+from server.engine import Engine, PromptJob
+from server.engine.prefix_cache import MIN_REUSE
+from testing.fixture_model import quantize
+from testing.live_server import DATA, ROOT
+
+pytestmark = pytest.mark.slow
+
+TYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "IQ4_XS", "Q8_0"]
+SHAPE = ["--n-embd", "1024", "--n-layer", "2", "--n-head", "16", "--n-head-kv", "4", "--n-ff", "2816"]
+N_BATCH = 128
+
+
+@pytest.fixture(scope="module")
+def random_f16(model_path):
+    folder = Settings().cache_path() / "fixtures"
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / "random-1024x2-F16.gguf"
+    if not f16.exists():
+        partial = f16.with_suffix(".partial")
+        subprocess.run([sys.executable, str(ROOT / "bench" / "make_random_gguf.py"), "--tokenizer-from",
+                        str(model_path), str(partial), *SHAPE], check=True, capture_output=True)
+        partial.rename(f16)
+    return f16
+
+
+def requests_of(backend: GGUFBackend) -> list[list[list[int]]]:
+    """lm-eval-shaped requests, as token ids: MMLU-like (a context of 150-300 tokens, four answers
+    of 1-3 tokens) and HellaSwag-like (a context, four endings), from the HellaSwag data."""
+    items = [json.loads(line) for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:40]]
+    out = []
+    for i in range(6):  # long contexts: several items' text
+        context = backend.tokenize(" ".join(item["ctx"] for item in items[5 * i:5 * i + 5]), True)[:150 + 30 * i]
+        out.append([context + backend.tokenize(f" {letter}", False)[:1] + [13] * (j % 3)
+                    for j, letter in enumerate("ABCD")])
+    for item in items[30:36]:
+        context = backend.tokenize(item["ctx"], True)
+        out.append([context + backend.tokenize(" " + ending, False) for ending in item["endings"]])
+    return out
+
+
+def score_all(backend: GGUFBackend, requests: list[list[list[int]]], cache_mb: int) -> list[np.ndarray]:
+    engine = Engine(backend, prefix_cache_mb=cache_mb)
+    try:
+        out = []
+        for prompts in requests:
+            jobs = [PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts]
+            out += [r.prompt_scores.token_logprobs.copy() for r in asyncio.run(engine.complete(jobs))]
+        reused = engine.cache.reused_tokens if engine.cache is not None else 0
+        return out, reused
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("ftype", TYPES)
+def test_reuse_is_on_and_changes_no_number(ftype, random_f16):
+    path = quantize(random_f16, random_f16.with_name(f"random-1024x2-{ftype}.gguf"), ftype)
+    backend = GGUFBackend(str(path), n_ctx=1024, n_threads=2, n_batch=N_BATCH)
+    try:
+        backend.reuse_rule = choose_reuse_rule(backend, MIN_REUSE)
+        assert backend.reuse_rule is not None, f"{ftype}: the start-up check turned the cache off"
+        requests = requests_of(backend)
+        cached, reused = score_all(backend, requests, cache_mb=256)
+        whole, _ = score_all(backend, requests, cache_mb=0)
+        worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, whole))
+        n_tokens = sum(len(p) for prompts in requests for p in prompts)
+        print(f"{ftype}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
+              f"max |cached - whole| = {worst:.2e}")
+        assert reused > n_tokens // 3  # contexts were really reused
+        assert all(np.array_equal(a, b) for a, b in zip(cached, whole)), worst  # the same floats
+    finally:
+        backend.close()
