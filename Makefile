@@ -61,7 +61,7 @@ LOAD_ARGS ?= --duration 180 --warmup 45 --clients 16
 load: setup
 	$(TEST_ENV) $(BIN)/python -m testing.load $(LOAD_ARGS)
 
-# Speed, side by side in one run (about 35 minutes on 2 cores; rows 8 about 14 of them, rows 5 about 5); writes bench_out/
+# Speed, side by side in one run (about 45 minutes on 2 cores; rows 8 about 14 of them, rows 9 about 8, rows 5 about 5); writes bench_out/
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
 	$(TEST_ENV) $(BIN)/python -m bench.run
