@@ -8,7 +8,6 @@ import re
 
 import numpy as np
 import pytest
-import requests
 
 from server.backends.base import ReuseRule
 from server.backends.probes import choose_reuse_rule
@@ -197,17 +196,17 @@ def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group,
         return
     backend.reuse_rule = chosen
     contexts = [[BOS, *bytes(range(40 + 7 * i, 140 + 11 * i))] for i in range(6)]
-    requests = [[c + [65 + j] * (1 + j % 3) for j in range(4)] for c in contexts]  # MMLU-like: 1-3 token answers
-    requests += [[c[:60] + list(b"an ending of some length")[:10 + 3 * j] for j in range(4)] for c in contexts]
+    batches = [[c + [65 + j] * (1 + j % 3) for j in range(4)] for c in contexts]  # MMLU-like: 1-3 token answers
+    batches += [[c[:60] + list(b"an ending of some length")[:10 + 3 * j] for j in range(4)] for c in contexts]
 
     def scores(cache_mb: int):
         engine = Engine(backend, prefix_cache_mb=cache_mb)
         try:
-            out = [r.prompt_scores.token_logprobs for prompts in requests for r in asyncio.run(engine.complete(
+            out = [r.prompt_scores.token_logprobs for prompts in batches for r in asyncio.run(engine.complete(
                 [PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts]))]
             return out, engine.cache.hits if engine.cache else 0
         finally:
             engine.close()
 
     (cached, hits), (whole, _) = scores(64), scores(0)
-    assert hits >= len(requests) and all(np.array_equal(a, b) for a, b in zip(cached, whole))
+    assert hits >= len(batches) and all(np.array_equal(a, b) for a, b in zip(cached, whole))
