@@ -185,7 +185,7 @@ class KernelPaths(ByteBackend):
 
 @pytest.mark.parametrize("short, group, chosen", [(1, 1, ReuseRule(1, 2)), (8, 4, ReuseRule(4, 8)),
                                                    (3, 4, ReuseRule(4, 8)), (16, 16, ReuseRule(16, 16)),
-                                                   (8, 32, None), (40, 4, None)])
+                                                   (8, 32, None), (24, 4, None)])
 def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group, chosen):
     """The check tries the backend's rules in turn on the shapes real requests take and keeps the
     first whose cache hits give the whole pass's floats, or turns the cache off; with the rule it
