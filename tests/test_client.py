@@ -247,7 +247,8 @@ def queue_server(model_path, tmp_path_factory):
 
 class FullQueue:
     """A queue that stays full until released: a long generation holds the model (one sequence),
-    and three distinct 390-token prompts to score (1170 of the 1200 tokens of room) wait behind it.
+    and three distinct 358-token prompts to score (1170 of the 1200 tokens of room, with the 32
+    each prompt counts for: --job-overhead-tokens) wait behind it.
     Without the generation the queue drains as the prompts run, and whether a request finds it
     full becomes a race with the clock (it was lost once on a slow CI machine). Releasing closes
     the generation's connection, which cancels it; the prompts then run and the queue empties."""
@@ -260,7 +261,7 @@ class FullQueue:
         self.hog.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
             "prompt": "Once upon a time", "max_tokens": 1100, "temperature": 0, "logit_bias": {str(eos): -100}}))
         wait_until(lambda: gauge(server, "logprobs_queue_wait_seconds_count") > admitted, "the generation did not start")
-        prompts = [[200 + 17 * i + j % 11 for j in range(390)] for i in range(3)]
+        prompts = [[200 + 17 * i + j % 11 for j in range(358)] for i in range(3)]
         self.prompts = threading.Thread(target=server.post, args=("/v1/completions", {
             "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}))
         self.prompts.start()
