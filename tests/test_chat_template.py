@@ -36,6 +36,11 @@ LLAMA2 = """{% if messages[0]['role'] == 'system' %}
         {{ ' ' + message['content'].strip() + ' ' + eos_token }}
     {% endif %}
 {% endfor %}"""
+# Loop controls and Hugging Face's tojson (no key sorting, no HTML escapes, non-ASCII kept).
+TOOLS = ("{% for message in messages %}{% if message['role'] == 'system' %}{% continue %}{% endif %}"
+         "{# each message's content, in its JSON #}<{{ message['role'] }}>{{ message | tojson }}"
+         "{% if loop.index > 3 %}{% break %}{% endif %}\n{% endfor %}"
+         "{% if add_generation_prompt %}<assistant>{% endif %}")
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 
 TURNS = [{"role": "user", "content": "Question: 2+2?\nAnswer:"}, {"role": "assistant", "content": "4"}]
@@ -45,6 +50,8 @@ CONVERSATIONS = [
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer is"}],
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer is "}],  # trailing space
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": " Answer:\n"}],
+    [{"role": "system", "content": "S"}, {"role": "user", "content": "é <b> & \"q\"", "name": "z"},
+     {"role": "assistant", "content": "ok"}],
 ]
 
 
@@ -57,7 +64,7 @@ def hugging_face(template: str, messages: list[dict], add_generation_prompt: boo
     return rendered[0]
 
 
-@pytest.mark.parametrize("template", [CHATML, LLAMA2], ids=["chatml", "llama2"])
+@pytest.mark.parametrize("template", [CHATML, LLAMA2, TOOLS], ids=["chatml", "llama2", "json"])
 @pytest.mark.parametrize("messages", CONVERSATIONS, ids=range(len(CONVERSATIONS)))
 def test_the_same_text_as_hugging_face(template, messages):
     # lm-eval asks for the generation prompt, or (a task with gen_prefix) the final message continued.
@@ -65,7 +72,7 @@ def test_the_same_text_as_hugging_face(template, messages):
     ours = render(template, messages, add_generation_prompt=add_generation_prompt,
                   continue_final_message=not add_generation_prompt, **TOKENS)
     assert ours == hugging_face(template, messages, add_generation_prompt)
-    if not add_generation_prompt:
+    if not add_generation_prompt and template is not TOOLS:  # (TOOLS writes the content JSON-escaped)
         assert ours.rstrip().endswith(messages[-1]["content"].strip())
 
 

@@ -197,3 +197,28 @@ def test_the_largest_bodies_keep_the_event_loop_free(guarded):
         # The loop is free but for the JSON parse itself, which holds the interpreter (~1 s at 8 MiB here);
         # parsing and validating on the loop held /health for 5 s.
         assert max(waits) < 3.0
+
+
+def test_a_slow_request_after_others_on_the_same_connection_gets_408(guarded):
+    """Kept alive: after a whole request and its answer, a second request that stalls mid-headers
+    gets the 408. Pipelined: a second request begun while the first is answered (uvicorn does not
+    read it meanwhile) is not timed until that answer is whole, which comes first and intact."""
+    with socket.create_connection(("127.0.0.1", guarded.port), timeout=30) as s:
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        time.sleep(0.5)
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    [(first, _, _), (second, _, body)] = responses_in(received)
+    assert (first, second) == (200, 408) and json.loads(body)["error"]["code"] == "request_timeout"
+
+    slow = json.dumps({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}).encode()
+    began = time.monotonic()
+    raw = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+           b"Content-Length: %d\r\n\r\n" % len(slow) + slow
+           + b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+    [(first, _, body), (second, _, _)] = responses_in(exchange(guarded.port, raw, timeout=120))
+    answered_in = time.monotonic() - began
+    print(f"pipelined: the first answered whole ({len(body)} bytes) in {answered_in:.1f} s, then {second}")
+    assert first == 200 and json.loads(body)["usage"]["completion_tokens"] == 300 and second == 408

@@ -8,6 +8,7 @@ because the client is its own distribution, which does not import the server.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from functools import lru_cache
 
@@ -18,12 +19,19 @@ def _raise(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+    """Hugging Face's tojson: JSON as written, not Jinja's HTML-escaped, key-sorted one."""
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
 @lru_cache(maxsize=4)
 def _compiled(template: str):
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-    # Hugging Face's settings: blocks trimmed, a sandbox, raise_exception and strftime_now.
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # Hugging Face's settings: blocks trimmed, loop controls ({% break %}), a sandbox, its tojson,
+    # raise_exception and strftime_now.
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     return env.from_string(template)

@@ -50,16 +50,17 @@ def reuse_cuts(n: int, n_batch: int) -> tuple[list[int], list[int]]:
     of the same length, and shorter ones that end just past a grid line or near the end (their
     last pass was short, so some of their rows may not be reused)."""
     lines = range(n_batch, n, n_batch)
-    shares = {n - 1, n - 2, n - 4, n - 7, n // 2 + 1}
-    cached = {n, n - 6}
+    shares = {n - 1, n - 2, n - 4, n - 7, n - 11, n // 2 + 1}  # n - 11: a tail at 4 mod 8 past its line
+    cached = {n, n - 6, n + EXTRA}  # n + EXTRA: a longer prompt cached first, as lm-eval sends them
     for line in lines:
-        shares |= {line - 3, line + 1, line + 4}
+        shares |= {line - 11, line - 3, line + 1, line + 4}
         cached |= {line + 2, line + 9}
-    return sorted(x for x in shares if 0 < x < n), sorted(x for x in cached if 0 < x <= n)
+    return sorted(x for x in shares if 0 < x < n), sorted(x for x in cached if 0 < x <= n + EXTRA)
 
 
 WINDOW = 8  # rows compared at each place a pass's kernel path can change
 PROBE_GRID = 32
+EXTRA = 5  # tokens of a cached prompt longer than the probe prompt
 
 
 def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[float, int]:
@@ -69,19 +70,22 @@ def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[floa
     does. Returns the largest |difference| of any restored or computed row from the whole prompt's,
     and the number of hits tried; stops early once past SPLIT_TOLERANCE. The probe runs on a grid
     of PROBE_GRID tokens (or n_batch, if smaller) and a prompt 24 tokens longer (within the
-    context), so that tails cross a grid line: the kernels' rules are about a pass's size and where
+    context), so that tails cross a grid line, and EXTRA more for a longer cached prompt: the kernels' rules are about a pass's size and where
     it starts (fewer than 8 tokens, groups of 4), which a small grid shows as well as n_batch's, in
     a few hundred tokens instead of thousands. Compared are the rows where a pass's kernel path can
     change (a whole vocabulary per row: 1 MB for Gemma's): the WINDOW before and after each cut,
     and before each grid line and the end. Run at start-up on sequence 0, before the engine starts."""
     n_batch = min(backend.n_batch, PROBE_GRID)
-    tokens = probe_tokens(backend, min(backend.info.n_ctx, n_batch + 24))
-    n = len(tokens)
+    tokens = probe_tokens(backend, min(backend.info.n_ctx, n_batch + 24 + EXTRA))
+    n = len(tokens) - EXTRA if len(tokens) > n_batch + 24 else len(tokens)  # the prompt; the rest extends a cached one
     shares, cached_lengths = reuse_cuts(n, n_batch)
+    cached_lengths = [m for m in cached_lengths if m <= len(tokens)]
     last_line = (n - 1) // n_batch * n_batch
-    # Shorter cached prompts matter past the last grid line (their last pass), so only cuts there.
-    hits = {(m, length) for m in cached_lengths for share in shares if share <= m and (m == n or share > last_line - 4)
-            if (length := rule.restore_length(share, n, n_batch, cached=m)) >= min_reuse}
+    # Other cached prompts differ from the prompt's own past the last grid line (their last pass),
+    # so only the hits that restore rows there.
+    hits = {(m, length) for m in cached_lengths for share in shares if share <= min(m, n)
+            if (length := rule.restore_length(share, n, n_batch, cached=m)) >= min_reuse
+            and (m == n or length > last_line)}
     edges = {length for _, length in hits} | {*range(n_batch, n, n_batch), n} | set(cached_lengths)
     kept = {i for edge in edges for i in range(max(0, edge - WINDOW), min(n, edge + WINDOW))}
 
@@ -98,7 +102,8 @@ def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[floa
 
     whole = run(0, n)
     worst = 0.0
-    for m in sorted({m for m, _ in hits}, reverse=True):  # n first: the sequence still holds the whole pass
+    # n first: the sequence still holds the whole pass.
+    for m in sorted({m for m, _ in hits}, key=lambda m: (m != n, m)):
         entry = whole if m == n else run(0, m)
         state, _ = backend.snapshot(0)
         for length in sorted(length for c, length in hits if c == m):

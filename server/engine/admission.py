@@ -27,9 +27,10 @@ class Admission:
     """Jobs wait here, in FairQueue's turns between clients, for a free sequence. The event loop
     submits and cancels; the model thread takes. One condition guards both sides."""
 
-    def __init__(self, max_queued_tokens: int, rate: DrainRate):
+    def __init__(self, max_queued_tokens: int, rate: DrainRate, job_overhead_tokens: int = 0):
         self.max_queued_tokens = max_queued_tokens
         self.rate = rate
+        self.job_overhead_tokens = job_overhead_tokens  # in each job's cost: the rate counts it as run
         self.queued_tokens = 0  # cost of the jobs in the queue
         self._queue: FairQueue[RunningJob] = FairQueue()
         self._wake = threading.Condition()
@@ -80,6 +81,9 @@ class Admission:
                 running = self._queue.popleft()
                 (dropped if running.cancelled else admitted).append(running)
             self.queued_tokens -= sum(r.cost for r in admitted + dropped)
+            # Retry-After compares queued costs with the rate: what a job counts for beyond its
+            # tokens is work done when it runs.
+            self.rate.tokens_run += self.job_overhead_tokens * len(admitted)
             return admitted, dropped
 
     def drain(self) -> list[RunningJob]:

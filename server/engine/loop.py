@@ -44,7 +44,7 @@ class Engine:
         rule = backend.reuse_rule or backend.reuse_rules[0]
         self.cache = PrefixCache(prefix_cache_mb << 20, rule, backend.n_batch) if use_cache else None
         rate = DrainRate()
-        self.admission = Admission(max_queued_tokens, rate)
+        self.admission = Admission(max_queued_tokens, rate, job_overhead_tokens)
         self.sequences = Sequences(backend, hooks or EngineHooks())
         self.prompts = PromptRunner(backend, self.cache, self.sequences, rate)
         self.decoder = Decoder(backend, self.sequences, rate)

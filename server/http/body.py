@@ -18,12 +18,15 @@ from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
+from starlette.requests import ClientDisconnect
 
 
-def _json_content(request: Request) -> bool:
-    """FastAPI's rule: no content type, or application/json or application/*+json."""
+def _json_content(request: Request, strict: bool) -> bool:
+    """FastAPI's rule: application/json or application/*+json, or (not strict) no content type."""
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    return not kind or kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
+    if not kind:
+        return not strict
+    return kind == "application/json" or (kind.startswith("application/") and kind.endswith("+json"))
 
 
 def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
@@ -52,8 +55,16 @@ class OffLoopBodyRoute(APIRoute):
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return handler
 
+        strict = getattr(self.strict_content_type, "value", self.strict_content_type)  # a DefaultPlaceholder
+
         async def route(request: Request) -> Response:
-            if _json_content(request) and (raw := await request.body()):
+            if not _json_content(request, bool(strict)):
+                return await handler(request)
+            try:
+                raw = await request.body()
+            except ClientDisconnect:  # FastAPI's handler reads again and answers as it always has
+                return await handler(request)
+            if raw:
                 try:
                     # Starlette's Request.json() returns what is cached here: FastAPI validates
                     # the model instance, which pydantic passes through unchanged.

@@ -42,14 +42,27 @@ class HttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._arm()
 
+    _reading = False  # a request has begun and is not yet whole
+
+    def _answering(self) -> bool:
+        """A response is in progress (uvicorn stops reading a pipelined request meanwhile)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        if self._read_deadline is None:  # a kept-alive connection's next request begins
+        self._reading = True
+        if self._read_deadline is None and not self._answering():  # a kept-alive connection's next request
             self._arm()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
+        self._reading = False
         self._disarm()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._reading and self._read_deadline is None and not self.transport.is_closing():
+            self._arm()  # a pipelined request was begun while the previous one was answered
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -71,7 +84,7 @@ class HttpProtocol(HttpToolsProtocol):
             return
         self.logger.info("Closed a connection from %s that did not deliver a whole request within %g s "
                          "(--request-read-timeout)", self.client[0] if self.client else "?", self.read_timeout)
-        if self.cycle is None or not self.cycle.response_started:
+        if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
             self.transport.write(_raw_response(
                 408, b"Request Timeout", f"The request did not arrive whole within {self.read_timeout:g} s "
                 "(the server's --request-read-timeout); send it at once.", "request_timeout"))

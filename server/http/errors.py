@@ -114,6 +114,8 @@ class InternalErrors:
             # with an answer where the status line is not sent yet.
             log.warning("%s %s stopped by the shutdown before it finished%s", scope.get("method"), scope.get("path"),
                         "" if started else "; answered 503")
+            if (task := asyncio.current_task()) is not None:
+                task.uncancel()  # handled here: the task is not being cancelled any more
             if not started:
                 await error_response(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
                                      headers={"Retry-After": SHUTDOWN_RETRY_AFTER})(scope, receive, send)
