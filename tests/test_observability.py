@@ -140,8 +140,8 @@ def test_a_client_gone_halfway_through_its_body_counts_as_499_not_400(server):
 
 def test_queue_gauges_show_jobs_waiting_behind_a_generation(server):
     """One sequence at a time (the default): while a long generation runs, another request's two
-    jobs wait, and the gauges read them (their cost: prompt + max_tokens tokens each). The long
-    one's client then leaves, which cancels it."""
+    jobs wait, and the gauges read them (their cost: prompt + max_tokens tokens each, and the 32 of
+    --job-overhead-tokens). The long one's client then leaves, which cancels it."""
     before = scrape(server)
     long = post_and_hold(server, {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 2,
                                   "stop": ["zzzzzzzz"]})
@@ -161,7 +161,7 @@ def test_queue_gauges_show_jobs_waiting_behind_a_generation(server):
     finally:
         long.close()
     assert seen is not None, "no job seen waiting"
-    assert seen[("logprobs_queue_jobs", ())] == 2 and seen[("logprobs_queue_tokens", ())] == 5 + 1 + 7 + 1
+    assert seen[("logprobs_queue_jobs", ())] == 2 and seen[("logprobs_queue_tokens", ())] == (5 + 1 + 32) + (7 + 1 + 32)
 
 
 def test_prefix_cache_reuse_is_counted(server):
