@@ -53,7 +53,7 @@ class ServerState:
         settings = run_probes(backend, settings, MIN_REUSE)
         log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
                  backend.max_sequences, settings.n_batch,
-                 f"{settings.prefix_cache_mb} MB, {backend.reuse_rule or backend.reuse_rules[0]}"
+                 f"{settings.prefix_cache_mb} MB, {backend.reuse_rule}"  # set by the probe whenever the cache is on
                  if settings.prefix_cache_mb and backend.supports_snapshots else "off")
         name = settings.model_name or (model.name if model else Path(info.path).stem)
         fingerprint = compute_fingerprint(settings, backend, model.path if model else None, settings.cache_path(),

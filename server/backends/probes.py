@@ -3,9 +3,10 @@ what would change the numbers with this model file on this machine.
 
 - Prefix reuse: a prompt run as after a cache hit (restored from a cached prefix, the tail run
   from there) must give the logits of the whole prompt's passes, in the shapes real requests take
-  (tails of 1-9 tokens after a long context, tails that cross an n_batch grid line). The backend
-  lists rules for where a tail may start (ReuseRule); the first that gives the same floats is used
-  (else the first within tolerance, else the cache is off). llama.cpp: any tail on Q4_1, Q8_0,
+  (tails of 1-11 tokens after a long context, cached prompts shorter and longer than the new one,
+  tails that cross an n_batch grid line). The backend lists rules for where a tail may start
+  (ReuseRule); the first that gives the same floats is used (else the first within tolerance,
+  else the cache is off). llama.cpp: any tail on Q4_1, Q8_0,
   F16, F32; on K-quant and repacked files only tails of 8 or more tokens starting at multiples of
   4 past a grid line (docs/exactness.md). MLX: 3e-5, any tail.
 - Shared passes: a backend that can run several fresh prompts in one pass (MLX, where the batched
@@ -44,11 +45,12 @@ def probe_tokens(backend: Backend, n: int) -> list[int]:
 
 def reuse_cuts(n: int, n_batch: int) -> tuple[list[int], list[int]]:
     """The cache hits real requests make on an n-token prompt, as (how many tokens a cached prompt
-    shares with it, how long cached prompts are): shared all but the last 1-9 tokens (a long context
-    and a one-letter answer, as MMLU and ARC send), near half and a third (HellaSwag's endings), and
+    shares with it, how long cached prompts are): shared all but the last 1-11 tokens (a long
+    context and a one-letter answer, as MMLU and ARC send), about half (HellaSwag's endings), and
     around each n_batch grid line (a tail that crosses it, or starts just past it); cached prompts
-    of the same length, and shorter ones that end just past a grid line or near the end (their
-    last pass was short, so some of their rows may not be reused)."""
+    of the same length, a longer one (lm-eval sends the longest first), and shorter ones that end
+    just past a grid line or near the end (their last pass was short, so some of their rows may not
+    be reused)."""
     lines = range(n_batch, n, n_batch)
     shares = {n - 1, n - 2, n - 4, n - 7, n - 11, n // 2 + 1}  # n - 11: a tail at 4 mod 8 past its line
     cached = {n, n - 6, n + EXTRA}  # n + EXTRA: a longer prompt cached first, as lm-eval sends them
@@ -70,11 +72,12 @@ def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[floa
     does. Returns the largest |difference| of any restored or computed row from the whole prompt's,
     and the number of hits tried; stops early once past SPLIT_TOLERANCE. The probe runs on a grid
     of PROBE_GRID tokens (or n_batch, if smaller) and a prompt 24 tokens longer (within the
-    context), so that tails cross a grid line, and EXTRA more for a longer cached prompt: the kernels' rules are about a pass's size and where
-    it starts (fewer than 8 tokens, groups of 4), which a small grid shows as well as n_batch's, in
-    a few hundred tokens instead of thousands. Compared are the rows where a pass's kernel path can
-    change (a whole vocabulary per row: 1 MB for Gemma's): the WINDOW before and after each cut,
-    and before each grid line and the end. Run at start-up on sequence 0, before the engine starts."""
+    context), so that tails cross a grid line, and EXTRA more for a longer cached prompt: the
+    kernels' rules are about a pass's size and where it starts (fewer than 8 tokens, groups of 4),
+    which a small grid shows as well as n_batch's, in a few hundred tokens instead of thousands.
+    Compared are the rows where a pass's kernel path can change (a whole vocabulary per row: 1 MB
+    for Gemma's): the WINDOW before and after each cut, and before each grid line and the end.
+    Run at start-up on sequence 0, before the engine starts."""
     n_batch = min(backend.n_batch, PROBE_GRID)
     tokens = probe_tokens(backend, min(backend.info.n_ctx, n_batch + 24 + EXTRA))
     n = len(tokens) - EXTRA if len(tokens) > n_batch + 24 else len(tokens)  # the prompt; the rest extends a cached one

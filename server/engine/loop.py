@@ -38,7 +38,6 @@ class Engine:
     def __init__(self, backend: Backend, prefix_cache_mb: int = 0, max_queued_tokens: int = 1 << 62,
                  hooks: EngineHooks | None = None, job_overhead_tokens: int = 0):
         self.backend = backend
-        self.job_overhead_tokens = job_overhead_tokens  # what each job counts for beyond its tokens (admission)
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         # The rule the start-up check chose (a backend built without the check: its first).
         rule = backend.reuse_rule or backend.reuse_rules[0]
@@ -79,7 +78,7 @@ class Engine:
         for index, job in enumerate(jobs):
             listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))) \
                 if progress else None
-            running = RunningJob(job, request, listener, self.job_overhead_tokens)
+            running = RunningJob(job, request, listener, self.admission.job_overhead_tokens)
             running.future.add_done_callback(lambda f, index=index: deliver(index, f))
             submitted.append(running)
         self.admission.submit(submitted)

@@ -19,7 +19,8 @@ class BodyLimit:
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _refusal(self, status: int = 413, message: str | None = None, code: str = "body_too_large") -> tuple[dict, dict]:
+    def _refusal(self, status: int = 413, message: str | None = None,
+                 code: str = "body_too_large") -> tuple[dict, dict]:
         message = message or f"The request body is larger than this server's limit of {self.max_bytes} bytes " \
                              "(--max-body-bytes)."
         body = json.dumps(error_body(message, param=None, code=code)).encode()

@@ -37,12 +37,12 @@ class HttpProtocol(HttpToolsProtocol):
     read_timeout: float = DEFAULT_READ_TIMEOUT
 
     _read_deadline: asyncio.TimerHandle | None = None
+    _reading = False  # a request has begun and is not yet whole
 
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 
-    _reading = False  # a request has begun and is not yet whole
 
     def _answering(self) -> bool:
         """A response is in progress (uvicorn stops reading a pipelined request meanwhile)."""

@@ -75,9 +75,9 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
         raise APIError(f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
                        "(restart the server with a higher --max-stop to allow more).", param="stop")
     if (chars := sum(map(len, stops))) > state.settings.max_stop_chars:
-        raise APIError(f"The stop strings hold {chars} characters together; at most {state.settings.max_stop_chars} are "
-                       "accepted (restart the server with a higher --max-stop-chars to allow more).", param="stop",
-                       code="limit_exceeded")
+        raise APIError(f"The stop strings hold {chars} characters together; at most "
+                       f"{state.settings.max_stop_chars} are accepted (restart the server with a higher "
+                       "--max-stop-chars to allow more).", param="stop", code="limit_exceeded")
     n, max_n = request.n or 1, state.settings.max_n
     if n > max_n:
         raise APIError(f"n={n} is above this server's limit of {max_n} samples per prompt "
