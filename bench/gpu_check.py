@@ -61,8 +61,12 @@ NEEDS_S = {"135m": 60, "1b": 90, "8b": 240, "file": 60}
 
 def device_name() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=30).stdout.strip()
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
         if out:
             return f"GPU {out}"
     except (OSError, subprocess.TimeoutExpired):
@@ -73,9 +77,11 @@ def device_name() -> str:
 def import_order(model: Path) -> dict:
     """Load a model in a fresh process with numpy and requests imported first, then with llama_cpp
     first: exit status of each (negative: killed by that signal)."""
-    load = ("import faulthandler; faulthandler.enable(); {first}; import llama_cpp as ll; ll.llama_backend_init(); "
-            f"m = ll.llama_model_load_from_file({str(model).encode()!r}, ll.llama_model_default_params()); "
-            "print('loaded', bool(m))")
+    load = (
+        "import faulthandler; faulthandler.enable(); {first}; import llama_cpp as ll; ll.llama_backend_init(); "
+        f"m = ll.llama_model_load_from_file({str(model).encode()!r}, ll.llama_model_default_params()); "
+        "print('loaded', bool(m))"
+    )
     results = {}
     for name, first in (("numpy_first", "import numpy, requests"), ("llama_cpp_first", "pass")):
         code = load.format(first=first)
@@ -85,8 +91,12 @@ def import_order(model: Path) -> dict:
         if run.returncode != 0:
             log("  " + "\n  ".join((run.stdout + run.stderr).strip().splitlines()[-15:]))
             if shutil.which("cuda-gdb"):
-                gdb = subprocess.run(["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable,
-                                      "-c", code], capture_output=True, text=True, timeout=300)
+                gdb = subprocess.run(
+                    ["cuda-gdb", "-batch", "-ex", "run", "-ex", "bt 30", "--args", sys.executable, "-c", code],
+                    capture_output=True,
+                    text=True,
+                    timeout=300,
+                )
                 results[f"{name}_backtrace"] = gdb.stdout[-6000:]
                 log("  cuda-gdb backtrace:\n  " + "\n  ".join(gdb.stdout.strip().splitlines()[-35:]))
     return results
@@ -100,7 +110,7 @@ def lm_eval_sequences(backend: GGUFBackend, data: Path, n_items: int) -> list[li
         context = backend.tokenize(item["ctx"], add_special_tokens=False)
         for ending in item["endings"]:
             whole = backend.tokenize(item["ctx"] + " " + ending, add_special_tokens=False)
-            sequences.append(context + whole[len(context):])
+            sequences.append(context + whole[len(context) :])
     return sorted(sequences, key=lambda s: (-len(s), s))
 
 
@@ -158,11 +168,20 @@ def server_pass(url: str, sequences: list[list[int]], n_clients: int) -> tuple[f
                         return
                     batch = batches.pop(0)
                 try:
-                    r = session.post(url, json={"prompt": [sequences[i] for i in batch], "max_tokens": 1,
-                                                "logprobs": 1, "echo": True, "temperature": 0}, timeout=600)
+                    r = session.post(
+                        url,
+                        json={
+                            "prompt": [sequences[i] for i in batch],
+                            "max_tokens": 1,
+                            "logprobs": 1,
+                            "echo": True,
+                            "temperature": 0,
+                        },
+                        timeout=600,
+                    )
                     r.raise_for_status()
                     for i, choice in zip(batch, r.json()["choices"]):
-                        answers[i] = choice["logprobs"]["token_logprobs"][1:len(sequences[i])]
+                        answers[i] = choice["logprobs"]["token_logprobs"][1 : len(sequences[i])]
                 except Exception as exc:  # reported below; the pass fails
                     errors.append(repr(exc))
                     return
@@ -179,8 +198,9 @@ def server_pass(url: str, sequences: list[list[int]], n_clients: int) -> tuple[f
     return sum(map(len, sequences)) / elapsed, answers
 
 
-def server_rows(model: Path, sequences, reference, threads: int, out: Path, clients: list[int],
-                extra_flags: list[str]) -> dict:
+def server_rows(
+    model: Path, sequences, reference, threads: int, out: Path, clients: list[int], extra_flags: list[str]
+) -> dict:
     """The server without and with prefix reuse (a fresh server per pass with reuse, so that its
     cache starts empty), for each number of clients: tokens/s and max |logprob - reference|."""
     rows = {}
@@ -191,26 +211,46 @@ def server_rows(model: Path, sequences, reference, threads: int, out: Path, clie
                 name = f"{'reuse' if reuse else 'no_reuse'}_{n_clients}_clients"
                 if server is None:
                     started = time.perf_counter()
-                    server = our_server(model, threads, out, f"{model.stem}-{name}", "--n-ctx", "2048",
-                                        "--max-sequences", "8", "--prefix-cache-mb", "1024" if reuse else "0",
-                                        *extra_flags)
+                    server = our_server(
+                        model,
+                        threads,
+                        out,
+                        f"{model.stem}-{name}",
+                        "--n-ctx",
+                        "2048",
+                        "--max-sequences",
+                        "8",
+                        "--prefix-cache-mb",
+                        "1024" if reuse else "0",
+                        *extra_flags,
+                    )
                     log(f"  server up in {time.perf_counter() - started:.1f} s")
                     warm = sequences[-1][::-1]  # a prompt no sequence starts with
-                    requests.post(server.completions_url, json={"prompt": warm, "max_tokens": 1},
-                                  timeout=300).raise_for_status()
+                    requests.post(
+                        server.completions_url, json={"prompt": warm, "max_tokens": 1}, timeout=300
+                    ).raise_for_status()
                 speed, answers = server_pass(server.completions_url, sequences, n_clients)
-                gap = max(float(np.abs(np.asarray(a, dtype=np.float64) - ref).max())
-                          for a, ref in zip(answers, reference))
+                gap = max(
+                    float(np.abs(np.asarray(a, dtype=np.float64) - ref).max()) for a, ref in zip(answers, reference)
+                )
                 metrics = requests.get(server.completions_url.replace("/v1/completions", "/metrics"), timeout=30).text
                 cache_off = "Prefix cache off" in server.log()
                 reused = re.search(r"^logprobs_prompt_tokens_reused_total (\S+)", metrics, re.M)
-                rows[name] = {"tokens_per_s": speed, "max_abs_logprob_diff": gap,
-                              "tokens_reused": float(reused.group(1)) if reused else None,
-                              "cache_turned_off_at_start": reuse and cache_off}
-                log(f"  server, {name.replace('_', ' ')}: {speed:.0f} tok/s, max |d logprob| vs alone in-process "
+                rows[name] = {
+                    "tokens_per_s": speed,
+                    "max_abs_logprob_diff": gap,
+                    "tokens_reused": float(reused.group(1)) if reused else None,
+                    "cache_turned_off_at_start": reuse and cache_off,
+                }
+                log(
+                    f"  server, {name.replace('_', ' ')}: {speed:.0f} tok/s, max |d logprob| vs alone in-process "
                     f"{gap:.2e}, prompt tokens reused {rows[name]['tokens_reused']:.0f}"
-                    + (" (the start-up check turned the cache off: reuse would move numbers on this build)"
-                       if reuse and cache_off else ""))
+                    + (
+                        " (the start-up check turned the cache off: reuse would move numbers on this build)"
+                        if reuse and cache_off
+                        else ""
+                    )
+                )
                 if reuse:  # the next pass starts from an empty cache
                     server.stop()
                     server = None
@@ -237,27 +277,36 @@ def check(target: str, args) -> dict:
     result["in_process"], reference = in_process(backend, sequences, args.rounds)
     backend.close()
     ip = result["in_process"]
-    log(f"  in-process, one prompt per pass: last position only {ip['last_position']:.0f} tok/s, every position "
+    log(
+        f"  in-process, one prompt per pass: last position only {ip['last_position']:.0f} tok/s, every position "
         f"{ip['all_positions']:.0f}, every position scored {ip['all_positions_scored']:.0f} "
-        f"(host scoring {ip['host_share']:.0%} of the time)")
-    result["server"] = server_rows(model, sequences, reference, args.threads, args.logs, args.clients,
-                                   args.server_flag)
+        f"(host scoring {ip['host_share']:.0%} of the time)"
+    )
+    result["server"] = server_rows(model, sequences, reference, args.threads, args.logs, args.clients, args.server_flag)
     for row in result["server"].values():
         row["vs_in_process"] = row["tokens_per_s"] / ip["all_positions"]
-    log("  server / in-process every position (issue 13's target without reuse: >= 0.9x): " + ", ".join(
-        f"{name.replace('_', ' ')} {row['vs_in_process']:.2f}x" for name, row in result["server"].items()))
+    log(
+        "  server / in-process every position (issue 13's target without reuse: >= 0.9x): "
+        + ", ".join(f"{name.replace('_', ' ')} {row['vs_in_process']:.2f}x" for name, row in result["server"].items())
+    )
     result["exact"] = all(r["max_abs_logprob_diff"] <= TOLERANCE for r in result["server"].values())
     if not args.shared_items:
         result["seconds"] = time.perf_counter() - started
         return result
-    rows = speed_and_exactness(model, args.shared_items, SHARED_LAYOUTS, args.threads, args.rounds,
-                               lambda m: log("  " + m))
+    rows = speed_and_exactness(
+        model, args.shared_items, SHARED_LAYOUTS, args.threads, args.rounds, lambda m: log("  " + m)
+    )
     result["shared_passes"] = rows
-    log("  shared passes (k: a KV stream each, padded; ku: one unified KV cache; kuN: unified, prompts padded to "
-        "multiples of N): " + ", ".join(
-        f"{k}/pass {r['tokens_per_s'] / rows['1']['tokens_per_s']:.2f}x "
-        f"{'same floats' if r['identical'] else 'DIFFERENT'} ({r['max_abs_logit_diff']:.2g})"
-        for k, r in rows.items() if k != "1"))
+    log(
+        "  shared passes (k: a KV stream each, padded; ku: one unified KV cache; kuN: unified, prompts padded to "
+        "multiples of N): "
+        + ", ".join(
+            f"{k}/pass {r['tokens_per_s'] / rows['1']['tokens_per_s']:.2f}x "
+            f"{'same floats' if r['identical'] else 'DIFFERENT'} ({r['max_abs_logit_diff']:.2g})"
+            for k, r in rows.items()
+            if k != "1"
+        )
+    )
     result["seconds"] = time.perf_counter() - started
     return result
 
@@ -265,11 +314,17 @@ def check(target: str, args) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="135m,1b,8b", help="random-weight model shapes, in order (135m, 1b, 8b)")
-    parser.add_argument("--model", action="append", default=[], type=Path, help="a GGUF file to check first (repeatable)")
+    parser.add_argument(
+        "--model", action="append", default=[], type=Path, help="a GGUF file to check first (repeatable)"
+    )
     parser.add_argument("--items", type=int, default=100, help="HellaSwag items (4 sequences each)")
     parser.add_argument("--shared-items", type=int, default=25, help="items for the shared-pass rows (0: none)")
-    parser.add_argument("--server-flag", action="append", default=[],
-                        help="one more argument for the servers, e.g. --server-flag=--kv-cache-type --server-flag=f16")
+    parser.add_argument(
+        "--server-flag",
+        action="append",
+        default=[],
+        help="one more argument for the servers, e.g. --server-flag=--kv-cache-type --server-flag=f16",
+    )
     parser.add_argument("--clients", default="2,8", help="concurrent clients of the server rows")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the in-process rows (best kept)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
@@ -289,9 +344,16 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
 
     ll = llama_cpp
-    report: dict = {"device": device_name(), "llama_cpp_python": ll.__version__,
-                    "gpu_offload": bool(ll.llama_supports_gpu_offload()), "threads": args.threads, "models": {}}
-    log(f"{report['device']}; llama-cpp-python {ll.__version__}, GPU offload {'yes' if report['gpu_offload'] else 'no'}")
+    report: dict = {
+        "device": device_name(),
+        "llama_cpp_python": ll.__version__,
+        "gpu_offload": bool(ll.llama_supports_gpu_offload()),
+        "threads": args.threads,
+        "models": {},
+    }
+    log(
+        f"{report['device']}; llama-cpp-python {ll.__version__}, GPU offload {'yes' if report['gpu_offload'] else 'no'}"
+    )
     targets = [str(m) for m in args.model] + [shape for shape in args.shapes.split(",") if shape]
     report["import_order"] = import_order(model_for(targets[0], args))
     passed = all(code == 0 for key, code in report["import_order"].items() if not key.endswith("backtrace"))

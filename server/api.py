@@ -44,6 +44,7 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went aw
 # The models are documentation only: handlers return dicts or ready Responses, which FastAPI sends
 # as they are (a route has no response_model).
 
+
 def ok(model, description: str, stream=None) -> dict[int | str, dict]:
     response: dict = {"model": model, "description": description}
     if stream is not None:
@@ -102,40 +103,60 @@ async def _respond(request: Request, create, body):
     return result
 
 
-@router.post("/v1/completions", responses=ok(
-    CompletionResponse, "The completion (application/json), or with `stream: true` its Server-Sent Events "
-    "(text/event-stream).", stream=CompletionChunk) | error_responses(*GENERATION))
+@router.post(
+    "/v1/completions",
+    responses=ok(
+        CompletionResponse,
+        "The completion (application/json), or with `stream: true` its Server-Sent Events (text/event-stream).",
+        stream=CompletionChunk,
+    )
+    | error_responses(*GENERATION),
+)
 async def completions(body: CompletionRequest, request: Request):
     return await _respond(request, create_completion, body)
 
 
-@router.post("/v1/chat/completions", responses=ok(
-    ChatCompletionResponse, "The chat completion (application/json), or with `stream: true` its Server-Sent "
-    "Events (text/event-stream).", stream=ChatCompletionChunk) | error_responses(*GENERATION))
+@router.post(
+    "/v1/chat/completions",
+    responses=ok(
+        ChatCompletionResponse,
+        "The chat completion (application/json), or with `stream: true` its Server-Sent Events (text/event-stream).",
+        stream=ChatCompletionChunk,
+    )
+    | error_responses(*GENERATION),
+)
 async def chat_completions(body: ChatCompletionRequest, request: Request):
     return await _respond(request, create_chat_completion, body)
 
 
-@router.get("/v1/models", responses=ok(ModelList, "The one model served.")
-            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
+@router.get(
+    "/v1/models",
+    responses=ok(ModelList, "The one model served.") | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED),
+)
 async def models(request: Request):
     state = _state(request)
     return {
         "object": "list",
-        "data": [{
-            "id": state.model_name,
-            "object": "model",
-            "created": 0,
-            "owned_by": "logprobs-server",
-            "max_model_len": state.backend.info.n_ctx,
-            # What decides the numbers (server/observability/fingerprint.py): responses carry its hash.
-            "system_fingerprint": state.fingerprint.short, "fingerprint": state.fingerprint.parts,
-        }],
+        "data": [
+            {
+                "id": state.model_name,
+                "object": "model",
+                "created": 0,
+                "owned_by": "logprobs-server",
+                "max_model_len": state.backend.info.n_ctx,
+                # What decides the numbers (server/observability/fingerprint.py): responses carry its hash.
+                "system_fingerprint": state.fingerprint.short,
+                "fingerprint": state.fingerprint.parts,
+            }
+        ],
     }
 
 
-@router.get("/health", responses=ok(Health, "The server is up (no API key needed).")
-            | error_responses(400, 413, 500, bad_request=HOST_REFUSED))
+@router.get(
+    "/health",
+    responses=ok(Health, "The server is up (no API key needed).")
+    | error_responses(400, 413, 500, bad_request=HOST_REFUSED),
+)
 async def health():
     return {"status": "ok"}
 
@@ -144,9 +165,14 @@ def _special_token_text(state: ServerState, token_id: int | None) -> str | None:
     return None if token_id is None else state.backend.tokens.strings[token_id]
 
 
-@router.get("/tokenizer_info", responses=ok(TokenizerInfo, "The tokenizer's special tokens and chat template "
-                                                          "(vLLM's endpoint, read by lm-eval's remote tokenizer).")
-            | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED))
+@router.get(
+    "/tokenizer_info",
+    responses=ok(
+        TokenizerInfo,
+        "The tokenizer's special tokens and chat template (vLLM's endpoint, read by lm-eval's remote tokenizer).",
+    )
+    | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED),
+)
 async def tokenizer_info(request: Request):
     state = _state(request)
     info = state.backend.info
@@ -160,16 +186,25 @@ async def tokenizer_info(request: Request):
     }
 
 
-@router.post("/v1/distributions", response_class=Response, responses={200: {
-    "description": "This server's extension: the full log-distribution at each position from `start` on, as "
-    "little-endian float32 (or float16) rows [x-rows, x-vocab], row after row.",
-    "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}}}} | error_responses(*GENERATION))
+@router.post(
+    "/v1/distributions",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "This server's extension: the full log-distribution at each position from `start` on, as "
+            "little-endian float32 (or float16) rows [x-rows, x-vocab], row after row.",
+            "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+        }
+    }
+    | error_responses(*GENERATION),
+)
 async def distributions(body: DistributionsRequest, request: Request):
     return await _respond(request, create_distributions, body)
 
 
-@router.post("/tokenize", responses=ok(TokenizeResponse, "The prompt's token ids.")
-             | error_responses(400, 401, 404, 413, 500))
+@router.post(
+    "/tokenize", responses=ok(TokenizeResponse, "The prompt's token ids.") | error_responses(400, 401, 404, 413, 500)
+)
 async def tokenize(body: TokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)
@@ -177,8 +212,10 @@ async def tokenize(body: TokenizeRequest, request: Request):
     return {"tokens": tokens, "count": len(tokens), "max_model_len": state.backend.info.n_ctx}
 
 
-@router.post("/detokenize", responses=ok(DetokenizeResponse, "The text of the token ids.")
-             | error_responses(400, 401, 404, 413, 500))
+@router.post(
+    "/detokenize",
+    responses=ok(DetokenizeResponse, "The text of the token ids.") | error_responses(400, 401, 404, 413, 500),
+)
 async def detokenize(body: DetokenizeRequest, request: Request):
     state = _state(request)
     check_model(state, body.model)

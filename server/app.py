@@ -30,8 +30,9 @@ def configure_logging(level: str) -> None:
     install_request_id_logging()
 
 
-def create_app(settings: Settings | None = None, backend: Backend | None = None,
-               model: ResolvedModel | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, backend: Backend | None = None, model: ResolvedModel | None = None
+) -> FastAPI:
     """The app, around the model the settings name (loaded at start-up, in the lifespan; `model`:
     already found by the caller, as the CLI does) or around `backend` (the state is built now, so
     in-process clients such as httpx's ASGITransport, which run no lifespan, can call it at once;

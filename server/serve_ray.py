@@ -140,16 +140,22 @@ class LogprobsIngress:
     def __init__(self, model: DeploymentHandle):
         self.model, self.settings = model, app.state.settings
 
-    @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"],
-                   include_in_schema=False)
+    @app.api_route(
+        "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"], include_in_schema=False
+    )
     async def forward(self, request: Request, path: str) -> Response:
         body = await request.body()
         # One request id for every part, so the replicas' log lines of one request share it.
         request_id = choose_request_id(request.headers.get(REQUEST_ID_HEADER, "").encode() or None)
         headers = [(k, v) for k, v in request.headers.items() if k != REQUEST_ID_HEADER]
-        call = {"method": request.method, "path": request.url.path, "query": request.url.query, "body": body,
-                "headers": [*headers, (REQUEST_ID_HEADER, request_id)],
-                "client": list(request.client) if request.client else None}
+        call = {
+            "method": request.method,
+            "path": request.url.path,
+            "query": request.url.query,
+            "body": body,
+            "headers": [*headers, (REQUEST_ID_HEADER, request_id)],
+            "client": list(request.client) if request.client else None,
+        }
         parsed = fanout.parse(body) if request.method == "POST" and body else None
         parts = fanout.split(request.url.path, parsed, self.settings, len(body)) if parsed is not None else None
         try:
@@ -162,24 +168,45 @@ class LogprobsIngress:
             raise  # the client left: Serve cancels the calls made for it
         except Exception:
             log.exception("forwarding %s %s failed", request.method, request.url.path)
-            return JSONResponse(error_body("No model replica could answer; retry shortly.", type="server_error"),
-                                status_code=503, headers={"Retry-After": "1"})
+            return JSONResponse(
+                error_body("No model replica could answer; retry shortly.", type="server_error"),
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
 
     async def _split(self, call: dict, parts: list[dict], n: int) -> Response | None:
         """The parts, each to the replica holding its prefix, joined; None: send the whole request
         (a part was refused or failed, or the parts came from different builds)."""
         headers = [(k, v) for k, v in call["headers"] if k != "content-length"]
         bodies = [json.dumps(part, separators=(",", ":")).encode() for part in parts]
-        results = await asyncio.gather(*[
-            _collect(self.model, call | {"body": body, "route_key": fanout.route_key(part),
-                                         "headers": [*headers, ("content-length", str(len(body)))]})
-            for part, body in zip(parts, bodies)], return_exceptions=True)  # every part ends before we go on
+        results = await asyncio.gather(
+            *[
+                _collect(
+                    self.model,
+                    call
+                    | {
+                        "body": body,
+                        "route_key": fanout.route_key(part),
+                        "headers": [*headers, ("content-length", str(len(body)))],
+                    },
+                )
+                for part, body in zip(parts, bodies)
+            ],
+            return_exceptions=True,
+        )  # every part ends before we go on
         for result in results:
             if not isinstance(result, BaseException) and result[0] in (429, 503):
                 # Busy: say so (with its Retry-After) rather than sending the whole request to a busy server.
                 status, part_headers, body = result
-                return Response(body, status_code=status, headers={
-                    k.decode("latin-1"): v.decode("latin-1") for k, v in part_headers if k.lower() != b"content-length"})
+                return Response(
+                    body,
+                    status_code=status,
+                    headers={
+                        k.decode("latin-1"): v.decode("latin-1")
+                        for k, v in part_headers
+                        if k.lower() != b"content-length"
+                    },
+                )
         if any(isinstance(result, BaseException) or result[0] != 200 for result in results):
             return None  # the whole request again: the client gets a single server's error, prompt index and all
         answers = [json.loads(body) for _, _, body in results]
@@ -187,11 +214,18 @@ class LogprobsIngress:
             log.warning("the parts of a split request came from different builds (a redeploy?): sent whole")
             return None
         joined = fanout.join(answers, n)
-        replicas = sorted({v.decode() for _, part_headers, _ in results for k, v in part_headers if k == REPLICA_HEADER})
-        return Response(json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode(),
-                        media_type="application/json",
-                        headers={"x-serve-replica": ",".join(replicas), REQUEST_ID_HEADER: dict(call["headers"])[
-                            REQUEST_ID_HEADER], "x-system-fingerprint": joined.get("system_fingerprint", "")})
+        replicas = sorted(
+            {v.decode() for _, part_headers, _ in results for k, v in part_headers if k == REPLICA_HEADER}
+        )
+        return Response(
+            json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode(),
+            media_type="application/json",
+            headers={
+                "x-serve-replica": ",".join(replicas),
+                REQUEST_ID_HEADER: dict(call["headers"])[REQUEST_ID_HEADER],
+                "x-system-fingerprint": joined.get("system_fingerprint", ""),
+            },
+        )
 
     async def _whole(self, call: dict) -> Response:
         stream = self.model.options(stream=True).forward.remote(call)

@@ -65,14 +65,21 @@ def _cell(text: str) -> str:
 
 
 def render() -> str:
-    starts = {first: title for first, title in SECTIONS}
+    starts = dict(SECTIONS)
     lines = [HEADER.rstrip("\n")]
     for name, field in Settings.model_fields.items():
         if name in starts:
-            lines += ["", f"## {starts[name]}", "", "| flag | variable | default | allowed | description |",
-                      "| --- | --- | --- | --- | --- |"]
-        lines.append(f"| `{flag_name(name)}` | `{env_name(name)}` | {_default(field)} | {_bounds(field)} | "
-                     f"{_cell(field.description or '')} |")
+            lines += [
+                "",
+                f"## {starts[name]}",
+                "",
+                "| flag | variable | default | allowed | description |",
+                "| --- | --- | --- | --- | --- |",
+            ]
+        lines.append(
+            f"| `{flag_name(name)}` | `{env_name(name)}` | {_default(field)} | {_bounds(field)} | "
+            f"{_cell(field.description or '')} |"
+        )
     return "\n".join(lines) + "\n"
 
 

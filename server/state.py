@@ -33,8 +33,9 @@ class ServerState:
     metrics: Metrics  # this server's Prometheus registry (GET /metrics)
 
     @classmethod
-    def build(cls, settings: Settings, backend: Backend | None = None,
-              model: ResolvedModel | None = None) -> ServerState:
+    def build(
+        cls, settings: Settings, backend: Backend | None = None, model: ResolvedModel | None = None
+    ) -> ServerState:
         """Load the model the settings name (`model`: already found), or serve `backend` (built by
         the caller, e.g. a test's fake backend: nothing is read from disk), and start the engine."""
         if backend is None:
@@ -47,25 +48,46 @@ class ServerState:
         info = backend.info
         log.info(
             "Model loaded in %.1f s: %s; vocabulary %d, context %d tokens (trained on %d), BOS %s, chat template %s",
-            load_seconds, info.description, info.n_vocab, info.n_ctx, info.n_ctx_train,
-            "added" if info.add_bos else "not added", "present" if info.chat_template else "absent",
+            load_seconds,
+            info.description,
+            info.n_vocab,
+            info.n_ctx,
+            info.n_ctx_train,
+            "added" if info.add_bos else "not added",
+            "present" if info.chat_template else "absent",
         )
         settings = run_probes(backend, settings, MIN_REUSE)
-        log.info("Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
-                 backend.max_sequences, settings.n_batch,
-                 f"{settings.prefix_cache_mb} MB, {backend.reuse_rule}"  # set by the probe whenever the cache is on
-                 if settings.prefix_cache_mb and backend.supports_snapshots else "off")
+        log.info(
+            "Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
+            backend.max_sequences,
+            settings.n_batch,
+            f"{settings.prefix_cache_mb} MB, {backend.reuse_rule}"  # set by the probe whenever the cache is on
+            if settings.prefix_cache_mb and backend.supports_snapshots
+            else "off",
+        )
         name = settings.model_name or (model.name if model else Path(info.path).stem)
-        fingerprint = compute_fingerprint(settings, backend, model.path if model else None, settings.cache_path(),
-                                          model.fingerprint_parts if model else {})
-        log.info("System fingerprint %s: %s", fingerprint.short,
-                 ", ".join(f"{k}={v}" for k, v in fingerprint.parts.items()))
+        fingerprint = compute_fingerprint(
+            settings,
+            backend,
+            model.path if model else None,
+            settings.cache_path(),
+            model.fingerprint_parts if model else {},
+        )
+        log.info(
+            "System fingerprint %s: %s", fingerprint.short, ", ".join(f"{k}={v}" for k, v in fingerprint.parts.items())
+        )
         metrics = Metrics()
-        engine = Engine(backend, settings.prefix_cache_mb, max_queued_tokens=settings.max_queued_tokens,
-                        hooks=metrics.hooks, job_overhead_tokens=settings.job_overhead_tokens)
+        engine = Engine(
+            backend,
+            settings.prefix_cache_mb,
+            max_queued_tokens=settings.max_queued_tokens,
+            hooks=metrics.hooks,
+            job_overhead_tokens=settings.job_overhead_tokens,
+        )
         metrics.describe_server(engine, name, fingerprint, load_seconds)
-        return cls(settings=settings, backend=backend, engine=engine, model_name=name, fingerprint=fingerprint,
-                   metrics=metrics)
+        return cls(
+            settings=settings, backend=backend, engine=engine, model_name=name, fingerprint=fingerprint, metrics=metrics
+        )
 
     def close(self) -> None:
         self.engine.close()

@@ -23,8 +23,10 @@ BOS, EOS = 256, 257
 N_VOCAB = 258
 SPECIALS = {"<s>": BOS, "</s>": EOS}
 SPECIAL = re.compile("(<s>|</s>)")
-CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
-                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 
 
 def fake_logits(tokens: Sequence[int], positions: Sequence[int]) -> np.ndarray:
@@ -45,12 +47,28 @@ class ByteBackend(Backend):
     kind = "fake"
     supports_snapshots = True
 
-    def __init__(self, max_sequences: int = 1, n_batch: int = 64, n_ctx: int = 512, delay: float = 0.0,
-                 add_bos: bool = True, chat_template: str | None = CHAT_TEMPLATE):
+    def __init__(
+        self,
+        max_sequences: int = 1,
+        n_batch: int = 64,
+        n_ctx: int = 512,
+        delay: float = 0.0,
+        add_bos: bool = True,
+        chat_template: str | None = CHAT_TEMPLATE,
+    ):
         self.max_sequences, self.n_batch, self.delay = max_sequences, n_batch, delay
-        self.info = ModelInfo(path="byte-model", n_ctx=n_ctx, n_ctx_train=n_ctx, n_vocab=N_VOCAB, bos_id=BOS,
-                              eos_id=EOS, pad_id=None, add_bos=add_bos, chat_template=chat_template,
-                              description="byte-level fake")
+        self.info = ModelInfo(
+            path="byte-model",
+            n_ctx=n_ctx,
+            n_ctx_train=n_ctx,
+            n_vocab=N_VOCAB,
+            bos_id=BOS,
+            eos_id=EOS,
+            pad_id=None,
+            add_bos=add_bos,
+            chat_template=chat_template,
+            description="byte-level fake",
+        )
         self.tokens = TokenTable([bytes([b]) for b in range(256)] + [b"<s>", b"</s>"], [EOS])
         self.lengths: dict[int, int] = {}
         self.lock = threading.Lock()
@@ -61,7 +79,7 @@ class ByteBackend(Backend):
         ids = []
         for part in SPECIAL.split(text):
             ids += [SPECIALS[part]] if part in SPECIALS else list(part.encode("utf-8"))
-        return [BOS] + ids if add_special_tokens and self.info.add_bos else ids
+        return [BOS, *ids] if add_special_tokens and self.info.add_bos else ids
 
     def prefill(self, seq, tokens, start, logits_from):
         time.sleep(self.delay)

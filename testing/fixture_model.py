@@ -68,18 +68,27 @@ def _write_gguf(reader, tensors: dict[str, np.ndarray], path: Path, bos_id: int 
     writer.close()
 
 
-def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_id: int | None,
-                     n_layers: int) -> None:
+def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_id: int | None, n_layers: int) -> None:
     from safetensors.numpy import save_file
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
 
     meta = {key: _field_value(field) for key, field in reader.fields.items() if not key.startswith("GGUF.")}
     n_heads, n_kv = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
-    weights = {"model.embed_tokens.weight": tensors["token_embd.weight"],
-               "model.norm.weight": tensors["output_norm.weight"]}
-    names = {"attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj", "attn_output": "self_attn.o_proj",
-             "attn_q": "self_attn.q_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-             "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+    weights = {
+        "model.embed_tokens.weight": tensors["token_embd.weight"],
+        "model.norm.weight": tensors["output_norm.weight"],
+    }
+    names = {
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q": "self_attn.q_proj",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+        "attn_norm": "input_layernorm",
+        "ffn_norm": "post_attention_layernorm",
+    }
     for i in range(n_layers):
         for short, long in names.items():
             w = tensors[f"blk.{i}.{short}.weight"]
@@ -89,8 +98,11 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
                 w = _hf_order(w, n_kv)
             weights[f"model.layers.{i}.{long}.weight"] = w
     folder.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in weights.items()}, str(folder / "model.safetensors"),
-              metadata={"format": "pt"})
+    save_file(
+        {k: np.ascontiguousarray(v) for k, v in weights.items()},
+        str(folder / "model.safetensors"),
+        metadata={"format": "pt"},
+    )
 
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     add_bos = bos_id is not None
@@ -98,42 +110,69 @@ def _write_hf_folder(reader, tensors: dict[str, np.ndarray], folder: Path, bos_i
         bos_id = meta["tokenizer.ggml.bos_token_id"]
     bos, eos = tokens[bos_id], tokens[meta["tokenizer.ggml.eos_token_id"]]
     config = {
-        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-        "hidden_size": meta["llama.embedding_length"], "intermediate_size": meta["llama.feed_forward_length"],
-        "num_attention_heads": n_heads, "num_key_value_heads": n_kv, "num_hidden_layers": n_layers,
-        "head_dim": meta["llama.rope.dimension_count"], "hidden_act": "silu",
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": meta["llama.embedding_length"],
+        "intermediate_size": meta["llama.feed_forward_length"],
+        "num_attention_heads": n_heads,
+        "num_key_value_heads": n_kv,
+        "num_hidden_layers": n_layers,
+        "head_dim": meta["llama.rope.dimension_count"],
+        "hidden_act": "silu",
         "rms_norm_eps": float(np.float32(meta["llama.attention.layer_norm_rms_epsilon"])),
         # Top-level rope_theta on purpose: without it mlx-lm silently uses 10000.
         "rope_theta": float(meta["llama.rope.freq_base"]),
-        "max_position_embeddings": meta["llama.context_length"], "vocab_size": len(tokens),
-        "tie_word_embeddings": True, "bos_token_id": bos_id,
-        "eos_token_id": meta["tokenizer.ggml.eos_token_id"], "torch_dtype": "float32",
+        "max_position_embeddings": meta["llama.context_length"],
+        "vocab_size": len(tokens),
+        "tie_word_embeddings": True,
+        "bos_token_id": bos_id,
+        "eos_token_id": meta["tokenizer.ggml.eos_token_id"],
+        "torch_dtype": "float32",
     }
     (folder / "config.json").write_text(json.dumps(config, indent=2))
 
     # The same byte-level BPE as the GGUF (SmolLM2's "smollm" pre-tokenizer: digits split one by one).
-    tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)},
-                                     merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]))
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    tokenizer = Tokenizer(
+        models.BPE(
+            vocab={t: i for i, t in enumerate(tokens)},
+            merges=[tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]],
+        )
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     tokenizer.decoder = decoders.ByteLevel()
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL])
+    tokenizer.add_special_tokens(
+        [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types) if kind == TOKEN_TYPE_CONTROL]
+    )
     if add_bos:  # as Llama's tokenizer.json: BOS before each sequence when special tokens are added
         tokenizer.post_processor = processors.TemplateProcessing(
-            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+            single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)]
+        )
     tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos, "pad_token": eos,
-        "add_bos_token": add_bos, "add_eos_token": False, "model_max_length": meta["llama.context_length"],
-        "chat_template": meta.get("tokenizer.chat_template"),
-    }, indent=2))
+    (folder / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": bos,
+                "eos_token": eos,
+                "pad_token": eos,
+                "add_bos_token": add_bos,
+                "add_eos_token": False,
+                "model_max_length": meta["llama.context_length"],
+                "chat_template": meta.get("tokenizer.chat_template"),
+            },
+            indent=2,
+        )
+    )
 
 
-def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
-                 n_layers: int = N_LAYERS) -> tuple[Path, Path]:
+def make_fixture(
+    source_gguf: Path, cache_dir: Path, add_bos: bool = False, n_layers: int = N_LAYERS
+) -> tuple[Path, Path]:
     """(GGUF file, mlx-lm folder) of the float32 model, created once. add_bos: the variant whose
     tokenizer adds BOS_TOKEN when tokenizing with special tokens; n_layers: keep that many blocks
     (two by default; WHOLE: all; the folder is also what transformers loads)."""
@@ -147,9 +186,12 @@ def make_fixture(source_gguf: Path, cache_dir: Path, add_bos: bool = False,
     root.mkdir(parents=True, exist_ok=True)
     reader = GGUFReader(str(source_gguf))
     bos_id = list(_field_value(reader.fields["tokenizer.ggml.tokens"])).index(BOS_TOKEN) if add_bos else None
-    keep = ("token_embd.", "output_norm.") + tuple(f"blk.{i}." for i in range(n_layers))
-    tensors = {t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape(
-        [int(d) for d in reversed(t.shape)]) for t in reader.tensors if t.name.startswith(keep)}
+    keep = ("token_embd.", "output_norm.", *tuple(f"blk.{i}." for i in range(n_layers)))
+    tensors = {
+        t.name: dequantize(t.data, t.tensor_type).astype(np.float32).reshape([int(d) for d in reversed(t.shape)])
+        for t in reader.tensors
+        if t.name.startswith(keep)
+    }
     _write_gguf(reader, tensors, gguf_path, bos_id, n_layers)
     _write_hf_folder(reader, tensors, mlx_dir, bos_id, n_layers)
     (root / "done").write_text("ok")
@@ -179,17 +221,22 @@ def write_split(source: Path, target: Path, parts: int = 2) -> list[Path]:
 
     reader = GGUFReader(str(source))
     per_part = -(-len(reader.tensors) // parts)
-    writer = GGUFWriter(str(target), arch=str(_field_value(reader.fields["general.architecture"])),
-                        split_max_tensors=per_part)
+    writer = GGUFWriter(
+        str(target), arch=str(_field_value(reader.fields["general.architecture"])), split_max_tensors=per_part
+    )
     for key, field in reader.fields.items():
         if key.startswith("GGUF.") or key == "general.architecture":
             continue
         vtype = field.types[0]
-        writer.add_key_value(key, _field_value(field), vtype,
-                             sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None)
+        writer.add_key_value(
+            key, _field_value(field), vtype, sub_type=field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        )
     for tensor in reader.tensors:
-        writer.add_tensor(tensor.name, np.array(tensor.data).reshape([int(d) for d in reversed(tensor.shape)]),
-                          raw_dtype=tensor.tensor_type)
+        writer.add_tensor(
+            tensor.name,
+            np.array(tensor.data).reshape([int(d) for d in reversed(tensor.shape)]),
+            raw_dtype=tensor.tensor_type,
+        )
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -35,16 +35,20 @@ class InProcess:
 
     def run(self, work: Callable[[httpx.AsyncClient], Awaitable]):
         """Run `work(client)` on a fresh event loop; returns what it returns."""
+
         async def go():
             async with self.client() as client:
                 return await work(client)
+
         return asyncio.run(go())
 
-    def request(self, method: str, path: str, *, host: str = "127.0.0.1:8000", headers: dict | None = None,
-                **kwargs) -> httpx.Response:
+    def request(
+        self, method: str, path: str, *, host: str = "127.0.0.1:8000", headers: dict | None = None, **kwargs
+    ) -> httpx.Response:
         async def go():
             async with self.client(host=host, **(headers or {})) as client:
                 return await client.request(method, path, **kwargs)
+
         return asyncio.run(go())
 
     def get(self, path: str, **kwargs) -> httpx.Response:

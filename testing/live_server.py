@@ -29,16 +29,26 @@ class ServerProcess:
     (up to `timeout` seconds) until `health_path` answers; stop() (or leaving a `with`) ends it.
     `env`: variables added to its environment; `ca`: the CA file of a server that speaks https."""
 
-    def __init__(self, command: list[str], port: int, log_path: Path, *, health_path: str = "/health",
-                 env: dict[str, str] | None = None, ca: str | None = None, timeout: float = 120):
+    def __init__(
+        self,
+        command: list[str],
+        port: int,
+        log_path: Path,
+        *,
+        health_path: str = "/health",
+        env: dict[str, str] | None = None,
+        ca: str | None = None,
+        timeout: float = 120,
+    ):
         self.port = port
         self.url = f"{'https' if ca else 'http'}://127.0.0.1:{port}"
         self.completions_url = self.url + "/v1/completions"
         self.verify = ca or True  # for requests' verify=
         self.log_path = log_path
         self._log = open(log_path, "w")
-        self.proc = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                     env={**os.environ, **(env or {})})
+        self.proc = subprocess.Popen(
+            command, stdout=self._log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})}
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -74,13 +84,26 @@ class LiveServer(ServerProcess):
     """This server (`python -m server --model MODEL`) on a free loopback port; `prefix`: a command
     it runs under (e.g. `taskset -c 0`)."""
 
-    def __init__(self, model: Path, log_path: Path, *extra_args: str, env: dict[str, str] | None = None,
-                 ca: str | None = None, timeout: float = 120, prefix: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        model: Path,
+        log_path: Path,
+        *extra_args: str,
+        env: dict[str, str] | None = None,
+        ca: str | None = None,
+        timeout: float = 120,
+        prefix: tuple[str, ...] = (),
+    ):
         self.model = model
         port = free_port()
-        super().__init__([*prefix, sys.executable, "-m", "server", "--model", str(model), "--port", str(port),
-                          *extra_args],
-                         port, log_path, env=env, ca=ca, timeout=timeout)
+        super().__init__(
+            [*prefix, sys.executable, "-m", "server", "--model", str(model), "--port", str(port), *extra_args],
+            port,
+            log_path,
+            env=env,
+            ca=ca,
+            timeout=timeout,
+        )
 
     def post(self, path: str, payload=None, **kwargs) -> requests.Response:
         return requests.post(self.url + path, json=payload, timeout=300, **{"verify": self.verify, **kwargs})

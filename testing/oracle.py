@@ -50,7 +50,7 @@ class Oracle(ABC):
     def loglikelihood(self, context: list[int], continuation: list[int]) -> tuple[float, bool]:
         """lm-eval's (sum of continuation logprobs, whether each continuation token is the argmax)."""
         tokens = context + continuation
-        rows = self.logprob_matrix(tokens)[len(context) - 1: len(tokens) - 1]
+        rows = self.logprob_matrix(tokens)[len(context) - 1 : len(tokens) - 1]
         lp = rows[np.arange(len(continuation)), continuation]
         return float(lp.sum()), bool((rows.argmax(axis=1) == np.array(continuation)).all())
 
@@ -77,8 +77,9 @@ class LlamaOracle(Oracle):
 
         self._ll = llama_cpp
         kv = llama_cpp.GGML_TYPE_F32 if kv_cache_type == "f32" else llama_cpp.GGML_TYPE_F16
-        self.llm = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, logits_all=True, verbose=False,
-                                   type_k=kv, type_v=kv)
+        self.llm = llama_cpp.Llama(
+            model_path=model_path, n_ctx=n_ctx, logits_all=True, verbose=False, type_k=kv, type_v=kv
+        )
         self._vocab = llama_cpp.llama_model_get_vocab(self.llm.model)
         self.bos_id, self.eos_id = self.llm.token_bos(), self.llm.token_eos()
 

@@ -31,8 +31,9 @@ def requantized_model_path(model_path) -> Path:
 
 def serve(model: Path, tmp_path_factory, name: str, *flags: str, **options):
     """A live server for a fixture: yields it, stops it afterwards. `options`: LiveServer's env and ca."""
-    live = LiveServer(model, tmp_path_factory.mktemp(name) / "server.log", "--n-ctx", str(SERVER_N_CTX), *flags,
-                      **options)
+    live = LiveServer(
+        model, tmp_path_factory.mktemp(name) / "server.log", "--n-ctx", str(SERVER_N_CTX), *flags, **options
+    )
     yield live
     live.stop()
 
@@ -140,8 +141,9 @@ def bos_fixture_server(request, bos_fixture_paths, tmp_path_factory):
     """The BOS-adding fixture model served by each backend in turn."""
     if request.param == "mlx":
         pytest.importorskip("mlx_lm")
-    yield from serve(bos_fixture_paths[request.param], tmp_path_factory, f"bos-{request.param}",
-                     "--model-name", BOS_FIXTURE_NAME)
+    yield from serve(
+        bos_fixture_paths[request.param], tmp_path_factory, f"bos-{request.param}", "--model-name", BOS_FIXTURE_NAME
+    )
 
 
 @pytest.fixture(scope="session")
@@ -178,9 +180,23 @@ def secure_server(model_path, tls_files, tmp_path_factory):
     a file), HTTPS with the throwaway CA's certificate."""
     key_file = tls_files["ca"].parent / "api-keys.txt"
     key_file.write_text(f"# keys for the tests\n\n  {FILE_KEY}  \n")
-    yield from serve(model_path, tmp_path_factory, "secure", "--host", "0.0.0.0", "--api-key", ",".join(API_KEYS),
-                     "--api-key-file", str(key_file), "--ssl-certfile", str(tls_files["cert"]),
-                     "--ssl-keyfile", str(tls_files["key"]), ca=str(tls_files["ca"]))
+    yield from serve(
+        model_path,
+        tmp_path_factory,
+        "secure",
+        "--host",
+        "0.0.0.0",
+        "--api-key",
+        ",".join(API_KEYS),
+        "--api-key-file",
+        str(key_file),
+        "--ssl-certfile",
+        str(tls_files["cert"]),
+        "--ssl-keyfile",
+        str(tls_files["key"]),
+        ca=str(tls_files["ca"]),
+    )
+
 
 def pytest_report_header(config):
     return f"data: {DATA} ({'present' if DATA.exists() else 'MISSING'}); cpus: {os.cpu_count()}"

@@ -31,7 +31,7 @@ def tokenize(model_path):
 @pytest.fixture(scope="module")
 def docs():
     lines = (DATA / "hellaswag_dev.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines[:ITEMS + 50]]
+    return [json.loads(line) for line in lines[: ITEMS + 50]]
 
 
 def requests_for(docs, tokenize, shots: str) -> list[list[int]]:
@@ -71,6 +71,7 @@ def affinity_route(n: int):
         choice = rule.order(prompt, replicas)[0]
         rule.sent(choice, prompt)
         return choice
+
     return route
 
 
@@ -84,9 +85,11 @@ def test_replicas_reuse_what_one_server_reuses_and_share_the_work(docs, tokenize
     spread, _ = replay(prompts, lambda p: f"replica-{rng.randrange(n)}")  # routing that ignores the prompt
     computed_one = sum(map(len, prompts)) - one
     computed = sum(map(len, prompts)) - reused
-    print(f"{shots}-shot, {n} replicas: reused {reused / one:.3f} of one server's ({reused} vs {one} tokens; "
-          f"random routing {spread / one:.3f}); computed {computed / computed_one:.3f}x one server's; "
-          f"shares {sorted(shares)} (max {max(shares) / np.mean(shares):.2f}x the mean)")
+    print(
+        f"{shots}-shot, {n} replicas: reused {reused / one:.3f} of one server's ({reused} vs {one} tokens; "
+        f"random routing {spread / one:.3f}); computed {computed / computed_one:.3f}x one server's; "
+        f"shares {sorted(shares)} (max {max(shares) / np.mean(shares):.2f}x the mean)"
+    )
     assert len(shares) == n
     assert reused >= 0.95 * one
     # Tokens computed: at most 1.05x one server's at 2 and 4 replicas (the target; measured

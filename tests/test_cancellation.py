@@ -11,15 +11,18 @@ import time
 
 import requests
 
-CANCELLED = re.compile(r"request cancelled \(the client went away\): (\d+) queued job\(s\) dropped before running, "
-                       r"(\d+) running job\(s\) stopped early, (\d+) had finished")
+CANCELLED = re.compile(
+    r"request cancelled \(the client went away\): (\d+) queued job\(s\) dropped before running, "
+    r"(\d+) running job\(s\) stopped early, (\d+) had finished"
+)
 
 
 def send_and_leave(server, payload: dict, after: float) -> None:
     """POST a non-streamed request, wait `after` seconds without reading, then close the socket."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/completions", body=json.dumps(payload),
-                       headers={"Content-Type": "application/json"})
+    connection.request(
+        "POST", "/v1/completions", body=json.dumps(payload), headers={"Content-Type": "application/json"}
+    )
     time.sleep(after)
     connection.close()
 
@@ -52,6 +55,9 @@ def test_non_streamed_scoring_request_is_dropped_when_its_client_leaves(server):
 
 def test_non_streamed_generation_stops_when_its_client_leaves(server):
     seen = len(CANCELLED.findall(server.log()))
-    send_and_leave(server, {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 1,
-                            "stop": ["zzzzzzzz"]}, after=1.0)
+    send_and_leave(
+        server,
+        {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stop": ["zzzzzzzz"]},
+        after=1.0,
+    )
     assert wait_for_cancellation(server, seen) == (0, 1, 0)

@@ -13,12 +13,14 @@ from testing.live_server import ROOT
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 
-from logprobs_client.chat_template import render  # noqa: E402
+from logprobs_client.chat_template import render
 
-CHATML = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}<|im_start|>system\n"
-          "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}"
-          "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}<|im_start|>system\n"
+    "You are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Llama-2 style: bos_token, raise_exception, stripped contents, blocks that trim_blocks/lstrip_blocks shape.
 LLAMA2 = """{% if messages[0]['role'] == 'system' %}
     {% set system = '<<SYS>>\\n' + messages[0]['content'].strip() + '\\n<</SYS>>\\n\\n' %}
@@ -37,10 +39,12 @@ LLAMA2 = """{% if messages[0]['role'] == 'system' %}
     {% endif %}
 {% endfor %}"""
 # Loop controls and Hugging Face's tojson (no key sorting, no HTML escapes, non-ASCII kept).
-TOOLS = ("{% for message in messages %}{% if message['role'] == 'system' %}{% continue %}{% endif %}"
-         "{# each message's content, in its JSON #}<{{ message['role'] }}>{{ message | tojson }}"
-         "{% if loop.index > 3 %}{% break %}{% endif %}\n{% endfor %}"
-         "{% if add_generation_prompt %}<assistant>{% endif %}")
+TOOLS = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}{% continue %}{% endif %}"
+    "{# each message's content, in its JSON #}<{{ message['role'] }}>{{ message | tojson }}"
+    "{% if loop.index > 3 %}{% break %}{% endif %}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 TOKENS = {"bos_token": "<s>", "eos_token": "</s>"}
 
 TURNS = [{"role": "user", "content": "Question: 2+2?\nAnswer:"}, {"role": "assistant", "content": "4"}]
@@ -50,17 +54,24 @@ CONVERSATIONS = [
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer is"}],
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": "The answer is "}],  # trailing space
     [*TURNS, {"role": "user", "content": "Q"}, {"role": "assistant", "content": " Answer:\n"}],
-    [{"role": "system", "content": "S"}, {"role": "user", "content": "é <b> & \"q\"", "name": "z"},
-     {"role": "assistant", "content": "ok"}],
+    [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": 'é <b> & "q"', "name": "z"},
+        {"role": "assistant", "content": "ok"},
+    ],
 ]
 
 
 def hugging_face(template: str, messages: list[dict], add_generation_prompt: bool) -> str:
     from transformers.utils.chat_template_utils import render_jinja_template
 
-    rendered, _ = render_jinja_template(conversations=[messages], chat_template=template,
-                                        add_generation_prompt=add_generation_prompt,
-                                        continue_final_message=not add_generation_prompt, **TOKENS)
+    rendered, _ = render_jinja_template(
+        conversations=[messages],
+        chat_template=template,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=not add_generation_prompt,
+        **TOKENS,
+    )
     return rendered[0]
 
 
@@ -69,8 +80,13 @@ def hugging_face(template: str, messages: list[dict], add_generation_prompt: boo
 def test_the_same_text_as_hugging_face(template, messages):
     # lm-eval asks for the generation prompt, or (a task with gen_prefix) the final message continued.
     add_generation_prompt = messages[-1]["role"] != "assistant"
-    ours = render(template, messages, add_generation_prompt=add_generation_prompt,
-                  continue_final_message=not add_generation_prompt, **TOKENS)
+    ours = render(
+        template,
+        messages,
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=not add_generation_prompt,
+        **TOKENS,
+    )
     assert ours == hugging_face(template, messages, add_generation_prompt)
     if not add_generation_prompt and template is not TOOLS:  # (TOOLS writes the content JSON-escaped)
         assert ours.rstrip().endswith(messages[-1]["content"].strip())

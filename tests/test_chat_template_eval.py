@@ -30,8 +30,13 @@ def hf_renderer(info: dict):
 
     def render(messages: list[dict], add_generation_prompt: bool = True) -> str:
         rendered, _ = render_jinja_template(
-            conversations=[messages], chat_template=info["chat_template"], add_generation_prompt=add_generation_prompt,
-            continue_final_message=not add_generation_prompt, bos_token=info["bos_token"], eos_token=info["eos_token"])
+            conversations=[messages],
+            chat_template=info["chat_template"],
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=not add_generation_prompt,
+            bos_token=info["bos_token"],
+            eos_token=info["eos_token"],
+        )
         return rendered[0]
 
     return render
@@ -47,8 +52,17 @@ def oracle_contexts(task_name: str, limit: int, render, monkeypatch) -> list[str
     task = TaskManager(include_path=str(TASKS_DIR)).load([task_name])["tasks"][task_name]
     task.set_fewshot_seed(seed=1234)
     docs = list(task.eval_docs)[:limit]
-    return [task.fewshot_context(doc, num_fewshot=FEWSHOT, apply_chat_template=True, fewshot_as_multiturn=True,
-                                 chat_template=render, gen_prefix=task.doc_to_prefix(doc)) for doc in docs]
+    return [
+        task.fewshot_context(
+            doc,
+            num_fewshot=FEWSHOT,
+            apply_chat_template=True,
+            fewshot_as_multiturn=True,
+            chat_template=render,
+            gen_prefix=task.doc_to_prefix(doc),
+        )
+        for doc in docs
+    ]
 
 
 def test_chat_template_evaluation_equals_the_oracle(server, oracle, tmp_path, monkeypatch):
@@ -56,9 +70,24 @@ def test_chat_template_evaluation_equals_the_oracle(server, oracle, tmp_path, mo
     assert info["chat_template"] and "<|im_start|>" in info["chat_template"]  # SmolLM2-Instruct's ChatML
     out = tmp_path / "out"
     limit = LIMIT
-    proc = logprobs_eval("run", server.url, "--tasks", ",".join(TASKS), "--limit", str(limit), "--batch-size", "4",
-                         "--apply-chat-template", "--output-path", str(out), "--log-samples",
-                         "--", "--num_fewshot", str(FEWSHOT), tmp_path=tmp_path)
+    proc = logprobs_eval(
+        "run",
+        server.url,
+        "--tasks",
+        ",".join(TASKS),
+        "--limit",
+        str(limit),
+        "--batch-size",
+        "4",
+        "--apply-chat-template",
+        "--output-path",
+        str(out),
+        "--log-samples",
+        "--",
+        "--num_fewshot",
+        str(FEWSHOT),
+        tmp_path=tmp_path,
+    )
     assert "--apply_chat_template" in proc.stderr and "logprobs-completions" in proc.stderr
     render = hf_renderer(info)
 
@@ -79,15 +108,17 @@ def test_chat_template_evaluation_equals_the_oracle(server, oracle, tmp_path, mo
             assert abs(ll - expected) <= TOLERANCE, (sample["doc_id"], ll, expected)
             assert greedy == expected_greedy
     assert n == 4 * limit
-    print(f"hellaswag_dev, chat template, {FEWSHOT}-shot as turns: {n} loglikelihoods, "
-          f"max |server - oracle| = {worst:.2e}; acc {results['results']['hellaswag_dev']['acc,none']}")
+    print(
+        f"hellaswag_dev, chat template, {FEWSHOT}-shot as turns: {n} loglikelihoods, "
+        f"max |server - oracle| = {worst:.2e}; acc {results['results']['hellaswag_dev']['acc,none']}"
+    )
 
     # Generation: greedy until a stop string or the end of the assistant's turn.
     results, samples = lm_eval_files(out, "gsm8k_dev")
     contexts = oracle_contexts("gsm8k_dev", limit, render, monkeypatch)
     assert len(samples) == limit
     for sample in samples:
-        (sent, gen_kwargs), = request_args(sample)
+        ((sent, gen_kwargs),) = request_args(sample)
         assert sent == contexts[sample["doc_id"]]
         expected = oracle.greedy(oracle.tokenize(sent), gen_kwargs["max_gen_toks"], gen_kwargs["until"])
         assert sample["resps"][0][0] == expected, sample["doc_id"]

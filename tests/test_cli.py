@@ -16,7 +16,9 @@ from testing.live_server import ROOT, free_port
 def run(args: list[str], env: dict | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
     """`args` with this environment, less its LOGPROBS_* variables, plus `env`."""
     inherited = {name: value for name, value in os.environ.items() if not name.upper().startswith("LOGPROBS_")}
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**inherited, **(env or {})})
+    return subprocess.run(
+        args, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env={**inherited, **(env or {})}
+    )
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -88,19 +90,32 @@ def test_cli_passes_settings_to_the_app(clean_env):
     assert (settings.n_ctx, settings.port, settings.log_level, settings.backend) == (128, 9123, "debug", "gguf")
     [(app, kwargs)] = served
     protocol = kwargs.pop("http")  # the connection's protocol, carrying --request-read-timeout
-    assert (app, kwargs) == ("the app", {"host": "127.0.0.1", "port": 9123, "log_level": "debug",
-                                         "timeout_graceful_shutdown": 30.0})
+    assert (app, kwargs) == (
+        "the app",
+        {"host": "127.0.0.1", "port": 9123, "log_level": "debug", "timeout_graceful_shutdown": 30.0},
+    )
     assert issubclass(protocol, HttpProtocol) and protocol.read_timeout == 7.5
     assert os.environ["LOGPROBS_N_CTX"] == "4096" and "LOGPROBS_LOG_LEVEL" not in os.environ
 
 
-@pytest.mark.parametrize("args, env, expected", [
-    (["--max-sequences", "0"], {}, "--max-sequences 0: Input should be greater than or equal to 1"),
-    (["--backend", "onnx"], {}, "--backend onnx: Input should be 'gguf' or 'mlx'"),
-    ([], {"LOGPROBS_N_CTX": "big"}, "LOGPROBS_N_CTX=big: Input should be a valid integer, unable to parse string as an integer"),
-    ([], {"LOGPROBS_N_BATCH": "0", "LOGPROBS_KV_CACHE_TYPE": "f8"},
-     "LOGPROBS_N_BATCH=0: Input should be greater than or equal to 1; LOGPROBS_KV_CACHE_TYPE=f8: Input should be 'f32' or 'f16'"),
-])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["--max-sequences", "0"], {}, "--max-sequences 0: Input should be greater than or equal to 1"),
+        (["--backend", "onnx"], {}, "--backend onnx: Input should be 'gguf' or 'mlx'"),
+        (
+            [],
+            {"LOGPROBS_N_CTX": "big"},
+            "LOGPROBS_N_CTX=big: Input should be a valid integer, unable to parse string as an integer",
+        ),
+        (
+            [],
+            {"LOGPROBS_N_BATCH": "0", "LOGPROBS_KV_CACHE_TYPE": "f8"},
+            "LOGPROBS_N_BATCH=0: Input should be greater than or equal to 1; "
+            "LOGPROBS_KV_CACHE_TYPE=f8: Input should be 'f32' or 'f16'",
+        ),
+    ],
+)
 def test_bad_value_is_one_clear_line(args, env, expected):
     out = cli(*args, env=env)
     assert out.returncode != 0
@@ -111,7 +126,10 @@ def test_bad_environment_through_uvicorn_is_one_clear_line():
     served = uvicorn({"LOGPROBS_N_BATCH": "0"})
     assert served.returncode != 0
     assert "Traceback" not in served.stderr
-    assert served.stderr.splitlines()[-1] == "logprobs-server: error: LOGPROBS_N_BATCH=0: Input should be greater than or equal to 1"
+    assert (
+        served.stderr.splitlines()[-1]
+        == "logprobs-server: error: LOGPROBS_N_BATCH=0: Input should be greater than or equal to 1"
+    )
 
 
 @pytest.mark.parametrize("kind", ["missing", "not gguf", "folder"])
@@ -138,8 +156,10 @@ def test_entry_points_load_llama_cpp_before_numpy(entry):
     """On a CUDA build, a process that had loaded numpy before llama_cpp crashed loading a model
     (issue 13); each entry point's first import (the server package) loads llama.cpp first.
     (server.serve_ray too, which needs Ray, not installed by `make setup`.)"""
-    probe = (f"import sys, {entry}; names = list(sys.modules); "
-             "print(names.index('llama_cpp.llama_cpp'), names.index('numpy'))")
+    probe = (
+        f"import sys, {entry}; names = list(sys.modules); "
+        "print(names.index('llama_cpp.llama_cpp'), names.index('numpy'))"
+    )
     result = run([sys.executable, "-c", probe])
     assert result.returncode == 0, result.stderr
     llama_at, numpy_at = map(int, result.stdout.split())

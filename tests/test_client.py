@@ -24,13 +24,13 @@ from tests.test_lm_eval import encode_pair as lm_eval_encode_pair
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 
-from logprobs_client import (  # noqa: E402
+from logprobs_client import (
     APIError,
     AsyncClient,
     Client,
-    lm_eval_run,  # noqa: E402
+    lm_eval_run,
 )
-from logprobs_client.cli import main as logprobs_eval  # noqa: E402
+from logprobs_client.cli import main as logprobs_eval
 
 LL_TOLERANCE = 1e-3
 
@@ -50,7 +50,8 @@ def hellaswag_items(n: int) -> list[tuple[str, list[str]]]:
     return [(d["ctx"], [" " + e for e in d["endings"]]) for d in docs]
 
 
-CASES = hellaswag_items(2) + [
+CASES = [
+    *hellaswag_items(2),
     ("The capital of France is ", ["Paris", "London", "the city of Paris"]),  # trailing space moves
     ("", ["Hello world", "The"]),  # empty context: the prefix token
     ("Café au lait — ", ["très bon ☕", "日本語のテキスト"]),  # multi-byte text, tokens split mid-character
@@ -65,48 +66,82 @@ def client(server):
 
 # -- plain calls equal the raw endpoints ------------------------------------------------------------
 
+
 def test_info_calls_equal_the_raw_endpoints(server, client):
     assert client.health() is True
     raw = requests.get(server.url + "/v1/models").json()["data"][0]
     model = client.model_info()
-    assert (model.id, model.max_model_len, model.system_fingerprint, model.fingerprint) == \
-           (raw["id"], raw["max_model_len"], raw["system_fingerprint"], raw["fingerprint"])
+    assert (model.id, model.max_model_len, model.system_fingerprint, model.fingerprint) == (
+        raw["id"],
+        raw["max_model_len"],
+        raw["system_fingerprint"],
+        raw["fingerprint"],
+    )
     assert model.max_model_len == 2048
     info = client.tokenizer_info()
     raw_info = requests.get(server.url + "/tokenizer_info").json()
-    assert (info.bos_token, info.eos_token, info.pad_token, info.add_bos_token, info.model_max_length,
-            info.chat_template) == (raw_info["bos_token"], raw_info["eos_token"], raw_info["pad_token"],
-                                    raw_info["add_bos_token"], raw_info["model_max_length"], raw_info["chat_template"])
+    assert (
+        info.bos_token,
+        info.eos_token,
+        info.pad_token,
+        info.add_bos_token,
+        info.model_max_length,
+        info.chat_template,
+    ) == (
+        raw_info["bos_token"],
+        raw_info["eos_token"],
+        raw_info["pad_token"],
+        raw_info["add_bos_token"],
+        raw_info["model_max_length"],
+        raw_info["chat_template"],
+    )
     for text in ("Hello world", "<|im_start|>user", "Café ☕"):
         for special in (True, False):
             raw_tok = server.post("/tokenize", {"prompt": text, "add_special_tokens": special}).json()
             tok = client.tokenize(text, add_special_tokens=special)
-            assert (tok.tokens, tok.count, tok.max_model_len) == (raw_tok["tokens"], raw_tok["count"],
-                                                                   raw_tok["max_model_len"])
+            assert (tok.tokens, tok.count, tok.max_model_len) == (
+                raw_tok["tokens"],
+                raw_tok["count"],
+                raw_tok["max_model_len"],
+            )
             assert client.detokenize(tok.tokens) == server.post("/detokenize", {"tokens": tok.tokens}).json()["prompt"]
 
 
 def test_complete_equals_the_raw_response(server, client):
-    payload = {"prompt": ["The capital of France is", "1, 2, 3,"], "max_tokens": 4, "temperature": 0, "logprobs": 3,
-               "echo": True}
+    payload = {
+        "prompt": ["The capital of France is", "1, 2, 3,"],
+        "max_tokens": 4,
+        "temperature": 0,
+        "logprobs": 3,
+        "echo": True,
+    }
     raw = server.complete(**payload)
     got = client.complete(payload["prompt"], max_tokens=4, temperature=0, logprobs=3, echo=True)
     assert got.model == raw["model"] and got.system_fingerprint == raw["system_fingerprint"]
-    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (raw["usage"]["prompt_tokens"],
-                                                                      raw["usage"]["completion_tokens"])
+    assert (got.usage.prompt_tokens, got.usage.completion_tokens) == (
+        raw["usage"]["prompt_tokens"],
+        raw["usage"]["completion_tokens"],
+    )
     for choice, expected in zip(got.choices, raw["choices"]):
-        assert (choice.index, choice.text, choice.finish_reason) == (expected["index"], expected["text"],
-                                                                     expected["finish_reason"])
+        assert (choice.index, choice.text, choice.finish_reason) == (
+            expected["index"],
+            expected["text"],
+            expected["finish_reason"],
+        )
         lp = expected["logprobs"]
-        assert (choice.logprobs.tokens, choice.logprobs.token_logprobs, choice.logprobs.top_logprobs,
-                choice.logprobs.text_offset) == (lp["tokens"], lp["token_logprobs"], lp["top_logprobs"],
-                                                 lp["text_offset"])
+        assert (
+            choice.logprobs.tokens,
+            choice.logprobs.token_logprobs,
+            choice.logprobs.top_logprobs,
+            choice.logprobs.text_offset,
+        ) == (lp["tokens"], lp["token_logprobs"], lp["top_logprobs"], lp["text_offset"])
     # Extra fields pass through (logit_bias), and generation without logprobs has none.
     plain = client.complete("Hello", max_tokens=2, temperature=0, logit_bias={"28": -100})
     assert plain.choices[0].logprobs is None and plain.usage.completion_tokens == 2
 
 
 # -- score(): the server's echo, lm-eval's arithmetic, and the oracle ---------------------------------
+
 
 def test_score_equals_raw_echo_lm_eval_and_the_oracle(server, client, oracle):
     from lm_eval.models.openai_completions import LocalCompletionsAPI
@@ -125,8 +160,8 @@ def test_score_equals_raw_echo_lm_eval_and_the_oracle(server, client, oracle):
         lm_eval_request = server.complete(prompt=prompts, max_tokens=1, echo=True, logprobs=1, temperature=0)
         lm_eval_results = LocalCompletionsAPI.parse_logprobs(lm_eval_request, ctxlens=ctxlens)
         for score, (ctx, cont), choice, (ll, greedy) in zip(scores, pairs, raw, lm_eval_results):
-            values = choice["logprobs"]["token_logprobs"][len(ctx):]
-            assert (score.token_logprobs, score.tokens) == (values, choice["logprobs"]["tokens"][len(ctx):])
+            values = choice["logprobs"]["token_logprobs"][len(ctx) :]
+            assert (score.token_logprobs, score.tokens) == (values, choice["logprobs"]["tokens"][len(ctx) :])
             assert score.loglikelihood == sum(values)
             assert (score.loglikelihood, score.is_greedy) == (ll, greedy)
             # The oracle: llama.cpp in-process, log-softmax in float64.
@@ -143,8 +178,9 @@ def test_score_greedy_continuation_and_token_ids(client):
     by_text = client.score(context, [greedy_text, " Berlin"])
     assert [s.is_greedy for s in by_text] == [True, False]
     by_ids = client.score(by_text[0].context_tokens, [s.continuation_tokens for s in by_text])
-    assert [(s.loglikelihood, s.is_greedy, s.continuation) for s in by_ids] == \
-           [(s.loglikelihood, s.is_greedy, None) for s in by_text]
+    assert [(s.loglikelihood, s.is_greedy, s.continuation) for s in by_ids] == [
+        (s.loglikelihood, s.is_greedy, None) for s in by_text
+    ]
     assert client.score(context, greedy_text) == by_text[:1]  # one continuation as a plain string
     with pytest.raises(TypeError):
         client.score([1, 2, 3], ["text"])
@@ -155,10 +191,14 @@ def test_async_client_gives_the_same_results(server, client):
 
     async def run():
         async with AsyncClient(server.url, max_concurrency=2) as c:
-            return await asyncio.gather(c.health(), c.models(), c.tokenizer_info(),
-                                        c.tokenize("Hello world", add_special_tokens=False),
-                                        c.score(context, continuations, batch_size=1),
-                                        c.complete("Hello", max_tokens=3, temperature=0, logprobs=1))
+            return await asyncio.gather(
+                c.health(),
+                c.models(),
+                c.tokenizer_info(),
+                c.tokenize("Hello world", add_special_tokens=False),
+                c.score(context, continuations, batch_size=1),
+                c.complete("Hello", max_tokens=3, temperature=0, logprobs=1),
+            )
 
     health, models, info, tok, scores, completion = asyncio.run(run())
     assert health and models == client.models() and info == client.tokenizer_info()
@@ -182,14 +222,21 @@ def test_errors_come_back_typed_and_are_not_retried(server):
 
 def test_connection_refused_is_retried_a_bounded_number_of_times():
     retries = []
-    with Client(f"http://127.0.0.1:{free_port()}", max_retries=2, backoff=0.01,
-                on_retry=lambda attempt, error, wait: retries.append((attempt, type(error), wait))) as c:
-        with pytest.raises(httpx.ConnectError):
-            c.health()
+    with (
+        Client(
+            f"http://127.0.0.1:{free_port()}",
+            max_retries=2,
+            backoff=0.01,
+            on_retry=lambda attempt, error, wait: retries.append((attempt, type(error), wait)),
+        ) as c,
+        pytest.raises(httpx.ConnectError),
+    ):
+        c.health()
     assert retries == [(1, httpx.ConnectError, 0.01), (2, httpx.ConnectError, 0.02)]
 
 
 # -- keys and TLS -----------------------------------------------------------------------------------
+
 
 def test_key_and_private_ca(secure_server, tls_files, client):
     context, continuations = "The capital of France is ", ["Paris", "London"]
@@ -217,13 +264,16 @@ def test_missing_or_wrong_key_is_a_401_at_once(secure_server, tls_files, key):
 
 def test_unknown_ca_fails_the_handshake_without_retries(secure_server):
     retries = []
-    with Client(secure_server.url, api_key=API_KEYS[0], on_retry=lambda *a: retries.append(a)) as c:
-        with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
-            c.models()
+    with (
+        Client(secure_server.url, api_key=API_KEYS[0], on_retry=lambda *a: retries.append(a)) as c,
+        pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"),
+    ):
+        c.models()
     assert retries == []
 
 
 # -- retries against real 429s and 503s ----------------------------------------------------------------
+
 
 def gauge(server, name: str) -> float:
     text = requests.get(server.url + "/metrics", timeout=10).text
@@ -241,8 +291,9 @@ def long_context(client, n_tokens: int) -> str:
 @pytest.fixture(scope="module")
 def queue_server(model_path, tmp_path_factory):
     """Room for 1200 tokens of queued work."""
-    yield from serve(model_path, tmp_path_factory, "client-queue", "--max-queued-tokens", "1200",
-                     "--max-request-tokens", "1200")
+    yield from serve(
+        model_path, tmp_path_factory, "client-queue", "--max-queued-tokens", "1200", "--max-request-tokens", "1200"
+    )
 
 
 class FullQueue:
@@ -258,12 +309,22 @@ class FullQueue:
         eos = client.tokenize(client.tokenizer_info().eos_token, add_special_tokens=False).tokens[0]
         admitted = gauge(server, "logprobs_queue_wait_seconds_count")
         self.hog = http.client.HTTPConnection("127.0.0.1", server.port, timeout=300)
-        self.hog.request("POST", "/v1/completions", headers={"Content-Type": "application/json"}, body=json.dumps({
-            "prompt": "Once upon a time", "max_tokens": 1100, "temperature": 0, "logit_bias": {str(eos): -100}}))
-        wait_until(lambda: gauge(server, "logprobs_queue_wait_seconds_count") > admitted, "the generation did not start")
+        self.hog.request(
+            "POST",
+            "/v1/completions",
+            headers={"Content-Type": "application/json"},
+            body=json.dumps(
+                {"prompt": "Once upon a time", "max_tokens": 1100, "temperature": 0, "logit_bias": {str(eos): -100}}
+            ),
+        )
+        wait_until(
+            lambda: gauge(server, "logprobs_queue_wait_seconds_count") > admitted, "the generation did not start"
+        )
         prompts = [[200 + 17 * i + j % 11 for j in range(358)] for i in range(3)]
-        self.prompts = threading.Thread(target=server.post, args=("/v1/completions", {
-            "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}))
+        self.prompts = threading.Thread(
+            target=server.post,
+            args=("/v1/completions", {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1}),
+        )
         self.prompts.start()
         wait_until(lambda: gauge(server, "logprobs_queue_tokens") >= 1170, "the prompts were not queued")
 
@@ -291,13 +352,14 @@ def test_429_is_retried_after_its_retry_after(queue_server, client):
     expected = client.score(context, continuations)
     retries = []
     with FullQueue(queue_server, client) as full:
+
         def on_retry(*attempt):
             retries.append(attempt)
             full.release()  # the queue drains while the client waits out Retry-After
 
         with Client(queue_server.url, max_retries=8, on_retry=on_retry) as c:
             scores = c.score(context, continuations)  # ~520 tokens: no room behind the 1170 queued
-    attempt, error, wait = retries[0]
+    _attempt, error, wait = retries[0]
     assert isinstance(error, APIError) and error.status == 429 and error.code == "queue_full"
     assert error.retry_after >= 1 and wait == error.retry_after  # the server's Retry-After, as sent
     assert [a for a, _, _ in retries] == list(range(1, len(retries) + 1))
@@ -308,10 +370,12 @@ def test_429_is_retried_after_its_retry_after(queue_server, client):
 def test_429_retries_are_bounded_and_waits_capped(queue_server, client):
     context = long_context(client, 120)
     retries = []
-    with FullQueue(queue_server, client), \
-            Client(queue_server.url, max_retries=1, max_wait=0.05, on_retry=lambda *a: retries.append(a)) as c:
-        with pytest.raises(APIError) as refused:
-            c.score(context, [" one.", " two.", " three.", " four."])
+    with (
+        FullQueue(queue_server, client),
+        Client(queue_server.url, max_retries=1, max_wait=0.05, on_retry=lambda *a: retries.append(a)) as c,
+        pytest.raises(APIError) as refused,
+    ):
+        c.score(context, [" one.", " two.", " three.", " four."])
     assert refused.value.status == 429 and refused.value.retry_after >= 1
     assert len(retries) == 1 and retries[0][0] == 1 and retries[0][2] == 0.05
 
@@ -329,8 +393,13 @@ def test_503_timeout_is_retried_with_backoff(timeout_server, client):
     expected = client.score(context, [" and so on."])
     eos = client.tokenize(client.tokenizer_info().eos_token, add_special_tokens=False).tokens[0]
     admitted = gauge(timeout_server, "logprobs_queue_wait_seconds_count")
-    hog = threading.Thread(target=timeout_server.post, args=("/v1/completions", {
-        "prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "logit_bias": {str(eos): -100}}))
+    hog = threading.Thread(
+        target=timeout_server.post,
+        args=(
+            "/v1/completions",
+            {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0, "logit_bias": {str(eos): -100}},
+        ),
+    )
     hog.start()
     try:
         deadline = time.monotonic() + 30
@@ -342,7 +411,7 @@ def test_503_timeout_is_retried_with_backoff(timeout_server, client):
             scores = c.score(context, [" and so on."])
     finally:
         hog.join(120)
-    attempt, error, wait = retries[0]
+    _attempt, error, wait = retries[0]
     assert isinstance(error, APIError) and (error.status, error.code) == (503, "timeout")
     assert error.retry_after is None and wait == 0.5  # no Retry-After: the backoff
     assert scores[0].loglikelihood == pytest.approx(expected[0].loglikelihood, abs=1e-6)
@@ -350,20 +419,48 @@ def test_503_timeout_is_retried_with_backoff(timeout_server, client):
 
 # -- the lm-eval command logprobs-eval builds -------------------------------------------------------------
 
+
 def test_run_command_from_what_the_server_reports(secure_server, tls_files, capsys):
-    status = logprobs_eval(["run", secure_server.url, "--api-key", API_KEYS[0], "--ca-cert", str(tls_files["ca"]),
-                            "--tasks", "hellaswag_dev", "--limit", "5", "--batch-size", "4", "--dry-run",
-                            "--model-arg", "seed=7", "--", "--seed", "3"])
+    status = logprobs_eval(
+        [
+            "run",
+            secure_server.url,
+            "--api-key",
+            API_KEYS[0],
+            "--ca-cert",
+            str(tls_files["ca"]),
+            "--tasks",
+            "hellaswag_dev",
+            "--limit",
+            "5",
+            "--batch-size",
+            "4",
+            "--dry-run",
+            "--model-arg",
+            "seed=7",
+            "--",
+            "--seed",
+            "3",
+        ]
+    )
     out = capsys.readouterr()
     assert status == 0
     argv = out.out.split()
     assert argv[1:5] == ["-m", "lm_eval", "--model", "local-completions"]
     model_args = dict(kv.split("=", 1) for kv in argv[argv.index("--model_args") + 1].split(","))
     assert model_args == {
-        "base_url": f"{secure_server.url}/v1/completions", "model": "SmolLM2-135M-Instruct.Q4_1",
-        "tokenizer_backend": "remote", "tokenized_requests": "True", "num_concurrent": "2", "max_retries": "5",
-        "timeout": "600", "max_length": "2048", "auth_token": "***", "ca_cert_path": str(tls_files["ca"].resolve()),
-        "seed": "7"}
+        "base_url": f"{secure_server.url}/v1/completions",
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "tokenizer_backend": "remote",
+        "tokenized_requests": "True",
+        "num_concurrent": "2",
+        "max_retries": "5",
+        "timeout": "600",
+        "max_length": "2048",
+        "auth_token": "***",
+        "ca_cert_path": str(tls_files["ca"].resolve()),
+        "seed": "7",
+    }
     assert API_KEYS[0] not in out.out + out.err
     assert argv[argv.index("--tasks") + 1] == "hellaswag_dev" and argv[argv.index("--limit") + 1] == "5"
     assert argv[argv.index("--batch_size") + 1] == "4" and argv[-2:] == ["--seed", "3"]

@@ -25,7 +25,7 @@ def check_against_oracle(oracle, tokens: list[int], logprobs: dict, k: int) -> f
     expected = oracle.logprob_matrix(tokens)
     got = logprobs["token_logprobs"]
     assert got[0] is None and logprobs["top_logprobs"][0] is None
-    diffs = np.abs(np.array(got[1:len(tokens)]) - expected[np.arange(len(tokens) - 1), tokens[1:]])
+    diffs = np.abs(np.array(got[1 : len(tokens)]) - expected[np.arange(len(tokens) - 1), tokens[1:]])
     assert diffs.max() <= TOLERANCE, diffs.max()
     for i in range(1, len(tokens)):
         top = logprobs["top_logprobs"][i]
@@ -80,15 +80,18 @@ def test_text_offsets_and_bytes_tokens(server):
     assert offsets == sorted(offsets) and offsets[0] == 0
     for i, token in enumerate(tokens):
         if not token.startswith("bytes:"):
-            assert prompt[offsets[i]:offsets[i] + len(token)] == token
+            assert prompt[offsets[i] : offsets[i] + len(token)] == token
     # logprobs=0: each entry holds just the token that is there.
     assert all(len(top) == 1 for top in lp["top_logprobs"][1:])
 
 
-@pytest.mark.parametrize("prompt,stop", [
-    ("Question: What is 2 + 3?\nAnswer:", ["\n\n"]),
-    ("The history of the Roman Empire", ["zzzz-never"]),
-])
+@pytest.mark.parametrize(
+    "prompt,stop",
+    [
+        ("Question: What is 2 + 3?\nAnswer:", ["\n\n"]),
+        ("The history of the Roman Empire", ["zzzz-never"]),
+    ],
+)
 def test_greedy_generation_matches_oracle(server, oracle, prompt, stop):
     tokens = oracle.tokenize(prompt)
     out = server.complete(prompt=tokens, max_tokens=24, temperature=0, stop=stop)
@@ -125,12 +128,12 @@ def test_generation_logprobs_and_echo_text(server, oracle):
 
 
 def test_seeded_sampling_is_reproducible(server):
-    payload = dict(prompt="List of fruits:", max_tokens=12, temperature=1.0, top_p=0.9, seed=42)
+    payload = {"prompt": "List of fruits:", "max_tokens": 12, "temperature": 1.0, "top_p": 0.9, "seed": 42}
     assert server.complete(**payload)["choices"][0]["text"] == server.complete(**payload)["choices"][0]["text"]
 
 
 def test_concurrent_clients_each_get_their_own_answer(server):
-    requests_ = [dict(prompt=p, echo=True, logprobs=1, max_tokens=1, temperature=0) for p in PROMPTS] * 2
+    requests_ = [{"prompt": p, "echo": True, "logprobs": 1, "max_tokens": 1, "temperature": 0} for p in PROMPTS] * 2
     sequential = [server.complete(**r) for r in requests_]
     with concurrent.futures.ThreadPoolExecutor(6) as pool:
         concurrent_ = list(pool.map(lambda r: server.complete(**r), requests_))
@@ -190,7 +193,7 @@ def test_prompts_of_unequal_length_in_one_request_equal_each_alone(server):
     prompts = [item["ctx"] + " " + ending for item in items for ending in item["endings"]]
     ids = [server.post("/tokenize", {"prompt": p, "add_special_tokens": False}).json()["tokens"] for p in prompts]
     ids.sort(key=len, reverse=True)
-    payload = dict(echo=True, logprobs=2, max_tokens=4, temperature=0)
+    payload = {"echo": True, "logprobs": 2, "max_tokens": 4, "temperature": 0}
     together = server.complete(prompt=ids, **payload)["choices"]
     for tokens, choice in zip(ids, together):
         alone = server.complete(prompt=tokens, **payload)["choices"][0]

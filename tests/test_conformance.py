@@ -28,7 +28,7 @@ def tokenize(server, text: str, add_special_tokens: bool = True) -> list[int]:
 
 
 def echo(server, prompt, k: int = 5, **extra) -> list[dict]:
-    payload = dict(prompt=prompt, echo=True, logprobs=k, max_tokens=0, temperature=0)
+    payload = {"prompt": prompt, "echo": True, "logprobs": k, "max_tokens": 0, "temperature": 0}
     return [c["logprobs"] for c in server.complete(**(payload | extra))["choices"]]
 
 
@@ -51,7 +51,7 @@ def check_against_reference(reference, tokens: list[int], lp: dict, k: int) -> N
 @pytest.mark.parametrize("prompt", PROMPTS)
 def test_echo_logprobs_match_float64_reference(fixture_server, numpy_reference, prompt):
     tokens = tokenize(fixture_server, prompt)
-    lp, = echo(fixture_server, prompt, k=5)
+    (lp,) = echo(fixture_server, prompt, k=5)
     check_against_reference(numpy_reference, tokens, lp, 5)
 
 
@@ -61,7 +61,9 @@ def test_prompt_logprobs_values_and_ranks_match_float64_reference(fixture_server
     places with it: the rank must lie in the span such near-ties allow)."""
     prompt = PROMPTS[0]
     tokens = tokenize(fixture_server, prompt)
-    choice = fixture_server.complete(prompt=prompt, max_tokens=0, prompt_logprobs=3, echo=True, logprobs=3)["choices"][0]
+    choice = fixture_server.complete(prompt=prompt, max_tokens=0, prompt_logprobs=3, echo=True, logprobs=3)["choices"][
+        0
+    ]
     entries = choice["prompt_logprobs"]
     expected = numpy_reference.logprob_matrix(tokens)
     assert len(entries) == len(tokens) and entries[0] is None
@@ -69,7 +71,9 @@ def test_prompt_logprobs_values_and_ranks_match_float64_reference(fixture_server
         own = entry[str(token)]
         assert own["logprob"] == choice["logprobs"]["token_logprobs"][i + 1]  # the same float as echo's
         row, value = expected[i], expected[i][token]
-        assert (row > value + REFERENCE_TOLERANCE).sum() + 1 <= own["rank"] <= (row >= value - REFERENCE_TOLERANCE).sum()
+        assert (
+            (row > value + REFERENCE_TOLERANCE).sum() + 1 <= own["rank"] <= (row >= value - REFERENCE_TOLERANCE).sum()
+        )
         best = [e for e in entry.values() if e["rank"] <= 3]
         assert [e["rank"] for e in best] == [1, 2, 3]
         assert np.abs(np.array([e["logprob"] for e in best]) - np.sort(row)[::-1][:3]).max() <= REFERENCE_TOLERANCE
@@ -79,8 +83,8 @@ def test_backends_agree_token_by_token(gguf_fixture_server, mlx_fixture_server):
     worst = 0.0
     for prompt in PROMPTS:
         assert tokenize(gguf_fixture_server, prompt) == tokenize(mlx_fixture_server, prompt)
-        a, = echo(gguf_fixture_server, prompt, k=3)
-        b, = echo(mlx_fixture_server, prompt, k=3)
+        (a,) = echo(gguf_fixture_server, prompt, k=3)
+        (b,) = echo(mlx_fixture_server, prompt, k=3)
         assert a["tokens"] == b["tokens"] and a["text_offset"] == b["text_offset"]
         diff = np.abs(np.array(a["token_logprobs"][1:]) - np.array(b["token_logprobs"][1:]))
         worst = max(worst, float(diff.max()))
@@ -104,11 +108,13 @@ def test_token_id_batch_unequal_lengths_with_and_without_bos(fixture_server, num
         lp = choice["logprobs"]
         assert len(lp["tokens"]) == len(tokens) + 1
         expected = numpy_reference.logprob_matrix(tokens)
-        got = np.array(lp["token_logprobs"][1:len(tokens)])
+        got = np.array(lp["token_logprobs"][1 : len(tokens)])
         assert np.abs(got - expected[np.arange(len(tokens) - 1), tokens[1:]]).max() <= REFERENCE_TOLERANCE
         # Greedy: the generated token is the reference's argmax, and its value is the top value.
-        assert lp["tokens"][-1] == fixture_server.post(
-            "/detokenize", {"tokens": [int(expected[-1].argmax())]}).json()["prompt"]
+        assert (
+            lp["tokens"][-1]
+            == fixture_server.post("/detokenize", {"tokens": [int(expected[-1].argmax())]}).json()["prompt"]
+        )
         assert lp["token_logprobs"][-1] == max(lp["top_logprobs"][-1].values())
 
 
@@ -127,13 +133,13 @@ def test_bos_rules_and_tokenizer_info(fixture_server):
 
 def test_utf8_pieces_offsets_and_bytes_form(fixture_server):
     prompt = "Emoji 🎉🎉 and 東京"
-    lp, = echo(fixture_server, prompt, k=0)
+    (lp,) = echo(fixture_server, prompt, k=0)
     assert any(t.startswith("bytes:\\x") for t in lp["tokens"])
     text = fixture_server.complete(prompt=prompt, echo=True, max_tokens=0)["choices"][0]["text"]
     assert text == prompt
     for token, offset in zip(lp["tokens"], lp["text_offset"]):
         if not token.startswith("bytes:"):
-            assert text[offset:offset + len(token)] == token
+            assert text[offset : offset + len(token)] == token
     assert all(len(top) == 1 for top in lp["top_logprobs"][1:])  # logprobs=0: just the token
 
 
@@ -142,13 +148,15 @@ def test_greedy_generation_and_stop_strings(gguf_fixture_server, mlx_fixture_ser
     ids = mlx_oracle.tokenize(prompt)
     free = mlx_oracle.greedy(ids, 12, [])
     # A stop string from the middle of the oracle's text (it ends generation), and one that is not there.
-    middle = free[len(free) // 2:][:3]
+    middle = free[len(free) // 2 :][:3]
     assert len(middle) == 3 and "\n" not in free
     for stop in ([middle, "\n"], ["\n"]):
         tokens, reason = greedy_ids(mlx_oracle, ids, 12, stop)
         assert reason == "stop" or middle not in stop  # the stop string does end generation
-        outs = [s.complete(prompt=ids, max_tokens=12, temperature=0, stop=stop)
-                for s in (gguf_fixture_server, mlx_fixture_server)]
+        outs = [
+            s.complete(prompt=ids, max_tokens=12, temperature=0, stop=stop)
+            for s in (gguf_fixture_server, mlx_fixture_server)
+        ]
         for out in outs:
             assert out["choices"][0]["text"] == mlx_oracle.greedy(ids, 12, stop)
             assert out["choices"][0]["finish_reason"] == reason
@@ -156,7 +164,7 @@ def test_greedy_generation_and_stop_strings(gguf_fixture_server, mlx_fixture_ser
 
 
 def test_seeded_sampling_is_reproducible(fixture_server):
-    payload = dict(prompt="List of fruits:", max_tokens=10, temperature=0.8, top_p=0.95, seed=7)
+    payload = {"prompt": "List of fruits:", "max_tokens": 10, "temperature": 0.8, "top_p": 0.95, "seed": 7}
     first = fixture_server.complete(**payload)["choices"][0]["text"]
     assert fixture_server.complete(**payload)["choices"][0]["text"] == first
 
@@ -184,14 +192,14 @@ def test_bos_fixture_adds_bos_only_with_special_tokens(bos_fixture_server):
 def test_echo_with_added_bos_returns_the_prompt_as_sent(bos_fixture_server):
     """The echoed text is the prompt as sent (as OpenAI and vLLM answer), not "<BOS>" + prompt:
     lm-eval and other clients cut the continuation from the echo by the prompt's length."""
-    payload = dict(prompt=BOS_PROMPT, echo=True, max_tokens=0, logprobs=1)
+    payload = {"prompt": BOS_PROMPT, "echo": True, "max_tokens": 0, "logprobs": 1}
     assert bos_fixture_server.complete(**payload)["choices"][0]["text"] == BOS_PROMPT
     events = bos_fixture_server.stream("/v1/completions", **payload)
     assert "".join(e["choices"][0]["text"] for e in events) == BOS_PROMPT
     # With generated tokens after it: the prompt, then exactly the non-echo continuation.
     generated = bos_fixture_server.complete(prompt=BOS_PROMPT, max_tokens=3, temperature=0)["choices"][0]["text"]
     assert generated
-    payload |= dict(max_tokens=3, temperature=0)
+    payload |= {"max_tokens": 3, "temperature": 0}
     assert bos_fixture_server.complete(**payload)["choices"][0]["text"] == BOS_PROMPT + generated
     events = bos_fixture_server.stream("/v1/completions", **payload)
     assert "".join(e["choices"][0]["text"] for e in events) == BOS_PROMPT + generated
@@ -206,11 +214,11 @@ def test_echo_with_added_bos_tokens_and_offsets(bos_fixture_server):
     assert offsets[:2] == [0, 0], offsets
     assert "".join(tokens[1:]) == BOS_PROMPT
     for token, offset in zip(tokens[1:], offsets[1:]):
-        assert BOS_PROMPT[offset:offset + len(token)] == token, (token, offset)
+        assert BOS_PROMPT[offset : offset + len(token)] == token, (token, offset)
 
 
 def test_echo_with_added_bos_logprobs_match_float64_reference(bos_fixture_server, bos_numpy_reference):
     tokens = tokenize(bos_fixture_server, BOS_PROMPT)
     assert tokens[0] == 0
-    lp, = echo(bos_fixture_server, BOS_PROMPT, k=5)
+    (lp,) = echo(bos_fixture_server, BOS_PROMPT, k=5)
     check_against_reference(bos_numpy_reference, tokens, lp, 5)

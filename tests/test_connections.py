@@ -54,8 +54,14 @@ def test_ambiguous_framing_is_refused_and_the_smuggled_request_never_runs(guarde
     400 in OpenAI's format, then the connection closes (RFC 9112 section 6.1)."""
     body = b"0\r\n\r\n"
     hidden = b"GET /v1/models HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
-    raw = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % (len(body) + len(hidden))) + body + hidden
+    raw = (
+        (
+            b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % (len(body) + len(hidden))
+        )
+        + body
+        + hidden
+    )
     answers = responses_in(exchange(guarded.port, raw))
     print(f"smuggling pair: {[status for status, _, _ in answers]}")
     [(status, headers, payload)] = answers  # the hidden request got no answer
@@ -63,8 +69,14 @@ def test_ambiguous_framing_is_refused_and_the_smuggled_request_never_runs(guarde
     assert json.loads(payload)["error"]["code"] == "invalid_http"
 
 
-@pytest.mark.parametrize("raw", [b"GARBAGE\r\n\r\n", b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
-                                 b"POST /v1/completions HTTP/1.1\r\nContent-Length: -4\r\n\r\n"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"POST /v1/completions HTTP/1.1\r\nContent-Length: -4\r\n\r\n",
+    ],
+)
 def test_what_the_parser_refuses_is_answered_in_openais_format(guarded, raw):
     [(status, headers, payload)] = responses_in(exchange(guarded.port, raw))
     assert status == 400 and headers["content-type"] == "application/json"
@@ -72,8 +84,13 @@ def test_what_the_parser_refuses_is_answered_in_openais_format(guarded, raw):
 
 
 def test_no_redirect_built_from_the_host_header(guarded):
-    response = requests.post(guarded.url + "/v1/completions/", json={"prompt": "a"}, allow_redirects=False,
-                             headers={"Host": "localhost"}, timeout=30)
+    response = requests.post(
+        guarded.url + "/v1/completions/",
+        json={"prompt": "a"},
+        allow_redirects=False,
+        headers={"Host": "localhost"},
+        timeout=30,
+    )
     assert response.status_code == 404 and "location" not in response.headers
     assert response.json()["error"]["type"] == "not_found_error"
 
@@ -100,7 +117,7 @@ def test_slow_and_silent_connections_are_closed_and_do_not_slow_others(guarded):
     before_fds, idle = open_descriptors(pid), health_latency(guarded.url)
     head = b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\r\n"
     sockets = [socket.create_connection(("127.0.0.1", guarded.port), timeout=30) for _ in range(SLOW_CLIENTS + 2)]
-    sockets[-1].sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{\"pro")
+    sockets[-1].sendall(b'POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"pro')
     stop = threading.Event()
     sent_bytes = [0] * SLOW_CLIENTS
 
@@ -137,10 +154,12 @@ def test_slow_and_silent_connections_are_closed_and_do_not_slow_others(guarded):
         s.close()
     time.sleep(0.5)
     after_fds, after = open_descriptors(pid), health_latency(guarded.url)
-    print(f"{len(sockets)} slow connections: all closed after {closed_after:.1f} s (bound {READ_TIMEOUT} s, "
-          f"{max(sent_bytes)} of {len(head)} header bytes sent by the fastest); server descriptors {before_fds} -> "
-          f"{held_fds} while open -> {after_fds}; /health median {idle * 1e3:.1f} ms alone, {during * 1e3:.1f} ms "
-          f"beside them ({during / idle:.2f}x), {after * 1e3:.1f} ms after")
+    print(
+        f"{len(sockets)} slow connections: all closed after {closed_after:.1f} s (bound {READ_TIMEOUT} s, "
+        f"{max(sent_bytes)} of {len(head)} header bytes sent by the fastest); server descriptors {before_fds} -> "
+        f"{held_fds} while open -> {after_fds}; /health median {idle * 1e3:.1f} ms alone, {during * 1e3:.1f} ms "
+        f"beside them ({during / idle:.2f}x), {after * 1e3:.1f} ms after"
+    )
     assert all(a.startswith(b"HTTP/1.1 408 ") and b'"request_timeout"' in a for a in answers)
     assert closed_after < READ_TIMEOUT + 10
     assert after_fds <= before_fds + 2
@@ -154,9 +173,12 @@ def test_an_abandoned_stream_counts_as_499(guarded):
         return next((float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line)), 0.0)
 
     before = count("499"), count("200")
-    with requests.post(guarded.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 500,
-                                                              "temperature": 0, "stream": True},
-                       stream=True, timeout=60) as r:
+    with requests.post(
+        guarded.url + "/v1/completions",
+        json={"prompt": "Once upon a time", "max_tokens": 500, "temperature": 0, "stream": True},
+        stream=True,
+        timeout=60,
+    ) as r:
         assert r.status_code == 200
         next(r.iter_lines())  # one event, then the client goes away
     deadline = time.monotonic() + 30
@@ -177,8 +199,9 @@ def test_the_largest_bodies_keep_the_event_loop_free(guarded):
 
         def send():
             began = time.perf_counter()
-            answer["response"] = requests.post(guarded.url + path, data=body, timeout=120,
-                                               headers={"Content-Type": "application/json"})
+            answer["response"] = requests.post(
+                guarded.url + path, data=body, timeout=120, headers={"Content-Type": "application/json"}
+            )
             answer["seconds"] = time.perf_counter() - began
 
         thread = threading.Thread(target=send)
@@ -190,9 +213,11 @@ def test_the_largest_bodies_keep_the_event_loop_free(guarded):
             waits.append(time.perf_counter() - began)
             time.sleep(0.05)
         thread.join()
-        print(f"{path} with {len(body) / 2**20:.1f} MiB: answered {answer['response'].status_code} in "
-              f"{answer['seconds']:.2f} s; /health meanwhile: {len(waits)} answers, median "
-              f"{statistics.median(waits) * 1e3:.1f} ms, slowest {max(waits) * 1e3:.0f} ms")
+        print(
+            f"{path} with {len(body) / 2**20:.1f} MiB: answered {answer['response'].status_code} in "
+            f"{answer['seconds']:.2f} s; /health meanwhile: {len(waits)} answers, median "
+            f"{statistics.median(waits) * 1e3:.1f} ms, slowest {max(waits) * 1e3:.0f} ms"
+        )
         assert answer["response"].status_code == status, answer["response"].text[:300]
         # The loop is free but for the JSON parse itself, which holds the interpreter (~1 s at 8 MiB here);
         # parsing and validating on the loop held /health for 5 s.
@@ -215,9 +240,13 @@ def test_a_slow_request_after_others_on_the_same_connection_gets_408(guarded):
 
     slow = json.dumps({"prompt": "Once upon a time", "max_tokens": 300, "temperature": 0}).encode()
     began = time.monotonic()
-    raw = (b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-           b"Content-Length: %d\r\n\r\n" % len(slow) + slow
-           + b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{")
+    raw = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n"
+        % len(slow)
+        + slow
+        + b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
+    )
     [(first, _, body), (second, _, _)] = responses_in(exchange(guarded.port, raw, timeout=120))
     answered_in = time.monotonic() - began
     print(f"pipelined: the first answered whole ({len(body)} bytes) in {answered_in:.1f} s, then {second}")

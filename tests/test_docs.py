@@ -44,8 +44,9 @@ def links(page: Path) -> list[str]:
 
 
 def test_configuration_page_is_generated_from_the_settings():
-    assert (ROOT / "docs" / "configuration.md").read_text() == settings_reference.render(), \
+    assert (ROOT / "docs" / "configuration.md").read_text() == settings_reference.render(), (
         "docs/configuration.md is out of date: run python -m server.settings_reference"
+    )
     for name in settings_reference.Settings.model_fields:
         assert f"`--{name.replace('_', '-')}`" in settings_reference.render()
 
@@ -77,8 +78,11 @@ def test_readme_starts_with_the_commands_ci_and_make_serve_run():
     first_block = re.search(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S).group(1)
     commands = [line.split("#")[0].strip() for line in first_block.splitlines() if line.strip()]
     assert commands == ["make serve", "make test"]
-    ci = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()
-          if line.strip() and not line.startswith("#")]
+    ci = [
+        line.strip()
+        for line in (ROOT / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    ]
     assert ci[-1] == "make test"  # the README's test command, last, so its status is CI's
     makefile = (ROOT / "Makefile").read_text()
     assert re.search(r"^serve: setup\n\t\$\(BIN\)/logprobs-server ", makefile, flags=re.M)

@@ -38,8 +38,18 @@ class FakeBackend(Backend):
 
     def __init__(self, max_sequences: int = 1, n_batch: int = 512, delay: float = 0.0):
         self.max_sequences, self.n_batch, self.delay = max_sequences, n_batch, delay
-        self.info = ModelInfo(path="fake", n_ctx=4096, n_ctx_train=4096, n_vocab=N_VOCAB, bos_id=None, eos_id=END,
-                              pad_id=None, add_bos=False, chat_template=None, description="fake")
+        self.info = ModelInfo(
+            path="fake",
+            n_ctx=4096,
+            n_ctx_train=4096,
+            n_vocab=N_VOCAB,
+            bos_id=None,
+            eos_id=END,
+            pad_id=None,
+            add_bos=False,
+            chat_template=None,
+            description="fake",
+        )
         self.tokens = TokenTable([bytes([ord("a") + t]) for t in range(N_VOCAB)], [END])
         self.prefills: list[tuple[int, int, int]] = []  # (seq, start, n tokens)
         self.decodes: list[list[int]] = []  # the sequences of each decode step
@@ -79,8 +89,14 @@ class FakeBackend(Backend):
 
 
 def greedy_job(prompt: list[int], max_tokens: int, **kw) -> PromptJob:
-    return PromptJob(tokens=prompt, max_tokens=max_tokens, logprobs=kw.pop("logprobs", None),
-                     echo=kw.pop("echo", False), sampling=SamplingParams(temperature=0.0), **kw)
+    return PromptJob(
+        tokens=prompt,
+        max_tokens=max_tokens,
+        logprobs=kw.pop("logprobs", None),
+        echo=kw.pop("echo", False),
+        sampling=SamplingParams(temperature=0.0),
+        **kw,
+    )
 
 
 def expected_greedy(prompt: list[int], max_tokens: int) -> list[int]:
@@ -264,6 +280,7 @@ def test_admission_refuses_past_the_queue_bound(make_engine):
     backend = FakeBackend(max_sequences=1, delay=0.01)
     engine = Engine(backend, max_queued_tokens=100)
     try:
+
         async def run():
             first = asyncio.ensure_future(engine.complete([greedy_job([1] * 10, 20)]))  # cost 30
             while not backend.prefills:
@@ -289,8 +306,13 @@ def test_one_jobs_sampling_failure_fails_only_that_job(make_engine):
     """A job whose sampling raises (here: a logit_bias id outside the vocabulary, which the API
     refuses before it gets here) fails its own request; the job decoding beside it goes on."""
     engine, _ = make_engine(max_sequences=2)
-    bad = PromptJob(tokens=[1], max_tokens=5, logprobs=None, echo=False,
-                    sampling=SamplingParams(temperature=0.0, logit_bias={N_VOCAB + 5: 1.0}))
+    bad = PromptJob(
+        tokens=[1],
+        max_tokens=5,
+        logprobs=None,
+        echo=False,
+        sampling=SamplingParams(temperature=0.0, logit_bias={N_VOCAB + 5: 1.0}),
+    )
 
     async def run():
         good = asyncio.ensure_future(engine.complete([greedy_job([4], 30)]))
@@ -322,7 +344,7 @@ def test_choices_admitted_together_reuse_each_others_prefix():
     engine = Engine(backend, prefix_cache_mb=1)
     try:
         context = [1, 2, 3, 4, 5] * 4
-        jobs = [greedy_job(context + [6, i % 7, 2], 0, echo=True, logprobs=1) for i in range(4)]
+        jobs = [greedy_job([*context, 6, i % 7, 2], 0, echo=True, logprobs=1) for i in range(4)]
         results = asyncio.run(engine.complete(jobs))
         assert [start for _, start, _ in backend.prefills] == [0] + [len(context)] * 3
         assert engine.cache.hits == 3 and all(len(r.prompt_scores.token_logprobs) == 22 for r in results)
@@ -346,8 +368,11 @@ class SharingFakeBackend(SnapshotFakeBackend):
 
 def lm_eval_like_jobs(n_contexts: int, choices: int = 4) -> list[PromptJob]:
     """Scored prompts as one lm-eval request sends them: each context with each of its endings."""
-    return [greedy_job([c + 1] * 12 + [6, e % 7], 1, echo=True, logprobs=1)
-            for c in range(n_contexts) for e in range(choices)]
+    return [
+        greedy_job([c + 1] * 12 + [6, e % 7], 1, echo=True, logprobs=1)
+        for c in range(n_contexts)
+        for e in range(choices)
+    ]
 
 
 @pytest.mark.parametrize("prefix_cache_mb", [0, 1])
@@ -391,6 +416,7 @@ def test_long_prompts_and_lone_ones_do_not_share_passes():
 
 
 # -- taking turns between clients ---------------------------------------------------------------
+
 
 def test_clients_take_turns_for_the_model(make_engine):
     """Client A sends 12 prompts; client B, a moment later, 2. In arrival order B would wait for all

@@ -29,8 +29,13 @@ CASES = [
     ("negative token id", {"prompt": [[1, 2], [-3]]}, 400, "prompt", "Prompt 1 holds token id -3"),
     ("prompt longer than context", {"prompt": [42] * 2100, "max_tokens": 0}, 400, "prompt", "do not fit"),
     ("prompt + max_tokens too long", {"prompt": [42] * 2000, "max_tokens": 100}, 400, "max_tokens", "2100"),
-    ("prompt fills the context, max_tokens null", {"prompt": [42] * 2048, "max_tokens": None}, 400, "prompt",
-     "does not fit"),
+    (
+        "prompt fills the context, max_tokens null",
+        {"prompt": [42] * 2048, "max_tokens": None},
+        400,
+        "prompt",
+        "does not fit",
+    ),
     ("logprobs above limit", {"prompt": "Hi", "logprobs": 21}, 400, "logprobs", "limit of 20"),
     ("negative logprobs", {"prompt": "Hi", "logprobs": -1}, 400, "logprobs", "greater than or equal"),
     ("temperature out of range", {"prompt": "Hi", "temperature": 5}, 400, "temperature", "less than or equal"),
@@ -42,8 +47,13 @@ CASES = [
     ("logit_bias key not an id", {"prompt": "Hi", "logit_bias": {"hello": 5}}, 400, "logit_bias", "token ids"),
     ("logit_bias id outside vocab", {"prompt": "Hi", "logit_bias": {"99999999": 5}}, 400, "logit_bias", "vocabulary"),
     ("logit_bias value too big", {"prompt": "Hi", "logit_bias": {"42": 500}}, 400, "logit_bias", "-100..100"),
-    ("stream_options wrong type", {"prompt": "Hi", "stream": True, "stream_options": 3}, 400, "stream_options",
-     "stream_options"),
+    (
+        "stream_options wrong type",
+        {"prompt": "Hi", "stream": True, "stream_options": 3},
+        400,
+        "stream_options",
+        "stream_options",
+    ),
     ("unknown field", {"prompt": "Hi", "max_tokenz": 3}, 400, "max_tokenz", "Unknown field"),
 ]
 
@@ -51,8 +61,9 @@ CASES = [
 @pytest.mark.parametrize("name,body,status,param,words", CASES, ids=[c[0] for c in CASES])
 def test_bad_request_gets_openai_error(fixture_server, name, body, status, param, words):
     if isinstance(body, bytes):
-        response = requests.post(fixture_server.url + "/v1/completions", data=body,
-                                 headers={"Content-Type": "application/json"}, timeout=30)
+        response = requests.post(
+            fixture_server.url + "/v1/completions", data=body, headers={"Content-Type": "application/json"}, timeout=30
+        )
     else:
         response = fixture_server.post("/v1/completions", body)
     assert response.status_code == status, response.text
@@ -67,12 +78,28 @@ def test_bad_request_gets_openai_error(fixture_server, name, body, status, param
 CHAT_CASES = [
     ("no messages", {"messages": []}, 400, "messages", "at least 1"),
     ("message without role", {"messages": [{"content": "hi"}]}, 400, "messages", "Missing"),
-    ("top_logprobs above limit", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True,
-                                  "top_logprobs": 21}, 400, "top_logprobs", "limit of 20"),
+    (
+        "top_logprobs above limit",
+        {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+        400,
+        "top_logprobs",
+        "limit of 20",
+    ),
     # OpenAI's param for a conversation past the context: the messages are the prompt.
-    ("conversation too long", {"messages": [{"role": "user", "content": "hi " * 3000}]}, 400, "messages", "does not fit"),
-    ("conversation + max_tokens too long", {"messages": [{"role": "user", "content": "hi " * 1900}], "max_tokens": 500},
-     400, "max_tokens", "do not fit"),
+    (
+        "conversation too long",
+        {"messages": [{"role": "user", "content": "hi " * 3000}]},
+        400,
+        "messages",
+        "does not fit",
+    ),
+    (
+        "conversation + max_tokens too long",
+        {"messages": [{"role": "user", "content": "hi " * 1900}], "max_tokens": 500},
+        400,
+        "max_tokens",
+        "do not fit",
+    ),
     ("unknown model", {"messages": [{"role": "user", "content": "hi"}], "model": "x"}, 404, "model", "not served"),
 ]
 
@@ -84,8 +111,9 @@ def test_bad_chat_request_gets_openai_error(fixture_server, name, body, status, 
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
     assert error["param"] == param and words in error["message"], error
-    chat = fixture_server.post("/v1/chat/completions",
-                               {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+    chat = fixture_server.post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
+    )
     assert chat.status_code == 200, chat.text
 
 

@@ -27,9 +27,14 @@ def app():
 
 
 def call(method: str, path: str, body: dict | None = None, **headers) -> dict:
-    return {"method": method, "path": path, "query": "", "client": ["127.0.0.1", 5000],
-            "headers": [("host", "127.0.0.1:8000"), ("content-type", "application/json"), *headers.items()],
-            "body": json.dumps(body).encode() if body is not None else b""}
+    return {
+        "method": method,
+        "path": path,
+        "query": "",
+        "client": ["127.0.0.1", 5000],
+        "headers": [("host", "127.0.0.1:8000"), ("content-type", "application/json"), *headers.items()],
+        "body": json.dumps(body).encode() if body is not None else b"",
+    }
 
 
 async def collect(served, forwarded: dict) -> tuple[int, bytes]:
@@ -44,8 +49,15 @@ async def collect(served, forwarded: dict) -> tuple[int, bytes]:
 
 @pytest.mark.parametrize("n", [1, 2])
 def test_split_and_joined_equals_the_whole_request(app, n):
-    body = {"prompt": PROMPTS, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0 if n == 1 else 1,
-            "seed": 7, "n": n}
+    body = {
+        "prompt": PROMPTS,
+        "max_tokens": 3,
+        "echo": True,
+        "logprobs": 2,
+        "temperature": 0 if n == 1 else 1,
+        "seed": 7,
+        "n": n,
+    }
     parts = fanout.split("/v1/completions", body, app.settings)
     assert [p["prompt"] for p in parts] == [[p] for p in PROMPTS]
 
@@ -53,22 +65,33 @@ def test_split_and_joined_equals_the_whole_request(app, n):
         whole = await collect(app, call("POST", "/v1/completions", body))
         pieces = await asyncio.gather(*[collect(app, call("POST", "/v1/completions", p)) for p in parts])
         return whole, pieces
+
     (status, whole), pieces = asyncio.run(go())
     assert status == 200 and all(s == 200 for s, _ in pieces)
     joined, single = fanout.join([json.loads(b) for _, b in pieces], n), json.loads(whole)
     assert joined["choices"] == single["choices"]  # text, logprobs, indexes: identical
     assert joined["usage"] == single["usage"]
-    assert {k: joined[k] for k in ("object", "model", "system_fingerprint")} == \
-        {k: single[k] for k in ("object", "model", "system_fingerprint")}
+    assert {k: joined[k] for k in ("object", "model", "system_fingerprint")} == {
+        k: single[k] for k in ("object", "model", "system_fingerprint")
+    }
 
 
 def test_what_a_single_server_answers_differently_goes_whole():
     settings = Settings.load(max_prompts=4, max_request_tokens=200)
     ids = [[1, 2, 3], [4, 5]]
     assert fanout.split("/v1/completions", {"prompt": ids, "max_tokens": 5}, settings) is not None
-    for body in ({"prompt": ids, "stream": True}, {"prompt": ["a", "b"]}, {"prompt": [1, 2, 3]},
-                 {"prompt": ids * 3}, {"prompt": ids, "max_tokens": 150}, {"prompt": ids, "max_tokens": None},
-                 {"prompt": [[1, 2], "b"]}, {"prompt": [[1, 2], []]}, {"prompt": ids, "n": 0}, {"prompt": ids, "n": True}):
+    for body in (
+        {"prompt": ids, "stream": True},
+        {"prompt": ["a", "b"]},
+        {"prompt": [1, 2, 3]},
+        {"prompt": ids * 3},
+        {"prompt": ids, "max_tokens": 150},
+        {"prompt": ids, "max_tokens": None},
+        {"prompt": [[1, 2], "b"]},
+        {"prompt": [[1, 2], []]},
+        {"prompt": ids, "n": 0},
+        {"prompt": ids, "n": True},
+    ):
         assert fanout.split("/v1/completions", body, settings) is None, body
     assert fanout.split("/v1/chat/completions", {"prompt": ids}, settings) is None
     # Large fields beside the prompt are not copied once per prompt: such a request goes whole.
@@ -98,12 +121,16 @@ def test_route_keys():
 def test_a_forwarded_request_keeps_the_replicas_keys_and_errors():
     served = InProcess(api_key="sk-one")
     try:
+
         async def go():
             refused = await collect(served, call("GET", "/v1/models"))
             allowed = await collect(served, call("GET", "/v1/models", authorization="Bearer sk-one"))
-            bad = await collect(served, call("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1},
-                                             authorization="Bearer sk-one"))
+            bad = await collect(
+                served,
+                call("POST", "/v1/completions", {"prompt": "x", "max_tokens": -1}, authorization="Bearer sk-one"),
+            )
             return refused, allowed, bad
+
         (s1, _), (s2, _), (s3, body) = asyncio.run(go())
         assert (s1, s2, s3) == (401, 200, 400) and json.loads(body)["error"]["param"] == "max_tokens"
     finally:
@@ -113,9 +140,11 @@ def test_a_forwarded_request_keeps_the_replicas_keys_and_errors():
 def test_leaving_a_stream_stops_the_work(caplog):
     served = InProcess(ByteBackend(delay=0.05))  # 400 tokens would take 20 s
     try:
+
         async def go():
-            stream = asgi_call.run(served.app, call("POST", "/v1/completions",
-                                                    {"prompt": "abc", "max_tokens": 400, "stream": True}))
+            stream = asgi_call.run(
+                served.app, call("POST", "/v1/completions", {"prompt": "abc", "max_tokens": 400, "stream": True})
+            )
             bodies = 0
             async for message in stream:
                 bodies += message["type"] == "http.response.body" and bool(message.get("body"))
@@ -125,10 +154,14 @@ def test_leaving_a_stream_stops_the_work(caplog):
             deadline = time.monotonic() + 10
             while "1 running job(s) stopped early" not in caplog.text and time.monotonic() < deadline:
                 await asyncio.sleep(0.05)
+
         with caplog.at_level("INFO", logger="server"):
             started = time.monotonic()
             asyncio.run(go())
-        assert "request cancelled (the client went away)" in caplog.text and "1 running job(s) stopped early" in caplog.text
+        assert (
+            "request cancelled (the client went away)" in caplog.text
+            and "1 running job(s) stopped early" in caplog.text
+        )
         assert time.monotonic() - started < 10
     finally:
         served.close()

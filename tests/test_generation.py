@@ -6,6 +6,8 @@ the batching test pairs each backend's session server with a --max-sequences 4 o
 
 from __future__ import annotations
 
+import functools
+import operator
 import time
 
 import jinja2.sandbox
@@ -36,8 +38,9 @@ def test_openai_client_completions(client, fixture_server):
     assert len(out.choices[0].logprobs.tokens) == out.usage.prompt_tokens + 12
     assert out.usage.completion_tokens == plain.usage.completion_tokens == 12
     assert out.choices[0].finish_reason == plain.choices[0].finish_reason == "length"
-    streamed = client.completions.create(model=model, prompt=PROMPT, max_tokens=12, temperature=0,
-                                         stream=True, stream_options={"include_usage": True})
+    streamed = client.completions.create(
+        model=model, prompt=PROMPT, max_tokens=12, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(streamed)
     text = "".join(c.choices[0].text for c in chunks if c.choices)
     assert text == plain.choices[0].text
@@ -46,14 +49,23 @@ def test_openai_client_completions(client, fixture_server):
 
 def test_openai_client_chat(client, fixture_server):
     messages = [{"role": "user", "content": "Say hello."}]
-    out = client.chat.completions.create(model=server_model(fixture_server), messages=messages, max_tokens=16,
-                                         temperature=0, logprobs=True, top_logprobs=2)
+    out = client.chat.completions.create(
+        model=server_model(fixture_server),
+        messages=messages,
+        max_tokens=16,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+    )
     choice = out.choices[0]
     assert choice.message.role == "assistant" and choice.message.content
     assert all(len(t.top_logprobs) == 2 for t in choice.logprobs.content)
     assert "".join(t.token for t in choice.logprobs.content) == choice.message.content
-    chunks = list(client.chat.completions.create(model=server_model(fixture_server), messages=messages,
-                                                 max_tokens=16, temperature=0, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model=server_model(fixture_server), messages=messages, max_tokens=16, temperature=0, stream=True
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == choice.message.content
     assert chunks[-1].choices[0].finish_reason == choice.finish_reason
@@ -67,8 +79,9 @@ def test_chat_uses_the_models_template(fixture_server):
     rendered = env.from_string(info["chat_template"]).render(messages=messages, add_generation_prompt=True)
     assert rendered.endswith("<|im_start|>assistant\n")
     tokens = fixture_server.post("/tokenize", {"prompt": rendered, "add_special_tokens": False}).json()["tokens"]
-    chat = fixture_server.post("/v1/chat/completions",
-                               {"messages": messages, "max_tokens": 20, "temperature": 0}).json()
+    chat = fixture_server.post(
+        "/v1/chat/completions", {"messages": messages, "max_tokens": 20, "temperature": 0}
+    ).json()
     completion = fixture_server.complete(prompt=tokens, max_tokens=20, temperature=0)
     assert chat["choices"][0]["message"]["content"] == completion["choices"][0]["text"]
     assert chat["usage"]["prompt_tokens"] == len(tokens)
@@ -84,13 +97,13 @@ def test_stop_string_spanning_tokens(fixture_server):
     def spans(i: int) -> str | None:
         """The stop string made of the last two characters of token i-1 and the first two of token
         i, if its first occurrence in the text is there (not earlier, inside one token)."""
-        if min(len(tokens[i - 1]), len(tokens[i])) < 2 or any(t.startswith("bytes:") for t in tokens[i - 1:i + 1]):
+        if min(len(tokens[i - 1]), len(tokens[i])) < 2 or any(t.startswith("bytes:") for t in tokens[i - 1 : i + 1]):
             return None
         stop = tokens[i - 1][-2:] + tokens[i][:2]
         return stop if text.index(stop) == offsets[i] - 2 else None
 
     i, stop = next((i, spans(i)) for i in range(1, len(tokens)) if spans(i))
-    expected = text[:offsets[i] - 2]
+    expected = text[: offsets[i] - 2]
 
     cut = fixture_server.complete(prompt=PROMPT, max_tokens=24, temperature=0, stop=[stop, "zzzz-never"])["choices"][0]
     assert cut["text"] == expected and cut["finish_reason"] == "stop"
@@ -104,8 +117,14 @@ def test_stop_string_spanning_tokens(fixture_server):
 
 
 def test_streaming_format_and_usage(fixture_server):
-    events = fixture_server.stream("/v1/completions", prompt=[PROMPT, "Once upon a time"], max_tokens=5,
-                    temperature=0, logprobs=1, stream_options={"include_usage": True})
+    events = fixture_server.stream(
+        "/v1/completions",
+        prompt=[PROMPT, "Once upon a time"],
+        max_tokens=5,
+        temperature=0,
+        logprobs=1,
+        stream_options={"include_usage": True},
+    )
     *chunks, usage = events
     assert usage["choices"] == [] and usage["usage"]["completion_tokens"] == 10
     for chunk in chunks:
@@ -118,17 +137,21 @@ def test_streaming_format_and_usage(fixture_server):
 
 
 def test_streamed_echo_with_logprobs_equals_plain(fixture_server):
-    payload = dict(prompt="The capital of France is", max_tokens=4, temperature=0, echo=True, logprobs=2)
+    payload = {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0, "echo": True, "logprobs": 2}
     plain = fixture_server.complete(**payload)["choices"][0]
     events = fixture_server.stream("/v1/completions", **payload)
     assert "".join(e["choices"][0]["text"] for e in events) == plain["text"]
-    merged = {key: sum((e["choices"][0]["logprobs"][key] for e in events if e["choices"][0]["logprobs"]), [])
-              for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")}
+    merged = {
+        key: functools.reduce(
+            operator.iadd, (e["choices"][0]["logprobs"][key] for e in events if e["choices"][0]["logprobs"]), []
+        )
+        for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    }
     assert merged == plain["logprobs"]
 
 
 def test_seed_n_and_sampling(fixture_server):
-    payload = dict(prompt="My favourite animal is", max_tokens=12, temperature=1.0, seed=1234, n=4)
+    payload = {"prompt": "My favourite animal is", "max_tokens": 12, "temperature": 1.0, "seed": 1234, "n": 4}
     first = fixture_server.complete(**payload)
     assert [c["index"] for c in first["choices"]] == [0, 1, 2, 3]
     texts = [c["text"] for c in first["choices"]]
@@ -146,8 +169,9 @@ def test_logit_bias_and_penalties(fixture_server):
     assert out["choices"][0]["text"] == " banana" * 5
 
     def repeats(**extra) -> int:
-        lp = fixture_server.complete(prompt="one two one two one two", max_tokens=30, temperature=0, logprobs=0,
-                                     **extra)["choices"][0]["logprobs"]
+        lp = fixture_server.complete(
+            prompt="one two one two one two", max_tokens=30, temperature=0, logprobs=0, **extra
+        )["choices"][0]["logprobs"]
         return len(lp["tokens"]) - len(set(lp["tokens"]))
 
     baseline = repeats()
@@ -163,8 +187,13 @@ def test_disconnect_stops_generation(fixture_server):
     eos = fixture_server.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()
     eos = eos["tokens"][0]
     cancelled_before = fixture_server.log().count(CANCELLED)  # the server lives all session
-    payload = {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0, "stream": True,
-               "logit_bias": {str(eos): -100}}
+    payload = {
+        "prompt": "Once upon a time",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "stream": True,
+        "logit_bias": {str(eos): -100},
+    }
     with requests.post(fixture_server.url + "/v1/completions", json=payload, stream=True, timeout=60) as r:
         lines = r.iter_lines()
         for _ in range(6):
@@ -191,8 +220,11 @@ def test_greedy_is_independent_of_batch_composition(fixture_server):
     alone = [fixture_server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"] for p in prompts]
     together = [c["text"] for c in fixture_server.complete(prompt=prompts, max_tokens=20, temperature=0)["choices"]]
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        concurrent_ = list(pool.map(
-            lambda p: fixture_server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"], prompts))
+        concurrent_ = list(
+            pool.map(
+                lambda p: fixture_server.complete(prompt=p, max_tokens=20, temperature=0)["choices"][0]["text"], prompts
+            )
+        )
     assert together == alone and concurrent_ == alone
 
 
@@ -212,9 +244,14 @@ def test_opt_in_batched_generation(batching_pair, request):
     import concurrent.futures
 
     server, batching_server = batching_pair
-    prompts = [PROMPT, "Once upon a time", "The best way to learn a language is", "In 1969, the first humans",
-               "My favourite animal is"]
-    payload = dict(max_tokens=12, temperature=0, echo=True, logprobs=2)
+    prompts = [
+        PROMPT,
+        "Once upon a time",
+        "The best way to learn a language is",
+        "In 1969, the first humans",
+        "My favourite animal is",
+    ]
+    payload = {"max_tokens": 12, "temperature": 0, "echo": True, "logprobs": 2}
     with concurrent.futures.ThreadPoolExecutor(5) as pool:
         batched = list(pool.map(lambda p: batching_server.complete(prompt=p, **payload)["choices"][0], prompts))
     assert "Runs up to 4 sequence(s) at once" in batching_server.log()
@@ -225,16 +262,17 @@ def test_opt_in_batched_generation(batching_pair, request):
         n_prompt = len(server.post("/tokenize", {"prompt": prompt}).json()["tokens"])
         a, b = choice["logprobs"], alone["logprobs"]
         # The prompt pass and the first generated token (chosen from its last row): the same.
-        assert a["tokens"][:n_prompt + 1] == b["tokens"][:n_prompt + 1]
+        assert a["tokens"][: n_prompt + 1] == b["tokens"][: n_prompt + 1]
         if shares_passes:
             assert a["token_logprobs"][0] is None and b["token_logprobs"][0] is None
-            np.testing.assert_allclose(a["token_logprobs"][1:n_prompt + 1], b["token_logprobs"][1:n_prompt + 1],
-                                       atol=1e-4, rtol=0)
-            for x, y in zip(a["top_logprobs"][1:n_prompt + 1], b["top_logprobs"][1:n_prompt + 1]):
+            np.testing.assert_allclose(
+                a["token_logprobs"][1 : n_prompt + 1], b["token_logprobs"][1 : n_prompt + 1], atol=1e-4, rtol=0
+            )
+            for x, y in zip(a["top_logprobs"][1 : n_prompt + 1], b["top_logprobs"][1 : n_prompt + 1]):
                 assert x.keys() == y.keys() and all(abs(x[t] - y[t]) <= 1e-4 for t in x)
         else:
             for key in ("token_logprobs", "top_logprobs"):
-                assert a[key][:n_prompt + 1] == b[key][:n_prompt + 1], key
+                assert a[key][: n_prompt + 1] == b[key][: n_prompt + 1], key
         # Later tokens, while both have generated the same so far (the same context): the same
         # alternatives within the noise. Greedy may then pick another token only where the
         # default server's top two are that close.

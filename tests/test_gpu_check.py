@@ -16,8 +16,14 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_run_checks_server_against_in_process(tmp_path):
-    run = subprocess.run(["bench/gpu_check.sh", "cpu"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                         env={**os.environ, "OUT": str(tmp_path), "ITEMS": "3"})
+    run = subprocess.run(
+        ["bench/gpu_check.sh", "cpu"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "OUT": str(tmp_path), "ITEMS": "3"},
+    )
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     assert report["passed"] and report["gpu_offload"] is False
@@ -41,11 +47,37 @@ def test_check_fails_when_the_server_numbers_move(tmp_path):
     from server.models.default_model import ensure_default_model
 
     model = ensure_default_model(Settings().cache_path())
-    run = subprocess.run([sys.executable, "-m", "bench.gpu_check", "--model", str(model), "--shapes", "",
-                          "--items", "2", "--shared-items", "0", "--clients", "2", "--rounds", "1",
-                          "--models", str(tmp_path), "--tokenizer-from", str(model), "--out", str(tmp_path),
-                          "--server-flag=--kv-cache-type", "--server-flag=f16"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.gpu_check",
+            "--model",
+            str(model),
+            "--shapes",
+            "",
+            "--items",
+            "2",
+            "--shared-items",
+            "0",
+            "--clients",
+            "2",
+            "--rounds",
+            "1",
+            "--models",
+            str(tmp_path),
+            "--tokenizer-from",
+            str(model),
+            "--out",
+            str(tmp_path),
+            "--server-flag=--kv-cache-type",
+            "--server-flag=f16",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     (result,) = report["models"].values()

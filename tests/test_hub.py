@@ -26,8 +26,11 @@ pytestmark = pytest.mark.slow  # a dozen servers of the fixture model: about a m
 
 OLD, NEW = "a" * 40, "b" * 40  # two commits of the GGUF repo
 SPLIT_COMMIT, MLX_COMMIT = "c" * 40, "d" * 40
-GGUF_REPO, SPLIT_REPO, MLX_REPO = "testorg/smollm2-2block-GGUF", "testorg/smollm2-2block-split-GGUF", \
-    "testorg/smollm2-2block-mlx"
+GGUF_REPO, SPLIT_REPO, MLX_REPO = (
+    "testorg/smollm2-2block-GGUF",
+    "testorg/smollm2-2block-split-GGUF",
+    "testorg/smollm2-2block-mlx",
+)
 TAMPERED_REPO = "testorg/tampered-GGUF"
 PROMPT = [[1, 504, 3458, 282, 4649, 314, 7042]]  # token ids: the same tokens whatever the model file
 
@@ -83,9 +86,12 @@ def add_snapshot(cache: Path, repo: str, commit: str, files: dict[str, Path], re
 def files(fixture_paths, tmp_path_factory) -> dict[str, Path]:
     work = tmp_path_factory.mktemp("hub-files")
     f32 = fixture_paths["gguf"]
-    return {"F32": f32, "Q8_0": quantize(f32, work / "q8_0.gguf", "Q8_0"),
-            "Q4_K_M": quantize(f32, work / "q4_k_m.gguf", "Q4_K_M"),
-            "split": write_split(f32, work / "smollm2-2block-F32.gguf")}
+    return {
+        "F32": f32,
+        "Q8_0": quantize(f32, work / "q8_0.gguf", "Q8_0"),
+        "Q4_K_M": quantize(f32, work / "q4_k_m.gguf", "Q4_K_M"),
+        "split": write_split(f32, work / "smollm2-2block-F32.gguf"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -94,12 +100,21 @@ def hub(files, fixture_paths, tmp_path_factory) -> dict[str, str]:
     home = tmp_path_factory.mktemp("hf-home")
     cache = home / "hub"
     add_snapshot(cache, GGUF_REPO, OLD, {"smollm2-2block-F32.gguf": files["F32"], "README.md": ROOT / "README.md"})
-    add_snapshot(cache, GGUF_REPO, NEW, {"smollm2-2block-F32.gguf": files["F32"],
-                                         "smollm2-2block-Q8_0.gguf": files["Q8_0"],
-                                         "smollm2-2block-Q4_K_M.gguf": files["Q4_K_M"]}, refs=("main",))
+    add_snapshot(
+        cache,
+        GGUF_REPO,
+        NEW,
+        {
+            "smollm2-2block-F32.gguf": files["F32"],
+            "smollm2-2block-Q8_0.gguf": files["Q8_0"],
+            "smollm2-2block-Q4_K_M.gguf": files["Q4_K_M"],
+        },
+        refs=("main",),
+    )
     add_snapshot(cache, SPLIT_REPO, SPLIT_COMMIT, {p.name: p for p in files["split"]}, refs=("main",))
-    add_snapshot(cache, MLX_REPO, MLX_COMMIT, {p.name: p for p in sorted(fixture_paths["mlx"].iterdir())},
-                 refs=("main",))
+    add_snapshot(
+        cache, MLX_REPO, MLX_COMMIT, {p.name: p for p in sorted(fixture_paths["mlx"].iterdir())}, refs=("main",)
+    )
     # A blob whose name (the Hub's sha256 for it) is not its content's: a damaged cache.
     add_snapshot(cache, TAMPERED_REPO, NEW, {"smollm2-2block-Q8_0.gguf": files["Q8_0"]}, refs=("main",))
     blob = next((cache / ("models--" + TAMPERED_REPO.replace("/", "--")) / "blobs").iterdir())
@@ -110,10 +125,16 @@ def hub(files, fixture_paths, tmp_path_factory) -> dict[str, str]:
     guard = home / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD)
-    return {"HF_HOME": str(home), "HF_HUB_OFFLINE": "1", "HF_TOKEN": "",
-            "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
-            "NET_GUARD_LOG": str(home / "connections.log"),
-            "HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9", "NO_PROXY": ""}
+    return {
+        "HF_HOME": str(home),
+        "HF_HUB_OFFLINE": "1",
+        "HF_TOKEN": "",
+        "PYTHONPATH": os.pathsep.join([str(guard), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+        "NET_GUARD_LOG": str(home / "connections.log"),
+        "HTTPS_PROXY": "http://127.0.0.1:9",
+        "HTTP_PROXY": "http://127.0.0.1:9",
+        "NO_PROXY": "",
+    }
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -153,16 +174,20 @@ def by_path(files, tmp_path_factory) -> dict[str, list[float]]:
     return answers
 
 
-@pytest.mark.parametrize("model, expected_file, commit, quant", [
-    (f"{GGUF_REPO}:Q8_0", "smollm2-2block-Q8_0.gguf", NEW, "Q8_0"),
-    (f"{GGUF_REPO}:q8_0", "smollm2-2block-Q8_0.gguf", NEW, "Q8_0"),  # tags match in any case
-    (GGUF_REPO, "smollm2-2block-Q4_K_M.gguf", NEW, "Q4_K_M"),  # the default quantization
-    (f"{GGUF_REPO}/smollm2-2block-F32.gguf", "smollm2-2block-F32.gguf", NEW, "F32"),
-    (f"{GGUF_REPO}@{OLD}", "smollm2-2block-F32.gguf", OLD, "F32"),  # that commit's only .gguf
-    (f"{GGUF_REPO}:F32@main", "smollm2-2block-F32.gguf", NEW, "F32"),
-])
-def test_a_gguf_repo_by_name_serves_the_chosen_file(hub, files, by_path, tmp_path_factory, model, expected_file,
-                                                    commit, quant):
+@pytest.mark.parametrize(
+    "model, expected_file, commit, quant",
+    [
+        (f"{GGUF_REPO}:Q8_0", "smollm2-2block-Q8_0.gguf", NEW, "Q8_0"),
+        (f"{GGUF_REPO}:q8_0", "smollm2-2block-Q8_0.gguf", NEW, "Q8_0"),  # tags match in any case
+        (GGUF_REPO, "smollm2-2block-Q4_K_M.gguf", NEW, "Q4_K_M"),  # the default quantization
+        (f"{GGUF_REPO}/smollm2-2block-F32.gguf", "smollm2-2block-F32.gguf", NEW, "F32"),
+        (f"{GGUF_REPO}@{OLD}", "smollm2-2block-F32.gguf", OLD, "F32"),  # that commit's only .gguf
+        (f"{GGUF_REPO}:F32@main", "smollm2-2block-F32.gguf", NEW, "F32"),
+    ],
+)
+def test_a_gguf_repo_by_name_serves_the_chosen_file(
+    hub, files, by_path, tmp_path_factory, model, expected_file, commit, quant
+):
     with served(model, tmp_path_factory, "hub", hub) as server:
         assert echo(server) == by_path[quant]  # the same floats as the file served by path
         card = model_card(server)
@@ -198,22 +223,34 @@ def test_a_cached_file_whose_content_is_not_the_hubs_is_reported(hub, files, by_
         assert f"but the Hub names it {'f' * 64}" in server.log()
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--model", "testorg/not-cached"], ["not in the Hugging Face cache", "hf download testorg/not-cached"]),
-    # One quantization or one file: the download suggested is that narrow, not the whole repository.
-    (["--model", "testorg/not-cached:Q8_0"], ['hf download testorg/not-cached --include "*Q8_0*" (or']),
-    (["--model", "testorg/not-cached/m.Q8_0.gguf"], ["hf download testorg/not-cached m.Q8_0.gguf (or"]),
-    (["--model", f"{GGUF_REPO}@v9"], ["revision 'v9' is not in the cache", f"hf download {GGUF_REPO} --revision v9"]),
-    (["--model", f"{GGUF_REPO}:Q5_K"], ["no file for the quantization Q5_K", "smollm2-2block-Q8_0.gguf"]),
-    (["--model", f"{GGUF_REPO}/other.gguf"], ["has no file other.gguf", "smollm2-2block-F32.gguf"]),
-    (["--model", f"{GGUF_REPO}@{OLD}:Q8_0"], ["Model path"]),  # :QUANT goes before @REVISION
-    (["--model", GGUF_REPO, "--backend", "mlx"], ["not an MLX model", "drop --backend mlx"]),
-    (["--model", MLX_REPO, "--backend", "gguf"], ["holds no .gguf file", "drop --backend gguf"]),
-    (["--model", "./no/such/file.gguf"], ["Model path", "does not exist"]),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--model", "testorg/not-cached"], ["not in the Hugging Face cache", "hf download testorg/not-cached"]),
+        # One quantization or one file: the download suggested is that narrow, not the whole repository.
+        (["--model", "testorg/not-cached:Q8_0"], ['hf download testorg/not-cached --include "*Q8_0*" (or']),
+        (["--model", "testorg/not-cached/m.Q8_0.gguf"], ["hf download testorg/not-cached m.Q8_0.gguf (or"]),
+        (
+            ["--model", f"{GGUF_REPO}@v9"],
+            ["revision 'v9' is not in the cache", f"hf download {GGUF_REPO} --revision v9"],
+        ),
+        (["--model", f"{GGUF_REPO}:Q5_K"], ["no file for the quantization Q5_K", "smollm2-2block-Q8_0.gguf"]),
+        (["--model", f"{GGUF_REPO}/other.gguf"], ["has no file other.gguf", "smollm2-2block-F32.gguf"]),
+        (["--model", f"{GGUF_REPO}@{OLD}:Q8_0"], ["Model path"]),  # :QUANT goes before @REVISION
+        (["--model", GGUF_REPO, "--backend", "mlx"], ["not an MLX model", "drop --backend mlx"]),
+        (["--model", MLX_REPO, "--backend", "gguf"], ["holds no .gguf file", "drop --backend gguf"]),
+        (["--model", "./no/such/file.gguf"], ["Model path", "does not exist"]),
+    ],
+)
 def test_errors_are_one_line_with_exit_status_2_before_any_model_loads(hub, args, words):
-    result = subprocess.run([sys.executable, "-m", "server", *args], capture_output=True, text=True, timeout=120,
-                            cwd=ROOT, env={**os.environ, **hub})
+    result = subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**os.environ, **hub},
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("logprobs-server: error: "), result.stderr
@@ -224,8 +261,12 @@ def test_errors_are_one_line_with_exit_status_2_before_any_model_loads(hub, args
 def test_the_network_guard_catches_a_connection(hub, tmp_path):
     """The guard the servers above ran under does refuse and record a non-loopback connection."""
     log = tmp_path / "connections.log"
-    result = subprocess.run([sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 443), 1)"],
-                            capture_output=True, text=True, timeout=60, env={**os.environ, **hub,
-                                                                             "NET_GUARD_LOG": str(log)})
+    result = subprocess.run(
+        [sys.executable, "-c", "import socket; socket.create_connection(('192.0.2.1', 443), 1)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **hub, "NET_GUARD_LOG": str(log)},
+    )
     assert result.returncode != 0 and "no network while HF_HUB_OFFLINE=1" in result.stderr
     assert "192.0.2.1" in log.read_text()

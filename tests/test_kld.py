@@ -8,8 +8,8 @@ import json
 
 import numpy as np
 import pytest
-from logprobs_client import Client
 
+from logprobs_client import Client
 from testing.fixture_model import quantize
 from testing.live_server import DATA
 from testing.oracle import LlamaOracle
@@ -23,14 +23,17 @@ FIRST = CTX // 2
 
 @pytest.fixture(scope="module")
 def builds(fixture_paths, tmp_path_factory) -> dict[str, str]:
-    return {"F32": str(fixture_paths["gguf"]),
-            "Q8_0": str(quantize(fixture_paths["gguf"], tmp_path_factory.mktemp("kld") / "q8_0.gguf", "Q8_0"))}
+    return {
+        "F32": str(fixture_paths["gguf"]),
+        "Q8_0": str(quantize(fixture_paths["gguf"], tmp_path_factory.mktemp("kld") / "q8_0.gguf", "Q8_0")),
+    }
 
 
 @pytest.fixture(scope="module")
 def servers(builds, tmp_path_factory):
-    gens = {name: serve(path, tmp_path_factory, f"kld-{name}", "--max-logprobs", "1000")
-            for name, path in builds.items()}
+    gens = {
+        name: serve(path, tmp_path_factory, f"kld-{name}", "--max-logprobs", "1000") for name, path in builds.items()
+    }
     yield {name: next(gen) for name, gen in gens.items()}
     for gen in gens.values():
         next(gen, None)
@@ -52,16 +55,21 @@ def oracle(builds, servers, text):
     rows = {}
     for name, path in builds.items():
         llm = LlamaOracle(path, n_ctx=CTX)
-        rows[name] = [llm.logprob_matrix(window)[FIRST:CTX - 1] for window in cut]
-    return {"windows": cut, "rows": rows, "targets": [np.asarray(w[FIRST + 1:]) for w in cut]}
+        rows[name] = [llm.logprob_matrix(window)[FIRST : CTX - 1] for window in cut]
+    return {"windows": cut, "rows": rows, "targets": [np.asarray(w[FIRST + 1 :]) for w in cut]}
 
 
 def oracle_positions(oracle) -> dict[str, np.ndarray]:
     lb, lq = np.concatenate(oracle["rows"]["F32"]), np.concatenate(oracle["rows"]["Q8_0"])
     t = np.concatenate(oracle["targets"])
     rows = np.arange(len(t))
-    return {"kld": (np.exp(lb) * (lb - lq)).sum(axis=1), "nll_base": -lb[rows, t], "nll": -lq[rows, t],
-            "dp": np.exp(lq[rows, t]) - np.exp(lb[rows, t]), "same_top": lb.argmax(axis=1) == lq.argmax(axis=1)}
+    return {
+        "kld": (np.exp(lb) * (lb - lq)).sum(axis=1),
+        "nll_base": -lb[rows, t],
+        "nll": -lq[rows, t],
+        "dp": np.exp(lq[rows, t]) - np.exp(lb[rows, t]),
+        "same_top": lb.argmax(axis=1) == lq.argmax(axis=1),
+    }
 
 
 def oracle_bound(oracle, k: int) -> np.ndarray:
@@ -125,7 +133,7 @@ def test_top_k_mode_is_the_oracles_partition_bound(servers, text, oracle, k):
 def test_top_k_values_per_position_are_below_the_kl(servers, oracle):
     from logprobs_client import kld
 
-    full = oracle_positions(oracle)["kld"][:CTX - 1 - FIRST]
+    full = oracle_positions(oracle)["kld"][: CTX - 1 - FIRST]
     window = oracle["windows"][0]
     with Client(servers["F32"].url) as base, Client(servers["Q8_0"].url) as build:
         (top_b, true_b), (top_q, true_q) = (kld._echo_topk(c, window, FIRST, 20) for c in (base, build))
@@ -159,8 +167,17 @@ def test_the_command_prints_the_block_the_table_and_json(servers, tmp_path, text
 
     text_file = tmp_path / "text.txt"
     text_file.write_text(text)
-    args = ["kld", servers["F32"].url, servers["Q8_0"].url, "--text", str(text_file), "--ctx", str(CTX),
-            "--chunks", "1"]
+    args = [
+        "kld",
+        servers["F32"].url,
+        servers["Q8_0"].url,
+        "--text",
+        str(text_file),
+        "--ctx",
+        str(CTX),
+        "--chunks",
+        "1",
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "Mean    KLD:" in out and "Same top p:" in out and "| build | PPL | ΔPPL | KLD |" in out
@@ -169,14 +186,45 @@ def test_the_command_prints_the_block_the_table_and_json(servers, tmp_path, text
     assert (tmp_path / "kld.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([*args, "--json"]) == 0
     [stats] = json.loads(capsys.readouterr().out)
-    for key in ("build", "mode", "top_k", "positions", "ppl_base", "ppl", "kld_mean", "kld_max", "dp_mean",
-                "dp_rms", "same_top_p", "coverage_mean"):
+    for key in (
+        "build",
+        "mode",
+        "top_k",
+        "positions",
+        "ppl_base",
+        "ppl",
+        "kld_mean",
+        "kld_max",
+        "dp_mean",
+        "dp_rms",
+        "same_top_p",
+        "coverage_mean",
+    ):
         assert key in stats
-    assert (stats["build"], stats["mode"], stats["top_k"], stats["positions"]) == \
-        (servers["Q8_0"].url, "exact", None, CTX - 1 - FIRST)
+    assert (stats["build"], stats["mode"], stats["top_k"], stats["positions"]) == (
+        servers["Q8_0"].url,
+        "exact",
+        None,
+        CTX - 1 - FIRST,
+    )
     base_file = tmp_path / "base.kld"
-    assert main(["kld", servers["F32"].url, "--text", str(text_file), "--ctx", str(CTX), "--chunks", "1",
-                 "--save-base", str(base_file)]) == 0
+    assert (
+        main(
+            [
+                "kld",
+                servers["F32"].url,
+                "--text",
+                str(text_file),
+                "--ctx",
+                str(CTX),
+                "--chunks",
+                "1",
+                "--save-base",
+                str(base_file),
+            ]
+        )
+        == 0
+    )
     assert "llama-perplexity's" in capsys.readouterr().err and base_file.stat().st_size > 0
     assert main(["kld", "--base", str(base_file), servers["Q8_0"].url, "--json"]) == 0
     [from_file] = json.loads(capsys.readouterr().out)
@@ -202,14 +250,17 @@ def test_gguf_against_mlx_of_the_same_float32_weights(gguf_fixture_server, mlx_f
 
 # -- llama-perplexity's --kl-divergence-base file ----------------------------------------------------------
 
+
 def test_save_base_writes_llama_perplexitys_file(servers, text, oracle, tmp_path):
     from logprobs_client import kld, kld_file
 
     path = tmp_path / "base.kld"
-    [stats] = kld.run(servers["F32"].url, [servers["Q8_0"].url], text, ctx=CTX, chunks=CHUNKS, save_base=path)
+    [_stats] = kld.run(servers["F32"].url, [servers["Q8_0"].url], text, ctx=CTX, chunks=CHUNKS, save_base=path)
     base = kld_file.read(path)
     assert (base.n_ctx, base.n_chunk, base.n_vocab) == (CTX, CHUNKS, oracle["rows"]["F32"][0].shape[1])
-    assert path.stat().st_size == 20 + 4 * CHUNKS * CTX + 2 * CHUNKS * (CTX - 1 - FIRST) * kld_file.row_width(base.n_vocab)
+    assert path.stat().st_size == 20 + 4 * CHUNKS * CTX + 2 * CHUNKS * (CTX - 1 - FIRST) * kld_file.row_width(
+        base.n_vocab
+    )
     assert base.tokens.tolist() == oracle["windows"]  # the fixture adds no BOS: the windows as tokenized
     for rows, want in zip(base.rows, oracle["rows"]["F32"]):
         got = kld_file.decode_rows(np.asarray(rows), base.n_vocab)

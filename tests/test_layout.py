@@ -42,8 +42,12 @@ def _module_name(path: Path) -> str:
 
 def _imports(tree: ast.Module) -> list[str]:
     """Modules of `server` imported anywhere in the file, except under `if TYPE_CHECKING:`."""
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If)
-            and getattr(node.test, "id", None) == "TYPE_CHECKING" for n in ast.walk(node)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and getattr(node.test, "id", None) == "TYPE_CHECKING"
+        for n in ast.walk(node)
+    }
     found = []
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -88,9 +92,9 @@ def test_no_module_imports_in_a_cycle():
         state[module] = 1
         for target in graph.get(module, []):
             if state.get(target) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(target) :], target]))
             if target in graph and state.get(target) is None:
-                visit(target, path + [target])
+                visit(target, [*path, target])
         state[module] = 2
 
     for module in graph:
@@ -99,15 +103,23 @@ def test_no_module_imports_in_a_cycle():
 
 
 def test_no_class_is_over_150_lines():
-    long = [f"{path.relative_to(ROOT)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in SERVER.rglob("*.py") for node in ast.walk(ast.parse(path.read_text()))
-            if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > LARGEST_CLASS]
+    long = [
+        f"{path.relative_to(ROOT)}: {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in SERVER.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ClassDef) and node.end_lineno - node.lineno + 1 > LARGEST_CLASS
+    ]
     assert not long, "\n".join(long)
 
 
 def test_bench_and_testing_import_nothing_from_tests():
-    offenders = [f"{path.relative_to(ROOT)}: {module}"
-                 for folder in ("bench", "testing") for path in (ROOT / folder).rglob("*.py")
-                 for node in ast.walk(ast.parse(path.read_text())) if isinstance(node, ast.ImportFrom)
-                 for module in [node.module or ""] if module == "tests" or module.startswith("tests.")]
+    offenders = [
+        f"{path.relative_to(ROOT)}: {module}"
+        for folder in ("bench", "testing")
+        for path in (ROOT / folder).rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        for module in [node.module or ""]
+        if module == "tests" or module.startswith("tests.")
+    ]
     assert not offenders, "\n".join(offenders)

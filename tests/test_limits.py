@@ -17,8 +17,15 @@ import requests
 
 from tests.conftest import serve
 
-LIMITS = {"--max-body-bytes": 65536, "--max-prompts": 8, "--max-n": 2, "--max-request-tokens": 3000,
-          "--max-queued-tokens": 3000, "--default-max-tokens": 8, "--max-sequences": 4}
+LIMITS = {
+    "--max-body-bytes": 65536,
+    "--max-prompts": 8,
+    "--max-n": 2,
+    "--max-request-tokens": 3000,
+    "--max-queued-tokens": 3000,
+    "--default-max-tokens": 8,
+    "--max-sequences": 4,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +46,15 @@ def error_of(response: requests.Response, status: int) -> dict:
     return error
 
 
-@pytest.mark.parametrize("payload,setting,param", [
-    ({"prompt": ["a"] * 9, "max_tokens": 1}, "--max-prompts", "prompt"),
-    ({"prompt": "a", "n": 3, "max_tokens": 1}, "--max-n", "n"),
-    ({"prompt": [[5] * 1000] * 3, "max_tokens": 1}, "--max-request-tokens", "prompt"),
-    ({"prompt": [5] * 1000, "n": 2, "max_tokens": 600}, "--max-request-tokens", "prompt"),
-])
+@pytest.mark.parametrize(
+    "payload,setting,param",
+    [
+        ({"prompt": ["a"] * 9, "max_tokens": 1}, "--max-prompts", "prompt"),
+        ({"prompt": "a", "n": 3, "max_tokens": 1}, "--max-n", "n"),
+        ({"prompt": [[5] * 1000] * 3, "max_tokens": 1}, "--max-request-tokens", "prompt"),
+        ({"prompt": [5] * 1000, "n": 2, "max_tokens": 600}, "--max-request-tokens", "prompt"),
+    ],
+)
 def test_each_limit_names_its_setting(tight, payload, setting, param):
     error = error_of(tight.post("/v1/completions", payload), 400)
     assert setting in error["message"] and error["param"] == param
@@ -64,17 +74,19 @@ def test_body_limit_declared_and_streamed(tight):
     def chunks():
         data = json.dumps(big).encode()
         for i in range(0, len(data), 8192):
-            yield data[i:i + 8192]
+            yield data[i : i + 8192]
 
-    response = requests.post(tight.url + "/v1/completions", data=chunks(), timeout=60,
-                             headers={"Content-Type": "application/json"})
+    response = requests.post(
+        tight.url + "/v1/completions", data=chunks(), timeout=60, headers={"Content-Type": "application/json"}
+    )
     assert "--max-body-bytes" in error_of(response, 413)["message"]
     assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
 
 
 def test_default_max_tokens_bounds_requests_that_name_no_length(tight):
-    chat = tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}],
-                                                "temperature": 0}).json()
+    chat = tight.post(
+        "/v1/chat/completions", {"messages": [{"role": "user", "content": "Tell me a long story."}], "temperature": 0}
+    ).json()
     assert chat["usage"]["completion_tokens"] <= 8
     info = requests.get(tight.url + "/tokenizer_info").json()
     eos = tight.post("/tokenize", {"prompt": info["eos_token"], "add_special_tokens": False}).json()["tokens"][0]
@@ -96,15 +108,18 @@ def test_queue_bound_answers_429_with_retry_after(tight):
 
     def long_request():
         prompts = [[100 + 13 * i + j % 7 for j in range(340)] for i in range(8)]  # distinct: no prefix reuse
-        first["response"] = tight.post("/v1/completions", {"prompt": prompts, "max_tokens": 1,
-                                                            "echo": True, "logprobs": 1})
+        first["response"] = tight.post(
+            "/v1/completions", {"prompt": prompts, "max_tokens": 1, "echo": True, "logprobs": 1}
+        )
 
     thread = threading.Thread(target=long_request)
     thread.start()
     try:
         deadline = time.monotonic() + 30
         while queued_tokens(tight) < 1000:
-            assert time.monotonic() < deadline and thread.is_alive(), first.get("response") and first["response"].text[:500]
+            assert time.monotonic() < deadline and thread.is_alive(), (
+                first.get("response") and first["response"].text[:500]
+            )
             time.sleep(0.02)
         refused = tight.post("/v1/completions", {"prompt": [[9] * 1000] * 2, "max_tokens": 50})
     finally:
@@ -137,15 +152,18 @@ def test_request_timeout_answers_503_and_stops_the_work(impatient):
     assert requests.get(impatient.url + "/health", timeout=10).json() == {"status": "ok"}
 
 
-@pytest.mark.parametrize("name,body,status", [
-    ("tiny repetition penalty", {"repetition_penalty": 5e-324}, 200),
-    ("denormal temperature", {"temperature": 1e-320}, 200),
-    ("negative seed", {"seed": -1, "temperature": 1.0}, 200),
-    ("seed beyond 64 bits", {"seed": 2**64}, 400),
-    ("superscript digit key", {"logit_bias": {"²": 1}}, 400),
-    ("double minus key", {"logit_bias": {"--5": 1}}, 400),
-    ("5000-digit key", {"logit_bias": {"9" * 5000: 1}}, 400),
-])
+@pytest.mark.parametrize(
+    "name,body,status",
+    [
+        ("tiny repetition penalty", {"repetition_penalty": 5e-324}, 200),
+        ("denormal temperature", {"temperature": 1e-320}, 200),
+        ("negative seed", {"seed": -1, "temperature": 1.0}, 200),
+        ("seed beyond 64 bits", {"seed": 2**64}, 400),
+        ("superscript digit key", {"logit_bias": {"²": 1}}, 400),
+        ("double minus key", {"logit_bias": {"--5": 1}}, 400),
+        ("5000-digit key", {"logit_bias": {"9" * 5000: 1}}, 400),
+    ],
+)
 def test_input_that_used_to_500(tight, name, body, status):
     response = tight.post("/v1/completions", {"prompt": "Hello", "max_tokens": 3} | body)
     assert response.status_code == status, (name, response.text)
@@ -153,11 +171,14 @@ def test_input_that_used_to_500(tight, name, body, status):
         assert "Traceback" not in response.text and "Error:" not in response.json()["error"]["message"]
 
 
-@pytest.mark.parametrize("body,param", [
-    ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
-    ({"chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs"),
-    ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"bos_token": "x"}}, "chat_template_kwargs"),
+        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, "messages"),
+    ],
+)
 def test_chat_input_that_used_to_500(tight, body, param):
     payload = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2} | body
     assert error_of(tight.post("/v1/chat/completions", payload), 400)["param"] == param
@@ -173,7 +194,7 @@ def test_text_content_parts_render_and_others_are_refused(tight):
     assert out.status_code == 200, out.text
     assert out.json()["usage"] == whole.json()["usage"]
     assert out.json()["choices"][0]["message"] == whole.json()["choices"][0]["message"]
-    image = text[:1] + [{"type": "image_url", "image_url": {"url": "x"}}] + text[1:]
+    image = [*text[:1], {"type": "image_url", "image_url": {"url": "x"}}, *text[1:]]
     error = error_of(tight.post("/v1/chat/completions", {"messages": [{"role": "user", "content": image}]} | ask), 400)
     assert error["param"] == "messages" and "image_url" in error["message"]
 
@@ -192,8 +213,9 @@ def test_bad_sampling_in_one_request_never_fails_another(tight):
     for t in threads:
         t.start()
     for _ in range(5):
-        hostile = tight.post("/v1/completions", {"prompt": "Hi", "max_tokens": 20, "temperature": 1e-320,
-                                                  "repetition_penalty": 5e-324})
+        hostile = tight.post(
+            "/v1/completions", {"prompt": "Hi", "max_tokens": 20, "temperature": 1e-320, "repetition_penalty": 5e-324}
+        )
         assert hostile.status_code == 200
     for t in threads:
         t.join(120)
@@ -203,11 +225,15 @@ def test_bad_sampling_in_one_request_never_fails_another(tight):
 
 def test_malformed_http_does_not_hurt(tight):
     """Garbage on the socket, a cut-off body, a wrong content type: the server keeps serving."""
-    for raw in (b"GARBAGE\r\n\r\n", b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro"):
+    for raw in (b"GARBAGE\r\n\r\n", b'POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"pro'):
         with socket.create_connection(("127.0.0.1", tight.port), timeout=5) as s:
             s.sendall(raw)
-    response = requests.post(tight.url + "/v1/completions", data="prompt=hi", timeout=30,
-                             headers={"Content-Type": "application/x-www-form-urlencoded"})
+    response = requests.post(
+        tight.url + "/v1/completions",
+        data="prompt=hi",
+        timeout=30,
+        headers={"Content-Type": "application/x-www-form-urlencoded"},
+    )
     assert 400 <= response.status_code < 500
     assert tight.complete(prompt="Hi", max_tokens=1)["choices"]
 
@@ -220,8 +246,9 @@ def test_sigterm_lets_a_running_request_finish_then_exits_0(model_path, tmp_path
         answer: dict = {}
 
         def generate():
-            answer["response"] = live.post("/v1/completions", {"prompt": "Once upon a time", "max_tokens": 80,
-                                                               "temperature": 0})
+            answer["response"] = live.post(
+                "/v1/completions", {"prompt": "Once upon a time", "max_tokens": 80, "temperature": 0}
+            )
 
         thread = threading.Thread(target=generate)
         thread.start()
@@ -249,8 +276,11 @@ def test_sigterm_past_the_grace_period_answers_503_and_exits_0(model_path, tmp_p
         long_prompt = " ".join(["The quick brown fox jumps over the lazy dog."] * 150)
 
         def send(i: int):
-            payload = ({"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0} if i == 0 else
-                       {"prompt": f"{i} {long_prompt}", "max_tokens": 0, "echo": True, "logprobs": 1})
+            payload = (
+                {"prompt": "Once upon a time", "max_tokens": 1900, "temperature": 0}
+                if i == 0
+                else {"prompt": f"{i} {long_prompt}", "max_tokens": 0, "echo": True, "logprobs": 1}
+            )
             try:
                 answers[i] = live.post("/v1/completions", payload)
             except requests.RequestException as exc:
@@ -266,12 +296,15 @@ def test_sigterm_past_the_grace_period_answers_503_and_exits_0(model_path, tmp_p
         assert live.proc.wait(60) == 0
         for thread in threads:
             thread.join(60)
-        statuses = sorted(a.status_code if isinstance(a, requests.Response) else type(a).__name__
-                          for a in answers.values())
+        statuses = sorted(
+            a.status_code if isinstance(a, requests.Response) else type(a).__name__ for a in answers.values()
+        )
         print(f"exited {time.monotonic() - started:.1f} s after SIGTERM; answers: {statuses}")
         cut = [a for a in answers.values() if isinstance(a, requests.Response) and a.status_code == 503]
         assert len(answers) == 8 and all(isinstance(a, requests.Response) for a in answers.values()), statuses
-        assert set(statuses) <= {200, 503} and isinstance(answers[0], requests.Response) and answers[0].status_code == 503
+        assert (
+            set(statuses) <= {200, 503} and isinstance(answers[0], requests.Response) and answers[0].status_code == 503
+        )
         for response in cut:
             assert error_of(response, 503)["code"] == "shutting_down" and int(response.headers["Retry-After"]) >= 1
         # 1,900 tokens take far longer than the 1 s grace: the generation was cancelled, not finished.

@@ -42,15 +42,40 @@ def model_id(server) -> str:
     return requests.get(server.url + "/v1/models").json()["data"][0]["id"]
 
 
-def run_lm_eval(server, task: str, limit: int, out_dir: Path, *, batch_size: int = 4,
-                extra_model_args: str = "") -> tuple[dict, list[dict]]:
-    model_args = (f"base_url={server.url}/v1/completions,model={model_id(server)},"
-                  f"tokenized_requests=True,num_concurrent=2,max_retries=1{extra_model_args}")
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(out_dir / "hf_cache"), "TOKENIZERS_PARALLELISM": "false"}
-    command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-               "--tasks", task, "--include_path", str(TASKS_DIR), "--limit", str(limit),
-               "--batch_size", str(batch_size), "--log_samples", "--output_path", str(out_dir)]
+def run_lm_eval(
+    server, task: str, limit: int, out_dir: Path, *, batch_size: int = 4, extra_model_args: str = ""
+) -> tuple[dict, list[dict]]:
+    model_args = (
+        f"base_url={server.url}/v1/completions,model={model_id(server)},"
+        f"tokenized_requests=True,num_concurrent=2,max_retries=1{extra_model_args}"
+    )
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(out_dir / "hf_cache"),
+        "TOKENIZERS_PARALLELISM": "false",
+    }
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        task,
+        "--include_path",
+        str(TASKS_DIR),
+        "--limit",
+        str(limit),
+        "--batch_size",
+        str(batch_size),
+        "--log_samples",
+        "--output_path",
+        str(out_dir),
+    ]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1500)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]
@@ -65,7 +90,9 @@ def request_args(sample: dict) -> list[tuple]:
     """The arguments lm-eval sent for one doc, in request order."""
     args = sample["arguments"]
     if isinstance(args, dict):
-        args = [tuple(v[k] for k in sorted(v)) for _, v in sorted(args.items(), key=lambda kv: int(kv[0].split("_")[-1]))]
+        args = [
+            tuple(v[k] for k in sorted(v)) for _, v in sorted(args.items(), key=lambda kv: int(kv[0].split("_")[-1]))
+        ]
     return [tuple(a) for a in args]
 
 
@@ -82,7 +109,7 @@ def encode_pair(oracle, context: str, continuation: str) -> tuple[list[int], lis
         context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
     whole = oracle.tokenize(context + continuation)
     context_enc = oracle.tokenize(context)
-    return context_enc, whole[len(context_enc):]
+    return context_enc, whole[len(context_enc) :]
 
 
 def test_hellaswag_multiple_choice(target, tmp_path):
@@ -115,15 +142,22 @@ def test_wikitext_loglikelihood_rolling(target, tmp_path):
 
     server, oracle = target
     limit, max_length = 5, 96  # a short window, so each paragraph spans several requests
-    results, samples = run_lm_eval(server, "wikitext2_paragraphs", limit, tmp_path,
-                                   extra_model_args=f",max_length={max_length}")
-    prefix = oracle.bos_id if oracle.bos_id else oracle.eos_id  # lm-eval's remote tokenizer: bos_token_id or eos_token_id
+    results, samples = run_lm_eval(
+        server, "wikitext2_paragraphs", limit, tmp_path, extra_model_args=f",max_length={max_length}"
+    )
+    prefix = (
+        oracle.bos_id if oracle.bos_id else oracle.eos_id
+    )  # lm-eval's remote tokenizer: bos_token_id or eos_token_id
 
     total_ll, total_words, total_bytes, n_windows = 0.0, 0, 0, 0
     for sample in samples:
         text = sample["doc"]["text"]
-        windows = [make_disjoint_window(w) for w in get_rolling_token_windows(
-            token_list=oracle.tokenize(text), prefix_token=prefix, max_seq_len=max_length - 2, context_len=1)]
+        windows = [
+            make_disjoint_window(w)
+            for w in get_rolling_token_windows(
+                token_list=oracle.tokenize(text), prefix_token=prefix, max_seq_len=max_length - 2, context_len=1
+            )
+        ]
         n_windows += len(windows)
         expected = sum(oracle.loglikelihood(ctx, cont)[0] for ctx, cont in windows)
         server_ll, _ = logged_loglikelihood(sample["resps"][0])
@@ -144,7 +178,7 @@ def test_gsm8k_generate_until(target, tmp_path):
     results, samples = run_lm_eval(server, "gsm8k_dev", limit, tmp_path)
     matches = []
     for sample in samples:
-        (context, gen_kwargs), = request_args(sample)
+        ((context, gen_kwargs),) = request_args(sample)
         expected = oracle.greedy(oracle.tokenize(context), gen_kwargs["max_gen_toks"], gen_kwargs["until"])
         assert sample["resps"][0][0] == expected, sample["doc_id"]
         found = re.findall(r"#### (\-?[0-9\.\,]+)", expected)

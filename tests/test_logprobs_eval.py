@@ -21,17 +21,27 @@ from tests.conftest import serve
 
 sys.path.insert(0, str(ROOT / "clients"))  # the checkout's client, installed or not
 
-from logprobs_client import Client  # noqa: E402
+from logprobs_client import Client
 
 pytestmark = pytest.mark.slow
 
 
 def logprobs_eval(*args: str, tmp_path: Path, timeout: float = 1500) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
-           "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
-    proc = subprocess.run([sys.executable, "-m", "logprobs_client", *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_CACHE": str(tmp_path / "hf_cache"),
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "clients"), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep),
+    }
+    proc = subprocess.run(
+        [sys.executable, "-m", "logprobs_client", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return proc
 
@@ -66,17 +76,37 @@ def requantized_server(requantized_model_path, tmp_path_factory):
 
 
 def test_run_a_few_items(server, tmp_path):
-    proc = logprobs_eval("run", server.url, "--tasks", "hellaswag_dev", "--limit", "4", "--batch-size", "4",
-                         "--output-path", str(tmp_path / "out"), "--log-samples", "--", "--seed", "0",
-                         tmp_path=tmp_path)
+    proc = logprobs_eval(
+        "run",
+        server.url,
+        "--tasks",
+        "hellaswag_dev",
+        "--limit",
+        "4",
+        "--batch-size",
+        "4",
+        "--output-path",
+        str(tmp_path / "out"),
+        "--log-samples",
+        "--",
+        "--seed",
+        "0",
+        tmp_path=tmp_path,
+    )
     output = proc.stdout + proc.stderr
     assert f"Using remote tokenizer from {server.url}/v1/completions" in output
     assert "|hellaswag_dev|" in proc.stdout and "Requesting API" in proc.stderr  # lm-eval's table and progress
     results, samples = lm_eval_files(tmp_path / "out", "hellaswag_dev")
     model_args = results["config"]["model_args"]
-    assert {k: model_args[k] for k in ("base_url", "model", "tokenizer_backend", "tokenized_requests", "max_length")} \
-        == {"base_url": f"{server.url}/v1/completions", "model": "SmolLM2-135M-Instruct.Q4_1",
-            "tokenizer_backend": "remote", "tokenized_requests": True, "max_length": 2048}
+    assert {
+        k: model_args[k] for k in ("base_url", "model", "tokenizer_backend", "tokenized_requests", "max_length")
+    } == {
+        "base_url": f"{server.url}/v1/completions",
+        "model": "SmolLM2-135M-Instruct.Q4_1",
+        "tokenizer_backend": "remote",
+        "tokenized_requests": True,
+        "max_length": 2048,
+    }
     assert results["n-samples"]["hellaswag_dev"]["effective"] == 4
     # What lm-eval logged for each request is what the client's score() gives for it.
     with Client(server.url) as client:
@@ -89,8 +119,19 @@ def test_run_a_few_items(server, tmp_path):
 
 def test_compare_the_same_model_twice_is_exactly_equal(server, twin_server, tmp_path):
     tasks = ["hellaswag_dev", "wikitext2_paragraphs", "gsm8k_dev"]
-    proc = logprobs_eval("compare", server.url, twin_server.url, "--tasks", ",".join(tasks), "--limit", "3",
-                         "--output-path", str(tmp_path / "cmp"), "--json", tmp_path=tmp_path)
+    proc = logprobs_eval(
+        "compare",
+        server.url,
+        twin_server.url,
+        "--tasks",
+        ",".join(tasks),
+        "--limit",
+        "3",
+        "--output-path",
+        str(tmp_path / "cmp"),
+        "--json",
+        tmp_path=tmp_path,
+    )
     report = json.loads(proc.stdout)  # lm-eval's own printout went to stderr
     assert report == json.loads((tmp_path / "cmp" / "comparison.json").read_text())
     assert report["warnings"] == [] and [t["task"] for t in report["tasks"]] == sorted(tasks)
@@ -100,8 +141,10 @@ def test_compare_the_same_model_twice_is_exactly_equal(server, twin_server, tmp_
         assert task["n_docs"] == 3
         for m in task["metrics"]:
             key = f"{m['metric']},{m['filter']}"
-            assert (m["a"], m["b"]) == (results_a["results"][task["task"]][key],
-                                        results_b["results"][task["task"]][key])
+            assert (m["a"], m["b"]) == (
+                results_a["results"][task["task"]][key],
+                results_b["results"][task["task"]][key],
+            )
             assert m["a"] == m["b"] and m["delta"] == 0 and (m["ci_low"], m["ci_high"]) == (0, 0)
             assert m["a_recomputed"] == pytest.approx(m["a"], rel=1e-12)
             assert m["flips"] in (0, None)
@@ -121,9 +164,23 @@ def test_compare_the_same_model_twice_is_exactly_equal(server, twin_server, tmp_
 def test_compare_two_builds_of_one_model(server, requantized_server, tmp_path):
     limit = 6
     chart = tmp_path / "delta.png"
-    proc = logprobs_eval("compare", server.url, requantized_server.url, "--tasks", "hellaswag_dev,wikitext2_paragraphs",
-                         "--limit", str(limit), "--output-path", str(tmp_path / "cmp"), "--json", "--chart", str(chart),
-                         "--worst", "3", tmp_path=tmp_path)
+    proc = logprobs_eval(
+        "compare",
+        server.url,
+        requantized_server.url,
+        "--tasks",
+        "hellaswag_dev,wikitext2_paragraphs",
+        "--limit",
+        str(limit),
+        "--output-path",
+        str(tmp_path / "cmp"),
+        "--json",
+        "--chart",
+        str(chart),
+        "--worst",
+        "3",
+        tmp_path=tmp_path,
+    )
     report = json.loads(proc.stdout)
     tasks = {t["task"]: t for t in report["tasks"]}
     assert report["a"]["model"] == "SmolLM2-135M-Instruct.Q4_1"
@@ -166,8 +223,9 @@ def test_compare_two_builds_of_one_model(server, requantized_server, tmp_path):
     # The B side's numbers are the requantized server's: the client agrees on the first item.
     with Client(requantized_server.url) as client:
         (context, _), *_ = arguments(samples_b[0])
-        assert [s.loglikelihood for s in client.score(context, [c for _, c in arguments(samples_b[0])])] == \
-            lls(samples_b[0])
+        assert [s.loglikelihood for s in client.score(context, [c for _, c in arguments(samples_b[0])])] == lls(
+            samples_b[0]
+        )
 
     # WikiText: perplexities as lm-eval reported them; one rolling loglikelihood per paragraph.
     results_a, samples_a = lm_eval_files(tmp_path / "cmp" / "A", "wikitext2_paragraphs")
@@ -175,15 +233,26 @@ def test_compare_two_builds_of_one_model(server, requantized_server, tmp_path):
     wiki = tasks["wikitext2_paragraphs"]
     for m in wiki["metrics"]:
         key = f"{m['metric']},none"
-        assert (m["a"], m["b"]) == (results_a["results"]["wikitext2_paragraphs"][key],
-                                    results_b["results"]["wikitext2_paragraphs"][key])
+        assert (m["a"], m["b"]) == (
+            results_a["results"]["wikitext2_paragraphs"][key],
+            results_b["results"]["wikitext2_paragraphs"][key],
+        )
         assert m["a_recomputed"] == pytest.approx(m["a"], rel=1e-9) and m["flips"] is None
         assert m["ci_low"] <= m["delta"] <= m["ci_high"]
     wiki_deltas = [lls(b)[0] - lls(a)[0] for a, b in zip(samples_a, samples_b)]
     assert wiki["loglikelihood"]["max_abs_delta"] == pytest.approx(np.max(np.abs(wiki_deltas)), rel=1e-12)
 
     # The bootstrap is seeded: the same folders give the same intervals; the chart is a PNG.
-    again = json.loads(logprobs_eval("report", str(tmp_path / "cmp" / "A"), str(tmp_path / "cmp" / "B"), "--json",
-                                     "--worst", "3", tmp_path=tmp_path).stdout)
+    again = json.loads(
+        logprobs_eval(
+            "report",
+            str(tmp_path / "cmp" / "A"),
+            str(tmp_path / "cmp" / "B"),
+            "--json",
+            "--worst",
+            "3",
+            tmp_path=tmp_path,
+        ).stdout
+    )
     assert [t["metrics"] for t in again["tasks"]] == [t["metrics"] for t in report["tasks"]]
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and chart.stat().st_size > 10_000

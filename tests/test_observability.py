@@ -10,6 +10,7 @@ in-process on the ASGI app, without a model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import random
@@ -33,8 +34,11 @@ GENERATED_ID = re.compile(r"[0-9a-f]{32}")
 
 def samples_of(text: str) -> dict[tuple[str, tuple], float]:
     """Every sample of Prometheus' text format: (name, sorted labels) -> value."""
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def scrape(server) -> dict[tuple[str, tuple], float]:
@@ -72,12 +76,17 @@ def wait_for_log(server, needle: str, timeout: float = 30) -> str:
 def post_and_hold(server, payload: dict, headers: dict[str, str] | None = None) -> http.client.HTTPConnection:
     """POST a completion request without reading the answer; closing the connection leaves."""
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/completions", body=json.dumps(payload),
-                       headers={"Content-Type": "application/json", **(headers or {})})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(payload),
+        headers={"Content-Type": "application/json", **(headers or {})},
+    )
     return connection
 
 
 # -- metrics ------------------------------------------------------------------------------------
+
 
 def test_metrics_count_requests_tokens_and_jobs_exactly(server):
     before = scrape(server)
@@ -104,16 +113,24 @@ def test_metrics_count_requests_tokens_and_jobs_exactly(server):
     assert grew(after_one, after, "logprobs_queue_wait_seconds_count") == 4
     assert grew(after_one, after, "logprobs_generated_tokens_total") == two["usage"]["completion_tokens"]
     assert grew(after_one, after, "logprobs_prompt_tokens_run_total") == 20
-    for route, status in [("/v1/completions", "200"), ("/v1/completions", "400"), ("other", "404"),
-                          ("/v1/completions", "405")]:
+    for route, status in [
+        ("/v1/completions", "200"),
+        ("/v1/completions", "400"),
+        ("other", "404"),
+        ("/v1/completions", "405"),
+    ]:
         assert grew(after_one, after, "logprobs_requests_total", route=route, status=status) == 1, (route, status)
     # Unknown paths never become label values.
     assert not any(dict(labels).get("route", "").startswith("/no/") for _, labels in after)
 
     # Read from the engine at scrape time: nothing is waiting now.
     assert after[("logprobs_queue_jobs", ())] == 0 and after[("logprobs_queue_tokens", ())] == 0
-    for name in ["logprobs_prefix_cache_hits_total", "logprobs_prefix_cache_reused_tokens_total",
-                 "logprobs_prefix_cache_bytes", "logprobs_prefix_cache_entries"]:
+    for name in [
+        "logprobs_prefix_cache_hits_total",
+        "logprobs_prefix_cache_reused_tokens_total",
+        "logprobs_prefix_cache_bytes",
+        "logprobs_prefix_cache_entries",
+    ]:
         assert (name, ()) in after, name
     assert value(after, "logprobs_prefix_cache_capacity_bytes") == 1024 << 20
     assert value(after, "logprobs_model_load_seconds") > 0
@@ -143,15 +160,17 @@ def test_queue_gauges_show_jobs_waiting_behind_a_generation(server):
     jobs wait, and the gauges read them (their cost: prompt + max_tokens tokens each, and the 32 of
     --job-overhead-tokens). The long one's client then leaves, which cancels it."""
     before = scrape(server)
-    long = post_and_hold(server, {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 2,
-                                  "stop": ["zzzzzzzz"]})
+    long = post_and_hold(
+        server, {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 2, "stop": ["zzzzzzzz"]}
+    )
     try:
         deadline = time.monotonic() + 30
         while not grew(before, scrape(server), "logprobs_queue_wait_seconds_count") and time.monotonic() < deadline:
             time.sleep(0.05)  # until the model has taken the generation
         with ThreadPoolExecutor(1) as pool:
-            waiting = pool.submit(server.post, "/v1/completions", {"prompt": [fresh_tokens(5), fresh_tokens(7)],
-                                                                   "max_tokens": 1})
+            waiting = pool.submit(
+                server.post, "/v1/completions", {"prompt": [fresh_tokens(5), fresh_tokens(7)], "max_tokens": 1}
+            )
             seen = None
             while seen is None and not waiting.done() and time.monotonic() < deadline:
                 samples = scrape(server)
@@ -178,6 +197,7 @@ def test_prefix_cache_reuse_is_counted(server):
 
 # -- request ids --------------------------------------------------------------------------------
 
+
 def test_request_id_is_echoed_or_made_and_logged(server):
     sent = f"obs-{uuid.uuid4().hex[:12]}"
     response = server.post("/v1/completions", {"prompt": "Hello", "max_tokens": 1}, headers={"x-request-id": sent})
@@ -188,8 +208,10 @@ def test_request_id_is_echoed_or_made_and_logged(server):
     # Lines outside any request show "-".
     assert re.search(r" server\.state \[-\]: Loading ", server.log())
 
-    made = [requests.get(server.url + "/health", headers=headers, timeout=30).headers["x-request-id"]
-            for headers in [{}, {}, {"x-request-id": "has space"}, {"x-request-id": "x" * 129}, {"x-request-id": ""}]]
+    made = [
+        requests.get(server.url + "/health", headers=headers, timeout=30).headers["x-request-id"]
+        for headers in [{}, {}, {"x-request-id": "has space"}, {"x-request-id": "x" * 129}, {"x-request-id": ""}]
+    ]
     assert all(GENERATED_ID.fullmatch(i) for i in made), made
     assert len(set(made)) == len(made)
     # On errors too.
@@ -200,14 +222,18 @@ def test_request_id_is_echoed_or_made_and_logged(server):
 def test_cancellation_line_carries_the_request_id(server):
     """The "request cancelled" line is logged on the model thread, outside the request's context."""
     sent = f"gone-{uuid.uuid4().hex[:12]}"
-    connection = post_and_hold(server, {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8,
-                                        "seed": 1, "stop": ["zzzzzzzz"]}, {"x-request-id": sent})
+    connection = post_and_hold(
+        server,
+        {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stop": ["zzzzzzzz"]},
+        {"x-request-id": sent},
+    )
     time.sleep(1.0)
     connection.close()
     assert "request cancelled (the client went away)" in wait_for_log(server, f"[{sent}]")
 
 
 # -- system_fingerprint -------------------------------------------------------------------------
+
 
 def streamed_chunks(server, path: str, payload: dict) -> list[dict]:
     response = requests.post(server.url + path, json=payload | {"stream": True}, stream=True, timeout=60)
@@ -230,14 +256,25 @@ def test_system_fingerprint_on_every_response_and_settings_change_it(server, mod
     assert parts["model_sha256"] == SHA256  # the default model's published sha256
     assert parts["backend"] == "gguf" and parts["kv_cache_type"] == "f32" and parts["flash_attn"] == "off"
     assert parts["llama_cpp_system_info"]  # the build's CPU features, e.g. "CPU : SSE3 = 1 | ... | AVX512 = 1"
-    seen = {server.complete(prompt="Hi", max_tokens=1)["system_fingerprint"],
-            server.complete(prompt=[1, 2, 3], max_tokens=0, echo=True, logprobs=1)["system_fingerprint"],
-            server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
-                                                 "max_tokens": 1}).json()["system_fingerprint"]}
+    seen = {
+        server.complete(prompt="Hi", max_tokens=1)["system_fingerprint"],
+        server.complete(prompt=[1, 2, 3], max_tokens=0, echo=True, logprobs=1)["system_fingerprint"],
+        server.post("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}).json()[
+            "system_fingerprint"
+        ],
+    }
     # Greedy: a sampled token can add no text (part of a character), and then sends no chunk of its own.
-    for path, payload in [("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
-                          ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
-                                                    "stream_options": {"include_usage": True}})]:
+    for path, payload in [
+        ("/v1/completions", {"prompt": "Hi", "max_tokens": 2}),
+        (
+            "/v1/chat/completions",
+            {
+                "messages": [{"role": "user", "content": "Hi"}],
+                "max_tokens": 2,
+                "stream_options": {"include_usage": True},
+            },
+        ),
+    ]:
         chunks = streamed_chunks(server, path, payload | {"temperature": 0})
         assert len(chunks) >= 2
         seen |= {c["system_fingerprint"] for c in chunks}
@@ -259,6 +296,7 @@ def test_system_fingerprint_on_every_response_and_settings_change_it(server, mod
 
 
 # -- model digests, without a server --------------------------------------------------------------
+
 
 def test_model_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
     import server.models.digests as digests
@@ -292,12 +330,22 @@ def test_model_digest_is_cached_by_path_size_and_mtime(tmp_path, monkeypatch):
 
 # -- the middleware's place among the layers, in-process ------------------------------------------
 
+
 async def _call(app, method: str, path: str, headers: dict[str, str] | None = None):
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-             "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
-             "headers": [(b"host", b"127.0.0.1")]
-                        + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
-             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": path.encode(),
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"host", b"127.0.0.1")] + [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+    }
     sent: list[dict] = []
 
     async def receive():
@@ -306,10 +354,9 @@ async def _call(app, method: str, path: str, headers: dict[str, str] | None = No
     async def send(message):
         sent.append(message)
 
-    try:
+    # Starlette's error middleware sends its 500, then raises for the server to log
+    with contextlib.suppress(Exception):
         await app(scope, receive, send)
-    except Exception:  # Starlette's error middleware sends its 500, then raises for the server to log
-        pass
     start = next(m for m in sent if m["type"] == "http.response.start")
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}
 
@@ -340,9 +387,11 @@ def test_middleware_counts_401s_from_an_inner_auth_layer_and_500s():
         raise RuntimeError("boom")
 
     async def run():
-        return [await _call(app, "POST", "/v1/completions", {"x-request-id": "r-401"}),
-                await _call(app, "GET", "/boom"),
-                await _call(app, "GET", "/metrics")]
+        return [
+            await _call(app, "POST", "/v1/completions", {"x-request-id": "r-401"}),
+            await _call(app, "GET", "/boom"),
+            await _call(app, "GET", "/metrics"),
+        ]
 
     (denied, denied_headers), (failed, failed_headers), (scraped, _) = asyncio.run(run())
     assert (denied, denied_headers["x-request-id"]) == (401, "r-401")

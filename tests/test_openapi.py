@@ -33,9 +33,28 @@ BUDGET_S = 25
 # (48 tokens, or fewer with more prompts: each prompt also counts --job-overhead-tokens, 32).
 # One llama.cpp thread: the other core is the fuzzer's (two threads that wait on each other ran
 # 10x slower when the machine was busy).
-FLAGS = ["--n-threads", "1", "--n-ctx", "512", "--max-request-tokens", "80", "--max-queued-tokens", "4096",
-         "--default-max-tokens", "4", "--max-n", "2", "--max-prompts", "4", "--max-logprobs", "5",
-         "--max-body-bytes", "65536", "--request-timeout", "60"]
+FLAGS = [
+    "--n-threads",
+    "1",
+    "--n-ctx",
+    "512",
+    "--max-request-tokens",
+    "80",
+    "--max-queued-tokens",
+    "4096",
+    "--default-max-tokens",
+    "4",
+    "--max-n",
+    "2",
+    "--max-prompts",
+    "4",
+    "--max-logprobs",
+    "5",
+    "--max-body-bytes",
+    "65536",
+    "--request-timeout",
+    "60",
+]
 # Operations whose generated requests must include some that the server serves (2xx).
 MUST_SERVE = ("POST /v1/completions", "POST /v1/chat/completions", "POST /tokenize", "POST /detokenize")
 
@@ -48,18 +67,20 @@ def load_schema():
     """The document that GET /openapi.json serves (test_the_served_schema_is_this_one checks it),
     built here without a model: schemathesis needs it when pytest collects the tests (its loader
     from a fixture fails on pytest 9)."""
-    config = schemathesis.Config.from_dict({
-        "seed": SEED,
-        "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
-        "checks": {
-            # A request that is valid by the schema can still be refused with 400: a token id
-            # outside this model's vocabulary, a prompt longer than its context, a limit the schema
-            # cannot know (they are the server's settings). The 2xx are counted instead.
-            "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404"]},
-            # 413: an invalid body can also be too large.
-            "negative_data_rejection": {"expected-statuses": ["400", "404", "405", "413"]},
-        },
-    })
+    config = schemathesis.Config.from_dict(
+        {
+            "seed": SEED,
+            "generation": {"max-examples": MAX_EXAMPLES, "deterministic": True, "database": "none"},
+            "checks": {
+                # A request that is valid by the schema can still be refused with 400: a token id
+                # outside this model's vocabulary, a prompt longer than its context, a limit the schema
+                # cannot know (they are the server's settings). The 2xx are counted instead.
+                "positive_data_acceptance": {"expected-statuses": ["2xx", "400", "404"]},
+                # 413: an invalid body can also be too large.
+                "negative_data_rejection": {"expected-statuses": ["400", "404", "405", "413"]},
+            },
+        }
+    )
     return schemathesis.openapi.from_dict(OPENAPI, config=config)
 
 
@@ -87,16 +108,21 @@ def test_the_schema_declares_what_the_server_sends():
             for status, response in responses.items():
                 if status != "200":
                     assert response["content"] == {
-                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}
+                        "application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}
+                    }
                 else:
                     assert all(entry.get("schema") or entry.get("itemSchema") for entry in response["content"].values())
     generation = [200, 400, 401, 404, 413, 429, 500, 503]
     assert declared == {
-        "POST /v1/completions": generation, "POST /v1/chat/completions": generation,
+        "POST /v1/completions": generation,
+        "POST /v1/chat/completions": generation,
         "POST /v1/distributions": generation,
-        "POST /tokenize": [200, 400, 401, 404, 413, 500], "POST /detokenize": [200, 400, 401, 404, 413, 500],
-        "GET /v1/models": [200, 400, 401, 413, 500], "GET /tokenizer_info": [200, 400, 401, 413, 500],
-        "GET /health": [200, 400, 413, 500], "GET /metrics": [200, 400, 401, 413, 500],
+        "POST /tokenize": [200, 400, 401, 404, 413, 500],
+        "POST /detokenize": [200, 400, 401, 404, 413, 500],
+        "GET /v1/models": [200, 400, 401, 413, 500],
+        "GET /tokenizer_info": [200, 400, 401, 413, 500],
+        "GET /health": [200, 400, 413, 500],
+        "GET /metrics": [200, 400, 401, 413, 500],
     }
     assert "HTTPValidationError" not in OPENAPI["components"]["schemas"]
     completions = OPENAPI["paths"]["/v1/completions"]["post"]["responses"]
@@ -107,13 +133,22 @@ def test_the_schema_declares_what_the_server_sends():
     assert set(distributions) == {"application/octet-stream"}
     prompt = OPENAPI["components"]["schemas"]["CompletionRequest"]["properties"]["prompt"]
     assert [(form["type"], form.get("items", {}).get("type")) for form in prompt["anyOf"]] == [
-        ("string", None), ("array", "string"), ("array", "integer"), ("array", "array")]
+        ("string", None),
+        ("array", "string"),
+        ("array", "integer"),
+        ("array", "array"),
+    ]
 
 
-@pytest.mark.parametrize("method,path,allowed", [
-    ("PUT", "/v1/completions", "POST"), ("DELETE", "/tokenize", "POST"), ("POST", "/health", "GET"),
-    ("PATCH", "/v1/models", "GET"),
-])
+@pytest.mark.parametrize(
+    "method,path,allowed",
+    [
+        ("PUT", "/v1/completions", "POST"),
+        ("DELETE", "/tokenize", "POST"),
+        ("POST", "/health", "GET"),
+        ("PATCH", "/v1/models", "GET"),
+    ],
+)
 def test_a_wrong_method_is_405_with_allow(fuzzed, method, path, allowed):
     """RFC 9110: a 405 says which methods the path takes (schemathesis' check ST204 found it missing)."""
     response = requests.request(method, fuzzed.url + path, timeout=10)
@@ -123,16 +158,32 @@ def test_a_wrong_method_is_405_with_allow(fuzzed, method, path, allowed):
 
 @pytest.fixture(scope="module")
 def guarded(model_path, tmp_path_factory):
-    yield from serve(model_path, tmp_path_factory, "openapi-keys", "--n-threads", "1", "--n-ctx", "512",
-                     "--api-key", "sk-openapi", "--max-body-bytes", "2048")
+    yield from serve(
+        model_path,
+        tmp_path_factory,
+        "openapi-keys",
+        "--n-threads",
+        "1",
+        "--n-ctx",
+        "512",
+        "--api-key",
+        "sk-openapi",
+        "--max-body-bytes",
+        "2048",
+    )
 
 
-@pytest.mark.parametrize("method,path,body,key,status", [
-    ("GET", "/v1/models", None, None, 401), ("GET", "/metrics", None, None, 401),
-    ("POST", "/tokenize", {"prompt": "Hi"}, "sk-wrong", 401), ("GET", "/health", None, None, 200),
-    ("POST", "/v1/completions", {"prompt": "x" * 5000}, "sk-openapi", 413),
-    ("GET", "/metrics", None, "sk-openapi", 200),
-])
+@pytest.mark.parametrize(
+    "method,path,body,key,status",
+    [
+        ("GET", "/v1/models", None, None, 401),
+        ("GET", "/metrics", None, None, 401),
+        ("POST", "/tokenize", {"prompt": "Hi"}, "sk-wrong", 401),
+        ("GET", "/health", None, None, 200),
+        ("POST", "/v1/completions", {"prompt": "x" * 5000}, "sk-openapi", 413),
+        ("GET", "/metrics", None, "sk-openapi", 200),
+    ],
+)
 def test_refusals_of_a_guarded_server_conform(guarded, method, path, body, key, status):
     """The statuses the fuzzed server (no keys, a large body limit) does not send: 401 with
     WWW-Authenticate, 413; all checks but those that send requests of their own."""
@@ -142,8 +193,15 @@ def test_refusals_of_a_guarded_server_conform(guarded, method, path, body, key, 
     response = case.call(base_url=guarded.url, timeout=30)
     assert response.status_code == status
     checks = schemathesis.checks
-    case.validate_response(response, checks=[checks.status_code_conformance, checks.content_type_conformance,
-                                             checks.response_headers_conformance, checks.response_schema_conformance])
+    case.validate_response(
+        response,
+        checks=[
+            checks.status_code_conformance,
+            checks.content_type_conformance,
+            checks.response_headers_conformance,
+            checks.response_schema_conformance,
+        ],
+    )
 
 
 @schema.parametrize()
@@ -164,11 +222,14 @@ def test_a_real_share_of_generated_requests_is_served(fuzzed):
     for operation, kinds in sorted(STATUSES.items()):
         for kind, statuses in sorted(kinds.items()):
             ok = sum(n for status, n in statuses.items() if 200 <= status < 300)
-            report.append(f"{operation} {kind}: {sum(statuses.values())} requests, {ok} answered 2xx "
-                          f"({dict(sorted(statuses.items()))})")
+            report.append(
+                f"{operation} {kind}: {sum(statuses.values())} requests, {ok} answered 2xx "
+                f"({dict(sorted(statuses.items()))})"
+            )
     print("\n" + "\n".join(report))
     for operation in MUST_SERVE:
-        served = sum(n for statuses in STATUSES[operation].values() for status, n in statuses.items()
-                     if 200 <= status < 300)
+        served = sum(
+            n for statuses in STATUSES[operation].values() for status, n in statuses.items() if 200 <= status < 300
+        )
         assert served > 0, f"{operation}: no generated request was served\n" + "\n".join(report)
     assert requests.get(fuzzed.url + "/health", timeout=10).json() == {"status": "ok"}

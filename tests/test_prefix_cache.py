@@ -31,8 +31,11 @@ def hellaswag_requests(server, n_items: int) -> list[list[int]]:
     for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:n_items]:
         item = json.loads(line)
         for ending in item["endings"]:
-            sequences.append(server.post("/tokenize", {"prompt": item["ctx"] + " " + ending,
-                                                       "add_special_tokens": False}).json()["tokens"])
+            sequences.append(
+                server.post("/tokenize", {"prompt": item["ctx"] + " " + ending, "add_special_tokens": False}).json()[
+                    "tokens"
+                ]
+            )
     return sequences
 
 
@@ -43,9 +46,9 @@ def test_reuse_gives_the_same_numbers(servers):
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
     hits_before = _hits(server) or 0  # None: nothing logged yet
     for start in range(0, len(order), 4):
-        batch = [sequences[i] for i in order[start:start + 4]]
+        batch = [sequences[i] for i in order[start : start + 4]]
         for k in (1, 5):
-            payload = dict(prompt=batch, echo=True, logprobs=k, max_tokens=1, temperature=0)
+            payload = {"prompt": batch, "echo": True, "logprobs": k, "max_tokens": 1, "temperature": 0}
             cached = server.complete(**payload)["choices"]
             fresh = uncached_server.complete(**payload)["choices"]
             for a, b in zip(cached, fresh):
@@ -71,7 +74,7 @@ def test_generation_is_not_served_from_the_cache(servers):
     prompt = "The history of the Roman Empire is a story of power, politics and"
     server.complete(prompt=prompt + " war", max_tokens=1, echo=True, logprobs=1)  # cached
     lookups = _lookups(server)
-    payload = dict(prompt=prompt + " glory", max_tokens=16, temperature=0, logprobs=2)
+    payload = {"prompt": prompt + " glory", "max_tokens": 16, "temperature": 0, "logprobs": 2}
     assert server.complete(**payload)["choices"][0] == uncached_server.complete(**payload)["choices"][0]
     assert _lookups(server) == lookups  # a request without echo does not even look in the cache
 
@@ -93,14 +96,21 @@ def test_reuse_stays_exact_where_pass_shapes_change_the_numbers(repacked_servers
     HellaSwag's requests after cache hits get exactly the numbers the uncached server gives."""
     server, uncached = repacked_servers
     log = server.log()
-    plain = float(re.search(r"check \(tails at multiples of 1, at least 2 tokens\): .* moved by up to (\S+) ", log).group(1))
+    plain = float(
+        re.search(r"check \(tails at multiples of 1, at least 2 tokens\): .* moved by up to (\S+) ", log).group(1)
+    )
     assert plain > 1e-2  # far above the 1e-4 tolerance, not a rounding matter
     assert "check (tails at multiples of 4, at least 8 tokens): " in log and "moved by up to 0 (" in log
     assert "prefix cache: 1024 MB, tails at multiples of 4, at least 8 tokens" in log and "prefix_cache=on" in log
     sequences = hellaswag_requests(server, 4)  # four contexts, four endings each
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # lm-eval's order
     for start in range(0, len(order), 4):
-        payload = dict(prompt=[sequences[i] for i in order[start:start + 4]], echo=True, logprobs=1, max_tokens=0)
+        payload = {
+            "prompt": [sequences[i] for i in order[start : start + 4]],
+            "echo": True,
+            "logprobs": 1,
+            "max_tokens": 0,
+        }
         assert server.complete(**payload)["choices"] == uncached.complete(**payload)["choices"]
     assert _hits(server) >= 8
 
@@ -148,21 +158,21 @@ def test_cache_rules():
     base = list(range(100, 130))
     cache.add(base, "state-a", 400, _rows(len(base) - 1, 2), 2)
     # Scored reuse stops one short of the shared prefix (the last shared row predicts a new token).
-    hit = cache.find(base[:20] + [1, 2, 3], k=2)
+    hit = cache.find([*base[:20], 1, 2, 3], k=2)
     assert hit.entry.state == "state-a" and hit.length == 19
-    assert cache.find(base[:20] + [1, 2, 3], k=1).length == 19  # a narrower top-k is cut from the cached one
+    assert cache.find([*base[:20], 1, 2, 3], k=1).length == 19  # a narrower top-k is cut from the cached one
     # The same prompt again: at least its last two tokens run again.
     assert cache.find(base, k=2).length == len(base) - 2
     # Wider top-k than cached, or too short a prefix: no reuse.
-    assert cache.find(base[:20] + [1], k=5) is None
-    assert cache.find(base[:MIN_REUSE - 1] + [1] * 10, k=1) is None
+    assert cache.find([*base[:20], 1], k=5) is None
+    assert cache.find(base[: MIN_REUSE - 1] + [1] * 10, k=1) is None
     # Eviction keeps the byte bound, least recently used first.
     other = list(range(500, 530))
     cache.add(other, "state-b", 400, _rows(len(other) - 1, 1), 1)
-    cache.find(base + [7], k=1)  # base is now the most recently used
+    cache.find([*base, 7], k=1)  # base is now the most recently used
     cache.add(list(range(900, 930)), "state-c", 400, _rows(29, 1), 1)
     assert cache.used <= 1000 and len(cache) == 2
-    assert cache.find(other + [1], k=1) is None and cache.find(base + [1], k=1) is not None
+    assert cache.find([*other, 1], k=1) is None and cache.find([*base, 1], k=1) is not None
 
 
 class KernelPaths(ByteBackend):
@@ -178,14 +188,24 @@ class KernelPaths(ByteBackend):
 
     def prefill(self, seq, tokens, start, logits_from):
         block = super().prefill(seq, tokens, start, logits_from)
-        if block is not None and (len(tokens) < self.short or (start - start // self.n_batch * self.n_batch) % self.group):
+        if block is not None and (
+            len(tokens) < self.short or (start - start // self.n_batch * self.n_batch) % self.group
+        ):
             block = block + np.float32(self.moved)
         return block
 
 
-@pytest.mark.parametrize("short, group, chosen", [(1, 1, ReuseRule(1, 2)), (8, 4, ReuseRule(4, 8)),
-                                                   (3, 4, ReuseRule(4, 8)), (16, 16, ReuseRule(16, 16)),
-                                                   (8, 32, None), (24, 4, None)])
+@pytest.mark.parametrize(
+    "short, group, chosen",
+    [
+        (1, 1, ReuseRule(1, 2)),
+        (8, 4, ReuseRule(4, 8)),
+        (3, 4, ReuseRule(4, 8)),
+        (16, 16, ReuseRule(16, 16)),
+        (8, 32, None),
+        (24, 4, None),
+    ],
+)
 def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group, chosen):
     """The check tries the backend's rules in turn on the shapes real requests take and keeps the
     first whose cache hits give the whole pass's floats, or turns the cache off; with the rule it
@@ -197,13 +217,18 @@ def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group,
     backend.reuse_rule = chosen
     contexts = [[BOS, *bytes(range(40 + 7 * i, 140 + 11 * i))] for i in range(6)]
     batches = [[c + [65 + j] * (1 + j % 3) for j in range(4)] for c in contexts]  # MMLU-like: 1-3 token answers
-    batches += [[c[:60] + list(b"an ending of some length")[:10 + 3 * j] for j in range(4)] for c in contexts]
+    batches += [[c[:60] + list(b"an ending of some length")[: 10 + 3 * j] for j in range(4)] for c in contexts]
 
     def scores(cache_mb: int):
         engine = Engine(backend, prefix_cache_mb=cache_mb)
         try:
-            out = [r.prompt_scores.token_logprobs for prompts in batches for r in asyncio.run(engine.complete(
-                [PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts]))]
+            out = [
+                r.prompt_scores.token_logprobs
+                for prompts in batches
+                for r in asyncio.run(
+                    engine.complete([PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts])
+                )
+            ]
             return out, engine.cache.hits if engine.cache else 0
         finally:
             engine.close()

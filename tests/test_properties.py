@@ -23,8 +23,9 @@ from tests.conftest import serve
 PROPERTIES = settings(derandomize=True, database=None, deadline=None)
 EPS32 = float(np.finfo(np.float32).eps)
 # Values that tie often (hypothesis also repeats values on its own), and any other finite float32.
-LOGIT = st.one_of(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5]), st.floats(width=32, allow_nan=False,
-                                                                          allow_infinity=False))
+LOGIT = st.one_of(
+    st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5]), st.floats(width=32, allow_nan=False, allow_infinity=False)
+)
 
 
 @st.composite
@@ -36,6 +37,7 @@ def scoring_case(draw, logit=LOGIT):
 
 
 # -- scoring ------------------------------------------------------------------------------------
+
 
 @settings(PROPERTIES, max_examples=300)
 @given(scoring_case())
@@ -56,7 +58,7 @@ def test_logprobs_are_never_positive_and_top_k_is_a_stable_sort(case):
 
 
 @settings(PROPERTIES, max_examples=300)
-@given(scoring_case(logit=st.floats(-2.0**100, 2.0**100, width=32)))
+@given(scoring_case(logit=st.floats(-(2.0**100), 2.0**100, width=32)))
 def test_logprobs_agree_with_a_float64_log_softmax(case):
     """Within float32's rounding of the numbers involved: the logits' magnitude and spread, and
     one rounding per summed term."""
@@ -79,8 +81,11 @@ def test_logprobs_agree_with_a_float64_log_softmax(case):
 def test_threads_give_the_same_bits(case, threads):
     logits, targets, k = case
     one, many = score_rows(logits, targets, k), score_rows(logits, targets, k, threads=threads)
-    for a, b in ((one.token_logprobs, many.token_logprobs), (one.top_ids, many.top_ids),
-                 (one.top_logprobs, many.top_logprobs)):
+    for a, b in (
+        (one.token_logprobs, many.token_logprobs),
+        (one.top_ids, many.top_ids),
+        (one.top_logprobs, many.top_logprobs),
+    ):
         assert a.tobytes() == b.tobytes()
 
 
@@ -109,10 +114,15 @@ PROMPT_FORMS = st.one_of(
     st.lists(TOKEN_IDS, min_size=1, max_size=4).map(lambda p: (p, p)),
 )
 OPTIONAL = {
-    "max_tokens": st.none() | st.integers(0, 10**6), "logprobs": st.none() | st.integers(0, 100),
-    "echo": st.booleans(), "temperature": st.none() | st.floats(0, 2), "top_p": st.none() | st.floats(0.01, 1),
-    "top_k": st.none() | st.integers(-1, 100), "n": st.none() | st.integers(1, 10),
-    "seed": st.none() | st.integers(-2**63, 2**64 - 1), "stream": st.none() | st.booleans(),
+    "max_tokens": st.none() | st.integers(0, 10**6),
+    "logprobs": st.none() | st.integers(0, 100),
+    "echo": st.booleans(),
+    "temperature": st.none() | st.floats(0, 2),
+    "top_p": st.none() | st.floats(0.01, 1),
+    "top_k": st.none() | st.integers(-1, 100),
+    "n": st.none() | st.integers(1, 10),
+    "seed": st.none() | st.integers(-(2**63), 2**64 - 1),
+    "stream": st.none() | st.booleans(),
     "stop": st.none() | st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=4),
     "logit_bias": st.none() | st.dictionaries(st.integers(0, 10**6).map(str), st.floats(-100, 100), max_size=3),
 }
@@ -132,16 +142,32 @@ def test_any_valid_completion_request_keeps_its_prompt_shape(prompt, fields):
 # Each field of a JSON type, and values of other JSON types: strict, so "5", true and 1.5 are not
 # integers, "0.5" and true not numbers, 1 and "true" not booleans.
 WRONG_TYPES = {
-    "integer": st.one_of(st.booleans(), st.text(max_size=5),
-                         st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
-                         st.lists(st.integers(), max_size=2), st.just({})),
+    "integer": st.one_of(
+        st.booleans(),
+        st.text(max_size=5),
+        st.floats(allow_nan=False).filter(lambda x: not x.is_integer()),
+        st.lists(st.integers(), max_size=2),
+        st.just({}),
+    ),
     "number": st.one_of(st.booleans(), st.text(max_size=5), st.lists(st.floats(), max_size=2), st.just({})),
     "boolean": st.one_of(st.integers(), st.floats(allow_nan=False), st.text(max_size=5), st.just([]), st.just({})),
 }
-COMPLETION_FIELDS = {"max_tokens": "integer", "logprobs": "integer", "n": "integer", "seed": "integer",
-                     "top_k": "integer", "best_of": "integer", "temperature": "number", "top_p": "number",
-                     "min_p": "number", "presence_penalty": "number", "frequency_penalty": "number",
-                     "repetition_penalty": "number", "echo": "boolean", "stream": "boolean"}
+COMPLETION_FIELDS = {
+    "max_tokens": "integer",
+    "logprobs": "integer",
+    "n": "integer",
+    "seed": "integer",
+    "top_k": "integer",
+    "best_of": "integer",
+    "temperature": "number",
+    "top_p": "number",
+    "min_p": "number",
+    "presence_penalty": "number",
+    "frequency_penalty": "number",
+    "repetition_penalty": "number",
+    "echo": "boolean",
+    "stream": "boolean",
+}
 
 
 @st.composite
@@ -159,8 +185,18 @@ def test_values_of_another_json_type_are_refused(field):
 
 
 @settings(PROPERTIES, max_examples=100)
-@given(wrongly_typed({"max_tokens": "integer", "max_completion_tokens": "integer", "top_logprobs": "integer",
-                      "logprobs": "boolean", "add_generation_prompt": "boolean", "temperature": "number"}))
+@given(
+    wrongly_typed(
+        {
+            "max_tokens": "integer",
+            "max_completion_tokens": "integer",
+            "top_logprobs": "integer",
+            "logprobs": "boolean",
+            "add_generation_prompt": "boolean",
+            "temperature": "number",
+        }
+    )
+)
 def test_chat_values_of_another_json_type_are_refused(field):
     name, value = field
     with pytest.raises(ValidationError):
@@ -176,8 +212,11 @@ def test_a_number_without_a_fraction_is_an_integer(name, value):
 
 
 def test_tokenizer_requests_are_strict_too():
-    for bad in ({"prompt": "x", "add_special_tokens": "false"}, {"prompt": "x", "add_special_tokens": 0},
-                {"prompt": 5}):
+    for bad in (
+        {"prompt": "x", "add_special_tokens": "false"},
+        {"prompt": "x", "add_special_tokens": 0},
+        {"prompt": 5},
+    ):
         with pytest.raises(ValidationError):
             TokenizeRequest.model_validate(bad)
     for bad in ({"tokens": ["1"]}, {"tokens": [True]}, {"tokens": [1.5]}):
@@ -194,19 +233,32 @@ N_VOCAB = 49152  # the default model's (SmolLM2)
 @pytest.fixture(scope="module")
 def small(model_path, tmp_path_factory):
     """One llama.cpp thread (so it runs well on a busy machine) and a small context."""
-    yield from serve(model_path, tmp_path_factory, "properties", "--n-threads", "1", "--n-ctx", "256",
-                     "--max-logprobs", str(MAX_LOGPROBS), "--max-n", "2")
+    yield from serve(
+        model_path,
+        tmp_path_factory,
+        "properties",
+        "--n-threads",
+        "1",
+        "--n-ctx",
+        "256",
+        "--max-logprobs",
+        str(MAX_LOGPROBS),
+        "--max-n",
+        "2",
+    )
 
 
-SMALL_REQUEST = st.fixed_dictionaries({
-    "prompt": st.lists(st.lists(st.integers(0, N_VOCAB - 1), min_size=1, max_size=6), min_size=1, max_size=2),
-    "echo": st.booleans(),
-    "logprobs": st.integers(0, MAX_LOGPROBS),
-    "max_tokens": st.integers(0, 3),
-    "temperature": st.sampled_from([0.0, 0.7, 1.0]),
-    "n": st.integers(1, 2),
-    "seed": st.integers(0, 2**32),
-})
+SMALL_REQUEST = st.fixed_dictionaries(
+    {
+        "prompt": st.lists(st.lists(st.integers(0, N_VOCAB - 1), min_size=1, max_size=6), min_size=1, max_size=2),
+        "echo": st.booleans(),
+        "logprobs": st.integers(0, MAX_LOGPROBS),
+        "max_tokens": st.integers(0, 3),
+        "temperature": st.sampled_from([0.0, 0.7, 1.0]),
+        "n": st.integers(1, 2),
+        "seed": st.integers(0, 2**32),
+    }
+)
 
 
 @settings(PROPERTIES, max_examples=40, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -240,17 +292,26 @@ def test_echo_logprobs_have_the_documented_shape(small, body):
     assert usage["completion_tokens"] == generated == usage["total_tokens"] - usage["prompt_tokens"]
 
 
-JSON_VALUE = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False)
-                          | st.text(max_size=8), lambda inner: st.lists(inner, max_size=3)
-                          | st.dictionaries(st.text(max_size=5), inner, max_size=3), max_leaves=8)
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
 BAD_PROMPTS = st.one_of(
-    st.integers(), st.floats(allow_nan=False), st.booleans(), st.none(), st.just([]), st.just([[]]), st.just({}),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.booleans(),
+    st.none(),
+    st.just([]),
+    st.just([[]]),
+    st.just({}),
     st.lists(st.booleans(), min_size=1, max_size=3),  # booleans are not token ids
-    st.lists(st.integers(-2**40, -1), min_size=1, max_size=3),  # negative ids
+    st.lists(st.integers(-(2**40), -1), min_size=1, max_size=3),  # negative ids
     st.lists(st.integers(N_VOCAB, 2**62), min_size=1, max_size=3),  # past the vocabulary
     st.tuples(st.text(min_size=1, max_size=3), st.integers(0, 9)).map(list),  # a string and an id
-    st.lists(st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=2), min_size=1, max_size=2), min_size=1,
-             max_size=2),  # three levels
+    st.lists(
+        st.lists(st.lists(st.integers(0, 9), min_size=1, max_size=2), min_size=1, max_size=2), min_size=1, max_size=2
+    ),  # three levels
 )
 BAD_FIELDS = st.one_of(
     st.tuples(st.just("prompt"), BAD_PROMPTS),
@@ -260,10 +321,15 @@ BAD_FIELDS = st.one_of(
     st.tuples(st.just("n"), st.integers(3, 2**62)),  # past --max-n
     st.tuples(st.just("max_tokens"), st.integers(300, 2**62)),  # past the context
     st.tuples(st.sampled_from(["temperature", "top_p", "min_p"]), st.floats(2.01, 1e300) | st.floats(-1e300, -0.01)),
-    st.tuples(st.just("logit_bias"), st.dictionaries(st.text(max_size=4).filter(lambda s: not s.isdigit()),
-                                                     st.floats(-1, 1), min_size=1, max_size=2)),
-    st.tuples(st.text(min_size=1, max_size=8).filter(lambda s: s not in CompletionRequest.model_fields),
-              JSON_VALUE),  # an unknown field
+    st.tuples(
+        st.just("logit_bias"),
+        st.dictionaries(
+            st.text(max_size=4).filter(lambda s: not s.isdigit()), st.floats(-1, 1), min_size=1, max_size=2
+        ),
+    ),
+    st.tuples(
+        st.text(min_size=1, max_size=8).filter(lambda s: s not in CompletionRequest.model_fields), JSON_VALUE
+    ),  # an unknown field
 )
 
 
@@ -278,8 +344,7 @@ def test_invalid_requests_get_a_4xx_in_openai_format(small, field):
 
 
 @settings(PROPERTIES, max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(body=JSON_VALUE, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize",
-                                              "/detokenize"]))
+@given(body=JSON_VALUE, path=st.sampled_from(["/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize"]))
 def test_any_json_body_gets_an_answer_below_500(small, body, path):
     assume(not (isinstance(body, dict) and body.get("stream")))
     response = small.post(path, body)

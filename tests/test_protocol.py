@@ -9,12 +9,15 @@ from pydantic import ValidationError
 from server.http.protocol import ChatCompletionRequest, CompletionRequest
 
 
-@pytest.mark.parametrize("prompt,normalized", [
-    ("Hi", ["Hi"]),
-    (["a", "b"], ["a", "b"]),
-    ([1, 2, 3], [[1, 2, 3]]),
-    ([[1, 2], [3]], [[1, 2], [3]]),
-])
+@pytest.mark.parametrize(
+    "prompt,normalized",
+    [
+        ("Hi", ["Hi"]),
+        (["a", "b"], ["a", "b"]),
+        ([1, 2, 3], [[1, 2, 3]]),
+        ([[1, 2], [3]], [[1, 2], [3]]),
+    ],
+)
 def test_the_four_prompt_forms_become_a_list_of_prompts(prompt, normalized):
     assert CompletionRequest(prompt=prompt).prompt == normalized
 
@@ -39,8 +42,20 @@ def test_unsupported_fields_name_themselves():
     assert CompletionRequest(prompt="x", best_of=3).unsupported()[0] == "best_of"
 
 
-@pytest.mark.parametrize("field,value", [("temperature", -0.1), ("temperature", 2.1), ("top_p", 0.0), ("n", 0),
-                                         ("seed", 2**64), ("seed", -2**63 - 1), ("max_tokens", -1), ("logprobs", -1), ("top_k", -2)])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1),
+        ("temperature", 2.1),
+        ("top_p", 0.0),
+        ("n", 0),
+        ("seed", 2**64),
+        ("seed", -(2**63) - 1),
+        ("max_tokens", -1),
+        ("logprobs", -1),
+        ("top_k", -2),
+    ],
+)
 def test_ranges(field, value):
     with pytest.raises(ValidationError):
         CompletionRequest(prompt="x", **{field: value})

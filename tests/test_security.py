@@ -20,8 +20,14 @@ import requests
 from testing.live_server import ROOT
 from tests.conftest import API_KEYS, FILE_KEY, serve
 
-KEY_ERROR = {"error": {"message": "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
-                       "type": "invalid_request_error", "param": None, "code": "invalid_api_key"}}
+KEY_ERROR = {
+    "error": {
+        "message": "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "invalid_api_key",
+    }
+}
 
 # Each endpoint but /health, with a request it answers 200 to (/metrics: another module serves it;
 # with the key it is no longer a 401, whether or not it is there).
@@ -52,8 +58,9 @@ GOOD_KEYS = {"first key": API_KEYS[0], "second key": API_KEYS[1], "key from the 
 def call(server, path: str, authorization: str | None = None, headers: dict | None = None, **kwargs):
     method, payload = PROTECTED.get(path, ("GET", None))
     headers = {**({"Authorization": authorization} if authorization is not None else {}), **(headers or {})}
-    return requests.request(method, server.url + path, json=payload, headers=headers, timeout=120,
-                            verify=server.verify, **kwargs)
+    return requests.request(
+        method, server.url + path, json=payload, headers=headers, timeout=120, verify=server.verify, **kwargs
+    )
 
 
 def bearer(key: str) -> str:
@@ -61,6 +68,7 @@ def bearer(key: str) -> str:
 
 
 # -- API keys ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("path", PROTECTED)
 @pytest.mark.parametrize("credentials", BAD_CREDENTIALS)
@@ -100,10 +108,15 @@ def test_unknown_path_needs_the_key_too(secure_server):
 
 
 def test_streamed_completion_with_the_key(secure_server):
-    payload = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stream": True,
-               "logprobs": 1}
-    with requests.post(secure_server.url + "/v1/completions", json=payload, stream=True, timeout=120,
-                       headers={"Authorization": bearer(API_KEYS[1])}, verify=secure_server.verify) as response:
+    payload = {"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0, "stream": True, "logprobs": 1}
+    with requests.post(
+        secure_server.url + "/v1/completions",
+        json=payload,
+        stream=True,
+        timeout=120,
+        headers={"Authorization": bearer(API_KEYS[1])},
+        verify=secure_server.verify,
+    ) as response:
         assert response.status_code == 200, response.text
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line.removeprefix("data: ") for line in response.iter_lines(decode_unicode=True) if line]
@@ -111,8 +124,9 @@ def test_streamed_completion_with_the_key(secure_server):
     chunks = [json.loads(e) for e in events[:-1]]
     assert len(chunks) >= 2
     assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"])
-    refused = requests.post(secure_server.url + "/v1/completions", json=payload, stream=True, timeout=120,
-                            verify=secure_server.verify)
+    refused = requests.post(
+        secure_server.url + "/v1/completions", json=payload, stream=True, timeout=120, verify=secure_server.verify
+    )
     assert refused.status_code == 401 and refused.json() == KEY_ERROR
 
 
@@ -123,8 +137,12 @@ def test_a_client_that_leaves_still_cancels_its_request(secure_server):
     context = ssl.create_default_context(cafile=str(secure_server.verify))
     connection = http.client.HTTPSConnection("127.0.0.1", secure_server.port, timeout=30, context=context)
     payload = {"prompt": "Once upon a time", "max_tokens": 1500, "temperature": 0.8, "seed": 1, "stop": ["zzzzzzzz"]}
-    connection.request("POST", "/v1/completions", body=json.dumps(payload),
-                       headers={"Content-Type": "application/json", "Authorization": bearer(API_KEYS[0])})
+    connection.request(
+        "POST",
+        "/v1/completions",
+        body=json.dumps(payload),
+        headers={"Content-Type": "application/json", "Authorization": bearer(API_KEYS[0])},
+    )
     time.sleep(1.0)
     connection.close()
     deadline = time.monotonic() + 60
@@ -135,6 +153,7 @@ def test_a_client_that_leaves_still_cancels_its_request(secure_server):
 
 
 # -- TLS ----------------------------------------------------------------------------------------
+
 
 def test_tls_is_verified_against_the_given_ca_only(secure_server, monkeypatch):
     assert secure_server.url.startswith("https://")
@@ -155,8 +174,15 @@ ENV_KEY = "sk-test-key-from-the-environment"
 
 @pytest.fixture(scope="module")
 def named_hosts_server(model_path, tmp_path_factory):
-    yield from serve(model_path, tmp_path_factory, "named-hosts", "--metrics-public",
-                     "--allowed-hosts", "127.0.0.1, *.example.org", env={"LOGPROBS_API_KEY": ENV_KEY})
+    yield from serve(
+        model_path,
+        tmp_path_factory,
+        "named-hosts",
+        "--metrics-public",
+        "--allowed-hosts",
+        "127.0.0.1, *.example.org",
+        env={"LOGPROBS_API_KEY": ENV_KEY},
+    )
 
 
 def test_key_from_the_environment_and_public_metrics(named_hosts_server):
@@ -167,10 +193,18 @@ def test_key_from_the_environment_and_public_metrics(named_hosts_server):
     assert call(named_hosts_server, "/tokenizer_info").status_code == 401
 
 
-@pytest.mark.parametrize("host, allowed", [
-    ("api.example.org", True), ("a.b.example.org:8000", True), ("127.0.0.1", True),
-    ("example.org", False), ("evil.org", False), ("localhost", False), ("api.example.org.evil.net", False),
-])
+@pytest.mark.parametrize(
+    "host, allowed",
+    [
+        ("api.example.org", True),
+        ("a.b.example.org:8000", True),
+        ("127.0.0.1", True),
+        ("example.org", False),
+        ("evil.org", False),
+        ("localhost", False),
+        ("api.example.org.evil.net", False),
+    ],
+)
 def test_named_hosts_are_checked_before_the_key(named_hosts_server, host, allowed):
     for authorization, status in ((bearer(ENV_KEY), 200), (None, 401)):
         response = call(named_hosts_server, "/v1/models", authorization, headers={"Host": host})
@@ -179,6 +213,7 @@ def test_named_hosts_are_checked_before_the_key(named_hosts_server, host, allowe
 
 # -- keyless, on all interfaces: the start-up refusal, --allow-no-auth, the Host check -------------
 
+
 @pytest.fixture(scope="module")
 def keyless_server(model_path, tmp_path_factory):
     yield from serve(model_path, tmp_path_factory, "keyless", "--host", "0.0.0.0", "--allow-no-auth")
@@ -186,8 +221,14 @@ def keyless_server(model_path, tmp_path_factory):
 
 def run_cli(*args: str, **env: str) -> subprocess.CompletedProcess:
     environ = {k: v for k, v in os.environ.items() if not k.upper().startswith("LOGPROBS_")}
-    return subprocess.run([sys.executable, "-m", "server", *args], cwd=ROOT, env={**environ, **env},
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "server", *args],
+        cwd=ROOT,
+        env={**environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.23", "model-box.lan"])
@@ -202,18 +243,20 @@ def test_cli_refuses_to_serve_other_machines_without_a_key(host):
         assert how in lines[0]
 
 
-@pytest.mark.parametrize("args, env, expected", [
-    (["--api-key-file", "/nonexistent/keys.txt"], {}, "--api-key-file /nonexistent/keys.txt: cannot read it"),
-    ([], {"LOGPROBS_API_KEY": " , "}, "--api-key (LOGPROBS_API_KEY) holds no key"),
-    (["--allowed-hosts", "api.*.org"], {}, "--allowed-hosts 'api.*.org': a wildcard must be like"),
-    (["--ssl-certfile", "/nonexistent/cert.pem", "--ssl-keyfile", "/nonexistent/key.pem"], {}, "cannot use them"),
-])
+@pytest.mark.parametrize(
+    "args, env, expected",
+    [
+        (["--api-key-file", "/nonexistent/keys.txt"], {}, "--api-key-file /nonexistent/keys.txt: cannot read it"),
+        ([], {"LOGPROBS_API_KEY": " , "}, "--api-key (LOGPROBS_API_KEY) holds no key"),
+        (["--allowed-hosts", "api.*.org"], {}, "--allowed-hosts 'api.*.org': a wildcard must be like"),
+        (["--ssl-certfile", "/nonexistent/cert.pem", "--ssl-keyfile", "/nonexistent/key.pem"], {}, "cannot use them"),
+    ],
+)
 def test_cli_reports_unusable_security_settings_in_one_line(args, env, expected):
     proc = run_cli("--host", "0.0.0.0", *args, **env)
     assert proc.returncode != 0
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert expected in proc.stderr
-
 
 
 def test_cli_refuses_an_encrypted_or_mismatched_tls_key(tls_files, tmp_path):
@@ -222,19 +265,31 @@ def test_cli_refuses_an_encrypted_or_mismatched_tls_key(tls_files, tmp_path):
 
     encrypted, other = tmp_path / "encrypted.pem", tmp_path / "other.pem"
     key = ec.generate_private_key(ec.SECP256R1())
-    encrypted.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                            serialization.BestAvailableEncryption(b"secret")))
-    other.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                        serialization.NoEncryption()))
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"secret"),
+        )
+    )
+    other.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     for keyfile, expected in ((encrypted, "is encrypted"), (other, "cannot use them")):
         proc = run_cli("--ssl-certfile", str(tls_files["cert"]), "--ssl-keyfile", str(keyfile))
         assert proc.returncode != 0
         assert proc.stderr.count("\n") == 1 and expected in proc.stderr, proc.stderr
 
+
 def test_uvicorn_path_reports_an_unreadable_key_file_in_one_line():
-    proc = subprocess.run([sys.executable, "-m", "uvicorn", "server.app:app", "--port", "0"], cwd=ROOT,
-                          env={**os.environ, "LOGPROBS_API_KEY_FILE": "/nonexistent/keys.txt"},
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "server.app:app", "--port", "0"],
+        cwd=ROOT,
+        env={**os.environ, "LOGPROBS_API_KEY_FILE": "/nonexistent/keys.txt"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode != 0
     assert "logprobs-server: error: --api-key-file /nonexistent/keys.txt: cannot read it" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -253,8 +308,18 @@ def test_loopback_host_headers_pass(keyless_server, host):
         assert response.status_code == 200, (host, response.text)
 
 
-@pytest.mark.parametrize("host", ["rebound.attacker.example", "attacker.example", "0.0.0.0", "192.168.1.23",
-                                  "127.0.0.1.attacker.example", "localhost@attacker.example", ""])
+@pytest.mark.parametrize(
+    "host",
+    [
+        "rebound.attacker.example",
+        "attacker.example",
+        "0.0.0.0",
+        "192.168.1.23",
+        "127.0.0.1.attacker.example",
+        "localhost@attacker.example",
+        "",
+    ],
+)
 @pytest.mark.parametrize("path", ["/health", "/v1/completions", "/tokenize"])
 def test_other_host_headers_get_a_400_everywhere(keyless_server, host, path):
     response = call(keyless_server, path, headers={"Host": f"{host}:{keyless_server.port}" if host else ""})

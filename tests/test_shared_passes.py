@@ -59,8 +59,11 @@ def test_a_prompt_in_passes_of_two_or_more_tokens_is_unchanged(passes, prompts, 
 
 
 def test_padded_shared_passes_equal_each_prompt_alone_in_every_order(passes, prompts, alone):
-    for group in [*itertools.permutations(range(3)), *itertools.combinations(range(5), 4),
-                  *itertools.combinations(range(5), 2)]:
+    for group in [
+        *itertools.permutations(range(3)),
+        *itertools.combinations(range(5), 4),
+        *itertools.combinations(range(5), 2),
+    ]:
         outs = passes.group([prompts[i] for i in group])
         for i, out in zip(group, outs):
             np.testing.assert_array_equal(out, alone[i], err_msg=f"prompt {i} in group {group}")
@@ -131,8 +134,9 @@ def test_mlx_engine_runs_prompts_together_within_1e_4_of_alone_in_every_order(ml
                 a, b = getattr(got, kind), getattr(want, kind)
                 if b is None or not len(b.token_logprobs):
                     continue
-                np.testing.assert_allclose(a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0,
-                                           err_msg=f"prompt {i} in order {order}")
+                np.testing.assert_allclose(
+                    a.token_logprobs, b.token_logprobs, atol=1e-4, rtol=0, err_msg=f"prompt {i} in order {order}"
+                )
                 np.testing.assert_allclose(a.top_logprobs, b.top_logprobs, atol=1e-4, rtol=0)
                 np.testing.assert_array_equal(a.top_ids, b.top_ids)
             assert got.generated == want.generated

@@ -60,8 +60,14 @@ def _marked(messages: list[dict]) -> list[dict]:
     return [*messages[:-1], final]
 
 
-def render(template: str, messages: list[dict], *, add_generation_prompt: bool = True,
-           continue_final_message: bool = False, **special_tokens: str | None) -> str:
+def render(
+    template: str,
+    messages: list[dict],
+    *,
+    add_generation_prompt: bool = True,
+    continue_final_message: bool = False,
+    **special_tokens: str | None,
+) -> str:
     """The conversation as the model reads it. continue_final_message: the text ends where the
     last message's content ends (lm-eval asks for this when a task gives the answer's first words,
     its gen_prefix), so the model continues that message instead of starting a new one.
@@ -76,8 +82,10 @@ def render(template: str, messages: list[dict], *, add_generation_prompt: bool =
         return text
     at = text.rfind(CONTINUE_MARK.strip())
     if at < 0:
-        raise ValueError("continue_final_message: the template does not render the last message's content, so "
-                         "there is no place to continue it from")
+        raise ValueError(
+            "continue_final_message: the template does not render the last message's content, so "
+            "there is no place to continue it from"
+        )
     # Where the template kept the content as it is, the text ends as the content does (its trailing
     # spaces included); where it trimmed the content, it ends trimmed (Hugging Face's rule).
     return text[:at] if text.startswith(CONTINUE_MARK, at) else text[:at].rstrip()

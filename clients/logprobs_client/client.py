@@ -77,18 +77,29 @@ def api_error(response: httpx.Response) -> APIError:
         body = None
     error = body.get("error") if isinstance(body, dict) else None
     if isinstance(error, dict):
-        return APIError(response.status_code, str(error.get("message", "")), type=error.get("type"),
-                        code=error.get("code"), param=error.get("param"),
-                        retry_after=_retry_after_seconds(response.headers.get("retry-after")), body=body)
-    return APIError(response.status_code, response.text[:500] or response.reason_phrase,
-                    retry_after=_retry_after_seconds(response.headers.get("retry-after")), body=body)
+        return APIError(
+            response.status_code,
+            str(error.get("message", "")),
+            type=error.get("type"),
+            code=error.get("code"),
+            param=error.get("param"),
+            retry_after=_retry_after_seconds(response.headers.get("retry-after")),
+            body=body,
+        )
+    return APIError(
+        response.status_code,
+        response.text[:500] or response.reason_phrase,
+        retry_after=_retry_after_seconds(response.headers.get("retry-after")),
+        body=body,
+    )
 
 
 def _is_retryable_exception(exc: Exception) -> bool:
     """Connection refused or dropped: retry. A TLS failure (wrong CA, wrong name) or a read
     timeout (the server may still be working on it): do not."""
-    if not isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError,
-                            httpx.WriteError)):
+    if not isinstance(
+        exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+    ):
         return False
     cause: BaseException | None = exc
     while cause is not None:
@@ -101,11 +112,19 @@ def _is_retryable_exception(exc: Exception) -> bool:
 class _Base:
     """What Client and AsyncClient share: settings, the retry policy, and every operation."""
 
-    def __init__(self, base_url: str, *, api_key: str | None = None,
-                 verify: bool | str | os.PathLike | ssl.SSLContext = True,
-                 timeout: float | httpx.Timeout | None = 300.0, max_retries: int = 4, backoff: float = 0.5,
-                 max_wait: float = 60.0, model: str | None = None,
-                 on_retry: Callable[[int, Exception, float], None] | None = None):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        verify: bool | str | os.PathLike | ssl.SSLContext = True,
+        timeout: float | httpx.Timeout | None = 300.0,
+        max_retries: int = 4,
+        backoff: float = 0.5,
+        max_wait: float = 60.0,
+        model: str | None = None,
+        on_retry: Callable[[int, Exception, float], None] | None = None,
+    ):
         """base_url: the server (http(s)://host:port, …/v1 and …/v1/completions accepted too).
         api_key: sent as `Authorization: Bearer KEY`. verify: True (system CAs), False, a CA file,
         or an ssl.SSLContext. timeout: seconds per HTTP request (or an httpx.Timeout).
@@ -135,9 +154,9 @@ class _Base:
         if isinstance(error, APIError):
             if error.status not in RETRY_STATUSES:
                 return None
-            wait = error.retry_after if error.retry_after is not None else self.backoff * 2 ** attempt
+            wait = error.retry_after if error.retry_after is not None else self.backoff * 2**attempt
         elif _is_retryable_exception(error):
-            wait = self.backoff * 2 ** attempt
+            wait = self.backoff * 2**attempt
         else:
             return None
         wait = min(wait, self.max_wait)
@@ -181,30 +200,51 @@ class _Base:
         return self._tokenizer_info
 
     def _op_tokenize(self, text: str, add_special_tokens: bool, model: str | None) -> Operation[Tokenized]:
-        (body,) = yield [Call("POST", "/tokenize", self._with_model(
-            {"prompt": text, "add_special_tokens": add_special_tokens}, model))]
+        (body,) = yield [
+            Call(
+                "POST", "/tokenize", self._with_model({"prompt": text, "add_special_tokens": add_special_tokens}, model)
+            )
+        ]
         return Tokenized(tokens=body["tokens"], count=body["count"], max_model_len=body.get("max_model_len"))
 
-    def _op_distributions(self, tokens: Sequence[int], start: int, dtype: str,
-                          model: str | None) -> Operation[Distributions]:
-        (response,) = yield [Call("POST", "/v1/distributions", self._with_model(
-            {"prompt": list(tokens), "start": start, "dtype": dtype}, model), binary=True)]
+    def _op_distributions(
+        self, tokens: Sequence[int], start: int, dtype: str, model: str | None
+    ) -> Operation[Distributions]:
+        (response,) = yield [
+            Call(
+                "POST",
+                "/v1/distributions",
+                self._with_model({"prompt": list(tokens), "start": start, "dtype": dtype}, model),
+                binary=True,
+            )
+        ]
         headers = response.headers
-        return Distributions(rows=int(headers["x-rows"]), vocab=int(headers["x-vocab"]), dtype=headers["x-dtype"],
-                             start=int(headers["x-start"]), data=response.content,
-                             system_fingerprint=headers.get("x-system-fingerprint"))
+        return Distributions(
+            rows=int(headers["x-rows"]),
+            vocab=int(headers["x-vocab"]),
+            dtype=headers["x-dtype"],
+            start=int(headers["x-start"]),
+            data=response.content,
+            system_fingerprint=headers.get("x-system-fingerprint"),
+        )
 
     def _op_detokenize(self, tokens: Sequence[int], model: str | None) -> Operation[str]:
         (body,) = yield [Call("POST", "/detokenize", self._with_model({"tokens": list(tokens)}, model))]
         return body["prompt"]
 
-    def _op_complete(self, prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
-                     extra: dict) -> Operation[Completion]:
+    def _op_complete(
+        self, prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model, extra: dict
+    ) -> Operation[Completion]:
         if extra.get("stream"):
             raise ValueError("complete() does not stream; leave stream unset")
         payload = {"prompt": prompt, "max_tokens": max_tokens, "echo": echo}
-        for key, value in (("temperature", temperature), ("logprobs", logprobs), ("stop", stop), ("seed", seed),
-                           ("n", n)):
+        for key, value in (
+            ("temperature", temperature),
+            ("logprobs", logprobs),
+            ("stop", stop),
+            ("seed", seed),
+            ("n", n),
+        ):
             if value is not None:
                 payload[key] = value
         (body,) = yield [Call("POST", "/v1/completions", self._with_model(payload | extra, model))]
@@ -225,8 +265,9 @@ class _Base:
             self._prefix_token = prefix
         return self._prefix_token
 
-    def _op_encode_pairs(self, context: str | Sequence[int],
-                         continuations: Sequence[str | Sequence[int]]) -> Operation[list[tuple[list[int], list[int]]]]:
+    def _op_encode_pairs(
+        self, context: str | Sequence[int], continuations: Sequence[str | Sequence[int]]
+    ) -> Operation[list[tuple[list[int], list[int]]]]:
         """(context tokens, continuation tokens) for each continuation, split as lm-eval splits them:
         trailing spaces of the context move to the continuation; context+continuation is
         tokenized whole and the continuation is what follows the context's own tokens; an empty
@@ -251,26 +292,51 @@ class _Base:
             return pairs
         n_spaces = len(context) - len(context.rstrip())
         stem, moved = (context[:-n_spaces], context[-n_spaces:]) if n_spaces else (context, "")
-        bodies = yield [Call("POST", "/tokenize", {"prompt": text, "add_special_tokens": False})
-                        for text in [stem] + [stem + moved + c for c in texts]]
+        bodies = yield [
+            Call("POST", "/tokenize", {"prompt": text, "add_special_tokens": False})
+            for text in [stem] + [stem + moved + c for c in texts]
+        ]
         context_tokens, wholes = bodies[0]["tokens"], iter(body["tokens"] for body in bodies[1:])
-        return [(context_tokens, next(wholes)[len(context_tokens):] if isinstance(c, str) else list(c))
-                for c in continuations]
+        return [
+            (context_tokens, next(wholes)[len(context_tokens) :] if isinstance(c, str) else list(c))
+            for c in continuations
+        ]
 
-    def _op_score(self, context: str | Sequence[int], continuations: str | Sequence[str | Sequence[int]],
-                  model: str | None, batch_size: int) -> Operation[list[Score]]:
+    def _op_score(
+        self,
+        context: str | Sequence[int],
+        continuations: str | Sequence[str | Sequence[int]],
+        model: str | None,
+        batch_size: int,
+    ) -> Operation[list[Score]]:
         if isinstance(continuations, str):
             continuations = [continuations]
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
         pairs = yield from self._op_encode_pairs(context, continuations)
         if any(not ctx for ctx, _ in pairs):
-            raise ValueError("the context has no tokens of its own (only spaces?): the first continuation token "
-                             "would have nothing to be conditioned on")
+            raise ValueError(
+                "the context has no tokens of its own (only spaces?): the first continuation token "
+                "would have nothing to be conditioned on"
+            )
         prompts = [ctx + cont for ctx, cont in pairs]
-        calls = [Call("POST", "/v1/completions", self._with_model(
-            {"prompt": prompts[i:i + batch_size], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
-            model)) for i in range(0, len(prompts), batch_size)]
+        calls = [
+            Call(
+                "POST",
+                "/v1/completions",
+                self._with_model(
+                    {
+                        "prompt": prompts[i : i + batch_size],
+                        "max_tokens": 0,
+                        "echo": True,
+                        "logprobs": 1,
+                        "temperature": 0,
+                    },
+                    model,
+                ),
+            )
+            for i in range(0, len(prompts), batch_size)
+        ]
         bodies = yield calls
         choices = [choice for body in bodies for choice in sorted(body["choices"], key=lambda c: c["index"])]
         if len(choices) != len(prompts):
@@ -279,14 +345,22 @@ class _Base:
         for (ctx, cont), text, choice in zip(pairs, continuations, choices):
             lp = choice["logprobs"]
             if len(lp["token_logprobs"]) != len(ctx) + len(cont):
-                raise RuntimeError(f"expected logprobs for {len(ctx) + len(cont)} echoed tokens, got "
-                                   f"{len(lp['token_logprobs'])}")
-            values, tops = lp["token_logprobs"][len(ctx):], lp["top_logprobs"][len(ctx):]
-            scores.append(Score(
-                continuation=text if isinstance(text, str) else None, context_tokens=ctx, continuation_tokens=cont,
-                tokens=lp["tokens"][len(ctx):], token_logprobs=values, top_logprobs=tops,
-                loglikelihood=sum(values),  # in order, as lm-eval sums
-                is_greedy=all(v == max(top.values()) for v, top in zip(values, tops))))
+                raise RuntimeError(
+                    f"expected logprobs for {len(ctx) + len(cont)} echoed tokens, got {len(lp['token_logprobs'])}"
+                )
+            values, tops = lp["token_logprobs"][len(ctx) :], lp["top_logprobs"][len(ctx) :]
+            scores.append(
+                Score(
+                    continuation=text if isinstance(text, str) else None,
+                    context_tokens=ctx,
+                    continuation_tokens=cont,
+                    tokens=lp["tokens"][len(ctx) :],
+                    token_logprobs=values,
+                    top_logprobs=tops,
+                    loglikelihood=sum(values),  # in order, as lm-eval sums
+                    is_greedy=all(v == max(top.values()) for v, top in zip(values, tops)),
+                )
+            )
         return scores
 
 
@@ -295,8 +369,9 @@ class Client(_Base):
 
     def __init__(self, base_url: str, **options):
         super().__init__(base_url, **options)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers, verify=self._verify,
-                                  timeout=self._timeout)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers, verify=self._verify, timeout=self._timeout
+        )
 
     def __enter__(self) -> Client:
         return self
@@ -348,22 +423,41 @@ class Client(_Base):
     def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return self._run(self._op_detokenize(tokens, model))
 
-    def distributions(self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32",
-                      model: str | None = None) -> Distributions:
+    def distributions(
+        self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32", model: str | None = None
+    ) -> Distributions:
         """POST /v1/distributions (logprobs-server's extension): the full log-distribution at each
         position of a token-id prompt from `start` on, as bytes (Distributions.array() with numpy)."""
         return self._run(self._op_distributions(tokens, start, dtype, model))
 
-    def complete(self, prompt: str | list, *, max_tokens: int | None = 16, temperature: float | None = None,
-                 logprobs: int | None = None, echo: bool = False, stop: str | list[str] | None = None,
-                 seed: int | None = None, n: int | None = None, model: str | None = None, **extra) -> Completion:
+    def complete(
+        self,
+        prompt: str | list,
+        *,
+        max_tokens: int | None = 16,
+        temperature: float | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        n: int | None = None,
+        model: str | None = None,
+        **extra,
+    ) -> Completion:
         """POST /v1/completions (not streamed). prompt: a string, a list of strings, token ids, or
         a list of token-id lists; `extra`: any other field of the request (top_k, logit_bias, ...)."""
-        return self._run(self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
-                                           extra))
+        return self._run(
+            self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model, extra)
+        )
 
-    def score(self, context: str | Sequence[int], continuations: str | Sequence[str | Sequence[int]], *,
-              model: str | None = None, batch_size: int = 16) -> list[Score]:
+    def score(
+        self,
+        context: str | Sequence[int],
+        continuations: str | Sequence[str | Sequence[int]],
+        *,
+        model: str | None = None,
+        batch_size: int = 16,
+    ) -> list[Score]:
         """The loglikelihood of each continuation after `context`, and whether it is greedy, as
         lm-eval's local-completions computes them (same token split, same sum): one Score per
         continuation, in order. Texts or token ids; prompts go `batch_size` to a request, with
@@ -377,8 +471,9 @@ class AsyncClient(_Base):
 
     def __init__(self, base_url: str, *, max_concurrency: int = 4, **options):
         super().__init__(base_url, **options)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers, verify=self._verify,
-                                       timeout=self._timeout)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers, verify=self._verify, timeout=self._timeout
+        )
         self._max_concurrency = max_concurrency
 
     async def __aenter__(self) -> AsyncClient:
@@ -433,17 +528,35 @@ class AsyncClient(_Base):
     async def detokenize(self, tokens: Sequence[int], *, model: str | None = None) -> str:
         return await self._run(self._op_detokenize(tokens, model))
 
-    async def distributions(self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32",
-                            model: str | None = None) -> Distributions:
+    async def distributions(
+        self, tokens: Sequence[int], *, start: int = 0, dtype: str = "float32", model: str | None = None
+    ) -> Distributions:
         return await self._run(self._op_distributions(tokens, start, dtype, model))
 
-    async def complete(self, prompt: str | list, *, max_tokens: int | None = 16, temperature: float | None = None,
-                       logprobs: int | None = None, echo: bool = False, stop: str | list[str] | None = None,
-                       seed: int | None = None, n: int | None = None, model: str | None = None,
-                       **extra) -> Completion:
-        return await self._run(self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model,
-                                                 extra))
+    async def complete(
+        self,
+        prompt: str | list,
+        *,
+        max_tokens: int | None = 16,
+        temperature: float | None = None,
+        logprobs: int | None = None,
+        echo: bool = False,
+        stop: str | list[str] | None = None,
+        seed: int | None = None,
+        n: int | None = None,
+        model: str | None = None,
+        **extra,
+    ) -> Completion:
+        return await self._run(
+            self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model, extra)
+        )
 
-    async def score(self, context: str | Sequence[int], continuations: str | Sequence[str | Sequence[int]], *,
-                    model: str | None = None, batch_size: int = 16) -> list[Score]:
+    async def score(
+        self,
+        context: str | Sequence[int],
+        continuations: str | Sequence[str | Sequence[int]],
+        *,
+        model: str | None = None,
+        batch_size: int = 16,
+    ) -> list[Score]:
         return await self._run(self._op_score(context, continuations, model, batch_size))

@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -24,6 +25,7 @@ NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
 
 
 # -- reading lm-eval's output ------------------------------------------------------------------------
+
 
 @dataclass
 class Run:
@@ -76,20 +78,30 @@ def request_loglikelihoods(sample: dict, output_type: str) -> list[tuple[float, 
 
 # -- aggregation and the bootstrap ----------------------------------------------------------------------
 
+
 def aggregation(config: dict, metric: str) -> tuple[str, Callable | None]:
     """The task's aggregation for a metric (its metric_list entry, else lm-eval's default), by
     name and as lm-eval's own function."""
     name = None
     for entry in config.get("metric_list") or []:
-        if entry.get("metric") == metric and isinstance(entry.get("aggregation"), str) \
-                and not entry["aggregation"].lstrip().startswith("def "):
+        if (
+            entry.get("metric") == metric
+            and isinstance(entry.get("aggregation"), str)
+            and not entry["aggregation"].lstrip().startswith("def ")
+        ):
             name = entry["aggregation"]
     try:
         from lm_eval.api.registry import get_aggregation, get_metric_aggregation
     except ImportError:  # reading runs without lm-eval installed: the common aggregations by name
-        fallback = {"acc": "mean", "acc_norm": "mean", "exact_match": "mean", "word_perplexity": "weighted_perplexity",
-                    "byte_perplexity": "weighted_perplexity", "bits_per_byte": "bits_per_byte",
-                    "perplexity": "perplexity"}
+        fallback = {
+            "acc": "mean",
+            "acc_norm": "mean",
+            "exact_match": "mean",
+            "word_perplexity": "weighted_perplexity",
+            "byte_perplexity": "weighted_perplexity",
+            "bits_per_byte": "bits_per_byte",
+            "perplexity": "perplexity",
+        }
         name = name or fallback.get(metric)
         return (name or "?"), _FAST.get(name, (None, None))[1]
     fn = get_aggregation(name) if name else get_metric_aggregation(metric)
@@ -114,8 +126,9 @@ def _as_items(values: list) -> list:
     return [tuple(v) if isinstance(v, list) else v for v in values]
 
 
-def paired_bootstrap(a: list, b: list, name: str, fn: Callable, resamples: int, seed: int,
-                     confidence: float = 0.95) -> tuple[float, float]:
+def paired_bootstrap(
+    a: list, b: list, name: str, fn: Callable, resamples: int, seed: int, confidence: float = 0.95
+) -> tuple[float, float]:
     """Percentile interval of agg(B*) - agg(A*) over `resamples` resamples of the items (the same
     indices on both sides)."""
     n = len(a)
@@ -134,6 +147,7 @@ def paired_bootstrap(a: list, b: list, name: str, fn: Callable, resamples: int, 
 
 
 # -- the comparison ----------------------------------------------------------------------------------
+
 
 @dataclass
 class MetricDiff:
@@ -207,7 +221,7 @@ def snippet(args: tuple, width: int = 90) -> str:
     if len(flat) >= 2 and flat[0]:
         context, continuation = flat[0], flat[1]
         room = max(20, width - min(len(continuation), width // 2) - 1)
-        head = context if len(context) <= room else "…" + context[-(room - 1):]
+        head = context if len(context) <= room else "…" + context[-(room - 1) :]
         text = f"{head}|{continuation}"
     else:
         text = flat[-1] if len(flat) >= 2 else (flat[0] if flat else "")
@@ -224,10 +238,13 @@ def _answers(metric: str, output_type: str, rows: dict, requests: dict, delimite
         if output_type == "multiple_choice" and metric in ("acc", "acc_norm", "acc_bytes"):
             lls = np.array([ll for ll, _ in requests[key[0]]])
             if metric != "acc":
-                choices = [args[1][len(delimiter):] if args[1].startswith(delimiter) else args[1]
-                           for args in request_args(row)]
-                lengths = np.array([float(len(c.encode("utf-8")) if metric == "acc_bytes" else len(c))
-                                    for c in choices])
+                choices = [
+                    args[1][len(delimiter) :] if args[1].startswith(delimiter) else args[1]
+                    for args in request_args(row)
+                ]
+                lengths = np.array(
+                    [float(len(c.encode("utf-8")) if metric == "acc_bytes" else len(c)) for c in choices]
+                )
                 lls = lls / lengths
             answers[key] = int(np.argmax(lls))
         elif output_type == "generate_until":
@@ -239,8 +256,9 @@ def _answers(metric: str, output_type: str, rows: dict, requests: dict, delimite
     return answers
 
 
-def compare_task(task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int, confidence: float,
-                 worst: int, warnings: list[str]) -> tuple[TaskDiff, list[Request]]:
+def compare_task(
+    task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int, confidence: float, worst: int, warnings: list[str]
+) -> tuple[TaskDiff, list[Request]]:
     config = run_a.results.get("configs", {}).get(task, {})
     output_type = config.get("output_type", "")
     delimiter = config.get("target_delimiter", " ")
@@ -252,8 +270,10 @@ def compare_task(task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int
         warnings.append(f"{task}: {only_a} items only in A, {only_b} only in B; compared on the {len(keys)} in both")
     for key in keys:
         if request_args(rows_a[key]) != request_args(rows_b[key]):
-            raise ValueError(f"{task} doc {key[0]}: the two runs sent different requests (not the same task "
-                             "data or settings); nothing to pair")
+            raise ValueError(
+                f"{task} doc {key[0]}: the two runs sent different requests (not the same task "
+                "data or settings); nothing to pair"
+            )
     doc_ids = sorted({k[0] for k in keys})
     first_row = {}
     for key in keys:
@@ -268,8 +288,9 @@ def compare_task(task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int
             key = first_row[doc_id]
             lls_a[doc_id] = request_loglikelihoods(rows_a[key], output_type)
             lls_b[doc_id] = request_loglikelihoods(rows_b[key], output_type)
-            for i, (args, (la, ga), (lb, gb)) in enumerate(zip(request_args(rows_a[key]), lls_a[doc_id],
-                                                                lls_b[doc_id])):
+            for i, (args, (la, ga), (lb, gb)) in enumerate(
+                zip(request_args(rows_a[key]), lls_a[doc_id], lls_b[doc_id])
+            ):
                 requests.append(Request(task, doc_id, i, la, lb, ga, gb, snippet(args)))
     n_requests = len(requests) if requests else sum(len(rows_a[first_row[d]]["resps"]) for d in doc_ids)
 
@@ -296,34 +317,65 @@ def compare_task(task: str, run_a: Run, run_b: Run, *, resamples: int, seed: int
         a_value = a_value if isinstance(a_value, (int, float)) else None
         b_value = b_value if isinstance(b_value, (int, float)) else None
         for side, official, mine in (("A", a_value, recomputed_a), ("B", b_value, recomputed_b)):
-            if official is not None and mine is not None and not math.isclose(official, mine, rel_tol=1e-9,
-                                                                               abs_tol=1e-12):
-                warnings.append(f"{task} {name}: lm-eval reports {official!r} for {side}, the joined samples give "
-                                f"{mine!r}")
+            if (
+                official is not None
+                and mine is not None
+                and not math.isclose(official, mine, rel_tol=1e-9, abs_tol=1e-12)
+            ):
+                warnings.append(
+                    f"{task} {name}: lm-eval reports {official!r} for {side}, the joined samples give {mine!r}"
+                )
         answers_a = _answers(metric, output_type, rows, lls_a, delimiter)
         answers_b = _answers(metric, output_type, rows_b_f, lls_b, delimiter)
         flips = None if answers_a is None or answers_b is None else sum(answers_a[k] != answers_b[k] for k in rows)
-        metrics.append(MetricDiff(
-            metric=metric, filter=filt, a=a_value, b=b_value,
-            delta=None if a_value is None or b_value is None else b_value - a_value,
-            ci_low=low, ci_high=high, aggregation=agg_name, higher_is_better=higher.get(metric), n=len(rows),
-            flips=flips, flip_share=None if flips is None else flips / len(rows),
-            a_recomputed=recomputed_a, b_recomputed=recomputed_b))
+        metrics.append(
+            MetricDiff(
+                metric=metric,
+                filter=filt,
+                a=a_value,
+                b=b_value,
+                delta=None if a_value is None or b_value is None else b_value - a_value,
+                ci_low=low,
+                ci_high=high,
+                aggregation=agg_name,
+                higher_is_better=higher.get(metric),
+                n=len(rows),
+                flips=flips,
+                flip_share=None if flips is None else flips / len(rows),
+                a_recomputed=recomputed_a,
+                b_recomputed=recomputed_b,
+            )
+        )
 
     loglikelihood = None
     worst_items = []
     if requests:
         deltas = np.array([r.delta for r in requests])
         changed = sum(r.greedy_a != r.greedy_b for r in requests if r.greedy_a is not None)
-        loglikelihood = {"n": len(requests), "mean_abs_delta": float(np.abs(deltas).mean()),
-                         "max_abs_delta": float(np.abs(deltas).max()), "mean_delta": float(deltas.mean()),
-                         "greedy_changed": changed if output_type != "loglikelihood_rolling" else None}
+        loglikelihood = {
+            "n": len(requests),
+            "mean_abs_delta": float(np.abs(deltas).mean()),
+            "max_abs_delta": float(np.abs(deltas).max()),
+            "mean_delta": float(deltas.mean()),
+            "greedy_changed": changed if output_type != "loglikelihood_rolling" else None,
+        }
         ranked = sorted(requests, key=lambda r: abs(r.delta), reverse=True)[:worst]
-        worst_items = [{"doc_id": r.doc_id, "request": r.index, "a": r.a, "b": r.b, "delta": r.delta,
-                        "text": r.text} for r in ranked if r.delta != 0]
-    return TaskDiff(task=task, output_type=output_type, n_docs=len(doc_ids), n_requests=n_requests,
-                    metrics=metrics, loglikelihood=loglikelihood, worst=worst_items, only_in_a=only_a,
-                    only_in_b=only_b), requests
+        worst_items = [
+            {"doc_id": r.doc_id, "request": r.index, "a": r.a, "b": r.b, "delta": r.delta, "text": r.text}
+            for r in ranked
+            if r.delta != 0
+        ]
+    return TaskDiff(
+        task=task,
+        output_type=output_type,
+        n_docs=len(doc_ids),
+        n_requests=n_requests,
+        metrics=metrics,
+        loglikelihood=loglikelihood,
+        worst=worst_items,
+        only_in_a=only_a,
+        only_in_b=only_b,
+    ), requests
 
 
 def run_info(run: Run) -> dict:
@@ -339,8 +391,17 @@ def run_info(run: Run) -> dict:
     return info
 
 
-def compare_runs(run_a: Run, run_b: Run, *, a_info: dict | None = None, b_info: dict | None = None,
-                 resamples: int = 2000, seed: int = 0, confidence: float = 0.95, worst: int = 5) -> Comparison:
+def compare_runs(
+    run_a: Run,
+    run_b: Run,
+    *,
+    a_info: dict | None = None,
+    b_info: dict | None = None,
+    resamples: int = 2000,
+    seed: int = 0,
+    confidence: float = 0.95,
+    worst: int = 5,
+) -> Comparison:
     warnings: list[str] = []
     tasks = [t for t in run_a.samples if t in run_b.samples]
     missing = sorted(set(run_a.samples) ^ set(run_b.samples))
@@ -350,22 +411,30 @@ def compare_runs(run_a: Run, run_b: Run, *, a_info: dict | None = None, b_info: 
         raise ValueError("the two runs have no task in common")
     diffs, requests = [], []
     for task in sorted(tasks):
-        diff, reqs = compare_task(task, run_a, run_b, resamples=resamples, seed=seed, confidence=confidence,
-                                  worst=worst, warnings=warnings)
+        diff, reqs = compare_task(
+            task, run_a, run_b, resamples=resamples, seed=seed, confidence=confidence, worst=worst, warnings=warnings
+        )
         diffs.append(diff)
         requests += reqs
-    return Comparison(a={"output": str(run_a.folder)} | run_info(run_a) | (a_info or {}),
-                      b={"output": str(run_b.folder)} | run_info(run_b) | (b_info or {}),
-                      resamples=resamples, seed=seed, confidence=confidence, tasks=diffs, warnings=warnings,
-                      requests=requests)
+    return Comparison(
+        a={"output": str(run_a.folder)} | run_info(run_a) | (a_info or {}),
+        b={"output": str(run_b.folder)} | run_info(run_b) | (b_info or {}),
+        resamples=resamples,
+        seed=seed,
+        confidence=confidence,
+        tasks=diffs,
+        warnings=warnings,
+        requests=requests,
+    )
 
 
 # -- the text report ----------------------------------------------------------------------------------
 
+
 def _num(value: Any, digits: int = 4, sign: bool = False) -> str:
     if value is None:
         return "-"
-    if isinstance(value, float) and (abs(value) >= 1e4 or (value != 0 and abs(value) < 10 ** -digits)):
+    if isinstance(value, float) and (abs(value) >= 1e4 or (value != 0 and abs(value) < 10**-digits)):
         return f"{value:+.2e}" if sign else f"{value:.3e}"
     return f"{value:+.{digits}f}" if sign else f"{value:.{digits}f}"
 
@@ -373,7 +442,7 @@ def _num(value: Any, digits: int = 4, sign: bool = False) -> str:
 def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[str]:
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     lines = []
-    for row in [header] + rows:
+    for row in [header, *rows]:
         cells = [str(c).rjust(w) if i in right else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))]
         lines.append("  ".join(cells).rstrip())
     return lines
@@ -386,28 +455,68 @@ def _side(label: str, info: dict) -> str:
 
 def render_text(comparison: Comparison) -> str:
     c = comparison
-    lines = [_side("A", c.a), _side("B", c.b),
-             f"Paired over the same items; delta = B - A; {c.confidence:.0%} bootstrap CI over items "
-             f"({c.resamples} resamples, seed {c.seed}).", ""]
+    lines = [
+        _side("A", c.a),
+        _side("B", c.b),
+        f"Paired over the same items; delta = B - A; {c.confidence:.0%} bootstrap CI over items "
+        f"({c.resamples} resamples, seed {c.seed}).",
+        "",
+    ]
     rows = []
     for t in c.tasks:
         for m in t.metrics:
             ci = "-" if m.ci_low is None else f"[{_num(m.ci_low, sign=True)}, {_num(m.ci_high, sign=True)}]"
             flips = "-" if m.flips is None else f"{m.flips} ({m.flip_share:.1%})"
-            rows.append([t.task, m.metric, m.filter, str(m.n), _num(m.a), _num(m.b), _num(m.delta, sign=True), ci,
-                         flips])
-    lines += _table(["task", "metric", "filter", "n", "A", "B", "delta", "95% CI" if c.confidence == 0.95
-                     else f"{c.confidence:.0%} CI", "flips"], rows, right={3, 4, 5, 6})
-    ll_rows = [[t.task, str(t.loglikelihood["n"]), _num(t.loglikelihood["mean_abs_delta"], 6),
-                _num(t.loglikelihood["max_abs_delta"], 6), _num(t.loglikelihood["mean_delta"], 6, sign=True),
-                "-" if t.loglikelihood["greedy_changed"] is None else str(t.loglikelihood["greedy_changed"])]
-               for t in c.tasks if t.loglikelihood]
+            rows.append(
+                [t.task, m.metric, m.filter, str(m.n), _num(m.a), _num(m.b), _num(m.delta, sign=True), ci, flips]
+            )
+    lines += _table(
+        [
+            "task",
+            "metric",
+            "filter",
+            "n",
+            "A",
+            "B",
+            "delta",
+            "95% CI" if c.confidence == 0.95 else f"{c.confidence:.0%} CI",
+            "flips",
+        ],
+        rows,
+        right={3, 4, 5, 6},
+    )
+    ll_rows = [
+        [
+            t.task,
+            str(t.loglikelihood["n"]),
+            _num(t.loglikelihood["mean_abs_delta"], 6),
+            _num(t.loglikelihood["max_abs_delta"], 6),
+            _num(t.loglikelihood["mean_delta"], 6, sign=True),
+            "-" if t.loglikelihood["greedy_changed"] is None else str(t.loglikelihood["greedy_changed"]),
+        ]
+        for t in c.tasks
+        if t.loglikelihood
+    ]
     if ll_rows:
         lines += ["", "Per-request loglikelihood, B - A:"]
-        lines += _table(["task", "requests", "mean |delta|", "max |delta|", "mean delta", "is_greedy changed"],
-                        ll_rows, right={1, 2, 3, 4, 5})
-    worst_rows = [[t.task, str(w["doc_id"]), str(w["request"]), _num(w["a"], 3), _num(w["b"], 3),
-                   _num(w["delta"], 4, sign=True), w["text"]] for t in c.tasks for w in t.worst]
+        lines += _table(
+            ["task", "requests", "mean |delta|", "max |delta|", "mean delta", "is_greedy changed"],
+            ll_rows,
+            right={1, 2, 3, 4, 5},
+        )
+    worst_rows = [
+        [
+            t.task,
+            str(w["doc_id"]),
+            str(w["request"]),
+            _num(w["a"], 3),
+            _num(w["b"], 3),
+            _num(w["delta"], 4, sign=True),
+            w["text"],
+        ]
+        for t in c.tasks
+        for w in t.worst
+    ]
     if worst_rows:
         lines += ["", "Largest |delta loglikelihood| (text: end of context|continuation):"]
         lines += _table(["task", "doc", "req", "A", "B", "delta", "text"], worst_rows, right={1, 2, 3, 4, 5})

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from logprobs_client import kld_file
-from logprobs_client.kld_file import normalized
 from logprobs_client.client import Client
+from logprobs_client.kld_file import normalized
 from logprobs_client.types import APIError
 
 ROWS_PER_STEP = 32  # positions whose float64 distributions are held at once (bounds memory)
@@ -91,8 +91,9 @@ def _log_rest(log_mass: float) -> float:
     return math.log(max(rest, REST_FLOOR))
 
 
-def topk_positions(base: list[dict], build: list[dict], base_true: list[float],
-                   build_true: list[float]) -> dict[str, np.ndarray]:
+def topk_positions(
+    base: list[dict], build: list[dict], base_true: list[float], build_true: list[float]
+) -> dict[str, np.ndarray]:
     """The partition bound of KL(base || build) at each position from echo's top-K dicts (token
     string -> logprob, best first; the true token included), with the base mass it covers."""
     kld, coverage, same = [], [], []
@@ -108,11 +109,18 @@ def topk_positions(base: list[dict], build: list[dict], base_true: list[float],
         coverage.append(float(pb.sum()))
         same.append(next(iter(top_b)) == next(iter(top_q)))
     lb, lq = np.asarray(base_true, dtype=np.float64), np.asarray(build_true, dtype=np.float64)
-    return {"nll_base": -lb, "nll": -lq, "kld": np.array(kld), "dp": np.exp(lq) - np.exp(lb),
-            "same_top": np.array(same), "coverage": np.array(coverage)}
+    return {
+        "nll_base": -lb,
+        "nll": -lq,
+        "kld": np.array(kld),
+        "dp": np.exp(lq) - np.exp(lb),
+        "same_top": np.array(same),
+        "coverage": np.array(coverage),
+    }
 
 
 # -- statistics, as llama-perplexity prints them ----------------------------------------------------
+
 
 def _mean_err(x: np.ndarray) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1) / math.sqrt(len(x))) if len(x) > 1 else 0.0
@@ -133,21 +141,36 @@ def summarize(build: str, positions: Positions, mode: str, top_k: int | None) ->
     ppl_b, ppl_q = math.exp(nll_b.mean()), math.exp(nll_q.mean())
     kld_mean, kld_err = _mean_err(kld)
     dp_mean, dp_err = _mean_err(dp)
-    rms = math.sqrt(float((dp ** 2).mean()))
-    rms_err = float((dp ** 2).std(ddof=1) / math.sqrt(n)) / (2 * rms) if n > 1 and rms > 0 else 0.0
+    rms = math.sqrt(float((dp**2).mean()))
+    rms_err = float((dp**2).std(ddof=1) / math.sqrt(n)) / (2 * rms) if n > 1 and rms > 0 else 0.0
     same_p = float(same.mean())
     return {
-        "build": build, "mode": mode, "top_k": top_k, "positions": n,
-        "ppl_base": ppl_b, "ppl_base_err": ppl_b * _mean_err(nll_b)[1],
-        "ppl": ppl_q, "ppl_err": ppl_q * _mean_err(nll_q)[1],
+        "build": build,
+        "mode": mode,
+        "top_k": top_k,
+        "positions": n,
+        "ppl_base": ppl_b,
+        "ppl_base_err": ppl_b * _mean_err(nll_b)[1],
+        "ppl": ppl_q,
+        "ppl_err": ppl_q * _mean_err(nll_q)[1],
         "ln_ppl_correlation": float(np.corrcoef(nll_b, nll_q)[0, 1]) if n > 1 and nll_b.std() and nll_q.std() else 1.0,
-        "ln_ppl_ratio_mean": ln_ratio, "ln_ppl_ratio_err": ln_ratio_err,
-        "ppl_ratio": math.exp(ln_ratio), "ppl_ratio_err": math.exp(ln_ratio) * ln_ratio_err,
-        "kld_mean": kld_mean, "kld_err": kld_err, "kld_max": float(kld.max()),
+        "ln_ppl_ratio_mean": ln_ratio,
+        "ln_ppl_ratio_err": ln_ratio_err,
+        "ppl_ratio": math.exp(ln_ratio),
+        "ppl_ratio_err": math.exp(ln_ratio) * ln_ratio_err,
+        "kld_mean": kld_mean,
+        "kld_err": kld_err,
+        "kld_max": float(kld.max()),
         "kld_percentiles": _percentiles(kld),
-        "dp_mean": dp_mean, "dp_err": dp_err, "dp_percentiles": _percentiles(dp), "dp_rms": rms, "dp_rms_err": rms_err,
-        "same_top_p": same_p, "same_top_p_err": math.sqrt(same_p * (1 - same_p) / (n - 1)) if n > 1 else 0.0,
-        "coverage_mean": float(coverage.mean()), "coverage_p1": float(np.percentile(coverage, 1)),
+        "dp_mean": dp_mean,
+        "dp_err": dp_err,
+        "dp_percentiles": _percentiles(dp),
+        "dp_rms": rms,
+        "dp_rms_err": rms_err,
+        "same_top_p": same_p,
+        "same_top_p_err": math.sqrt(same_p * (1 - same_p) / (n - 1)) if n > 1 else 0.0,
+        "coverage_mean": float(coverage.mean()),
+        "coverage_p1": float(np.percentile(coverage, 1)),
     }
 
 
@@ -155,39 +178,55 @@ def render(stats: dict) -> str:
     """llama-perplexity's blocks for one build (a lower bound is printed as one, never as the KLD)."""
     exact = stats["mode"] == "exact"
     kl = "KLD" if exact else "KLD lower bound"
-    lines = [f"====== {stats['build']} against the base: {stats['positions']} positions, "
-             + ("exact" if exact else f"top-{stats['top_k']} partition bound") + " ======",
-             f"Mean PPL(Q)                   : {stats['ppl']:10.6f} ± {stats['ppl_err']:.6f}",
-             f"Mean PPL(base)                : {stats['ppl_base']:10.6f} ± {stats['ppl_base_err']:.6f}",
-             f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * stats['ln_ppl_correlation']:6.2f}%",
-             f"Mean ln(PPL(Q)/PPL(base))     : {stats['ln_ppl_ratio_mean']:10.6f} ± {stats['ln_ppl_ratio_err']:.6f}",
-             f"Mean PPL(Q)/PPL(base)         : {stats['ppl_ratio']:10.6f} ± {stats['ppl_ratio_err']:.6f}",
-             "",
-             f"Mean    {kl}: {stats['kld_mean']:10.6f} ± {stats['kld_err']:.6f}"]
+    lines = [
+        f"====== {stats['build']} against the base: {stats['positions']} positions, "
+        + ("exact" if exact else f"top-{stats['top_k']} partition bound")
+        + " ======",
+        f"Mean PPL(Q)                   : {stats['ppl']:10.6f} ± {stats['ppl_err']:.6f}",
+        f"Mean PPL(base)                : {stats['ppl_base']:10.6f} ± {stats['ppl_base_err']:.6f}",
+        f"Cor(ln(PPL(Q)), ln(PPL(base))): {100 * stats['ln_ppl_correlation']:6.2f}%",
+        f"Mean ln(PPL(Q)/PPL(base))     : {stats['ln_ppl_ratio_mean']:10.6f} ± {stats['ln_ppl_ratio_err']:.6f}",
+        f"Mean PPL(Q)/PPL(base)         : {stats['ppl_ratio']:10.6f} ± {stats['ppl_ratio_err']:.6f}",
+        "",
+        f"Mean    {kl}: {stats['kld_mean']:10.6f} ± {stats['kld_err']:.6f}",
+    ]
     names = {"max": "Maximum", "min": "Minimum", "p50": "Median "}
-    lines += [f"{names.get(k, f'{k[1:]:>5}%'):<7} {kl}: {v:10.6f}" for k, v in stats["kld_percentiles"].items()
-              if k in ("max", "p99.9", "p99", "p95", "p90", "p50", "p10", "p5", "p1", "p0.1", "min")]
+    lines += [
+        f"{names.get(k, f'{k[1:]:>5}%'):<7} {kl}: {v:10.6f}"
+        for k, v in stats["kld_percentiles"].items()
+        if k in ("max", "p99.9", "p99", "p95", "p90", "p50", "p10", "p5", "p1", "p0.1", "min")
+    ]
     if not exact:
-        lines.append(f"Base mass covered: mean {100 * stats['coverage_mean']:.2f}%, "
-                     f"1st percentile {100 * stats['coverage_p1']:.2f}%")
+        lines.append(
+            f"Base mass covered: mean {100 * stats['coverage_mean']:.2f}%, "
+            f"1st percentile {100 * stats['coverage_p1']:.2f}%"
+        )
     lines += ["", f"Mean    Δp: {100 * stats['dp_mean']:8.3f} ± {100 * stats['dp_err']:.3f} %"]
     lines += [f"{names.get(k, f'{k[1:]:>5}%'):<7} Δp: {100 * v:8.3f}%" for k, v in stats["dp_percentiles"].items()]
-    lines += [f"RMS Δp    : {100 * stats['dp_rms']:8.3f} ± {100 * stats['dp_rms_err']:.3f} %",
-              f"Same top p: {100 * stats['same_top_p']:8.3f} ± {100 * stats['same_top_p_err']:.3f} %"]
+    lines += [
+        f"RMS Δp    : {100 * stats['dp_rms']:8.3f} ± {100 * stats['dp_rms_err']:.3f} %",
+        f"Same top p: {100 * stats['same_top_p']:8.3f} ± {100 * stats['same_top_p_err']:.3f} %",
+    ]
     return "\n".join(lines) + "\n"
 
 
 def render_table(all_stats: list[dict]) -> str:
     """The quantization PRs' table: one row per build."""
-    lines = ["| build | PPL | ΔPPL | KLD | mean Δp | RMS Δp | same top p |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = [
+        "| build | PPL | ΔPPL | KLD | mean Δp | RMS Δp | same top p |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in all_stats:
         kld = f"{s['kld_mean']:.6f}" if s["mode"] == "exact" else f">= {s['kld_mean']:.6f} (top-{s['top_k']})"
-        lines.append(f"| {s['build']} | {s['ppl']:.4f} | {s['ppl'] - s['ppl_base']:+.4f} | {kld} | "
-                     f"{100 * s['dp_mean']:+.3f}% | {100 * s['dp_rms']:.3f}% | {100 * s['same_top_p']:.2f}% |")
+        lines.append(
+            f"| {s['build']} | {s['ppl']:.4f} | {s['ppl'] - s['ppl_base']:+.4f} | {kld} | "
+            f"{100 * s['dp_mean']:+.3f}% | {100 * s['dp_rms']:.3f}% | {100 * s['same_top_p']:.2f}% |"
+        )
     return "\n".join(lines) + "\n"
 
 
 # -- windows and servers ------------------------------------------------------------------------------
+
 
 def windows(tokens: list[int], ctx: int, bos: int | None, chunks: int | None) -> list[list[int]]:
     """llama-perplexity's chunks: consecutive `ctx`-token pieces, BOS put in place of the first
@@ -195,7 +234,7 @@ def windows(tokens: list[int], ctx: int, bos: int | None, chunks: int | None) ->
     n = len(tokens) // ctx if chunks is None else min(chunks, len(tokens) // ctx)
     out = []
     for i in range(n):
-        window = list(tokens[i * ctx:(i + 1) * ctx])
+        window = list(tokens[i * ctx : (i + 1) * ctx])
         if bos is not None:
             window[0] = bos
         out.append(window)
@@ -208,8 +247,10 @@ def _vocabulary(client: Client, probe: list[int]) -> int:
         return client.distributions(probe, start=0).vocab
     except APIError as exc:
         if exc.status in (404, 405):
-            raise Refused(f"{client.base_url} has no /v1/distributions (not a logprobs-server?): exact KL needs "
-                          "each position's full distribution; use --top-k K for the top-K lower bound") from None
+            raise Refused(
+                f"{client.base_url} has no /v1/distributions (not a logprobs-server?): exact KL needs "
+                "each position's full distribution; use --top-k K for the top-K lower bound"
+            ) from None
         raise
 
 
@@ -223,16 +264,21 @@ def check_tokenizers(base: Client, others: list[Client], sample: str, exact: boo
     vocab = _vocabulary(base, probe) if exact else None
     for other in others:
         theirs = other.tokenizer_info()
-        differ = [name for name in ("bos_token", "eos_token", "add_bos_token")
-                  if getattr(info, name) != getattr(theirs, name)]
+        differ = [
+            name for name in ("bos_token", "eos_token", "add_bos_token") if getattr(info, name) != getattr(theirs, name)
+        ]
         if differ:
-            raise Refused(f"{other.base_url}'s tokenizer differs from the base's in " + ", ".join(
-                f"{n} ({getattr(theirs, n)!r} vs {getattr(info, n)!r})" for n in differ))
+            raise Refused(
+                f"{other.base_url}'s tokenizer differs from the base's in "
+                + ", ".join(f"{n} ({getattr(theirs, n)!r} vs {getattr(info, n)!r})" for n in differ)
+            )
         other_ids = other.tokenize(sample, add_special_tokens=False).tokens
         if other_ids != ids:
             at = next((i for i, (a, b) in enumerate(zip(ids, other_ids)) if a != b), min(len(ids), len(other_ids)))
-            raise Refused(f"{other.base_url} tokenizes the text differently from the base (first at token {at}: "
-                          f"{other_ids[at:at + 3]} vs {ids[at:at + 3]}); the distributions cannot be compared")
+            raise Refused(
+                f"{other.base_url} tokenizes the text differently from the base (first at token {at}: "
+                f"{other_ids[at : at + 3]} vs {ids[at : at + 3]}); the distributions cannot be compared"
+            )
         if exact and (other_vocab := _vocabulary(other, probe)) != vocab:
             raise Refused(f"{other.base_url}'s vocabulary has {other_vocab} tokens, the base's {vocab}")
     bos = None
@@ -244,7 +290,7 @@ def check_tokenizers(base: Client, others: list[Client], sample: str, exact: boo
 def _echo_topk(client: Client, window: list[int], first: int, k: int) -> tuple[list[dict], list[float]]:
     choice = client.complete([window], max_tokens=0, echo=True, logprobs=k, temperature=0).choices[0]
     logprobs = choice.logprobs
-    return list(logprobs.top_logprobs[first + 1:]), list(logprobs.token_logprobs[first + 1:])
+    return list(logprobs.top_logprobs[first + 1 :]), list(logprobs.token_logprobs[first + 1 :])
 
 
 def _clients(urls: list[str], api_key: str | None, verify) -> list[Client]:
@@ -273,8 +319,10 @@ def _score(cut: list[list[int]], n_builds: int, fetch, compute, progress) -> lis
 
 def _rows_from(first: int, dtype: str):
     """ask for _on_every_server: a window's full log-distributions from row `first` on."""
+
     def rows_of(client: Client, window: list[int]) -> np.ndarray:
         return client.distributions(window, start=first, dtype=dtype).array()
+
     return rows_of
 
 
@@ -284,6 +332,7 @@ def _on_every_server(clients: list[Client], ask):
 
     def fetch(window):
         return list(pool.map(lambda c: ask(c, window), clients))
+
     return pool, fetch
 
 
@@ -295,17 +344,31 @@ def _results(urls: list[str], positions: list[Positions], mode: str, top_k: int 
     return [summarize(url, p, mode, top_k) | {"worst": worst(p)} for url, p in zip(urls, positions)]
 
 
-def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: int | None = None,
-        top_k: int | None = None, dtype: str = "float32", api_key: str | None = None, verify=True,
-        progress=None, chart=None, save_base: str | Path | None = None) -> list[dict]:
+def run(
+    base_url: str,
+    urls: list[str],
+    text: str,
+    *,
+    ctx: int = 512,
+    chunks: int | None = None,
+    top_k: int | None = None,
+    dtype: str = "float32",
+    api_key: str | None = None,
+    verify=True,
+    progress=None,
+    chart=None,
+    save_base: str | Path | None = None,
+) -> list[dict]:
     """The statistics of each build at `urls` against the base at `base_url`, one dict per build;
     `chart`: a PNG path for the KLD distribution of each build; `save_base`: also write the base's
     rows as llama-perplexity's --kl-divergence-base file (exact mode; `urls` may then be empty)."""
     if save_base is not None and top_k is not None:
         raise Refused("--save-base keeps each position's full distribution: it cannot come from --top-k")
     if save_base is not None and dtype != "float32":
-        raise Refused("--save-base with --dtype float16 would round the base to float16 (steps of 0.008 nats "
-                      "near -10) before its 16 bits: leave --dtype at float32")
+        raise Refused(
+            "--save-base with --dtype float16 would round the base to float16 (steps of 0.008 nats "
+            "near -10) before its 16 bits: leave --dtype at float32"
+        )
     clients = _clients([base_url, *urls], api_key, verify)
     base = clients[0]
     writer = None
@@ -319,12 +382,12 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
             raise Refused(f"the text has {len(tokens)} tokens: fewer than one window of --ctx {ctx}")
         first = ctx // 2
         if save_base is not None:
-            writer = kld_file.Writer(save_base, ctx, vocab, np.asarray(tokens[:len(cut) * ctx]).reshape(len(cut), ctx))
+            writer = kld_file.Writer(save_base, ctx, vocab, np.asarray(tokens[: len(cut) * ctx]).reshape(len(cut), ctx))
 
         def exact(i, window, rows):
             if writer is not None:
                 writer.add(rows[0])
-            targets = np.asarray(window[first + 1:])  # the tokens the rows predict
+            targets = np.asarray(window[first + 1 :])  # the tokens the rows predict
             return [exact_positions(rows[0], build_rows, targets) for build_rows in rows[1:]]
 
         def top(i, window, tops):
@@ -339,8 +402,9 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
         if writer is not None:
             writer.close()
             writer = None
-        return _results(urls, positions, "exact" if top_k is None else "top-k", top_k, chart,
-                        lambda p: _worst(base, p, cut, first))
+        return _results(
+            urls, positions, "exact" if top_k is None else "top-k", top_k, chart, lambda p: _worst(base, p, cut, first)
+        )
     finally:
         if writer is not None:
             writer.abandon()  # no half-written base file left behind
@@ -348,8 +412,17 @@ def run(base_url: str, urls: list[str], text: str, *, ctx: int = 512, chunks: in
             client.close()
 
 
-def run_from_file(path: str | Path, urls: list[str], *, chunks: int | None = None, dtype: str = "float32",
-                  api_key: str | None = None, verify=True, progress=None, chart=None) -> list[dict]:
+def run_from_file(
+    path: str | Path,
+    urls: list[str],
+    *,
+    chunks: int | None = None,
+    dtype: str = "float32",
+    api_key: str | None = None,
+    verify=True,
+    progress=None,
+    chart=None,
+) -> list[dict]:
     """The statistics of each build at `urls` against a base file (llama-perplexity's
     --kl-divergence-base, or `kld --save-base`), computed as llama-perplexity computes them from it."""
     base = kld_file.read(path)
@@ -359,25 +432,32 @@ def run_from_file(path: str | Path, urls: list[str], *, chunks: int | None = Non
         sample = first_build.detokenize([int(t) for t in base.tokens[0, 1:513]])
         bos, vocab = check_tokenizers(first_build, clients[1:], sample, exact=True)
         if vocab != base.n_vocab:
-            raise Refused(f"{path} holds distributions over {base.n_vocab} tokens; {first_build.base_url}'s "
-                          f"vocabulary has {vocab}: the file was made with another model's tokenizer")
+            raise Refused(
+                f"{path} holds distributions over {base.n_vocab} tokens; {first_build.base_url}'s "
+                f"vocabulary has {vocab}: the file was made with another model's tokenizer"
+            )
         if bos is not None and int(base.tokens[0, 0]) != bos:
-            raise Refused(f"{path} starts with token {int(base.tokens[0, 0])}, not the BOS ({bos}) that "
-                          f"{first_build.base_url}'s tokenizer adds: the file was made with another tokenizer")
+            raise Refused(
+                f"{path} starts with token {int(base.tokens[0, 0])}, not the BOS ({bos}) that "
+                f"{first_build.base_url}'s tokenizer adds: the file was made with another tokenizer"
+            )
         n = base.n_chunk if chunks is None else min(chunks, base.n_chunk)
-        cut = [[bos if (j == 0 and bos is not None) else int(t) for j, t in enumerate(base.tokens[i])]
-               for i in range(n)]
+        cut = [
+            [bos if (j == 0 and bos is not None) else int(t) for j, t in enumerate(base.tokens[i])] for i in range(n)
+        ]
         first = base.n_ctx // 2
 
         def from_file(i, window, rows):
-            targets = np.asarray(window[first + 1:])
+            targets = np.asarray(window[first + 1 :])
             return [kld_file.file_positions(base.rows[i], base.n_vocab, build_rows, targets) for build_rows in rows]
 
         pool, fetch = _on_every_server(clients, _rows_from(first, dtype))
         with pool:
             positions = _score(cut, len(urls), fetch, from_file, progress)
-        return [stats | {"base_file": str(path)} for stats in _results(
-            urls, positions, "exact", None, chart, lambda p: _worst(first_build, p, cut, first))]
+        return [
+            stats | {"base_file": str(path)}
+            for stats in _results(urls, positions, "exact", None, chart, lambda p: _worst(first_build, p, cut, first))
+        ]
     finally:
         for client in clients:
             client.close()
@@ -390,7 +470,13 @@ def _worst(base: Client, positions: Positions, cut: list[list[int]], first: int,
     found = []
     for index in np.argsort(-kld, kind="stable")[:n]:
         window, offset = cut[index // per_window], first + 1 + index % per_window
-        found.append({"window": int(index // per_window), "position": int(offset), "kld": float(kld[index]),
-                      "context": base.detokenize(window[max(0, offset - 12):offset]),
-                      "token": base.detokenize(window[offset:offset + 1])})
+        found.append(
+            {
+                "window": int(index // per_window),
+                "position": int(offset),
+                "kld": float(kld[index]),
+                "context": base.detokenize(window[max(0, offset - 12) : offset]),
+                "token": base.detokenize(window[offset : offset + 1]),
+            }
+        )
     return found

@@ -58,14 +58,14 @@ def encode_rows(logprobs: np.ndarray) -> np.ndarray:
         inv = np.where(scale > 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
         q = np.rint(inv * (lp - low)).astype(np.float32)  # nearest_int: round half to even, as np.rint
     q = np.where(lp > low, np.clip(q, 0, 65535), 0)
-    out[:, 4:4 + n_vocab] = q.astype("<u2")
+    out[:, 4 : 4 + n_vocab] = q.astype("<u2")
     return out
 
 
 def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
     """llama-perplexity's rows -> log-probabilities [rows, n_vocab] (float32 arithmetic, as llama's)."""
     head = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [rows, 2]: scale, min_log_prob
-    return head[:, :1] * rows[:, 4:4 + n_vocab].astype(np.float32) + head[:, 1:2]
+    return head[:, :1] * rows[:, 4 : 4 + n_vocab].astype(np.float32) + head[:, 1:2]
 
 
 def normalized(rows: np.ndarray) -> np.ndarray:
@@ -78,7 +78,9 @@ def normalized(rows: np.ndarray) -> np.ndarray:
     return x
 
 
-def file_positions(base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targets: np.ndarray) -> dict[str, np.ndarray]:
+def file_positions(
+    base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targets: np.ndarray
+) -> dict[str, np.ndarray]:
     """llama-perplexity's statistics at each row of a base file against a build's full
     log-distributions [rows, n_vocab]: KL over the base tokens above FLOOR (not renormalized),
     the base NLL read from the 16 bits, the build's in float64."""
@@ -127,11 +129,12 @@ def read(path: str | Path) -> BaseFile:
     nv, per = row_width(n_vocab), scored(n_ctx)
     want = HEADER.size + 4 * n_chunk * n_ctx + 2 * n_chunk * per * nv
     if size != want:
-        raise ValueError(f"{path} holds {size} bytes; n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk} "
-                         f"need {want} (a truncated file, or written with other settings)")
+        raise ValueError(
+            f"{path} holds {size} bytes; n_ctx={n_ctx}, n_vocab={n_vocab}, n_chunk={n_chunk} "
+            f"need {want} (a truncated file, or written with other settings)"
+        )
     tokens = np.fromfile(path, dtype="<i4", count=n_chunk * n_ctx, offset=HEADER.size).reshape(n_chunk, n_ctx)
-    rows = np.memmap(path, dtype="<u2", mode="r", offset=HEADER.size + 4 * n_chunk * n_ctx,
-                     shape=(n_chunk, per, nv))
+    rows = np.memmap(path, dtype="<u2", mode="r", offset=HEADER.size + 4 * n_chunk * n_ctx, shape=(n_chunk, per, nv))
     return BaseFile(path, n_ctx, n_vocab, tokens, rows)
 
 
@@ -143,7 +146,7 @@ class Writer:
         tokens = np.asarray(tokens, dtype="<i4")
         self.n_ctx, self.n_vocab, self.n_chunk = n_ctx, n_vocab, len(tokens)
         self._written = 0
-        self._file: BinaryIO = Path(path).open("wb")
+        self._file: BinaryIO = Path(path).open("wb")  # noqa: SIM115 (closed by close() or on error)
         try:
             self._file.write(HEADER.pack(MAGIC, n_ctx, n_vocab, self.n_chunk))
             self._file.write(tokens.reshape(self.n_chunk, n_ctx).tobytes())
@@ -156,13 +159,15 @@ class Writer:
         if logprobs.shape != (scored(self.n_ctx), self.n_vocab):
             raise ValueError(f"a window's rows are {logprobs.shape}, not {(scored(self.n_ctx), self.n_vocab)}")
         for lo in range(0, len(logprobs), ROWS_PER_STEP):
-            self._file.write(encode_rows(logprobs[lo:lo + ROWS_PER_STEP]).tobytes())
+            self._file.write(encode_rows(logprobs[lo : lo + ROWS_PER_STEP]).tobytes())
         self._written += 1
 
     def close(self) -> None:
         self._file.close()
         if self._written != self.n_chunk:
-            raise ValueError(f"{self._file.name}: {self._written} of {self.n_chunk} windows written; the file is incomplete")
+            raise ValueError(
+                f"{self._file.name}: {self._written} of {self.n_chunk} windows written; the file is incomplete"
+            )
 
     def abandon(self) -> None:
         """Close and remove an incomplete file (a run that failed or was interrupted)."""

@@ -32,8 +32,10 @@ class LogprobsCompletions(LocalCompletionsAPI):
 
     def _server_tokenizer(self) -> dict:
         if self.tokenizer_backend != "remote":
-            raise ValueError(f"{MODEL_NAME} renders the server's chat template, which it reads through the remote "
-                             f"tokenizer: use tokenizer_backend=remote (not {self.tokenizer_backend})")
+            raise ValueError(
+                f"{MODEL_NAME} renders the server's chat template, which it reads through the remote "
+                f"tokenizer: use tokenizer_backend=remote (not {self.tokenizer_backend})"
+            )
         return self.tokenizer.tokenizer_info
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
@@ -42,16 +44,23 @@ class LogprobsCompletions(LocalCompletionsAPI):
             return None
         template = self._server_tokenizer().get("chat_template")
         if not template:
-            raise ValueError("The server publishes no chat template for its model (/tokenizer_info): evaluate it "
-                             "without --apply_chat_template")
+            raise ValueError(
+                "The server publishes no chat template for its model (/tokenizer_info): evaluate it "
+                "without --apply_chat_template"
+            )
         return template
 
     def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
         info = self._server_tokenizer()
         return chat_template.render(
-            self.chat_template(True), chat_history, add_generation_prompt=add_generation_prompt,
+            self.chat_template(True),
+            chat_history,
+            add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,
-            bos_token=info.get("bos_token"), eos_token=info.get("eos_token"), pad_token=info.get("pad_token"))
+            bos_token=info.get("bos_token"),
+            eos_token=info.get("eos_token"),
+            pad_token=info.get("pad_token"),
+        )
 
     @property
     def tokenizer_name(self) -> str:

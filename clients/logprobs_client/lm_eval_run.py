@@ -10,10 +10,11 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from logprobs_client.client import Client, base_url_of
 from logprobs_client.types import ModelInfo, TokenizerInfo
@@ -67,8 +68,9 @@ class Options:
 
 def probe(target: Target, timeout: float = 30.0) -> ServerInfo:
     """The served model and tokenizer, from /v1/models and /tokenizer_info."""
-    with Client(target.root, api_key=target.api_key, verify=target.ca_cert or True, timeout=timeout,
-                max_retries=2) as client:
+    with Client(
+        target.root, api_key=target.api_key, verify=target.ca_cert or True, timeout=timeout, max_retries=2
+    ) as client:
         return ServerInfo(model=client.model_info(), tokenizer=client.tokenizer_info())
 
 
@@ -114,8 +116,14 @@ def command(target: Target, info: ServerInfo, options: Options, python: str = sy
         argv = [python, "-m", "logprobs_client.lm_eval_model", "--model", "logprobs-completions"]
     else:
         argv = [python, "-m", "lm_eval", "--model", "local-completions"]
-    argv += ["--model_args", ",".join(_model_arg(k, v) for k, v in model_args(target, info, options).items()),
-             "--tasks", options.tasks, "--batch_size", str(options.batch_size)]
+    argv += [
+        "--model_args",
+        ",".join(_model_arg(k, v) for k, v in model_args(target, info, options).items()),
+        "--tasks",
+        options.tasks,
+        "--batch_size",
+        str(options.batch_size),
+    ]
     if options.apply_chat_template:
         argv.append("--apply_chat_template")
     include = options.include_path
@@ -162,8 +170,10 @@ def environment(target: Target) -> Iterator[dict[str, str]]:
 
 def require_lm_eval() -> None:
     if importlib.util.find_spec("lm_eval") is None:
-        raise SystemExit("logprobs-eval runs lm-eval, which is not installed here: "
-                         "pip install 'lm-eval[api]==0.4.13' (or the client's [eval] extra: pip install './clients[eval]')")
+        raise SystemExit(
+            "logprobs-eval runs lm-eval, which is not installed here: "
+            "pip install 'lm-eval[api]==0.4.13' (or the client's [eval] extra: pip install './clients[eval]')"
+        )
 
 
 def run(target: Target, info: ServerInfo, options: Options, *, stdout: IO | None = None, log: IO = sys.stderr) -> int:

@@ -12,8 +12,17 @@ class APIError(Exception):
     `status` is the HTTP status; `type`, `code`, `param` and `message` come from the body's
     {"error": {...}}; `retry_after` is the Retry-After header in seconds (None without one)."""
 
-    def __init__(self, status: int, message: str, *, type: str | None = None, code: str | None = None,
-                 param: str | None = None, retry_after: float | None = None, body: Any = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        param: str | None = None,
+        retry_after: float | None = None,
+        body: Any = None,
+    ):
         super().__init__(f"HTTP {status}: {message}")
         self.status, self.message, self.type, self.code, self.param = status, message, type, code, param
         self.retry_after, self.body = retry_after, body
@@ -31,9 +40,13 @@ class ModelInfo:
 
     @classmethod
     def from_json(cls, entry: dict) -> ModelInfo:
-        return cls(id=entry["id"], max_model_len=entry.get("max_model_len"),
-                   system_fingerprint=entry.get("system_fingerprint"), fingerprint=entry.get("fingerprint") or {},
-                   owned_by=entry.get("owned_by"))
+        return cls(
+            id=entry["id"],
+            max_model_len=entry.get("max_model_len"),
+            system_fingerprint=entry.get("system_fingerprint"),
+            fingerprint=entry.get("fingerprint") or {},
+            owned_by=entry.get("owned_by"),
+        )
 
 
 @dataclass(frozen=True)
@@ -53,7 +66,8 @@ class Distributions:
         import numpy as np
 
         return np.frombuffer(self.data, dtype={"float32": "<f4", "float16": "<f2"}[self.dtype]).reshape(
-            self.rows, self.vocab)
+            self.rows, self.vocab
+        )
 
 
 @dataclass(frozen=True)
@@ -69,9 +83,14 @@ class TokenizerInfo:
 
     @classmethod
     def from_json(cls, body: dict) -> TokenizerInfo:
-        return cls(eos_token=body.get("eos_token"), bos_token=body.get("bos_token"), pad_token=body.get("pad_token"),
-                   add_bos_token=bool(body.get("add_bos_token")), model_max_length=body.get("model_max_length"),
-                   chat_template=body.get("chat_template"))
+        return cls(
+            eos_token=body.get("eos_token"),
+            bos_token=body.get("bos_token"),
+            pad_token=body.get("pad_token"),
+            add_bos_token=bool(body.get("add_bos_token")),
+            model_max_length=body.get("model_max_length"),
+            chat_template=body.get("chat_template"),
+        )
 
 
 @dataclass(frozen=True)
@@ -125,17 +144,33 @@ class Completion:
         choices = []
         for c in sorted(body["choices"], key=lambda c: c["index"]):
             lp = c.get("logprobs")
-            logprobs = None if lp is None else Logprobs(
-                tokens=lp["tokens"], token_logprobs=lp["token_logprobs"], top_logprobs=lp["top_logprobs"],
-                text_offset=lp.get("text_offset", []))
-            choices.append(CompletionChoice(index=c["index"], text=c["text"], finish_reason=c.get("finish_reason"),
-                                            logprobs=logprobs))
+            logprobs = (
+                None
+                if lp is None
+                else Logprobs(
+                    tokens=lp["tokens"],
+                    token_logprobs=lp["token_logprobs"],
+                    top_logprobs=lp["top_logprobs"],
+                    text_offset=lp.get("text_offset", []),
+                )
+            )
+            choices.append(
+                CompletionChoice(
+                    index=c["index"], text=c["text"], finish_reason=c.get("finish_reason"), logprobs=logprobs
+                )
+            )
         usage = body.get("usage")
-        return cls(id=body.get("id", ""), model=body.get("model", ""), created=body.get("created", 0),
-                   system_fingerprint=body.get("system_fingerprint"), choices=choices,
-                   usage=None if usage is None else Usage(**{k: usage[k] for k in
-                                                             ("prompt_tokens", "completion_tokens", "total_tokens")}),
-                   raw=body)
+        return cls(
+            id=body.get("id", ""),
+            model=body.get("model", ""),
+            created=body.get("created", 0),
+            system_fingerprint=body.get("system_fingerprint"),
+            choices=choices,
+            usage=None
+            if usage is None
+            else Usage(**{k: usage[k] for k in ("prompt_tokens", "completion_tokens", "total_tokens")}),
+            raw=body,
+        )
 
 
 @dataclass(frozen=True)

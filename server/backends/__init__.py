@@ -7,7 +7,7 @@ from pathlib import Path
 from server.backends.base import Backend, ModelInfo
 from server.config import ConfigError, Settings, default_threads
 
-__all__ = ["Backend", "ModelInfo", "load_backend", "detect_backend"]
+__all__ = ["Backend", "ModelInfo", "detect_backend", "load_backend"]
 
 
 def detect_backend(path: Path) -> str:
@@ -16,8 +16,10 @@ def detect_backend(path: Path) -> str:
     from server.backends.gguf import is_gguf_file
 
     if not path.exists():
-        raise ConfigError(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file "
-                          "or an mlx-lm model folder.")
+        raise ConfigError(
+            f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file "
+            "or an mlx-lm model folder."
+        )
     if path.is_dir():
         if (path / "config.json").exists():
             return "mlx"
@@ -33,18 +35,30 @@ def load_backend(path: Path, settings: Settings) -> Backend:
     detected = detect_backend(path)
     kind = settings.backend or detected
     if kind != detected:
-        raise ConfigError(f"--backend {kind} does not match {path}, which is a{'n mlx-lm folder' if detected == 'mlx' else ' GGUF file'}.")
+        what = "an mlx-lm folder" if detected == "mlx" else "a GGUF file"
+        raise ConfigError(f"--backend {kind} does not match {path}, which is {what}.")
     n_threads = settings.n_threads or default_threads()
     if kind == "gguf":
         from server.backends.gguf import GGUFBackend
 
-        return GGUFBackend(str(path), n_ctx=settings.n_ctx, n_threads=n_threads, n_batch=settings.n_batch,
-                           kv_cache_type=settings.kv_cache_type, max_sequences=settings.max_sequences)
+        return GGUFBackend(
+            str(path),
+            n_ctx=settings.n_ctx,
+            n_threads=n_threads,
+            n_batch=settings.n_batch,
+            kv_cache_type=settings.kv_cache_type,
+            max_sequences=settings.max_sequences,
+        )
     try:
         import mlx_lm  # noqa: F401
     except ImportError:
         raise ConfigError("The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)") from None
     from server.backends.mlx import MLXBackend
 
-    return MLXBackend(str(path), n_ctx=settings.n_ctx, n_batch=settings.n_batch, n_threads=n_threads,
-                      max_sequences=settings.max_sequences)
+    return MLXBackend(
+        str(path),
+        n_ctx=settings.n_ctx,
+        n_batch=settings.n_batch,
+        n_threads=n_threads,
+        max_sequences=settings.max_sequences,
+    )

@@ -150,7 +150,7 @@ class Backend(ABC):
         do the math there."""
         return score_rows(logits, targets, k, threads=self.scoring_threads, ranks=ranks)
 
-    def release(self, seq: int) -> None:
+    def release(self, seq: int) -> None:  # noqa: B027 (optional: a backend may hold nothing per sequence)
         """Forget a finished sequence (frees its KV cells)."""
 
     def snapshot(self, seq: int) -> tuple[object, int]:
@@ -166,5 +166,5 @@ class Backend(ABC):
         and build, precision settings): parts of the system fingerprint."""
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a backend may have nothing to free)
         """Free the model (the server calls this at shutdown)."""

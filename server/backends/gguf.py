@@ -55,8 +55,15 @@ class GGUFBackend(Backend):
     # Q4_1, Q8_0, F16, F32: any tail; K-quant and repacked files: 8+ tokens at multiples of 4; 16/16: other CPUs'.
     reuse_rules = (ReuseRule(1, 2), ReuseRule(4, 8), ReuseRule(16, 16))
 
-    def __init__(self, path: str, n_ctx: int = 0, n_threads: int = 1, n_batch: int = 512,
-                 kv_cache_type: str = "f32", max_sequences: int = 1):
+    def __init__(
+        self,
+        path: str,
+        n_ctx: int = 0,
+        n_threads: int = 1,
+        n_batch: int = 512,
+        kv_cache_type: str = "f32",
+        max_sequences: int = 1,
+    ):
         # Imported here so that the package imports (and --help works) without llama.cpp built.
         import llama_cpp
 
@@ -85,8 +92,10 @@ class GGUFBackend(Backend):
         self._batch = ll.llama_batch_init(self.n_batch, 0, 1)  # each token belongs to one sequence
 
         n_vocab = ll.llama_vocab_n_tokens(self._vocab)
-        self.tokens = TokenTable([self._piece(t) for t in range(n_vocab)],
-                                 [t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)])
+        self.tokens = TokenTable(
+            [self._piece(t) for t in range(n_vocab)],
+            [t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)],
+        )
 
         def special(token_id: int) -> int | None:
             return token_id if token_id >= 0 else None
@@ -174,9 +183,9 @@ class GGUFBackend(Backend):
     def decode(self, steps: Sequence[Step]) -> np.ndarray:
         out = np.empty((len(steps), self.info.n_vocab), dtype=np.float32)
         for lo in range(0, len(steps), self.n_batch):
-            part = steps[lo:lo + self.n_batch]
+            part = steps[lo : lo + self.n_batch]
             self._decode((s.seq, s.token, s.position, True) for s in part)
-            out[lo:lo + len(part)] = self._logits(len(part))
+            out[lo : lo + len(part)] = self._logits(len(part))
         return out
 
     def _decode(self, entries) -> None:

@@ -94,7 +94,7 @@ def _model_info(path: str, config: dict, hf, n_vocab: int, n_ctx: int, n_ctx_tra
         add_bos=bos is not None and with_special[:1] == [bos] and without[:1] != [bos],
         chat_template=hf.chat_template if isinstance(hf.chat_template, str) else None,
         description=f"{text_config.get('model_type', '?')} (mlx), "
-                    + (f"{quant.get('bits')}-bit quantized" if quant else str(config.get("torch_dtype", "float"))),
+        + (f"{quant.get('bits')}-bit quantized" if quant else str(config.get("torch_dtype", "float"))),
     )
 
 
@@ -120,9 +120,12 @@ class MLXBackend(Backend):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
         if sys.platform.startswith("linux") and not openblas_preloaded():
-            log.warning("MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
-                        "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
-                        "or set LD_PRELOAD=%s", find_openblas() or "/path/to/libopenblas.so.0")
+            log.warning(
+                "MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
+                "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
+                "or set LD_PRELOAD=%s",
+                find_openblas() or "/path/to/libopenblas.so.0",
+            )
         self._mx = mx
         self.on_cpu = mx.default_device() == mx.cpu
         self.scoring_threads = n_threads
@@ -188,7 +191,7 @@ class MLXBackend(Backend):
             n = len(tokens)
             own = self._make_cache(self.model)  # plain KVCache layers (shares_prompt_passes)
             for layer, merged in zip(own, shared):
-                layer.keys, layer.values = merged.keys[i:i + 1, :, :n, :], merged.values[i:i + 1, :, :n, :]
+                layer.keys, layer.values = merged.keys[i : i + 1, :, :n, :], merged.values[i : i + 1, :, :n, :]
                 layer.offset = n
             self._caches[seq] = own
             blocks.append(logits[i, logits_from:n])
@@ -209,7 +212,9 @@ class MLXBackend(Backend):
             self._unbatch()
             for s in steps:
                 if s.position != self._caches[s.seq][0].offset:
-                    raise RuntimeError(f"sequence {s.seq}: decode at {s.position}, cache holds {self._caches[s.seq][0].offset}")
+                    raise RuntimeError(
+                        f"sequence {s.seq}: decode at {s.position}, cache holds {self._caches[s.seq][0].offset}"
+                    )
             per_layer = zip(*(self._caches.pop(q) for q in seqs))
             self._batch = (seqs, [layer[0].merge(list(layer)) for layer in per_layer])
         return self.model(mx.array([[s.token] for s in steps]), cache=self._batch[1])[:, -1, :]

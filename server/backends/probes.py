@@ -29,8 +29,10 @@ log = logging.getLogger(__name__)
 # Both tolerances are the tests' (reuse vs none, shared vs alone), in logit units.
 SPLIT_TOLERANCE = 1e-4
 SHARED_TOLERANCE = 1e-4
-PROBE_TEXT = ("The old lighthouse keeper climbed the stairs every evening, counting the steps as his father "
-              "had taught him, and lit the lamp at the top.")
+PROBE_TEXT = (
+    "The old lighthouse keeper climbed the stairs every evening, counting the steps as his father "
+    "had taught him, and lit the lamp at the top."
+)
 
 
 def probe_tokens(backend: Backend, n: int) -> list[int]:
@@ -86,9 +88,13 @@ def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[floa
     last_line = (n - 1) // n_batch * n_batch
     # Other cached prompts differ from the prompt's own past the last grid line (their last pass),
     # so only the hits that restore rows there.
-    hits = {(m, length) for m in cached_lengths for share in shares if share <= min(m, n)
-            if (length := rule.restore_length(share, n, n_batch, cached=m)) >= min_reuse
-            and (m == n or length > last_line)}
+    hits = {
+        (m, length)
+        for m in cached_lengths
+        for share in shares
+        if share <= min(m, n)
+        if (length := rule.restore_length(share, n, n_batch, cached=m)) >= min_reuse and (m == n or length > last_line)
+    }
     edges = {length for _, length in hits} | {*range(n_batch, n, n_batch), n} | set(cached_lengths)
     kept = {i for edge in edges for i in range(max(0, edge - WINDOW), min(n, edge + WINDOW))}
 
@@ -124,8 +130,8 @@ def shared_pass_drift(backend: Backend) -> float:
     """The largest |difference| of any logit of any row between three prompts (a third, two thirds
     and all of the probe text, each cut to one pass) run together and each run alone. Run at
     start-up on sequences 0..2, before the engine starts."""
-    tokens = backend.tokenize(PROBE_TEXT, True)[:min(backend.n_batch, backend.info.n_ctx)]
-    lengths = sorted({max(2, len(tokens) * i // 3) for i in (1, 2, 3)})[:backend.max_sequences]
+    tokens = backend.tokenize(PROBE_TEXT, True)[: min(backend.n_batch, backend.info.n_ctx)]
+    lengths = sorted({max(2, len(tokens) * i // 3) for i in (1, 2, 3)})[: backend.max_sequences]
     prompts = [(seq, tokens[:n], 0) for seq, n in enumerate(lengths)]
     if len(prompts) < 2:
         return 0.0
@@ -143,18 +149,26 @@ def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
     for rule in backend.reuse_rules:  # the first that gives the same floats; else the first within tolerance
         started = time.perf_counter()
         drift, cuts = reuse_drift(backend, rule, min_reuse)
-        log.info("Prefix cache check (%s): %d cache hits against the whole prompt, logits moved by up to %.3g "
-                 "(%.1f s)", rule, cuts, drift, time.perf_counter() - started)
+        log.info(
+            "Prefix cache check (%s): %d cache hits against the whole prompt, logits moved by up to %.3g (%.1f s)",
+            rule,
+            cuts,
+            drift,
+            time.perf_counter() - started,
+        )
         drifts[rule] = drift
         if drift == 0:
             return rule
     within = [rule for rule, drift in drifts.items() if drift <= SPLIT_TOLERANCE]
     if within:
         return within[0]
-    log.warning("Prefix cache off: with this model file, a prompt run as after a cache hit (a cached prefix, then "
-                "the rest) gives other numbers than run whole under every rule tried (logits moved by up to %.3g; "
-                "tolerance %.0e), so reuse would change results. Scoring runs every prompt whole.",
-                min(drifts.values()), SPLIT_TOLERANCE)
+    log.warning(
+        "Prefix cache off: with this model file, a prompt run as after a cache hit (a cached prefix, then "
+        "the rest) gives other numbers than run whole under every rule tried (logits moved by up to %.3g; "
+        "tolerance %.0e), so reuse would change results. Scoring runs every prompt whole.",
+        min(drifts.values()),
+        SPLIT_TOLERANCE,
+    )
     return None
 
 
@@ -163,19 +177,27 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Settings
     where reuse would change results (else the backend's reuse_rule is the one that keeps it
     exact), and turns shared passes off on the backend where they would change them."""
     if settings.prefix_cache_mb and backend.supports_snapshots:
-        log.info("Checking that prefix reuse keeps every number (a prompt run whole and as after cache hits; "
-                 "seconds on large models)")
+        log.info(
+            "Checking that prefix reuse keeps every number (a prompt run whole and as after cache hits; "
+            "seconds on large models)"
+        )
         backend.reuse_rule = choose_reuse_rule(backend, min_reuse)
         if backend.reuse_rule is None:
             settings = settings.model_copy(update={"prefix_cache_mb": 0})
     if backend.shares_prompt_passes:
         drift = shared_pass_drift(backend)
         if drift > SHARED_TOLERANCE:
-            log.warning("Prompts run one at a time: run together in one forward pass, they gave logits up "
-                        "to %.3g away from each prompt alone, past the %.0e this server allows.",
-                        drift, SHARED_TOLERANCE)
+            log.warning(
+                "Prompts run one at a time: run together in one forward pass, they gave logits up "
+                "to %.3g away from each prompt alone, past the %.0e this server allows.",
+                drift,
+                SHARED_TOLERANCE,
+            )
             backend.shares_prompt_passes = False
         else:
-            log.info("Fresh prompts admitted together share forward passes (logits within %.2g of each "
-                     "prompt alone in the start-up check)", drift)
+            log.info(
+                "Fresh prompts admitted together share forward passes (logits within %.2g of each "
+                "prompt alone in the start-up check)",
+                drift,
+            )
     return settings

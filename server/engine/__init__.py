@@ -7,16 +7,25 @@ event loop's side); prefix_cache and fair_queue are the data structures they use
 """
 
 from server.engine.jobs import (
-                                Cancelled,
-                                EngineHooks,
-                                PromptJob,
-                                PromptResult,
-                                PromptScored,
-                                QueueFull,
-                                TokenEvent,
-                                job_cost,
+    Cancelled,
+    EngineHooks,
+    PromptJob,
+    PromptResult,
+    PromptScored,
+    QueueFull,
+    TokenEvent,
+    job_cost,
 )
 from server.engine.loop import Engine
 
-__all__ = ["Cancelled", "Engine", "EngineHooks", "PromptJob", "PromptResult", "PromptScored", "QueueFull",
-           "TokenEvent", "job_cost"]
+__all__ = [
+    "Cancelled",
+    "Engine",
+    "EngineHooks",
+    "PromptJob",
+    "PromptResult",
+    "PromptScored",
+    "QueueFull",
+    "TokenEvent",
+    "job_cost",
+]

@@ -46,8 +46,9 @@ class Admission:
         cost = sum(r.cost for r in jobs)
         with self._wake:
             if self.queued_tokens + cost > self.max_queued_tokens:
-                raise QueueFull(cost, self.queued_tokens, self.max_queued_tokens,
-                                self.rate.seconds_for(self.queued_tokens))
+                raise QueueFull(
+                    cost, self.queued_tokens, self.max_queued_tokens, self.rate.seconds_for(self.queued_tokens)
+                )
             self.queued_tokens += cost
             self._queue.extend(current_client(), jobs)
             self._wake.notify()

@@ -35,8 +35,14 @@ log = logging.getLogger(__name__)
 
 
 class Engine:
-    def __init__(self, backend: Backend, prefix_cache_mb: int = 0, max_queued_tokens: int = 1 << 62,
-                 hooks: EngineHooks | None = None, job_overhead_tokens: int = 0):
+    def __init__(
+        self,
+        backend: Backend,
+        prefix_cache_mb: int = 0,
+        max_queued_tokens: int = 1 << 62,
+        hooks: EngineHooks | None = None,
+        job_overhead_tokens: int = 0,
+    ):
         self.backend = backend
         use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
         # The rule the start-up check chose (a backend built without the check: its first).
@@ -59,8 +65,12 @@ class Engine:
         return self.admission.queued_tokens
 
     # -- the event loop's side ------------------------------------------------------------------
-    def stream(self, jobs: list[PromptJob], progress: bool = True, request_id: str = "-",
-               ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+    def stream(
+        self,
+        jobs: list[PromptJob],
+        progress: bool = True,
+        request_id: str = "-",
+    ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
         """Submit a request's jobs, all at once, now (QueueFull if the queue has no room for them,
         before anything is sent to the client), and return an iterator of (job index, event) as
         they run: with `progress`, each scored prompt and each generated token; always, (index,
@@ -76,8 +86,11 @@ class Engine:
 
         submitted = []
         for index, job in enumerate(jobs):
-            listener = (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event))) \
-                if progress else None
+            listener = (
+                (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event)))
+                if progress
+                else None
+            )
             running = RunningJob(job, request, listener, self.admission.job_overhead_tokens)
             running.future.add_done_callback(lambda f, index=index: deliver(index, f))
             submitted.append(running)
@@ -114,8 +127,14 @@ class Engine:
         cache = self.cache
         log.info(
             "completed %d prompt(s): %d prompt + %d generated tokens in %.2f s (%.0f tokens/s)%s",
-            len(jobs), n_prompt, n_gen, elapsed, (n_prompt + n_gen) / max(elapsed, 1e-9),
-            "" if cache is None else f"; prefix cache: {cache.hits}/{cache.lookups} hits, "
+            len(jobs),
+            n_prompt,
+            n_gen,
+            elapsed,
+            (n_prompt + n_gen) / max(elapsed, 1e-9),
+            ""
+            if cache is None
+            else f"; prefix cache: {cache.hits}/{cache.lookups} hits, "
             f"{cache.reused_tokens} tokens reused, {len(cache)} prompts in {cache.used / 2**20:.0f} MB",
         )
 

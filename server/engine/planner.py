@@ -50,8 +50,11 @@ class PromptPlanner:
             if len(tokens) > self.backend.n_batch:
                 others.append(r)
                 continue
-            if self.cache is not None and r.score_prompt and any(
-                    common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.score_prompt):
+            if (
+                self.cache is not None
+                and r.score_prompt
+                and any(common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.score_prompt)
+            ):
                 others.append(r)  # looked up after the group has run
                 continue
             self.look_up(r)

@@ -93,7 +93,7 @@ class PromptRunner:
         tokens, n = r.job.tokens, len(r.job.tokens)
         in_prompt = min(len(block), n - 1 - i)
         if r.score_prompt and in_prompt > 0:
-            targets = np.asarray(tokens[i + 1:i + 1 + in_prompt])
+            targets = np.asarray(tokens[i + 1 : i + 1 + in_prompt])
             r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.prompt_k, ranks=r.prompt_ranks))
         if r.job.distributions_from is not None and in_prompt > 0:
             skip = max(0, r.job.distributions_from - i)
@@ -109,7 +109,11 @@ class PromptRunner:
         if self.cache is not None and r.score_prompt and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
             scores = r.prompt.scores
-            size += scores.top_ids.nbytes + scores.top_logprobs.nbytes + scores.token_logprobs.nbytes + (
-                0 if scores.token_ranks is None else scores.token_ranks.nbytes)
+            size += (
+                scores.top_ids.nbytes
+                + scores.top_logprobs.nbytes
+                + scores.token_logprobs.nbytes
+                + (0 if scores.token_ranks is None else scores.token_ranks.nbytes)
+            )
             self.cache.add(tokens, state, size, scores, r.prompt_k)
         r.emit(PromptScored(r.prompt.scores))

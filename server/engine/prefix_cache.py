@@ -45,9 +45,10 @@ def common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class PrefixCache:
-    def __init__(self, max_bytes: int, rule: ReuseRule = ReuseRule(), n_batch: int = 1 << 30):
+    def __init__(self, max_bytes: int, rule: ReuseRule | None = None, n_batch: int = 1 << 30):
         self.max_bytes = max_bytes
-        self.rule, self.n_batch = rule, n_batch  # where a tail may start (prompt passes run on the n_batch grid)
+        # Where a tail may start (prompt passes run on the n_batch grid).
+        self.rule, self.n_batch = rule or ReuseRule(), n_batch
         self.used = 0
         self._entries: OrderedDict[int, CachedPrompt] = OrderedDict()  # LRU order, by id(entry)
         self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
@@ -60,8 +61,9 @@ class PrefixCache:
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
             if entry.k < k or (ranks and entry.scores.token_ranks is None):
                 continue
-            length = self.rule.restore_length(common_prefix(entry.tokens, tokens), len(tokens), self.n_batch,
-                                              cached=len(entry.tokens))
+            length = self.rule.restore_length(
+                common_prefix(entry.tokens, tokens), len(tokens), self.n_batch, cached=len(entry.tokens)
+            )
             if length >= MIN_REUSE and (best is None or length > best.length):
                 best = Reuse(entry, length)
         if best is not None:

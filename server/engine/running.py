@@ -74,8 +74,11 @@ class RunningJob:
         n = len(job.tokens)
         # The first row whose logits the job needs: every row of a scored prompt, the rows whose
         # distributions were asked for, else the last row (it chooses the first generated token).
-        self.logits_from = 0 if self.score_prompt else min(job.distributions_from if job.distributions_from
-                                                            is not None else n - 1, n - 1)
+        self.logits_from = (
+            0
+            if self.score_prompt
+            else min(job.distributions_from if job.distributions_from is not None else n - 1, n - 1)
+        )
 
     @property
     def cancelled(self) -> bool:
@@ -93,6 +96,7 @@ class RunningJob:
             generated_scores=concat_rows(output.parts, self.k) if self.job.logprobs is not None else None,
             generated_text=output.watcher.finish(),
             finish_reason=output.finish_reason,
-            distributions=np.concatenate(self.prompt.distributions) if self.job.distributions_from is not None
-            and self.prompt.distributions else None,
+            distributions=np.concatenate(self.prompt.distributions)
+            if self.job.distributions_from is not None and self.prompt.distributions
+            else None,
         )

@@ -46,10 +46,15 @@ class Sequences:
                     request.never_ran += 1
             r.future.set_exception(error)
         if request.unresolved == 0 and request.cancel.is_set() and (request.never_ran or request.stopped):
-            log.info("request cancelled (%s): %d queued job(s) dropped before running, "
-                     "%d running job(s) stopped early, %d had finished",
-                     request.reason, request.never_ran, request.stopped, request.finished,
-                     extra={"request_id": request.request_id})
+            log.info(
+                "request cancelled (%s): %d queued job(s) dropped before running, "
+                "%d running job(s) stopped early, %d had finished",
+                request.reason,
+                request.never_ran,
+                request.stopped,
+                request.finished,
+                extra={"request_id": request.request_id},
+            )
 
     def fail(self, jobs: list[RunningJob], error: BaseException, what: str) -> None:
         """A forward pass failed: the jobs in it fail, the server goes on."""

@@ -10,6 +10,7 @@ the same RequestValidationError (so the same 400) that FastAPI would raise.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -34,18 +35,37 @@ def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error",
-                                       "input": {}, "ctx": {"error": exc.msg}}]) from None
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", exc.pos),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": exc.msg},
+                }
+            ]
+        ) from None
     except RecursionError:  # nested deeper than the parser goes
-        raise RequestValidationError([{"type": "json_invalid", "loc": ("body", 0), "msg": "JSON decode error",
-                                       "input": {}, "ctx": {"error": "it nests too deeply"}}]) from None
+        raise RequestValidationError(
+            [
+                {
+                    "type": "json_invalid",
+                    "loc": ("body", 0),
+                    "msg": "JSON decode error",
+                    "input": {},
+                    "ctx": {"error": "it nests too deeply"},
+                }
+            ]
+        ) from None
     except UnicodeDecodeError:
         raise  # FastAPI's handler reports bytes that are not UTF-8 (it reads the body again: cheap)
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise RequestValidationError([{**error, "loc": ("body", *error["loc"])}
-                                      for error in exc.errors(include_url=False)]) from None
+        raise RequestValidationError(
+            [{**error, "loc": ("body", *error["loc"])} for error in exc.errors(include_url=False)]
+        ) from None
 
 
 class OffLoopBodyRoute(APIRoute):
@@ -65,12 +85,11 @@ class OffLoopBodyRoute(APIRoute):
             except ClientDisconnect:  # FastAPI's handler reads again and answers as it always has
                 return await handler(request)
             if raw:
-                try:
-                    # Starlette's Request.json() returns what is cached here: FastAPI validates
-                    # the model instance, which pydantic passes through unchanged.
+                # Starlette's Request.json() returns what is cached here: FastAPI validates the model
+                # instance, which pydantic passes through unchanged. Undecodable bytes: FastAPI's own
+                # reading answers them as it always has.
+                with contextlib.suppress(UnicodeDecodeError):
                     request._json = await asyncio.to_thread(parse_body, model, raw)
-                except UnicodeDecodeError:
-                    pass
             return await handler(request)
 
         return route

@@ -19,14 +19,23 @@ class BodyLimit:
     def __init__(self, app, max_bytes: int):
         self.app, self.max_bytes = app, max_bytes
 
-    def _refusal(self, status: int = 413, message: str | None = None,
-                 code: str = "body_too_large") -> tuple[dict, dict]:
-        message = message or f"The request body is larger than this server's limit of {self.max_bytes} bytes " \
-                             "(--max-body-bytes)."
+    def _refusal(
+        self, status: int = 413, message: str | None = None, code: str = "body_too_large"
+    ) -> tuple[dict, dict]:
+        message = (
+            message
+            or f"The request body is larger than this server's limit of {self.max_bytes} bytes (--max-body-bytes)."
+        )
         body = json.dumps(error_body(message, param=None, code=code)).encode()
-        start = {"type": "http.response.start", "status": status,
-                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                             (b"connection", b"close")]}
+        start = {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                (b"connection", b"close"),
+            ],
+        }
         return start, {"type": "http.response.body", "body": body}
 
     async def __call__(self, scope, receive, send):
@@ -35,8 +44,12 @@ class BodyLimit:
         headers = dict(scope.get("headers", []))
         declared = headers.get(b"content-length")
         if declared is not None and b"transfer-encoding" in headers:
-            for message in self._refusal(400, "The request has both Transfer-Encoding and Content-Length, so its "
-                                         "length is ambiguous; send one of them.", "invalid_http"):
+            for message in self._refusal(
+                400,
+                "The request has both Transfer-Encoding and Content-Length, so its "
+                "length is ambiguous; send one of them.",
+                "invalid_http",
+            ):
                 await send(message)
             return
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:

@@ -29,8 +29,15 @@ DEFAULT_READ_TIMEOUT: float = Settings.model_fields["request_read_timeout"].defa
 def _raw_response(status: int, reason: bytes, message: str, code: str) -> bytes:
     """A whole HTTP/1.1 response, OpenAI's error as its body, closing the connection."""
     body = json.dumps(error_body(message, code=code)).encode()
-    return b"".join([b"HTTP/1.1 %d %s\r\n" % (status, reason), b"content-type: application/json\r\n",
-                     b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body])
+    return b"".join(
+        [
+            b"HTTP/1.1 %d %s\r\n" % (status, reason),
+            b"content-type: application/json\r\n",
+            b"content-length: %d\r\n" % len(body),
+            b"connection: close\r\n\r\n",
+            body,
+        ]
+    )
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -42,7 +49,6 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
-
 
     def _answering(self) -> bool:
         """A response is in progress (uvicorn stops reading a pipelined request meanwhile)."""
@@ -82,21 +88,37 @@ class HttpProtocol(HttpToolsProtocol):
         self._read_deadline = None
         if self.transport.is_closing():
             return
-        self.logger.info("Closed a connection from %s that did not deliver a whole request within %g s "
-                         "(--request-read-timeout)", self.client[0] if self.client else "?", self.read_timeout)
+        self.logger.info(
+            "Closed a connection from %s that did not deliver a whole request within %g s (--request-read-timeout)",
+            self.client[0] if self.client else "?",
+            self.read_timeout,
+        )
         if self.cycle is None or self.cycle.response_complete or not self.cycle.response_started:
-            self.transport.write(_raw_response(
-                408, b"Request Timeout", f"The request did not arrive whole within {self.read_timeout:g} s "
-                "(the server's --request-read-timeout); send it at once.", "request_timeout"))
+            self.transport.write(
+                _raw_response(
+                    408,
+                    b"Request Timeout",
+                    f"The request did not arrive whole within {self.read_timeout:g} s "
+                    "(the server's --request-read-timeout); send it at once.",
+                    "request_timeout",
+                )
+            )
         self.transport.close()
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn calls this when the parser refuses the bytes (framing, a malformed request line or
         header, Transfer-Encoding beside Content-Length)."""
         self._disarm()
-        self.transport.write(_raw_response(400, b"Bad Request", "The request is not valid HTTP/1.1 (malformed "
-                                           "request line, headers or framing); it was refused and the connection "
-                                           "closed.", "invalid_http"))
+        self.transport.write(
+            _raw_response(
+                400,
+                b"Bad Request",
+                "The request is not valid HTTP/1.1 (malformed "
+                "request line, headers or framing); it was refused and the connection "
+                "closed.",
+                "invalid_http",
+            )
+        )
         self.transport.close()
 
 

@@ -15,8 +15,16 @@ log = logging.getLogger(__name__)
 
 
 class APIError(Exception):
-    def __init__(self, message: str, *, status: int = 400, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 400,
+        param: str | None = None,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
         self.headers = headers
@@ -25,21 +33,31 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", param: str | None = None,
-               code: str | None = None) -> dict:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, *, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content=error_body(message, type=type, param=param, code=code),
-                        headers=headers)
+def error_response(
+    status: int,
+    message: str,
+    *,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    return JSONResponse(
+        status_code=status, content=error_body(message, type=type, param=param, code=code), headers=headers
+    )
 
 
 INTERNAL_ERROR = "Internal server error; the server log has the details."
-SHUTTING_DOWN = ("The server is shutting down and stopped this request before it finished (past its "
-                 "--shutdown-grace); retry it once the server is back.")
+SHUTTING_DOWN = (
+    "The server is shutting down and stopped this request before it finished (past its "
+    "--shutdown-grace); retry it once the server is back."
+)
 SHUTDOWN_RETRY_AFTER = "5"  # seconds: about what a restart of a small model takes
 
 
@@ -78,8 +96,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
         # Its headers too: a 405 must say which methods the path takes (Allow).
-        return error_response(exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind,
-                              headers=exc.headers)
+        return error_response(
+            exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind, headers=exc.headers
+        )
 
     app.add_middleware(InternalErrors)  # the first added: innermost, right around the routes
     _no_422_in_schema(app)
@@ -112,13 +131,22 @@ class InternalErrors:
         except asyncio.CancelledError:
             # The request's own work was cancelled with it (server.api); the cancellation ends here,
             # with an answer where the status line is not sent yet.
-            log.warning("%s %s stopped by the shutdown before it finished%s", scope.get("method"), scope.get("path"),
-                        "" if started else "; answered 503")
+            log.warning(
+                "%s %s stopped by the shutdown before it finished%s",
+                scope.get("method"),
+                scope.get("path"),
+                "" if started else "; answered 503",
+            )
             if (task := asyncio.current_task()) is not None:
                 task.uncancel()  # handled here: the task is not being cancelled any more
             if not started:
-                await error_response(503, SHUTTING_DOWN, type="server_error", code="shutting_down",
-                                     headers={"Retry-After": SHUTDOWN_RETRY_AFTER})(scope, receive, send)
+                await error_response(
+                    503,
+                    SHUTTING_DOWN,
+                    type="server_error",
+                    code="shutting_down",
+                    headers={"Retry-After": SHUTDOWN_RETRY_AFTER},
+                )(scope, receive, send)
         except Exception:
             # Never the exception's text in the response: it can hold paths, prompts or internals.
             log.exception("Unexpected error in %s %s", scope.get("method"), scope.get("path"))

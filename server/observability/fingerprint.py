@@ -11,8 +11,9 @@ type, flash attention, n_batch, max_sequences, prefix cache on or off), numpy (w
 logits) and this server's version. n_ctx and n_threads are left out: both changed no logit, bit for
 bit, on SmolLM2 (n_ctx 512 / 2048 / 8192, 1 or 2 threads).
 
-Hashing the model reads the whole file once (server/models/digests.py); the digest is kept in the cache folder, keyed by the
-file's path, size and modification time, so a restart does not read it again.
+Hashing the model reads the whole file once (server/models/digests.py); the digest is kept in the
+cache folder, keyed by the file's path, size and modification time, so a restart does not read it
+again.
 """
 
 from __future__ import annotations
@@ -39,8 +40,13 @@ class Fingerprint:
         return cls(parts=dict(parts), short="fp_" + digest[:12])
 
 
-def compute(settings: Settings, backend: Backend, model: Path | None, cache_dir: Path | None,
-            origin: dict[str, str] | None = None) -> Fingerprint:
+def compute(
+    settings: Settings,
+    backend: Backend,
+    model: Path | None,
+    cache_dir: Path | None,
+    origin: dict[str, str] | None = None,
+) -> Fingerprint:
     """The fingerprint of a loaded backend serving `model` (None: a backend built in code, whose
     model is no file); `origin`: where the model came from (a Hub repo, its commit, its weight
     files' sha256), added to the parts."""

@@ -55,24 +55,43 @@ class EngineCollector:
 
     def collect(self):
         engine = self.engine
-        yield GaugeMetricFamily("logprobs_queue_jobs", "Jobs (one per prompt and sample) waiting for the model.",
-                                value=engine.queued_jobs)
-        yield GaugeMetricFamily("logprobs_queue_tokens", "Tokens (prompt + max_tokens) of the jobs waiting for the "
-                                "model; requests beyond --max-queued-tokens get 429.", value=engine.queued_tokens)
+        yield GaugeMetricFamily(
+            "logprobs_queue_jobs", "Jobs (one per prompt and sample) waiting for the model.", value=engine.queued_jobs
+        )
+        yield GaugeMetricFamily(
+            "logprobs_queue_tokens",
+            "Tokens (prompt + max_tokens) of the jobs waiting for the "
+            "model; requests beyond --max-queued-tokens get 429.",
+            value=engine.queued_tokens,
+        )
         cache = engine.cache  # None when off (an empty PrefixCache is falsy: it has a length)
         on = cache is not None
-        yield CounterMetricFamily("logprobs_prefix_cache_lookups", "Scored prompts looked up in the prefix cache.",
-                                  value=cache.lookups if on else 0)
-        yield CounterMetricFamily("logprobs_prefix_cache_hits", "Prefix cache lookups that found a prefix to reuse.",
-                                  value=cache.hits if on else 0)
-        yield CounterMetricFamily("logprobs_prefix_cache_reused_tokens", "Prompt positions restored from the "
-                                  "prefix cache instead of run.", value=cache.reused_tokens if on else 0)
-        yield GaugeMetricFamily("logprobs_prefix_cache_bytes", "Memory held by the prefix cache's entries.",
-                                value=cache.used if on else 0)
-        yield GaugeMetricFamily("logprobs_prefix_cache_capacity_bytes", "The prefix cache's bound "
-                                "(--prefix-cache-mb; 0: off).", value=cache.max_bytes if on else 0)
-        yield GaugeMetricFamily("logprobs_prefix_cache_entries", "Prompts held by the prefix cache.",
-                                value=len(cache) if on else 0)
+        yield CounterMetricFamily(
+            "logprobs_prefix_cache_lookups",
+            "Scored prompts looked up in the prefix cache.",
+            value=cache.lookups if on else 0,
+        )
+        yield CounterMetricFamily(
+            "logprobs_prefix_cache_hits",
+            "Prefix cache lookups that found a prefix to reuse.",
+            value=cache.hits if on else 0,
+        )
+        yield CounterMetricFamily(
+            "logprobs_prefix_cache_reused_tokens",
+            "Prompt positions restored from the prefix cache instead of run.",
+            value=cache.reused_tokens if on else 0,
+        )
+        yield GaugeMetricFamily(
+            "logprobs_prefix_cache_bytes", "Memory held by the prefix cache's entries.", value=cache.used if on else 0
+        )
+        yield GaugeMetricFamily(
+            "logprobs_prefix_cache_capacity_bytes",
+            "The prefix cache's bound (--prefix-cache-mb; 0: off).",
+            value=cache.max_bytes if on else 0,
+        )
+        yield GaugeMetricFamily(
+            "logprobs_prefix_cache_entries", "Prompts held by the prefix cache.", value=len(cache) if on else 0
+        )
 
 
 class Metrics:
@@ -80,22 +99,44 @@ class Metrics:
 
     def __init__(self):
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("logprobs_requests_total", "HTTP requests, by route template and the status sent.",
-                                ["route", "status"], registry=r)
-        self.latency = Histogram("logprobs_request_duration_seconds", "Time from a request's arrival to the last "
-                                 "byte of its response (a stream's whole length), by route.", ["route"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
-        self.prompt_tokens_run = Counter("logprobs_prompt_tokens_run_total", "Prompt tokens run through the model "
-                                         "(scored or not; prefix-cache reuse not counted).", registry=r)
-        self.prompt_tokens_reused = Counter("logprobs_prompt_tokens_reused_total", "Prompt tokens whose KV state "
-                                            "and scores came from the prefix cache instead of the model.", registry=r)
+        self.requests = Counter(
+            "logprobs_requests_total",
+            "HTTP requests, by route template and the status sent.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "logprobs_request_duration_seconds",
+            "Time from a request's arrival to the last byte of its response (a stream's whole length), by route.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens_run = Counter(
+            "logprobs_prompt_tokens_run_total",
+            "Prompt tokens run through the model (scored or not; prefix-cache reuse not counted).",
+            registry=r,
+        )
+        self.prompt_tokens_reused = Counter(
+            "logprobs_prompt_tokens_reused_total",
+            "Prompt tokens whose KV state and scores came from the prefix cache instead of the model.",
+            registry=r,
+        )
         self.generated_tokens = Counter("logprobs_generated_tokens_total", "Tokens generated.", registry=r)
-        self.queue_wait = Histogram("logprobs_queue_wait_seconds", "Time a job (one prompt and sample) waited in "
-                                    "the queue before the model took it.", buckets=LATENCY_BUCKETS, registry=r)
-        self.load_seconds = Gauge("logprobs_model_load_seconds", "Seconds the backend took to load the model.",
-                                  registry=r)
-        self.model_info = Info("logprobs_model", "The served model id, its system_fingerprint, and the parts "
-                               "that fingerprint hashes.", registry=r)
+        self.queue_wait = Histogram(
+            "logprobs_queue_wait_seconds",
+            "Time a job (one prompt and sample) waited in the queue before the model took it.",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.load_seconds = Gauge(
+            "logprobs_model_load_seconds", "Seconds the backend took to load the model.", registry=r
+        )
+        self.model_info = Info(
+            "logprobs_model",
+            "The served model id, its system_fingerprint, and the parts that fingerprint hashes.",
+            registry=r,
+        )
         self.hooks = MetricsHooks(self)
 
     def describe_server(self, engine: Engine, model_name: str, fingerprint: Fingerprint, load_seconds: float) -> None:
@@ -183,8 +224,14 @@ class ObservabilityMiddleware:
 
 # The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
 METRICS_RESPONSES = {200: {"description": "Prometheus' text exposition format."}} | error_responses(
-    400, 401, 413, 500, bad_request=HOST_REFUSED, by_reference=True,
-    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.")
+    400,
+    401,
+    413,
+    500,
+    bad_request=HOST_REFUSED,
+    by_reference=True,
+    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.",
+)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -195,7 +242,8 @@ def install(app: FastAPI) -> None:
     """Serve GET /metrics, and put the observability middleware outside every other layer,
     Starlette's error middleware included, so that it counts 500s and 401s (from an auth
     middleware, wherever that is added) and puts the request id on them too."""
-    app.add_api_route("/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse,
-                      responses=METRICS_RESPONSES)
+    app.add_api_route(
+        "/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse, responses=METRICS_RESPONSES
+    )
     build = app.build_middleware_stack
     app.build_middleware_stack = lambda: ObservabilityMiddleware(build(), app)

@@ -44,7 +44,7 @@ def block_names(prompt: Sequence[int] | str) -> list[bytes]:
         size, kind, encode = BLOCK_TOKENS, b"t", lambda block: b",".join(b"%d" % t for t in block)
     names, previous = [], kind
     for start in range(0, len(prompt) - size + 1, size):
-        previous = hashlib.blake2b(previous + encode(prompt[start:start + size]), digest_size=12).digest()
+        previous = hashlib.blake2b(previous + encode(prompt[start : start + size]), digest_size=12).digest()
         names.append(previous)
     return names
 

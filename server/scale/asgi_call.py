@@ -14,11 +14,18 @@ from starlette.types import ASGIApp, Message
 def scope_of(call: dict) -> dict:
     """The ASGI scope of a forwarded request: method, path, query, headers as the client sent them."""
     return {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http",
-        "method": call["method"], "path": call["path"], "raw_path": call["path"].encode(),
-        "query_string": call.get("query", "").encode(), "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "scheme": "http",
+        "method": call["method"],
+        "path": call["path"],
+        "raw_path": call["path"].encode(),
+        "query_string": call.get("query", "").encode(),
+        "root_path": "",
         "headers": [(k.encode("latin-1"), v.encode("latin-1")) for k, v in call["headers"]],
-        "client": tuple(call.get("client") or ("127.0.0.1", 0)), "server": ("127.0.0.1", 80),
+        "client": tuple(call.get("client") or ("127.0.0.1", 0)),
+        "server": ("127.0.0.1", 80),
     }
 
 

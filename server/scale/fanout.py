@@ -34,8 +34,11 @@ def route_key(body: dict | None) -> list[int] | str | None:
 
 
 def _token_lists(prompt) -> list[list[int]] | None:
-    if isinstance(prompt, list) and len(prompt) > 1 and all(
-            isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt):
+    if (
+        isinstance(prompt, list)
+        and len(prompt) > 1
+        and all(isinstance(p, list) and p and all(type(t) is int for t in p) for p in prompt)
+    ):
         return prompt
     return None
 

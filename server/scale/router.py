@@ -30,8 +30,9 @@ class PrefixAffinityRouter(RequestRouter):
         # split request's parts) must see each other's counts, or they all pick the same replica.
         self.counted: OrderedDict[int, str] = OrderedDict()
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         """Every candidate, one per rank, in the rule's order: Serve sends to the first that has
         room (a full replica rejects, and the next is tried)."""
         if not hasattr(self, "rule"):
@@ -49,8 +50,7 @@ class PrefixAffinityRouter(RequestRouter):
                 self.counted.popitem(last=False)
         return [[by_id[rid]] for rid in order]
 
-    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
-                          result: ReplicaResult) -> None:
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: ReplicaResult) -> None:
         chosen = self.counted.pop(id(pending_request), None)
         if chosen != replica_id.unique_id:  # it went to another rank's replica (or was never counted)
             if chosen is not None:

@@ -37,12 +37,15 @@ log = logging.getLogger(__name__)
 
 TOKEN_ID_KEY = re.compile(r"-?[0-9]{1,12}")  # str.isdigit() also takes '²'; int() refuses 5000 digits
 
+
 def check_model(state: ServerState, requested: str | None) -> None:
     if requested is not None and requested != state.model_name:
         raise APIError(
             f"The model '{requested}' is not served here; this server serves '{state.model_name}' "
             "(see GET /v1/models). Omit 'model' or send that id.",
-            status=404, param="model", code="model_not_found",
+            status=404,
+            param="model",
+            code="model_not_found",
         )
 
 
@@ -50,15 +53,19 @@ def check_token_ids(state: ServerState, tokens: list[int], *, param: str, where:
     n_vocab = state.backend.info.n_vocab
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
     if bad is not None:
-        raise APIError(f"{where} holds token id {bad}, outside this model's vocabulary (valid ids: 0..{n_vocab - 1}).",
-                       param=param)
+        raise APIError(
+            f"{where} holds token id {bad}, outside this model's vocabulary (valid ids: 0..{n_vocab - 1}).", param=param
+        )
 
 
 def check_logprobs_limit(state: ServerState, value: int | None, param: str) -> None:
     limit = state.settings.max_logprobs
     if value is not None and value > limit:
-        raise APIError(f"{param}={value} is above this server's limit of {limit}; ask for at most {limit} "
-                       "(or restart the server with a higher --max-logprobs).", param=param)
+        raise APIError(
+            f"{param}={value} is above this server's limit of {limit}; ask for at most {limit} "
+            "(or restart the server with a higher --max-logprobs).",
+            param=param,
+        )
 
 
 def sampling_params(state: ServerState, request: SamplingFields) -> SamplingParams:
@@ -68,25 +75,39 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
         field, message = unsupported
         raise APIError(message, param=field)
     if request.stream_options is not None and not request.stream:
-        raise APIError("stream_options is only allowed when stream is true; drop it or set stream: true.",
-                       param="stream_options")
+        raise APIError(
+            "stream_options is only allowed when stream is true; drop it or set stream: true.", param="stream_options"
+        )
     stops = request.stop_list()
     if len(stops) > state.settings.max_stop:
-        raise APIError(f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
-                       "(restart the server with a higher --max-stop to allow more).", param="stop")
+        raise APIError(
+            f"{len(stops)} stop strings sent; at most {state.settings.max_stop} are accepted "
+            "(restart the server with a higher --max-stop to allow more).",
+            param="stop",
+        )
     if (chars := sum(map(len, stops))) > state.settings.max_stop_chars:
-        raise APIError(f"The stop strings hold {chars} characters together; at most "
-                       f"{state.settings.max_stop_chars} are accepted (restart the server with a higher "
-                       "--max-stop-chars to allow more).", param="stop", code="limit_exceeded")
+        raise APIError(
+            f"The stop strings hold {chars} characters together; at most "
+            f"{state.settings.max_stop_chars} are accepted (restart the server with a higher "
+            "--max-stop-chars to allow more).",
+            param="stop",
+            code="limit_exceeded",
+        )
     n, max_n = request.n or 1, state.settings.max_n
     if n > max_n:
-        raise APIError(f"n={n} is above this server's limit of {max_n} samples per prompt "
-                       "(restart the server with a higher --max-n to allow more).", param="n", code="limit_exceeded")
+        raise APIError(
+            f"n={n} is above this server's limit of {max_n} samples per prompt "
+            "(restart the server with a higher --max-n to allow more).",
+            param="n",
+            code="limit_exceeded",
+        )
     bias: dict[int, float] = {}
     for key, value in (request.logit_bias or {}).items():
         if not TOKEN_ID_KEY.fullmatch(key):
-            raise APIError(f"logit_bias keys are token ids as strings of ASCII digits; {key[:40]!r} is not one.",
-                           param="logit_bias")
+            raise APIError(
+                f"logit_bias keys are token ids as strings of ASCII digits; {key[:40]!r} is not one.",
+                param="logit_bias",
+            )
         check_token_ids(state, [int(key)], param="logit_bias", where="logit_bias")
         if not -100 <= value <= 100:
             raise APIError(f"logit_bias values must be within -100..100; token {key} has {value}.", param="logit_bias")
@@ -107,23 +128,28 @@ def sampling_params(state: ServerState, request: SamplingFields) -> SamplingPara
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"  # OpenAI's code, which clients (litellm) test for
 
 
-def check_fits(state: ServerState, tokens: list[int], max_tokens: int | None, where: str,
-               prompt_param: str = "prompt") -> int:
+def check_fits(
+    state: ServerState, tokens: list[int], max_tokens: int | None, where: str, prompt_param: str = "prompt"
+) -> int:
     """max_tokens to use (None: --default-max-tokens, or what room the context has left); a prompt
     that cannot fit is a 400 with numbers and OpenAI's code. prompt_param: the field that holds
     the prompt (chat: messages)."""
     n_ctx = state.backend.info.n_ctx
     if max_tokens is None:
         if len(tokens) >= n_ctx:
-            raise APIError(f"{where} has {len(tokens)} tokens: that does not fit this server's context of {n_ctx} "
-                           "with room to generate. Shorten the prompt.", param=prompt_param,
-                           code=CONTEXT_LENGTH_EXCEEDED)
+            raise APIError(
+                f"{where} has {len(tokens)} tokens: that does not fit this server's context of {n_ctx} "
+                "with room to generate. Shorten the prompt.",
+                param=prompt_param,
+                code=CONTEXT_LENGTH_EXCEEDED,
+            )
         return min(state.settings.default_max_tokens, n_ctx - len(tokens))
     if len(tokens) + max_tokens > n_ctx:
         raise APIError(
             f"{where} has {len(tokens)} tokens and max_tokens is {max_tokens}: {len(tokens) + max_tokens} "
             f"tokens do not fit this server's context of {n_ctx}. Shorten the prompt or lower max_tokens.",
-            param=prompt_param if len(tokens) >= n_ctx else "max_tokens", code=CONTEXT_LENGTH_EXCEEDED,
+            param=prompt_param if len(tokens) >= n_ctx else "max_tokens",
+            code=CONTEXT_LENGTH_EXCEEDED,
         )
     return max_tokens
 
@@ -138,10 +164,13 @@ def check_request_cost(state: ServerState, jobs: list[PromptJob]) -> None:
             f"This request may cost {cost} tokens (prompt tokens plus max_tokens plus {overhead} for each of its "
             f"{len(jobs)} choices, --job-overhead-tokens); this server's limit is {limit} per request "
             "(--max-request-tokens). Split it into smaller requests or lower max_tokens.",
-            param="prompt", code="limit_exceeded")
+            param="prompt",
+            code="limit_exceeded",
+        )
 
 
 # -- responses ------------------------------------------------------------------------------------
+
 
 def usage(jobs: list[PromptJob], n_generated: int) -> dict:
     # A prompt sampled n times is counted once, as OpenAI does.
@@ -179,11 +208,11 @@ class StreamedChoice:
         safe = len(event.text) - event.held
         if safe <= self.sent:
             return None
-        text, self.sent = event.text[self.sent:safe], safe
+        text, self.sent = event.text[self.sent : safe], safe
         return text
 
     def finish(self, result: PromptResult) -> str:
-        text, self.sent = result.generated_text[self.sent:], len(result.generated_text)
+        text, self.sent = result.generated_text[self.sent :], len(result.generated_text)
         return text
 
     def take(self) -> list[StreamedToken]:
@@ -234,17 +263,26 @@ def submit(state: ServerState, jobs: list[PromptJob], progress: bool):
         raise APIError(
             f"The server is busy: {full.queued} tokens of work are waiting and this request adds {full.cost}, "
             f"past its limit of {full.limit} (--max-queued-tokens). Retry after {full.retry_after} s.",
-            status=429, type="rate_limit_error", code="queue_full", headers={"Retry-After": str(full.retry_after)},
+            status=429,
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(full.retry_after)},
         ) from None
 
 
-async def respond(state: ServerState, fmt: ChoiceBuilder, stream: bool, include_usage: bool,
-                  deadline: float | None = None):
+async def respond(
+    state: ServerState, fmt: ChoiceBuilder, stream: bool, include_usage: bool, deadline: float | None = None
+):
     """Run a request's jobs: the whole response, or (stream) its Server-Sent Events, which stop
     with an error event at `deadline` (time.monotonic()). Work on the request's jobs is only
     submitted here, after every check."""
-    head = {"id": f"{fmt.id_prefix}-{uuid.uuid4().hex}", "object": fmt.object, "created": int(time.time()),
-            "model": state.model_name, "system_fingerprint": state.fingerprint.short}  # see server/observability/fingerprint.py
+    head = {
+        "id": f"{fmt.id_prefix}-{uuid.uuid4().hex}",
+        "object": fmt.object,
+        "created": int(time.time()),
+        "model": state.model_name,
+        "system_fingerprint": state.fingerprint.short,
+    }  # see server/observability/fingerprint.py
     events = submit(state, fmt.jobs, progress=stream)
     if stream:
         return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)
@@ -254,14 +292,16 @@ async def respond(state: ServerState, fmt: ChoiceBuilder, stream: bool, include_
 
     def build() -> Response:
         choices = [{"index": i} | fmt.choice(i, result) for i, result in enumerate(results)]
-        return json_response(head | {"choices": choices,
-                                     "usage": usage(fmt.jobs, sum(len(r.generated) for r in results))})
+        return json_response(
+            head | {"choices": choices, "usage": usage(fmt.jobs, sum(len(r.generated) for r in results))}
+        )
 
     return await asyncio.to_thread(build)
 
 
-async def _sse(state: ServerState, fmt: ChoiceBuilder, events, head: dict, include_usage: bool,
-               deadline: float | None) -> AsyncIterator[str]:
+async def _sse(
+    state: ServerState, fmt: ChoiceBuilder, events, head: dict, include_usage: bool, deadline: float | None
+) -> AsyncIterator[str]:
     def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
         return sse(head | {"choices": [{"index": index} | fields | {"finish_reason": finish_reason}]})
 
@@ -306,6 +346,10 @@ async def _sse(state: ServerState, fmt: ChoiceBuilder, events, head: dict, inclu
 
 def timeout_error(state: ServerState) -> APIError:
     seconds = state.settings.request_timeout
-    return APIError(f"The request did not finish within {seconds:g} s (the server's --request-timeout) and was "
-                    "cancelled. Send less per request, or ask the operator to raise the limit.",
-                    status=503, type="server_error", code="timeout")
+    return APIError(
+        f"The request did not finish within {seconds:g} s (the server's --request-timeout) and was "
+        "cancelled. Send less per request, or ask the operator to raise the limit.",
+        status=503,
+        type="server_error",
+        code="timeout",
+    )

@@ -47,8 +47,9 @@ def _compile(template: str):
 def render_chat(state: ServerState, request: ChatCompletionRequest) -> str:
     template = state.backend.info.chat_template
     if not template:
-        raise APIError("This model has no chat template; use /v1/completions with your own prompt format.",
-                       param="messages")
+        raise APIError(
+            "This model has no chat template; use /v1/completions with your own prompt format.", param="messages"
+        )
     messages = []
     for message in request.messages:
         item = message.model_dump(exclude_none=True)
@@ -57,20 +58,29 @@ def render_chat(state: ServerState, request: ChatCompletionRequest) -> str:
             item["content"] = "".join(p["text"] for p in item["content"])
         messages.append(item)
     info, strings = state.backend.info, state.backend.tokens.strings
-    own = {"messages": messages, "add_generation_prompt": request.add_generation_prompt,
-           "bos_token": strings[info.bos_id] if info.bos_id is not None else "",
-           "eos_token": strings[info.eos_id] if info.eos_id is not None else ""}
+    own = {
+        "messages": messages,
+        "add_generation_prompt": request.add_generation_prompt,
+        "bos_token": strings[info.bos_id] if info.bos_id is not None else "",
+        "eos_token": strings[info.eos_id] if info.eos_id is not None else "",
+    }
     extra = request.chat_template_kwargs or {}
     if taken := sorted(own.keys() & extra.keys()):
-        raise APIError(f"chat_template_kwargs may not set {', '.join(taken)}: the server passes "
-                       f"{', '.join(own)} to the template itself.", param="chat_template_kwargs")
+        raise APIError(
+            f"chat_template_kwargs may not set {', '.join(taken)}: the server passes "
+            f"{', '.join(own)} to the template itself.",
+            param="chat_template_kwargs",
+        )
     try:
         return _compile(template).render(**own, **extra)
     except TemplateError as exc:
         raise APIError(f"The model's chat template rejected these messages: {exc}", param="messages") from None
     except Exception as exc:  # a template reading a field of the wrong type, say: the input's fault
-        raise APIError(f"The model's chat template could not render these messages ({type(exc).__name__}); "
-                       "check the messages' fields and chat_template_kwargs.", param="messages") from None
+        raise APIError(
+            f"The model's chat template could not render these messages ({type(exc).__name__}); "
+            "check the messages' fields and chat_template_kwargs.",
+            param="messages",
+        ) from None
 
 
 def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[PromptJob]:
@@ -82,8 +92,18 @@ def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[
     requested = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
     max_tokens = check_fits(state, tokens, requested, "The rendered conversation", prompt_param="messages")
     logprobs = (request.top_logprobs or 0) if request.logprobs else None
-    jobs = [PromptJob(tokens=tokens, max_tokens=max_tokens, logprobs=logprobs, echo=False, sampling=sampling,
-                      stop=request.stop_list(), sample_index=i) for i in range(request.n or 1)]
+    jobs = [
+        PromptJob(
+            tokens=tokens,
+            max_tokens=max_tokens,
+            logprobs=logprobs,
+            echo=False,
+            sampling=sampling,
+            stop=request.stop_list(),
+            sample_index=i,
+        )
+        for i in range(request.n or 1)
+    ]
     check_request_cost(state, jobs)
     return jobs
 
@@ -105,23 +125,35 @@ class ChatChoices(ChoiceBuilder):
             for row, token in zip(range(len(part.token_logprobs)), ids_left):
                 if tokens.is_end_of_generation(token):
                     continue
-                top = [{"token": tokens.strings[i], "logprob": lp, "bytes": list(tokens.pieces[i])}
-                       for i, lp in zip(part.top_ids[row, :k].tolist(), part.top_logprobs[row, :k].tolist())]
-                entries.append({"token": tokens.strings[token], "logprob": float(part.token_logprobs[row]),
-                                "bytes": list(tokens.pieces[token]), "top_logprobs": top})
+                top = [
+                    {"token": tokens.strings[i], "logprob": lp, "bytes": list(tokens.pieces[i])}
+                    for i, lp in zip(part.top_ids[row, :k].tolist(), part.top_logprobs[row, :k].tolist())
+                ]
+                entries.append(
+                    {
+                        "token": tokens.strings[token],
+                        "logprob": float(part.token_logprobs[row]),
+                        "bytes": list(tokens.pieces[token]),
+                        "top_logprobs": top,
+                    }
+                )
         return {"content": entries}
 
     def choice(self, index: int, result: PromptResult) -> dict:
-        return {"message": {"role": "assistant", "content": result.generated_text},
-                "logprobs": self._logprobs(index, result.generated, [result.generated_scores]),
-                "finish_reason": result.finish_reason}
+        return {
+            "message": {"role": "assistant", "content": result.generated_text},
+            "logprobs": self._logprobs(index, result.generated, [result.generated_scores]),
+            "finish_reason": result.finish_reason,
+        }
 
     def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
 
     def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
-        return {"delta": {"content": text} if text else {},
-                "logprobs": self._logprobs(index, [t.token for t in tokens], [t.scores for t in tokens])}
+        return {
+            "delta": {"content": text} if text else {},
+            "logprobs": self._logprobs(index, [t.token for t in tokens], [t.scores for t in tokens]),
+        }
 
 
 async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, deadline: float | None = None):

@@ -47,8 +47,7 @@ def prompt_tokens(state: ServerState, request: CompletionRequest) -> list[Tokeni
             check_token_ids(state, prompt, param="prompt", where=f"Prompt {p}")
             prompts.append(TokenizedPrompt(prompt, None, False))
         if not prompts[-1].tokens:
-            raise APIError(f"Prompt {p} is empty (0 tokens); there is nothing to score or continue.",
-                           param="prompt")
+            raise APIError(f"Prompt {p} is empty (0 tokens); there is nothing to score or continue.", param="prompt")
     return prompts
 
 
@@ -56,9 +55,12 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
     """One job per choice: each prompt n times, choice index = prompt index * n + sample index.
     Returns the jobs and, for each job, its prompt."""
     if len(request.prompt) > state.settings.max_prompts:
-        raise APIError(f"{len(request.prompt)} prompts sent; this server takes at most {state.settings.max_prompts} "
-                       "per request (--max-prompts). Split them over several requests.", param="prompt",
-                       code="limit_exceeded")
+        raise APIError(
+            f"{len(request.prompt)} prompts sent; this server takes at most {state.settings.max_prompts} "
+            "per request (--max-prompts). Split them over several requests.",
+            param="prompt",
+            code="limit_exceeded",
+        )
     sampling = sampling_params(state, request)
     check_logprobs_limit(state, request.logprobs, "logprobs")
     check_logprobs_limit(state, request.prompt_logprobs, "prompt_logprobs")
@@ -66,9 +68,18 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
     for p, prompt in enumerate(prompt_tokens(state, request)):
         max_tokens = check_fits(state, prompt.tokens, request.max_tokens, f"Prompt {p}")
         for sample in range(request.n or 1):
-            jobs.append(PromptJob(tokens=prompt.tokens, max_tokens=max_tokens, logprobs=request.logprobs,
-                                  echo=request.echo, sampling=sampling, stop=request.stop_list(),
-                                  sample_index=sample, prompt_logprobs=request.prompt_logprobs))
+            jobs.append(
+                PromptJob(
+                    tokens=prompt.tokens,
+                    max_tokens=max_tokens,
+                    logprobs=request.logprobs,
+                    echo=request.echo,
+                    sampling=sampling,
+                    stop=request.stop_list(),
+                    sample_index=sample,
+                    prompt_logprobs=request.prompt_logprobs,
+                )
+            )
             job_prompts.append(prompt)
     check_request_cost(state, jobs)
     return jobs, job_prompts
@@ -96,8 +107,9 @@ class CompletionChoices(ChoiceBuilder):
             if job.echo:
                 self.echoes[index] = echo_text(state, prompt)
 
-    def _logprobs(self, ids: list[int], scores: list[ScoredRows], offsets: list[int],
-                  first_is_null: bool) -> CompletionLogprobs:
+    def _logprobs(
+        self, ids: list[int], scores: list[ScoredRows], offsets: list[int], first_is_null: bool
+    ) -> CompletionLogprobs:
         """logprobs for tokens `ids`; scores cover them in order (all but the first, if it is null).
         Each top_logprobs dict also holds the token that is there, with its own value."""
         strings = self.state.backend.tokens.strings
@@ -106,16 +118,21 @@ class CompletionChoices(ChoiceBuilder):
         scored_ids = iter(ids[1:] if first_is_null else ids)
         for part in scores:
             # scored_ids comes last: zip stops at a part's end before taking the next part's id.
-            for token_lp, top_ids, top_lps, token in zip(part.token_logprobs.tolist(), part.top_ids.tolist(),
-                                                         part.top_logprobs.tolist(), scored_ids):
+            for token_lp, top_ids, top_lps, token in zip(
+                part.token_logprobs.tolist(), part.top_ids.tolist(), part.top_logprobs.tolist(), scored_ids
+            ):
                 top = {}
                 for i, lp in zip(top_ids, top_lps):
                     top.setdefault(strings[i], lp)
                 top.setdefault(strings[token], token_lp)
                 token_logprobs.append(token_lp)
                 top_logprobs.append(top)
-        return {"tokens": [strings[t] for t in ids], "token_logprobs": token_logprobs,
-                "top_logprobs": top_logprobs, "text_offset": offsets}
+        return {
+            "tokens": [strings[t] for t in ids],
+            "token_logprobs": token_logprobs,
+            "top_logprobs": top_logprobs,
+            "text_offset": offsets,
+        }
 
     def _prompt_logprobs(self, job: PromptJob, scores: ScoredRows) -> PromptLogprobs:
         """vLLM's prompt_logprobs: null for the first token, then token id -> {logprob, rank,
@@ -125,10 +142,16 @@ class CompletionChoices(ChoiceBuilder):
         if len(job.tokens) < 2:  # one token: nothing to score
             return out
         for token, token_lp, rank, top_ids, top_lps in zip(
-                job.tokens[1:], scores.token_logprobs.tolist(), scores.token_ranks.tolist(),
-                scores.top_ids[:, :n].tolist(), scores.top_logprobs[:, :n].tolist()):
-            entry = {str(i): {"logprob": lp, "rank": place, "decoded_token": strings[i]}
-                     for place, (i, lp) in enumerate(zip(top_ids, top_lps), start=1)}
+            job.tokens[1:],
+            scores.token_logprobs.tolist(),
+            scores.token_ranks.tolist(),
+            scores.top_ids[:, :n].tolist(),
+            scores.top_logprobs[:, :n].tolist(),
+        ):
+            entry = {
+                str(i): {"logprob": lp, "rank": place, "decoded_token": strings[i]}
+                for place, (i, lp) in enumerate(zip(top_ids, top_lps), start=1)
+            }
             entry.setdefault(str(token), {"logprob": token_lp, "rank": rank, "decoded_token": strings[token]})
             out.append(entry)
         return out
@@ -146,8 +169,9 @@ class CompletionChoices(ChoiceBuilder):
         job = self.jobs[index]
         prompt_text, prompt_offsets = self.echoes.get(index, ("", []))
         text = prompt_text + result.generated_text
-        extra = {} if job.prompt_logprobs is None else {
-            "prompt_logprobs": self._prompt_logprobs(job, result.prompt_scores)}
+        extra = (
+            {} if job.prompt_logprobs is None else {"prompt_logprobs": self._prompt_logprobs(job, result.prompt_scores)}
+        )
         if job.logprobs is None:
             return {"text": text, "logprobs": None, "finish_reason": result.finish_reason, **extra}
         # End-of-generation tokens are reported in logprobs but add no text.
@@ -164,15 +188,19 @@ class CompletionChoices(ChoiceBuilder):
         if not job.echo:
             return {"text": "", "logprobs": None, **extra} if extra else None
         text, offsets = self.echoes[index]
-        logprobs = None if job.logprobs is None else self._logprobs(
-            job.tokens, [self._echo_scores(job, scores)], offsets, first_is_null=True)
+        logprobs = (
+            None
+            if job.logprobs is None
+            else self._logprobs(job.tokens, [self._echo_scores(job, scores)], offsets, first_is_null=True)
+        )
         return {"text": text, "logprobs": logprobs, **extra}
 
     def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
         logprobs = None
         if self.jobs[index].logprobs is not None:
-            logprobs = self._logprobs([t.token for t in tokens], [t.scores for t in tokens],
-                                      [t.offset for t in tokens], first_is_null=False)
+            logprobs = self._logprobs(
+                [t.token for t in tokens], [t.scores for t in tokens], [t.offset for t in tokens], first_is_null=False
+            )
         return {"text": text, "logprobs": logprobs}
 
 

@@ -33,14 +33,20 @@ def build_job(state: ServerState, request: DistributionsRequest) -> PromptJob:
     check_token_ids(state, tokens, param="prompt", where="The prompt")
     last = len(tokens) - 2  # the last row that predicts a prompt token
     if request.start > last:
-        raise APIError(f"start={request.start} is past the last row ({last}) of a {len(tokens)}-token prompt; row i is "
-                       "the distribution of the token after prompt[:i + 1].", param="start")
+        raise APIError(
+            f"start={request.start} is past the last row ({last}) of a {len(tokens)}-token prompt; row i is "
+            "the distribution of the token after prompt[:i + 1].",
+            param="start",
+        )
     values, limit = (last + 1 - request.start) * state.backend.info.n_vocab, state.settings.max_distribution_values
     if values > limit:
-        raise APIError(f"{last + 1 - request.start} rows of {state.backend.info.n_vocab} log-probabilities are "
-                       f"{values} values, past this server's limit of {limit} per response "
-                       "(--max-distribution-values): ask for fewer rows (a later start, a shorter prompt).",
-                       param="prompt", code="limit_exceeded")
+        raise APIError(
+            f"{last + 1 - request.start} rows of {state.backend.info.n_vocab} log-probabilities are "
+            f"{values} values, past this server's limit of {limit} per response "
+            "(--max-distribution-values): ask for fewer rows (a later start, a shorter prompt).",
+            param="prompt",
+            code="limit_exceeded",
+        )
     check_fits(state, tokens, 0, "The prompt")
     job = PromptJob(tokens=tokens, max_tokens=0, logprobs=None, echo=False, distributions_from=request.start)
     check_request_cost(state, [job])
@@ -54,6 +60,14 @@ async def create_distributions(state: ServerState, request: DistributionsRequest
         result = item
     rows = result.distributions
     body = rows.astype(DTYPES[request.dtype], copy=False).tobytes()
-    return Response(body, media_type=MEDIA_TYPE, headers={
-        "x-rows": str(rows.shape[0]), "x-vocab": str(rows.shape[1]), "x-dtype": request.dtype,
-        "x-start": str(request.start), "x-system-fingerprint": state.fingerprint.short})
+    return Response(
+        body,
+        media_type=MEDIA_TYPE,
+        headers={
+            "x-rows": str(rows.shape[0]),
+            "x-vocab": str(rows.shape[1]),
+            "x-dtype": request.dtype,
+            "x-start": str(request.start),
+            "x-system-fingerprint": state.fingerprint.short,
+        },
+    )

@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default 16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, help="model file (default: the default SmolLM2-135M Q4_1)")
-    parser.add_argument("--url", help="a running loopback server to drive instead of starting one; it must "
-                        "have the limits of tests/load/driver.py's SERVER_FLAGS")
+    parser.add_argument(
+        "--url",
+        help="a running loopback server to drive instead of starting one; it must "
+        "have the limits of tests/load/driver.py's SERVER_FLAGS",
+    )
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for RSS")
     parser.add_argument("--log", type=Path, help="with --url: the server's log, to count cancellations")
     args = parser.parse_args(argv)
@@ -46,8 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     failures = report.failures()
     for failure in failures:
         print(f"FAIL: {failure}")
-    print("FAILED" if failures else "passed: no 5xx, answers equal to the idle server's, queue bounded, "
-          "RSS steady, /health answered throughout")
+    print(
+        "FAILED"
+        if failures
+        else "passed: no 5xx, answers equal to the idle server's, queue bounded, "
+        "RSS steady, /health answered throughout"
+    )
     return 1 if failures else 0
 
 

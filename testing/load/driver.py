@@ -37,9 +37,16 @@ import requests
 # same machine: the model gets half of its CPUs (llama.cpp's threads spin at each barrier, and
 # slow down several times over when they share cores with 16 busy clients).
 SERVER_FLAGS = {
-    "--max-queued-tokens": 768, "--max-request-tokens": 768, "--max-sequences": 4, "--max-prompts": 8,
-    "--max-n": 2, "--max-logprobs": 5, "--max-body-bytes": 65536, "--request-timeout": 120,
-    "--prefix-cache-mb": 32, "--n-threads": max(1, len(os.sched_getaffinity(0)) // 2),
+    "--max-queued-tokens": 768,
+    "--max-request-tokens": 768,
+    "--max-sequences": 4,
+    "--max-prompts": 8,
+    "--max-n": 2,
+    "--max-logprobs": 5,
+    "--max-body-bytes": 65536,
+    "--request-timeout": 120,
+    "--prefix-cache-mb": 32,
+    "--n-threads": max(1, len(os.sched_getaffinity(0)) // 2),
 }
 # The mix: relative frequency of each kind of request.
 MIX = {
@@ -56,10 +63,12 @@ TOLERANCE = 1e-4  # per token logprob, a scoring answer under load vs the same r
 CLOSED = "closed"  # the "status" of a request whose client hung up before reading an answer
 REQUEST_TIMEOUT = 180.0  # no single client call may take longer (so every client stops by itself)
 
-WORDS = ("the model reads each token and scores what comes next while other clients wait in the queue for "
-         "their turn at the forward pass so that nothing they get depends on the traffic around them "
-         "numbers multiple choice answer question context because therefore however Paris river mountain "
-         "café naïve 東京 emoji 🙂 code def f(x): return x * 2").split()
+WORDS = (  # one text, split: easier to read and extend than a list of words
+    "the model reads each token and scores what comes next while other clients wait in the queue for "
+    "their turn at the forward pass so that nothing they get depends on the traffic around them "
+    "numbers multiple choice answer question context because therefore however Paris river mountain "
+    "café naïve 東京 emoji 🙂 code def f(x): return x * 2"
+).split()
 
 
 def _check_loopback(url: str) -> None:
@@ -70,6 +79,7 @@ def _check_loopback(url: str) -> None:
 
 # -- the workload: fixed, from a seed, so each scoring request has a reference answer ------------
 
+
 def scoring_pool(seed: int, size: int = 12, vocab: tuple[int, int] = (100, 40000)) -> list[dict]:
     """lm-eval-style loglikelihood batches: one context shared by 2-4 continuations (a multiple-
     choice question), as token-id prompts with echo, logprobs=1, temperature 0, max_tokens 0 or 1.
@@ -78,10 +88,12 @@ def scoring_pool(seed: int, size: int = 12, vocab: tuple[int, int] = (100, 40000
     pool = []
     for _ in range(size):
         context = [rng.randrange(*vocab) for _ in range(rng.randrange(16, 97))]
-        prompts = [context + [rng.randrange(*vocab) for _ in range(rng.randrange(1, 9))]
-                   for _ in range(rng.randrange(2, 5))]
-        pool.append({"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": rng.choice((0, 1)),
-                     "temperature": 0})
+        prompts = [
+            context + [rng.randrange(*vocab) for _ in range(rng.randrange(1, 9))] for _ in range(rng.randrange(2, 5))
+        ]
+        pool.append(
+            {"prompt": prompts, "echo": True, "logprobs": 1, "max_tokens": rng.choice((0, 1)), "temperature": 0}
+        )
     return pool
 
 
@@ -107,8 +119,14 @@ class Workload:
         pool, strings = scoring_pool(seed), texts(seed)
         with requests.Session() as session:
             references = [_ok(session.post(url + "/v1/completions", json=p, timeout=REQUEST_TIMEOUT)) for p in pool]
-            tokens = [_ok(session.post(url + "/tokenize", json={"prompt": t, "add_special_tokens": False},
-                                       timeout=REQUEST_TIMEOUT))["tokens"] for t in strings]
+            tokens = [
+                _ok(
+                    session.post(
+                        url + "/tokenize", json={"prompt": t, "add_special_tokens": False}, timeout=REQUEST_TIMEOUT
+                    )
+                )["tokens"]
+                for t in strings
+            ]
         return cls(pool, references, strings, tokens)
 
     def recheck(self, url: str) -> list[str]:
@@ -117,15 +135,17 @@ class Workload:
         with requests.Session() as session:
             for i, payload in enumerate(self.scoring):
                 answer = _ok(session.post(url + "/v1/completions", json=payload, timeout=REQUEST_TIMEOUT))
-                problems += [f"scoring request {i} after the load: {p}" for p in compare_scoring(self.references[i],
-                                                                                                   answer)[0]]
+                problems += [
+                    f"scoring request {i} after the load: {p}" for p in compare_scoring(self.references[i], answer)[0]
+                ]
         return problems
 
 
 def _ok(response: requests.Response) -> dict:
     if response.status_code != 200:
-        raise RuntimeError(f"{response.request.method} {response.url} on the idle server: "
-                           f"{response.status_code} {response.text[:500]}")
+        raise RuntimeError(
+            f"{response.request.method} {response.url} on the idle server: {response.status_code} {response.text[:500]}"
+        )
     return response.json()
 
 
@@ -148,8 +168,9 @@ def compare_scoring(reference: dict, answer: dict) -> tuple[list[str], float]:
         if len(rl["token_logprobs"]) != len(gl["token_logprobs"]):
             problems.append(f"{where}: {len(gl['token_logprobs'])} token logprobs, alone {len(rl['token_logprobs'])}")
             continue
-        for position, (a, b, top_a, top_b) in enumerate(zip(rl["token_logprobs"], gl["token_logprobs"],
-                                                              rl["top_logprobs"], gl["top_logprobs"])):
+        for position, (a, b, top_a, top_b) in enumerate(
+            zip(rl["token_logprobs"], gl["token_logprobs"], rl["top_logprobs"], gl["top_logprobs"])
+        ):
             if (a is None) != (b is None) or (top_a is None) != (top_b is None):
                 problems.append(f"{where}, token {position}: null in one answer only")
                 continue
@@ -167,6 +188,7 @@ def compare_scoring(reference: dict, answer: dict) -> tuple[list[str], float]:
 
 # -- malformed requests: each with the status it must get ------------------------------------------
 
+
 def malformed_cases(max_body_bytes: int) -> list[tuple[str, str, bytes | None, int]]:
     """(name, path, raw body, expected status). A None body is sent chunked (no Content-Length)
     and oversize, so that only the streamed body limit can stop it."""
@@ -180,13 +202,21 @@ def malformed_cases(max_body_bytes: int) -> list[tuple[str, str, bytes | None, i
         ("max_tokens of the wrong type", "/v1/completions", j({"prompt": "a", "max_tokens": "many"}), 400),
         ("mixed prompt list", "/v1/completions", j({"prompt": [[1, 2], "a"], "max_tokens": 1}), 400),
         ("unknown field", "/v1/completions", j({"prompt": "a", "max_tokens": 1, "frobnicate": True}), 400),
-        ("token id outside the vocabulary", "/v1/completions",
-         j({"prompt": [[5, 6, 10**9]], "echo": True, "logprobs": 1, "max_tokens": 0}), 400),
+        (
+            "token id outside the vocabulary",
+            "/v1/completions",
+            j({"prompt": [[5, 6, 10**9]], "echo": True, "logprobs": 1, "max_tokens": 0}),
+            400,
+        ),
         ("negative max_tokens", "/v1/completions", j({"prompt": "a", "max_tokens": -1}), 400),
         ("logprobs above the limit", "/v1/completions", j({"prompt": "a", "logprobs": 50, "max_tokens": 1}), 400),
         ("too many prompts", "/v1/completions", j({"prompt": ["a"] * 9, "max_tokens": 1}), 400),
-        ("over the request token limit", "/v1/completions",
-         j({"prompt": [[7] * 1000, [8] * 1000], "echo": True, "logprobs": 1, "max_tokens": 0}), 400),
+        (
+            "over the request token limit",
+            "/v1/completions",
+            j({"prompt": [[7] * 1000, [8] * 1000], "echo": True, "logprobs": 1, "max_tokens": 0}),
+            400,
+        ),
         ("unknown model", "/v1/completions", j({"prompt": "a", "max_tokens": 1, "model": "no-such-model"}), 404),
         ("oversize body", "/v1/completions", j({"prompt": "x" * (max_body_bytes + 10), "max_tokens": 1}), 413),
         ("oversize body, chunked", "/v1/completions", None, 413),
@@ -198,6 +228,7 @@ def malformed_cases(max_body_bytes: int) -> list[tuple[str, str, bytes | None, i
 
 
 # -- what a run saw -------------------------------------------------------------------------------
+
 
 @dataclass
 class LoadStats:
@@ -233,18 +264,31 @@ class LoadStats:
         return +counts
 
     def tokens(self) -> dict[str, float]:
-        return {"prompt tokens run": self.grew("logprobs_prompt_tokens_run_total"),
-                "prompt tokens reused": self.grew("logprobs_prompt_tokens_reused_total"),
-                "generated tokens": self.grew("logprobs_generated_tokens_total")}
+        return {
+            "prompt tokens run": self.grew("logprobs_prompt_tokens_run_total"),
+            "prompt tokens reused": self.grew("logprobs_prompt_tokens_reused_total"),
+            "generated tokens": self.grew("logprobs_generated_tokens_total"),
+        }
 
 
 # -- the clients ----------------------------------------------------------------------------------
 
+
 class Client(threading.Thread):
     """One client: random requests of the mix, one at a time, until the deadline or max_requests."""
 
-    def __init__(self, index: int, url: str, workload: Workload, deadline: float, seed: int, max_requests: int,
-                 stats: LoadStats, lock: threading.Lock, max_body_bytes: int):
+    def __init__(
+        self,
+        index: int,
+        url: str,
+        workload: Workload,
+        deadline: float,
+        seed: int,
+        max_requests: int,
+        stats: LoadStats,
+        lock: threading.Lock,
+        max_body_bytes: int,
+    ):
         super().__init__(name=f"load-client-{index}", daemon=True)
         self.url, self.workload, self.deadline, self.max_requests = url, workload, deadline, max_requests
         self.rng = random.Random(f"client-{seed}-{index}")
@@ -341,15 +385,19 @@ class Client(threading.Thread):
         if self.expect("generation", response):
             body = response.json()
             n = payload.get("n", 1)
-            if len(body["choices"]) != n or body["usage"]["completion_tokens"] > n * payload["max_tokens"] \
-                    or any(c["finish_reason"] not in ("stop", "length") for c in body["choices"]):
+            if (
+                len(body["choices"]) != n
+                or body["usage"]["completion_tokens"] > n * payload["max_tokens"]
+                or any(c["finish_reason"] not in ("stop", "length") for c in body["choices"])
+            ):
                 self.problem(f"generation {payload}: malformed answer {json.dumps(body)[:300]}")
         return response.status_code
 
     def stream(self):
         payload = self.generation_payload() | {"stream": True, "stream_options": {"include_usage": True}}
-        with self.session.post(self.url + "/v1/completions", json=payload, stream=True,
-                               timeout=REQUEST_TIMEOUT) as response:
+        with self.session.post(
+            self.url + "/v1/completions", json=payload, stream=True, timeout=REQUEST_TIMEOUT
+        ) as response:
             if response.status_code != 200:
                 self.check_refusal("stream", response.status_code, response.headers, response.text)
                 self.expect("stream", response)
@@ -402,8 +450,12 @@ class Client(threading.Thread):
         if rng.random() < 0.5:  # a scoring batch of the pool
             payload = rng.choice(self.workload.scoring)
         else:  # a long generation
-            payload = {"prompt": rng.choice(self.workload.texts), "max_tokens": 64, "temperature": 0.8,
-                       "seed": rng.randrange(1000)}
+            payload = {
+                "prompt": rng.choice(self.workload.texts),
+                "max_tokens": 64,
+                "temperature": 0.8,
+                "seed": rng.randrange(1000),
+            }
         body = json.dumps(payload).encode()
         conn = self.connection()
         try:
@@ -412,7 +464,7 @@ class Client(threading.Thread):
                 conn.putheader("Content-Type", "application/json")
                 conn.putheader("Content-Length", str(len(body)))
                 conn.endheaders()
-                conn.send(body[:len(body) // 2])
+                conn.send(body[: len(body) // 2])
                 time.sleep(rng.uniform(0, 0.2))
             else:
                 conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
@@ -424,12 +476,18 @@ class Client(threading.Thread):
     def leave_stream(self):
         """A streamed generation whose client reads the status and a few events, then hangs up."""
         rng = self.rng
-        payload = {"prompt": rng.choice(self.workload.texts), "max_tokens": 64, "temperature": 0.8,
-                   "seed": rng.randrange(1000), "stream": True}
+        payload = {
+            "prompt": rng.choice(self.workload.texts),
+            "max_tokens": 64,
+            "temperature": 0.8,
+            "seed": rng.randrange(1000),
+            "stream": True,
+        }
         conn = self.connection()
         try:
-            conn.request("POST", "/v1/completions", body=json.dumps(payload),
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST", "/v1/completions", body=json.dumps(payload), headers={"Content-Type": "application/json"}
+            )
             response = conn.getresponse()
             status = response.status
             if status == 200:
@@ -448,13 +506,17 @@ class Client(threading.Thread):
 
 # -- the sampler: /health and the queue gauge, throughout -----------------------------------------
 
+
 def scrape(url: str, timeout: float = 30) -> dict[tuple[str, tuple], float]:
     """Every sample of GET /metrics: (name, sorted labels) -> value."""
     from prometheus_client.parser import text_string_to_metric_families
 
     text = requests.get(url + "/metrics", timeout=timeout).text
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 _GAUGE = re.compile(r"^(logprobs_queue_tokens|logprobs_queue_jobs) (\S+)$", re.M)
@@ -482,9 +544,18 @@ def sample(url: str, stats: LoadStats, stop: threading.Event, interval: float, h
             stop.wait(interval)
 
 
-def run_load(url: str, clients: int = 16, duration_s: float = 60, seed: int = 0, *,
-             workload: Workload | None = None, max_requests: int = 10_000, interval: float = 0.2,
-             health_timeout: float = 5.0, max_body_bytes: int = SERVER_FLAGS["--max-body-bytes"]) -> LoadStats:
+def run_load(
+    url: str,
+    clients: int = 16,
+    duration_s: float = 60,
+    seed: int = 0,
+    *,
+    workload: Workload | None = None,
+    max_requests: int = 10_000,
+    interval: float = 0.2,
+    health_timeout: float = 5.0,
+    max_body_bytes: int = SERVER_FLAGS["--max-body-bytes"],
+) -> LoadStats:
     """`clients` threads send the mix for `duration_s` seconds (each at most `max_requests`
     requests; a request started before the deadline is waited for, at most REQUEST_TIMEOUT), while
     /health and the queue gauge are sampled every `interval` s. Without a workload, one is built
@@ -497,8 +568,9 @@ def run_load(url: str, clients: int = 16, duration_s: float = 60, seed: int = 0,
     sampler = threading.Thread(target=sample, args=(url, stats, stop, interval, health_timeout), daemon=True)
     started = time.monotonic()
     deadline = started + duration_s
-    threads = [Client(i, url, workload, deadline, seed, max_requests, stats, lock, max_body_bytes)
-               for i in range(clients)]
+    threads = [
+        Client(i, url, workload, deadline, seed, max_requests, stats, lock, max_body_bytes) for i in range(clients)
+    ]
     sampler.start()
     for thread in threads:
         thread.start()
@@ -513,6 +585,7 @@ def run_load(url: str, clients: int = 16, duration_s: float = 60, seed: int = 0,
 
 
 # -- the scenario: references, warm-up, the run, RSS ----------------------------------------------
+
 
 def rss_bytes(pid: int) -> int:
     """VmRSS of a process (Linux)."""
@@ -562,13 +635,17 @@ class Report:
             if stats.refused_without_retry_after:
                 out.append(f"{phase}: {stats.refused_without_retry_after} 429s without a valid Retry-After")
             if stats.queue_tokens and max(stats.queue_tokens) > self.max_queued_tokens:
-                out.append(f"{phase}: logprobs_queue_tokens reached {max(stats.queue_tokens):.0f}, "
-                           f"above --max-queued-tokens {self.max_queued_tokens}")
+                out.append(
+                    f"{phase}: logprobs_queue_tokens reached {max(stats.queue_tokens):.0f}, "
+                    f"above --max-queued-tokens {self.max_queued_tokens}"
+                )
             if not stats.queue_tokens:
                 out.append(f"{phase}: the queue gauge was never read")
             if stats.health_failures:
-                out.append(f"{phase}: /health or /metrics failed {len(stats.health_failures)} time(s): "
-                           f"{stats.health_failures[:3]}")
+                out.append(
+                    f"{phase}: /health or /metrics failed {len(stats.health_failures)} time(s): "
+                    f"{stats.health_failures[:3]}"
+                )
             if stats.stuck_clients:
                 out.append(f"{phase}: {stats.stuck_clients} client(s) did not stop")
         if self.run.refused == 0:
@@ -579,18 +656,29 @@ class Report:
         if self.rss_after_warmup and self.rss_after_run:
             growth = self.rss_after_run / self.rss_after_warmup - 1
             if abs(growth) > self.rss_tolerance:
-                out.append(f"RSS after the run {self.rss_after_run / 2**20:.0f} MiB is {growth:+.1%} from "
-                           f"{self.rss_after_warmup / 2**20:.0f} MiB after the warm-up "
-                           f"(limit ±{self.rss_tolerance:.0%})")
+                out.append(
+                    f"RSS after the run {self.rss_after_run / 2**20:.0f} MiB is {growth:+.1%} from "
+                    f"{self.rss_after_warmup / 2**20:.0f} MiB after the warm-up "
+                    f"(limit ±{self.rss_tolerance:.0%})"
+                )
         return out
 
     def table(self) -> str:
         return format_table(self)
 
 
-def run_scenario(url: str, pid: int | None = None, clients: int = 16, duration_s: float = 180,
-                 warmup_s: float = 30, seed: int = 0, max_queued_tokens: int = SERVER_FLAGS["--max-queued-tokens"],
-                 log_path: Path | None = None, recheck: bool = True, **load_options) -> Report:
+def run_scenario(
+    url: str,
+    pid: int | None = None,
+    clients: int = 16,
+    duration_s: float = 180,
+    warmup_s: float = 30,
+    seed: int = 0,
+    max_queued_tokens: int = SERVER_FLAGS["--max-queued-tokens"],
+    log_path: Path | None = None,
+    recheck: bool = True,
+    **load_options,
+) -> Report:
     """References on the idle server; a warm-up of the same mix; RSS; the measured run; RSS; with
     `recheck`, the references again. `pid`: the server's process, for RSS (None: not measured);
     `log_path`: its log, to count the cancellations it logged."""
@@ -603,8 +691,15 @@ def run_scenario(url: str, pid: int | None = None, clients: int = 16, duration_s
     wait_idle(url)
     rss_run = rss_bytes(pid) if pid else None
     cancelled = _cancellations(log_path)
-    return Report(warmup, run, max_queued_tokens, rss_warm, rss_run, workload.recheck(url) if recheck else [],
-                  None if cancelled is None else cancelled - cancelled_before)
+    return Report(
+        warmup,
+        run,
+        max_queued_tokens,
+        rss_warm,
+        rss_run,
+        workload.recheck(url) if recheck else [],
+        None if cancelled is None else cancelled - cancelled_before,
+    )
 
 
 def _cancellations(log_path: Path | None) -> int | None:
@@ -612,6 +707,7 @@ def _cancellations(log_path: Path | None) -> int | None:
 
 
 # -- the table ------------------------------------------------------------------------------------
+
 
 def percentile(values: list[float], q: float) -> float:
     if not values:
@@ -633,17 +729,37 @@ def format_table(report: Report) -> str:
     rows = []
     for kind in [k for k in MIX if k in by_kind]:
         counts = by_kind[kind]
-        rows.append([kind, str(sum(counts.values())), *(str(counts.get(c, 0)) for c in columns),
-                     f"{percentile(latency[kind], 50) * 1e3:.0f}", f"{percentile(latency[kind], 99) * 1e3:.0f}"])
+        rows.append(
+            [
+                kind,
+                str(sum(counts.values())),
+                *(str(counts.get(c, 0)) for c in columns),
+                f"{percentile(latency[kind], 50) * 1e3:.0f}",
+                f"{percentile(latency[kind], 99) * 1e3:.0f}",
+            ]
+        )
     total = Counter(s for _, s, _ in stats.records)
     all_latency = [seconds for _, status, seconds in stats.records if status != 429]
-    rows.append(["all", str(len(stats.records)), *(str(total.get(c, 0)) for c in columns),
-                 f"{percentile(all_latency, 50) * 1e3:.0f}", f"{percentile(all_latency, 99) * 1e3:.0f}"])
+    rows.append(
+        [
+            "all",
+            str(len(stats.records)),
+            *(str(total.get(c, 0)) for c in columns),
+            f"{percentile(all_latency, 50) * 1e3:.0f}",
+            f"{percentile(all_latency, 99) * 1e3:.0f}",
+        ]
+    )
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w)  # noqa: E731
-                                       for i, (c, w) in enumerate(zip(r, widths))) + " |"
-    out = [line(header), "|" + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2)
-                                       for i, w in enumerate(widths)) + "|", *map(line, rows), ""]
+
+    def line(r):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) + " |"
+
+    out = [
+        line(header),
+        "|" + "|".join(("-" * (w + 1) + ":") if i else "-" * (w + 2) for i, w in enumerate(widths)) + "|",
+        *map(line, rows),
+        "",
+    ]
     tokens = stats.tokens()
     scored = tokens["prompt tokens run"] + tokens["prompt tokens reused"]
     rate = (scored + tokens["generated tokens"]) / max(stats.elapsed, 1e-9)
@@ -668,7 +784,9 @@ def format_table(report: Report) -> str:
     if report.cancellations is not None:
         out.append(f"requests cancelled by the server after their client left (logged): {report.cancellations}")
     if report.rss_after_warmup and report.rss_after_run:
-        out.append(f"server RSS: {report.rss_after_warmup / 2**20:.0f} MiB after the warm-up "
-                   f"({report.warmup.elapsed:.0f} s), {report.rss_after_run / 2**20:.0f} MiB after the run "
-                   f"({report.rss_after_run / report.rss_after_warmup - 1:+.1%})")
+        out.append(
+            f"server RSS: {report.rss_after_warmup / 2**20:.0f} MiB after the warm-up "
+            f"({report.warmup.elapsed:.0f} s), {report.rss_after_run / 2**20:.0f} MiB after the run "
+            f"({report.rss_after_run / report.rss_after_warmup - 1:+.1%})"
+        )
     return "\n".join(out)

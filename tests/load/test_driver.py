@@ -8,9 +8,21 @@ from testing.load.driver import LoadStats, Report, compare_scoring
 
 
 def answer(token_logprob: float = -1.5, top: dict | None = None) -> dict:
-    return {"choices": [{"index": 0, "text": "ab", "finish_reason": "length", "logprobs": {
-        "tokens": ["a", "b"], "text_offset": [0, 1], "token_logprobs": [None, token_logprob],
-        "top_logprobs": [None, top or {"b": token_logprob, "c": -0.5}]}}]}
+    return {
+        "choices": [
+            {
+                "index": 0,
+                "text": "ab",
+                "finish_reason": "length",
+                "logprobs": {
+                    "tokens": ["a", "b"],
+                    "text_offset": [0, 1],
+                    "token_logprobs": [None, token_logprob],
+                    "top_logprobs": [None, top or {"b": token_logprob, "c": -0.5}],
+                },
+            }
+        ]
+    }
 
 
 def test_compare_scoring_tolerance_and_keys():
@@ -26,15 +38,29 @@ def test_compare_scoring_tolerance_and_keys():
 
 
 def healthy() -> LoadStats:
-    stats = LoadStats(clients=1, duration_s=1, records=[("score", 200, 0.1), ("score", 429, 0.0)], compared=1,
-                      refused=1, health=[0.01], queue_tokens=[0.0, 700.0])
+    stats = LoadStats(
+        clients=1,
+        duration_s=1,
+        records=[("score", 200, 0.1), ("score", 429, 0.0)],
+        compared=1,
+        refused=1,
+        health=[0.01],
+        queue_tokens=[0.0, 700.0],
+    )
     stats.metrics_after = {("logprobs_requests_total", (("route", "/v1/completions"), ("status", "200"))): 1.0}
     return stats
 
 
 def report(run: LoadStats, rss_after_run: int = 1000) -> Report:
-    return Report(healthy(), run, max_queued_tokens=768, rss_after_warmup=1000, rss_after_run=rss_after_run,
-                  recheck_problems=[], cancellations=1)
+    return Report(
+        healthy(),
+        run,
+        max_queued_tokens=768,
+        rss_after_warmup=1000,
+        rss_after_run=rss_after_run,
+        recheck_problems=[],
+        cancellations=1,
+    )
 
 
 def test_each_criterion_is_reported():
@@ -42,7 +68,8 @@ def test_each_criterion_is_reported():
     cases = {
         "5xx": lambda s: s.records.append(("generate", 503, 1.0)),
         "counted 5xx": lambda s: s.metrics_after.update(
-            {("logprobs_requests_total", (("route", "/v1/completions"), ("status", "500"))): 1.0}),
+            {("logprobs_requests_total", (("route", "/v1/completions"), ("status", "500"))): 1.0}
+        ),
         "above --max-queued-tokens": lambda s: s.queue_tokens.append(769.0),
         "Retry-After": lambda s: setattr(s, "refused_without_retry_after", 1),
         "no 429": lambda s: setattr(s, "refused", 0),

@@ -22,8 +22,15 @@ def loaded_server(model_path, tmp_path_factory):
 
 @pytest.mark.slow
 def test_short_load(loaded_server):
-    report = run_scenario(loaded_server.url, loaded_server.proc.pid, clients=CLIENTS, duration_s=DURATION_S,
-                          warmup_s=WARMUP_S, log_path=loaded_server.log_path, recheck=False)
+    report = run_scenario(
+        loaded_server.url,
+        loaded_server.proc.pid,
+        clients=CLIENTS,
+        duration_s=DURATION_S,
+        warmup_s=WARMUP_S,
+        log_path=loaded_server.log_path,
+        recheck=False,
+    )
     table = report.table()
     print(table)
     failures = report.failures()
