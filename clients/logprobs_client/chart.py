@@ -4,13 +4,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
+from numpy.typing import NDArray
 
 from logprobs_client.compare import Comparison
 
 
-def _pyplot():
+def _pyplot() -> ModuleType:
     """matplotlib's pyplot on the file-only backend, or a one-line exit saying how to install it."""
     try:
         import matplotlib
@@ -57,7 +59,9 @@ def write_chart(comparison: Comparison, path: str | Path, title: str | None = No
     return path
 
 
-def write_kld_chart(kld_by_build: dict[str, np.ndarray], path, mode: str, top_k: int | None) -> None:
+def write_kld_chart(
+    kld_by_build: dict[str, NDArray[np.float64]], path: str | Path, mode: str, top_k: int | None
+) -> None:
     """A PNG: the distribution of per-position KLD (log scale) for each build."""
     plt = _pyplot()
     floor = 1e-12  # a KLD of 0 (an identical build) is drawn at the left edge

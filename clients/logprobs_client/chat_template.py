@@ -11,21 +11,31 @@ from __future__ import annotations
 import json
 from datetime import datetime
 from functools import lru_cache
+from typing import TYPE_CHECKING, Any, NoReturn
+
+if TYPE_CHECKING:  # jinja2 is imported where a template is compiled (the [eval] extra brings it)
+    from jinja2 import Template
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     from jinja2.exceptions import TemplateError
 
     raise TemplateError(message)
 
 
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False) -> str:
+def _tojson(
+    value: object,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
     """Hugging Face's tojson: JSON as written, not Jinja's HTML-escaped, key-sorted one."""
     return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
 @lru_cache(maxsize=4)
-def _compiled(template: str):
+def _compiled(template: str) -> Template:
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     # Hugging Face's settings: blocks trimmed, loop controls ({% break %}), a sandbox, its tojson,
@@ -42,7 +52,7 @@ def _compiled(template: str):
 CONTINUE_MARK = "LOGPROBS_CONTINUE_FINAL_MESSAGE "
 
 
-def _marked(messages: list[dict]) -> list[dict]:
+def _marked(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The conversation with CONTINUE_MARK after the final message's text (its last text part)."""
     final = dict(messages[-1])
     content = final.get("content")
@@ -62,7 +72,7 @@ def _marked(messages: list[dict]) -> list[dict]:
 
 def render(
     template: str,
-    messages: list[dict],
+    messages: list[dict[str, Any]],
     *,
     add_generation_prompt: bool = True,
     continue_final_message: bool = False,

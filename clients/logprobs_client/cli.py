@@ -13,12 +13,17 @@ import os
 import sys
 import time
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import httpx
 
 from logprobs_client import lm_eval_run
 from logprobs_client.lm_eval_run import Options, ServerInfo, Target
 from logprobs_client.types import APIError
+
+if TYPE_CHECKING:  # compare needs numpy (the [eval] extra): imported at run time only where used
+    from logprobs_client.compare import Comparison
 
 
 def _server_options(parser: argparse.ArgumentParser, suffix: str = "", server: str = "") -> None:
@@ -73,7 +78,7 @@ def _key(explicit: str | None) -> str | None:
     return explicit or os.environ.get("LOGPROBS_API_KEY") or os.environ.get("OPENAI_API_KEY") or None
 
 
-def _options(args, extra: list[str], **overrides) -> Options:
+def _options(args: argparse.Namespace, extra: list[str], *, output_path: str | None, log_samples: bool) -> Options:
     return Options(
         tasks=args.tasks,
         limit=args.limit,
@@ -86,7 +91,8 @@ def _options(args, extra: list[str], **overrides) -> Options:
         model_args=args.model_arg,
         apply_chat_template=args.apply_chat_template,
         extra=extra,
-        **overrides,
+        output_path=output_path,
+        log_samples=log_samples,
     )
 
 
@@ -99,7 +105,7 @@ def _describe(label: str, target: Target, info: ServerInfo) -> str:
     )
 
 
-def _side_info(label: str, target: Target, info: ServerInfo) -> dict:
+def _side_info(label: str, target: Target, info: ServerInfo) -> dict[str, str | None]:
     return {
         "label": label,
         "url": target.root,
@@ -109,7 +115,7 @@ def _side_info(label: str, target: Target, info: ServerInfo) -> dict:
     }
 
 
-def cmd_run(args, extra: list[str]) -> int:
+def cmd_run(args: argparse.Namespace, extra: list[str]) -> int:
     target = Target(args.url, _key(args.api_key), args.ca_cert)
     info = lm_eval_run.probe(target)
     print(_describe("", target, info), file=sys.stderr, flush=True)
@@ -120,7 +126,7 @@ def cmd_run(args, extra: list[str]) -> int:
     return lm_eval_run.run(target, info, options)
 
 
-def _compare():
+def _compare() -> ModuleType:
     """The comparison module, which needs numpy (the [eval] extra): imported only by the commands
     that compare, so that the client and `run` need httpx alone."""
     try:
@@ -133,7 +139,7 @@ def _compare():
     return compare
 
 
-def _report(comparison, args) -> None:
+def _report(comparison: Comparison, args: argparse.Namespace) -> None:
     if args.chart:
         from logprobs_client.chart import write_chart
 
@@ -144,7 +150,7 @@ def _report(comparison, args) -> None:
         print(_compare().render_text(comparison), end="")
 
 
-def cmd_compare(args, extra: list[str]) -> int:
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     key = _key(args.api_key)
     target_a = Target(args.url_a, key, args.ca_cert)
     target_b = Target(args.url_b, args.api_key_b or key, args.ca_cert_b or args.ca_cert)
@@ -184,7 +190,7 @@ def cmd_compare(args, extra: list[str]) -> int:
     return 0
 
 
-def cmd_report(args, extra: list[str]) -> int:
+def cmd_report(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit("report takes no lm-eval arguments")
     compare = _compare()
@@ -199,7 +205,7 @@ def cmd_report(args, extra: list[str]) -> int:
     return 0
 
 
-def cmd_kld(args, extra: list[str]) -> int:
+def cmd_kld(args: argparse.Namespace, extra: list[str]) -> int:
     if extra:
         raise SystemExit("kld takes no lm-eval arguments")
     try:
@@ -235,6 +241,7 @@ def cmd_kld(args, extra: list[str]) -> int:
         if args.base is not None:
             results = kld.run_from_file(args.base, args.urls, **common)
         else:
+            assert args.text is not None  # refused above without --base
             results = kld.run(
                 args.urls[0],
                 args.urls[1:],
@@ -387,7 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "log_samples", False) and not getattr(args, "output_path", None):
         raise SystemExit("--log-samples needs --output-path")
     try:
-        return args.handler(args, extra)
+        status: int = args.handler(args, extra)  # the subcommand's cmd_* function
+        return status
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the report piped into `head` and the like

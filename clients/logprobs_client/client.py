@@ -15,11 +15,14 @@ import os
 import ssl
 import time
 from collections.abc import Callable, Generator, Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar, cast
 
 import httpx
 
 from logprobs_client.types import APIError, Completion, Distributions, ModelInfo, Score, Tokenized, TokenizerInfo
+
+if TYPE_CHECKING:  # typing_extensions is no dependency of the client: annotations only
+    from typing_extensions import Unpack
 
 log = logging.getLogger("logprobs_client")
 
@@ -37,6 +40,24 @@ class Call(NamedTuple):
 
 Operation = Generator[list[Call], list[Any], T]
 
+# What `verify=` takes: True (system CAs), False, a CA file, or an ssl.SSLContext.
+Verify = bool | str | os.PathLike[str] | ssl.SSLContext
+# A prompt for /v1/completions: a string, a list of strings, token ids, or a list of token-id lists.
+Prompt = str | list[str] | list[int] | list[list[int]]
+
+
+class ClientOptions(TypedDict, total=False):
+    """The keyword options of Client and AsyncClient (see _Base.__init__)."""
+
+    api_key: str | None
+    verify: Verify
+    timeout: float | httpx.Timeout | None
+    max_retries: int
+    backoff: float
+    max_wait: float
+    model: str | None
+    on_retry: Callable[[int, Exception, float], None] | None
+
 
 def base_url_of(url: str) -> str:
     """The server's root URL, from its root or from a URL lm-eval style (…/v1/completions, …/v1)."""
@@ -47,7 +68,7 @@ def base_url_of(url: str) -> str:
     return url
 
 
-def ssl_verify(verify: bool | str | os.PathLike | ssl.SSLContext) -> bool | ssl.SSLContext:
+def ssl_verify(verify: Verify) -> bool | ssl.SSLContext:
     """httpx's verify= for True/False, a CA file (PEM: a private CA, or a bundle), or a context."""
     if isinstance(verify, (str, os.PathLike)):
         return ssl.create_default_context(cafile=os.fspath(verify))
@@ -117,7 +138,7 @@ class _Base:
         base_url: str,
         *,
         api_key: str | None = None,
-        verify: bool | str | os.PathLike | ssl.SSLContext = True,
+        verify: Verify = True,
         timeout: float | httpx.Timeout | None = 300.0,
         max_retries: int = 4,
         backoff: float = 0.5,
@@ -181,7 +202,7 @@ class _Base:
 
     # -- operations (generators of HTTP calls) ------------------------------------------------------
 
-    def _with_model(self, payload: dict, model: str | None) -> dict:
+    def _with_model(self, payload: dict[str, Any], model: str | None) -> dict[str, Any]:
         model = model or self.model
         return payload | {"model": model} if model else payload
 
@@ -230,14 +251,25 @@ class _Base:
 
     def _op_detokenize(self, tokens: Sequence[int], model: str | None) -> Operation[str]:
         (body,) = yield [Call("POST", "/detokenize", self._with_model({"tokens": list(tokens)}, model))]
-        return body["prompt"]
+        text: str = body["prompt"]
+        return text
 
     def _op_complete(
-        self, prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model, extra: dict
+        self,
+        prompt: Prompt,
+        max_tokens: int | None,
+        temperature: float | None,
+        logprobs: int | None,
+        echo: bool,
+        stop: str | list[str] | None,
+        seed: int | None,
+        n: int | None,
+        model: str | None,
+        extra: dict[str, Any],
     ) -> Operation[Completion]:
         if extra.get("stream"):
             raise ValueError("complete() does not stream; leave stream unset")
-        payload = {"prompt": prompt, "max_tokens": max_tokens, "echo": echo}
+        payload: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "echo": echo}
         for key, value in (
             ("temperature", temperature),
             ("logprobs", logprobs),
@@ -275,7 +307,7 @@ class _Base:
         if not isinstance(context, str):
             if any(isinstance(c, str) for c in continuations):
                 raise TypeError("a context given as token ids needs continuations given as token ids")
-            return [(list(context), list(c)) for c in continuations]
+            return [(list(context), list(c)) for c in cast("Sequence[Sequence[int]]", continuations)]  # checked above
         texts = [c for c in continuations if isinstance(c, str)]
         if context == "":
             prefix = yield from self._op_prefix_token()
@@ -367,7 +399,7 @@ class _Base:
 class Client(_Base):
     """A synchronous client. Use as a context manager, or call close()."""
 
-    def __init__(self, base_url: str, **options):
+    def __init__(self, base_url: str, **options: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **options)
         self._http = httpx.Client(
             base_url=self.base_url, headers=self._headers, verify=self._verify, timeout=self._timeout
@@ -376,7 +408,7 @@ class Client(_Base):
     def __enter__(self) -> Client:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -399,7 +431,8 @@ class Client(_Base):
             while True:
                 calls = operation.send([self._request(call) for call in calls])
         except StopIteration as done:
-            return done.value
+            result: T = done.value  # the operation's return value
+            return result
 
     def health(self) -> bool:
         """GET /health: True when the server answers {"status": "ok"}."""
@@ -432,7 +465,7 @@ class Client(_Base):
 
     def complete(
         self,
-        prompt: str | list,
+        prompt: Prompt,
         *,
         max_tokens: int | None = 16,
         temperature: float | None = None,
@@ -442,7 +475,7 @@ class Client(_Base):
         seed: int | None = None,
         n: int | None = None,
         model: str | None = None,
-        **extra,
+        **extra: Any,  # any other request field: JSON, sent as given
     ) -> Completion:
         """POST /v1/completions (not streamed). prompt: a string, a list of strings, token ids, or
         a list of token-id lists; `extra`: any other field of the request (top_k, logit_bias, ...)."""
@@ -469,7 +502,7 @@ class AsyncClient(_Base):
     """The asyncio client: the same methods, awaited; calls that can run together do (at most
     `max_concurrency` requests at once). Use as an async context manager, or await aclose()."""
 
-    def __init__(self, base_url: str, *, max_concurrency: int = 4, **options):
+    def __init__(self, base_url: str, *, max_concurrency: int = 4, **options: Unpack[ClientOptions]) -> None:
         super().__init__(base_url, **options)
         self._http = httpx.AsyncClient(
             base_url=self.base_url, headers=self._headers, verify=self._verify, timeout=self._timeout
@@ -479,7 +512,7 @@ class AsyncClient(_Base):
     async def __aenter__(self) -> AsyncClient:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:
@@ -508,7 +541,8 @@ class AsyncClient(_Base):
             while True:
                 calls = operation.send(list(await asyncio.gather(*(bounded(call) for call in calls))))
         except StopIteration as done:
-            return done.value
+            result: T = done.value  # the operation's return value
+            return result
 
     async def health(self) -> bool:
         return await self._run(self._op_health())
@@ -535,7 +569,7 @@ class AsyncClient(_Base):
 
     async def complete(
         self,
-        prompt: str | list,
+        prompt: Prompt,
         *,
         max_tokens: int | None = 16,
         temperature: float | None = None,
@@ -545,7 +579,7 @@ class AsyncClient(_Base):
         seed: int | None = None,
         n: int | None = None,
         model: str | None = None,
-        **extra,
+        **extra: Any,  # any other request field: JSON, sent as given
     ) -> Completion:
         return await self._run(
             self._op_complete(prompt, max_tokens, temperature, logprobs, echo, stop, seed, n, model, extra)

@@ -16,12 +16,19 @@ import re
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
+from numpy.typing import NDArray
 
 LOGLIKELIHOOD_TYPES = ("loglikelihood", "multiple_choice", "loglikelihood_rolling")
 NOT_METRICS = {"alias", "name", "sample_len", "sample_count"}
+
+# lm-eval's JSON (results, samples, task configs) is read as it comes: dict[str, Any].
+Sample = dict[str, Any]
+ItemKey = tuple[int, str]  # (doc_id, filter)
+# An aggregation over the per-item metric values (lm-eval's own function, or one of _FAST's).
+Aggregation = Callable[[list[Any]], float]
 
 
 # -- reading lm-eval's output ------------------------------------------------------------------------
@@ -32,8 +39,8 @@ class Run:
     """One lm-eval run: its results JSON and, per task, its samples (one row per doc and filter)."""
 
     folder: Path
-    results: dict
-    samples: dict[str, list[dict]]
+    results: dict[str, Any]
+    samples: dict[str, list[Sample]]
 
 
 def load_run(folder: str | Path) -> Run:
@@ -45,7 +52,7 @@ def load_run(folder: str | Path) -> Run:
     results_file = found[-1]
     stamp = results_file.name.removeprefix("results_").removesuffix(".json")
     results = json.loads(results_file.read_text())
-    samples = {}
+    samples: dict[str, list[Sample]] = {}
     for path in results_file.parent.glob(f"samples_*_{stamp}.jsonl"):
         task = path.name.removeprefix("samples_").removesuffix(f"_{stamp}.jsonl")
         samples[task] = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -54,7 +61,7 @@ def load_run(folder: str | Path) -> Run:
     return Run(folder=results_file.parent, results=results, samples=samples)
 
 
-def request_args(sample: dict) -> list[tuple]:
+def request_args(sample: Sample) -> list[tuple[Any, ...]]:
     """The arguments of each request of a sample, in request order."""
     args = sample["arguments"]
     if isinstance(args, dict):  # {"gen_args_0": {"arg_0": ..., "arg_1": ...}, ...}
@@ -63,10 +70,10 @@ def request_args(sample: dict) -> list[tuple]:
     return [tuple(a) for a in args]
 
 
-def request_loglikelihoods(sample: dict, output_type: str) -> list[tuple[float, bool | None]]:
+def request_loglikelihoods(sample: Sample, output_type: str) -> list[tuple[float, bool | None]]:
     """(loglikelihood, is_greedy) of each request, as lm-eval logged them (is_greedy: None for
     rolling loglikelihoods, whose value is the sum over the document's windows)."""
-    out = []
+    out: list[tuple[float, bool | None]] = []
     for resp in sample["resps"]:
         value = resp[0]
         if output_type == "loglikelihood_rolling":
@@ -79,10 +86,10 @@ def request_loglikelihoods(sample: dict, output_type: str) -> list[tuple[float, 
 # -- aggregation and the bootstrap ----------------------------------------------------------------------
 
 
-def aggregation(config: dict, metric: str) -> tuple[str, Callable | None]:
+def aggregation(config: dict[str, Any], metric: str) -> tuple[str, Aggregation | None]:
     """The task's aggregation for a metric (its metric_list entry, else lm-eval's default), by
     name and as lm-eval's own function."""
-    name = None
+    name: str | None = None
     for entry in config.get("metric_list") or []:
         if (
             entry.get("metric") == metric
@@ -103,18 +110,20 @@ def aggregation(config: dict, metric: str) -> tuple[str, Callable | None]:
             "perplexity": "perplexity",
         }
         name = name or fallback.get(metric)
-        return (name or "?"), _FAST.get(name, (None, None))[1]
+        return (name or "?"), (_FAST[name][1] if name in _FAST else None)
     fn = get_aggregation(name) if name else get_metric_aggregation(metric)
-    return (name or getattr(fn, "__name__", "?")), fn
+    return (name if name else getattr(fn, "__name__", "?")), fn
 
 
-def _weighted(items: np.ndarray) -> np.ndarray:
+def _weighted(items: NDArray[np.float64]) -> Any:
+    """sum(value) / sum(weight) over the items axis: one value per resample (an array), or a numpy
+    float64 for a single list of items (hence Any: numpy's sum over an axis is either)."""
     return items[..., 0].sum(-1) / items[..., 1].sum(-1)
 
 
 # Vectorized forms of lm-eval's common aggregations, over arrays whose last axis is the items
 # (scalars) or items x (value, weight): the bootstrap's 2000 resamples in one go.
-_FAST: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[list], float]]] = {
+_FAST: dict[str, tuple[Callable[[NDArray[np.float64]], NDArray[np.float64]], Aggregation]] = {
     "mean": (lambda x: x.mean(-1), lambda items: float(np.mean(items))),
     "perplexity": (lambda x: np.exp(-x.mean(-1)), lambda items: math.exp(-float(np.mean(items)))),
     "weighted_perplexity": (lambda x: np.exp(-_weighted(x)), lambda items: math.exp(-_weighted(np.array(items)))),
@@ -122,12 +131,12 @@ _FAST: dict[str, tuple[Callable[[np.ndarray], np.ndarray], Callable[[list], floa
 }
 
 
-def _as_items(values: list) -> list:
+def _as_items(values: list[Any]) -> list[Any]:
     return [tuple(v) if isinstance(v, list) else v for v in values]
 
 
 def paired_bootstrap(
-    a: list, b: list, name: str, fn: Callable, resamples: int, seed: int, confidence: float = 0.95
+    a: list[Any], b: list[Any], name: str, fn: Aggregation, resamples: int, seed: int, confidence: float = 0.95
 ) -> tuple[float, float]:
     """Percentile interval of agg(B*) - agg(A*) over `resamples` resamples of the items (the same
     indices on both sides)."""
@@ -185,6 +194,27 @@ class Request:
         return self.b - self.a
 
 
+class LoglikelihoodSummary(TypedDict):
+    """A task's per-request loglikelihood differences, B - A."""
+
+    n: int
+    mean_abs_delta: float
+    max_abs_delta: float
+    mean_delta: float
+    greedy_changed: int | None  # requests whose is_greedy differs (None: rolling loglikelihoods)
+
+
+class WorstRequest(TypedDict):
+    """One of the requests whose loglikelihood moved most."""
+
+    doc_id: int
+    request: int
+    a: float
+    b: float
+    delta: float
+    text: str
+
+
 @dataclass
 class TaskDiff:
     task: str
@@ -192,16 +222,16 @@ class TaskDiff:
     n_docs: int
     n_requests: int
     metrics: list[MetricDiff]
-    loglikelihood: dict | None  # n, mean_abs_delta, max_abs_delta, mean_delta, greedy_changed
-    worst: list[dict]
+    loglikelihood: LoglikelihoodSummary | None
+    worst: list[WorstRequest]
     only_in_a: int = 0
     only_in_b: int = 0
 
 
 @dataclass
 class Comparison:
-    a: dict
-    b: dict
+    a: dict[str, str | None]  # the side's output folder, url, model, ... (see compare_runs)
+    b: dict[str, str | None]
     resamples: int
     seed: int
     confidence: float
@@ -209,13 +239,13 @@ class Comparison:
     warnings: list[str] = field(default_factory=list)
     requests: list[Request] = field(default_factory=list, repr=False)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         out = asdict(self)
         out.pop("requests")
         return out
 
 
-def snippet(args: tuple, width: int = 90) -> str:
+def snippet(args: tuple[Any, ...], width: int = 90) -> str:
     """A request's text, shortened: the end of its context, '|', the start of its continuation."""
     flat = [re.sub(r"\s+", " ", a) if isinstance(a, str) else "" for a in args]
     if len(flat) >= 2 and flat[0]:
@@ -228,12 +258,18 @@ def snippet(args: tuple, width: int = 90) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _answers(metric: str, output_type: str, rows: dict, requests: dict, delimiter: str) -> dict | None:
+def _answers(
+    metric: str,
+    output_type: str,
+    rows: dict[ItemKey, Sample],
+    requests: dict[int, list[tuple[float, bool | None]]],
+    delimiter: str,
+) -> dict[ItemKey, object] | None:
     """Each item's answer under a metric, for counting flips: the chosen choice of a multiple-choice
     item (argmax of loglikelihood; divided by the choice's length in characters for acc_norm, in
     bytes for acc_bytes), the filtered response of a generation, else the per-item metric value
     when it is a number (None when there is nothing to call an answer)."""
-    answers = {}
+    answers: dict[ItemKey, object] = {}
     for key, row in rows.items():
         if output_type == "multiple_choice" and metric in ("acc", "acc_norm", "acc_bytes"):
             lls = np.array([ll for ll, _ in requests[key[0]]])
@@ -262,8 +298,8 @@ def compare_task(
     config = run_a.results.get("configs", {}).get(task, {})
     output_type = config.get("output_type", "")
     delimiter = config.get("target_delimiter", " ")
-    rows_a = {(s["doc_id"], s.get("filter", "none")): s for s in run_a.samples[task]}
-    rows_b = {(s["doc_id"], s.get("filter", "none")): s for s in run_b.samples[task]}
+    rows_a: dict[ItemKey, Sample] = {(s["doc_id"], s.get("filter", "none")): s for s in run_a.samples[task]}
+    rows_b: dict[ItemKey, Sample] = {(s["doc_id"], s.get("filter", "none")): s for s in run_b.samples[task]}
     keys = sorted(set(rows_a) & set(rows_b), key=lambda k: (str(k[1]), k[0]))
     only_a, only_b = len(set(rows_a) - set(rows_b)), len(set(rows_b) - set(rows_a))
     if only_a or only_b:
@@ -275,14 +311,14 @@ def compare_task(
                 "data or settings); nothing to pair"
             )
     doc_ids = sorted({k[0] for k in keys})
-    first_row = {}
+    first_row: dict[int, ItemKey] = {}
     for key in keys:
         first_row.setdefault(key[0], key)
 
     # Per-request loglikelihoods (each item's requests once, whatever the filters).
     requests: list[Request] = []
-    lls_a: dict[int, list] = {}
-    lls_b: dict[int, list] = {}
+    lls_a: dict[int, list[tuple[float, bool | None]]] = {}
+    lls_b: dict[int, list[tuple[float, bool | None]]] = {}
     if output_type in LOGLIKELIHOOD_TYPES:
         for doc_id in doc_ids:
             key = first_row[doc_id]
@@ -347,8 +383,8 @@ def compare_task(
             )
         )
 
-    loglikelihood = None
-    worst_items = []
+    loglikelihood: LoglikelihoodSummary | None = None
+    worst_items: list[WorstRequest] = []
     if requests:
         deltas = np.array([r.delta for r in requests])
         changed = sum(r.greedy_a != r.greedy_b for r in requests if r.greedy_a is not None)
@@ -378,12 +414,12 @@ def compare_task(
     ), requests
 
 
-def run_info(run: Run) -> dict:
+def run_info(run: Run) -> dict[str, str]:
     """The served model and URL of a run, from the model_args lm-eval recorded."""
     model_args = run.results.get("config", {}).get("model_args") or {}
     if isinstance(model_args, str):
         model_args = dict(kv.split("=", 1) for kv in model_args.split(",") if "=" in kv)
-    info = {}
+    info: dict[str, str] = {}
     if model_args.get("base_url"):
         info["url"] = re.sub(r"/v1(/(chat/)?completions)?/?$", "", str(model_args["base_url"]))
     if model_args.get("model"):
@@ -395,8 +431,8 @@ def compare_runs(
     run_a: Run,
     run_b: Run,
     *,
-    a_info: dict | None = None,
-    b_info: dict | None = None,
+    a_info: dict[str, str | None] | None = None,
+    b_info: dict[str, str | None] | None = None,
     resamples: int = 2000,
     seed: int = 0,
     confidence: float = 0.95,
@@ -416,9 +452,12 @@ def compare_runs(
         )
         diffs.append(diff)
         requests += reqs
+    # (The sides joined outside the call: mypy cannot infer `|` of two value types in its context.)
+    side_a = {"output": str(run_a.folder)} | run_info(run_a) | (a_info or {})
+    side_b = {"output": str(run_b.folder)} | run_info(run_b) | (b_info or {})
     return Comparison(
-        a={"output": str(run_a.folder)} | run_info(run_a) | (a_info or {}),
-        b={"output": str(run_b.folder)} | run_info(run_b) | (b_info or {}),
+        a=side_a,
+        b=side_b,
         resamples=resamples,
         seed=seed,
         confidence=confidence,
@@ -448,7 +487,7 @@ def _table(header: list[str], rows: list[list[str]], right: set[int]) -> list[st
     return lines
 
 
-def _side(label: str, info: dict) -> str:
+def _side(label: str, info: dict[str, str | None]) -> str:
     parts = [info.get("url"), info.get("model"), info.get("system_fingerprint")]
     return f"{label}: " + "  ".join(p for p in parts if p)
 

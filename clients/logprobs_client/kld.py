@@ -17,19 +17,38 @@ Both: PPL of each side, delta-p = p_build(true) - p_base(true), same top = equal
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypedDict, TypeVar, cast
 
 import numpy as np
+from numpy.typing import NDArray
 
 from logprobs_client import kld_file
-from logprobs_client.client import Client
+from logprobs_client.client import Client, Verify
 from logprobs_client.kld_file import normalized
 from logprobs_client.types import APIError
 
 ROWS_PER_STEP = 32  # positions whose float64 distributions are held at once (bounds memory)
 PERCENTILES = (99.9, 99.0, 95.0, 90.0, 75.0, 50.0, 25.0, 10.0, 5.0, 1.0, 0.1)
+
+A = TypeVar("A")  # what one server answers for a window (its rows, or its top-K dicts and true logprobs)
+TopK = tuple[list[dict[str, float]], list[float]]  # echo's top-K dicts and the true tokens' logprobs
+# One build's statistics (summarize; `worst` and, from a base file, `base_file` added): the JSON
+# object `--json` prints, read back by key by render and render_table.
+Stats = dict[str, Any]
+
+
+class WorstPosition(TypedDict):
+    """One of the positions where a build moved the distribution most."""
+
+    window: int
+    position: int
+    kld: float
+    context: str
+    token: str
 
 
 class Refused(Exception):
@@ -92,7 +111,7 @@ def _log_rest(log_mass: float) -> float:
 
 
 def topk_positions(
-    base: list[dict], build: list[dict], base_true: list[float], build_true: list[float]
+    base: list[dict[str, float]], build: list[dict[str, float]], base_true: list[float], build_true: list[float]
 ) -> dict[str, np.ndarray]:
     """The partition bound of KL(base || build) at each position from echo's top-K dicts (token
     string -> logprob, best first; the true token included), with the base mass it covers."""
@@ -131,7 +150,7 @@ def _percentiles(x: np.ndarray) -> dict[str, float]:
     return {"max": float(x.max()), **{f"p{p:g}": float(v) for p, v in zip(PERCENTILES, values)}, "min": float(x.min())}
 
 
-def summarize(build: str, positions: Positions, mode: str, top_k: int | None) -> dict:
+def summarize(build: str, positions: Positions, mode: str, top_k: int | None) -> Stats:
     """One build's statistics against the base (the JSON `--json` prints, one object per build)."""
     nll_b, nll_q = positions.array("nll_base"), positions.array("nll")
     kld, dp = positions.array("kld"), positions.array("dp")
@@ -174,7 +193,7 @@ def summarize(build: str, positions: Positions, mode: str, top_k: int | None) ->
     }
 
 
-def render(stats: dict) -> str:
+def render(stats: Stats) -> str:
     """llama-perplexity's blocks for one build (a lower bound is printed as one, never as the KLD)."""
     exact = stats["mode"] == "exact"
     kl = "KLD" if exact else "KLD lower bound"
@@ -210,7 +229,7 @@ def render(stats: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render_table(all_stats: list[dict]) -> str:
+def render_table(all_stats: list[Stats]) -> str:
     """The quantization PRs' table: one row per build."""
     lines = [
         "| build | PPL | ΔPPL | KLD | mean Δp | RMS Δp | same top p |",
@@ -287,17 +306,28 @@ def check_tokenizers(base: Client, others: list[Client], sample: str, exact: boo
     return bos, vocab
 
 
-def _echo_topk(client: Client, window: list[int], first: int, k: int) -> tuple[list[dict], list[float]]:
+def _echo_topk(client: Client, window: list[int], first: int, k: int) -> TopK:
     choice = client.complete([window], max_tokens=0, echo=True, logprobs=k, temperature=0).choices[0]
     logprobs = choice.logprobs
-    return list(logprobs.top_logprobs[first + 1 :]), list(logprobs.token_logprobs[first + 1 :])
+    assert logprobs is not None  # asked for (logprobs=k)
+    # Past the first echoed token, every position has its logprob and its top dict (not None).
+    return (
+        list(cast("list[dict[str, float]]", logprobs.top_logprobs[first + 1 :])),
+        list(cast("list[float]", logprobs.token_logprobs[first + 1 :])),
+    )
 
 
-def _clients(urls: list[str], api_key: str | None, verify) -> list[Client]:
+def _clients(urls: list[str], api_key: str | None, verify: Verify) -> list[Client]:
     return [Client(url, api_key=api_key, verify=verify, timeout=600) for url in urls]
 
 
-def _score(cut: list[list[int]], n_builds: int, fetch, compute, progress) -> list[Positions]:
+def _score(
+    cut: list[list[int]],
+    n_builds: int,
+    fetch: Callable[[list[int]], list[A]],
+    compute: Callable[[int, list[int], list[A]], list[dict[str, np.ndarray]]],
+    progress: Callable[[int, int], None] | None,
+) -> list[Positions]:
     """Every window to every server at once (fetch(window): each server's answer), and while the
     servers work on the next window, the statistics of this one (compute(i, window, answers): one
     dict of per-position arrays per build): the tool's own arithmetic hides behind the servers'."""
@@ -317,26 +347,35 @@ def _score(cut: list[list[int]], n_builds: int, fetch, compute, progress) -> lis
     return positions
 
 
-def _rows_from(first: int, dtype: str):
+def _rows_from(first: int, dtype: str) -> Callable[[Client, list[int]], NDArray[np.float32 | np.float16]]:
     """ask for _on_every_server: a window's full log-distributions from row `first` on."""
 
-    def rows_of(client: Client, window: list[int]) -> np.ndarray:
+    def rows_of(client: Client, window: list[int]) -> NDArray[np.float32 | np.float16]:
         return client.distributions(window, start=first, dtype=dtype).array()
 
     return rows_of
 
 
-def _on_every_server(clients: list[Client], ask):
+def _on_every_server(
+    clients: list[Client], ask: Callable[[Client, list[int]], A]
+) -> tuple[ThreadPoolExecutor, Callable[[list[int]], list[A]]]:
     """fetch for _score: ask(client, window) of every server at once."""
     pool = ThreadPoolExecutor(len(clients))
 
-    def fetch(window):
+    def fetch(window: list[int]) -> list[A]:
         return list(pool.map(lambda c: ask(c, window), clients))
 
     return pool, fetch
 
 
-def _results(urls: list[str], positions: list[Positions], mode: str, top_k: int | None, chart, worst) -> list[dict]:
+def _results(
+    urls: list[str],
+    positions: list[Positions],
+    mode: str,
+    top_k: int | None,
+    chart: str | Path | None,
+    worst: Callable[[Positions], list[WorstPosition]],
+) -> list[Stats]:
     if chart is not None and urls:  # (--save-base with the base alone: nothing to draw)
         from logprobs_client.chart import write_kld_chart
 
@@ -354,11 +393,11 @@ def run(
     top_k: int | None = None,
     dtype: str = "float32",
     api_key: str | None = None,
-    verify=True,
-    progress=None,
-    chart=None,
+    verify: Verify = True,
+    progress: Callable[[int, int], None] | None = None,
+    chart: str | Path | None = None,
     save_base: str | Path | None = None,
-) -> list[dict]:
+) -> list[Stats]:
     """The statistics of each build at `urls` against the base at `base_url`, one dict per build;
     `chart`: a PNG path for the KLD distribution of each build; `save_base`: also write the base's
     rows as llama-perplexity's --kl-divergence-base file (exact mode; `urls` may then be empty)."""
@@ -382,23 +421,33 @@ def run(
             raise Refused(f"the text has {len(tokens)} tokens: fewer than one window of --ctx {ctx}")
         first = ctx // 2
         if save_base is not None:
+            assert vocab is not None  # exact mode (--save-base refuses --top-k above)
             writer = kld_file.Writer(save_base, ctx, vocab, np.asarray(tokens[: len(cut) * ctx]).reshape(len(cut), ctx))
 
-        def exact(i, window, rows):
+        def exact(
+            i: int, window: list[int], rows: list[NDArray[np.float32 | np.float16]]
+        ) -> list[dict[str, np.ndarray]]:
             if writer is not None:
                 writer.add(rows[0])
             targets = np.asarray(window[first + 1 :])  # the tokens the rows predict
             return [exact_positions(rows[0], build_rows, targets) for build_rows in rows[1:]]
 
-        def top(i, window, tops):
+        def top(i: int, window: list[int], tops: list[TopK]) -> list[dict[str, np.ndarray]]:
             return [topk_positions(tops[0][0], top_q, tops[0][1], true_q) for top_q, true_q in tops[1:]]
 
-        def top_of(client, window):
+        def top_of(client: Client, window: list[int]) -> TopK:
+            assert top_k is not None  # top-K mode
             return _echo_topk(client, window, first, top_k)
 
-        pool, fetch = _on_every_server(clients, _rows_from(first, dtype) if top_k is None else top_of)
-        with pool:
-            positions = _score(cut, len(urls), fetch, exact if top_k is None else top, progress)
+        # (One branch per mode: a server's answers are rows in one, top-K dicts in the other.)
+        if top_k is None:
+            pool, fetch_rows = _on_every_server(clients, _rows_from(first, dtype))
+            with pool:
+                positions = _score(cut, len(urls), fetch_rows, exact, progress)
+        else:
+            pool, fetch_top = _on_every_server(clients, top_of)
+            with pool:
+                positions = _score(cut, len(urls), fetch_top, top, progress)
         if writer is not None:
             writer.close()
             writer = None
@@ -419,10 +468,10 @@ def run_from_file(
     chunks: int | None = None,
     dtype: str = "float32",
     api_key: str | None = None,
-    verify=True,
-    progress=None,
-    chart=None,
-) -> list[dict]:
+    verify: Verify = True,
+    progress: Callable[[int, int], None] | None = None,
+    chart: str | Path | None = None,
+) -> list[Stats]:
     """The statistics of each build at `urls` against a base file (llama-perplexity's
     --kl-divergence-base, or `kld --save-base`), computed as llama-perplexity computes them from it."""
     base = kld_file.read(path)
@@ -447,7 +496,9 @@ def run_from_file(
         ]
         first = base.n_ctx // 2
 
-        def from_file(i, window, rows):
+        def from_file(
+            i: int, window: list[int], rows: list[NDArray[np.float32 | np.float16]]
+        ) -> list[dict[str, np.ndarray]]:
             targets = np.asarray(window[first + 1 :])
             return [kld_file.file_positions(base.rows[i], base.n_vocab, build_rows, targets) for build_rows in rows]
 
@@ -463,11 +514,11 @@ def run_from_file(
             client.close()
 
 
-def _worst(base: Client, positions: Positions, cut: list[list[int]], first: int, n: int = 5) -> list[dict]:
+def _worst(base: Client, positions: Positions, cut: list[list[int]], first: int, n: int = 5) -> list[WorstPosition]:
     """The positions where the build moved the distribution most, with the text before them."""
     kld = positions.array("kld")
     per_window = len(cut[0]) - first - 1
-    found = []
+    found: list[WorstPosition] = []
     for index in np.argsort(-kld, kind="stable")[:n]:
         window, offset = cut[index // per_window], first + 1 + index % per_window
         found.append(

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
+from numpy.typing import NDArray
 
 MAGIC = b"_logits_"
 HEADER = struct.Struct("<8sIii")
@@ -62,9 +63,9 @@ def encode_rows(logprobs: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode_rows(rows: np.ndarray, n_vocab: int) -> np.ndarray:
+def decode_rows(rows: NDArray[np.uint16], n_vocab: int) -> NDArray[np.float32]:
     """llama-perplexity's rows -> log-probabilities [rows, n_vocab] (float32 arithmetic, as llama's)."""
-    head = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [rows, 2]: scale, min_log_prob
+    head: NDArray[np.float32] = np.ascontiguousarray(rows[:, :4]).view("<f4")  # [rows, 2]: scale, min_log_prob
     return head[:, :1] * rows[:, 4 : 4 + n_vocab].astype(np.float32) + head[:, 1:2]
 
 
@@ -79,7 +80,7 @@ def normalized(rows: np.ndarray) -> np.ndarray:
 
 
 def file_positions(
-    base_rows: np.ndarray, n_vocab: int, build: np.ndarray, targets: np.ndarray
+    base_rows: NDArray[np.uint16], n_vocab: int, build: np.ndarray, targets: np.ndarray
 ) -> dict[str, np.ndarray]:
     """llama-perplexity's statistics at each row of a base file against a build's full
     log-distributions [rows, n_vocab]: KL over the base tokens above FLOOR (not renormalized),
@@ -107,8 +108,8 @@ class BaseFile:
     path: Path
     n_ctx: int
     n_vocab: int
-    tokens: np.ndarray  # [n_chunk, n_ctx] int32, as tokenized (BOS not put first)
-    rows: np.ndarray  # [n_chunk, scored(n_ctx), nv] uint16
+    tokens: NDArray[np.int32]  # [n_chunk, n_ctx], as tokenized (BOS not put first)
+    rows: NDArray[np.uint16]  # [n_chunk, scored(n_ctx), nv]
 
     @property
     def n_chunk(self) -> int:

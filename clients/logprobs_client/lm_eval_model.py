@@ -17,6 +17,8 @@ this module before lm-eval's `simple_evaluate(model="logprobs-completions", ...)
 
 from __future__ import annotations
 
+from typing import Any
+
 from lm_eval.api.registry import register_model
 from lm_eval.models.openai_completions import LocalCompletionsAPI
 
@@ -26,23 +28,24 @@ MODEL_NAME = "logprobs-completions"
 
 
 @register_model(MODEL_NAME)
-class LogprobsCompletions(LocalCompletionsAPI):
-    def __init__(self, tokenizer_backend: str = "remote", **kwargs):
+class LogprobsCompletions(LocalCompletionsAPI):  # type: ignore[misc]  # lm-eval ships no types: its class is Any
+    def __init__(self, tokenizer_backend: str = "remote", **kwargs: Any) -> None:  # lm-eval's model_args
         super().__init__(tokenizer_backend=tokenizer_backend, **kwargs)
 
-    def _server_tokenizer(self) -> dict:
+    def _server_tokenizer(self) -> dict[str, Any]:
         if self.tokenizer_backend != "remote":
             raise ValueError(
                 f"{MODEL_NAME} renders the server's chat template, which it reads through the remote "
                 f"tokenizer: use tokenizer_backend=remote (not {self.tokenizer_backend})"
             )
-        return self.tokenizer.tokenizer_info
+        info: dict[str, Any] = self.tokenizer.tokenizer_info  # /tokenizer_info's JSON, as lm-eval read it
+        return info
 
     def chat_template(self, chat_template: bool | str = False) -> str | None:
         """The server's template (lm-eval records it with the results)."""
         if not chat_template:
             return None
-        template = self._server_tokenizer().get("chat_template")
+        template: str | None = self._server_tokenizer().get("chat_template")
         if not template:
             raise ValueError(
                 "The server publishes no chat template for its model (/tokenizer_info): evaluate it "
@@ -50,10 +53,12 @@ class LogprobsCompletions(LocalCompletionsAPI):
             )
         return template
 
-    def apply_chat_template(self, chat_history: list[dict], add_generation_prompt: bool = True) -> str:
+    def apply_chat_template(self, chat_history: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
         info = self._server_tokenizer()
+        template = self.chat_template(True)
+        assert template is not None  # chat_template(True) returns the template or raises
         return chat_template.render(
-            self.chat_template(True),
+            template,
             chat_history,
             add_generation_prompt=add_generation_prompt,
             continue_final_message=not add_generation_prompt,

@@ -74,7 +74,7 @@ def probe(target: Target, timeout: float = 30.0) -> ServerInfo:
         return ServerInfo(model=client.model_info(), tokenizer=client.tokenizer_info())
 
 
-def _model_arg(key: str, value) -> str:
+def _model_arg(key: str, value: object) -> str:
     text = str(value)
     if "," in text:
         raise ValueError(f"lm-eval's model_args cannot hold a comma: {key}={text!r}")
@@ -176,7 +176,14 @@ def require_lm_eval() -> None:
         )
 
 
-def run(target: Target, info: ServerInfo, options: Options, *, stdout: IO | None = None, log: IO = sys.stderr) -> int:
+def run(
+    target: Target,
+    info: ServerInfo,
+    options: Options,
+    *,
+    stdout: IO[str] | IO[bytes] | None = None,
+    log: IO[str] = sys.stderr,
+) -> int:
     """Run lm-eval with inherited stdio (its progress bars and tables as usual; `stdout` to send
     its standard output elsewhere). Returns its exit status."""
     require_lm_eval()

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # numpy is the [eval] extra's: imported where Distributions.array() runs
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 class APIError(Exception):
@@ -39,7 +43,7 @@ class ModelInfo:
     owned_by: str | None = None
 
     @classmethod
-    def from_json(cls, entry: dict) -> ModelInfo:
+    def from_json(cls, entry: dict[str, Any]) -> ModelInfo:
         return cls(
             id=entry["id"],
             max_model_len=entry.get("max_model_len"),
@@ -61,7 +65,7 @@ class Distributions:
     data: bytes
     system_fingerprint: str | None = None
 
-    def array(self):
+    def array(self) -> NDArray[np.float32 | np.float16]:
         """The rows as a numpy array [rows, vocab] (numpy: the client's [eval] extra)."""
         import numpy as np
 
@@ -82,7 +86,7 @@ class TokenizerInfo:
     chat_template: str | None = None
 
     @classmethod
-    def from_json(cls, body: dict) -> TokenizerInfo:
+    def from_json(cls, body: dict[str, Any]) -> TokenizerInfo:
         return cls(
             eos_token=body.get("eos_token"),
             bos_token=body.get("bos_token"),
@@ -137,10 +141,10 @@ class Completion:
     system_fingerprint: str | None
     choices: list[CompletionChoice]
     usage: Usage | None
-    raw: dict = field(repr=False, compare=False, default_factory=dict)
+    raw: dict[str, Any] = field(repr=False, compare=False, default_factory=dict)
 
     @classmethod
-    def from_json(cls, body: dict) -> Completion:
+    def from_json(cls, body: dict[str, Any]) -> Completion:
         choices = []
         for c in sorted(body["choices"], key=lambda c: c["index"]):
             lp = c.get("logprobs")
