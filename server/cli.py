@@ -11,7 +11,7 @@ from typing import Literal, get_args, get_origin
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
 
-from server.backends import detect_backend
+from server.backends import KINDS, kind_of
 from server.config import ConfigError, Settings, env_name, flag_name
 from server.http.security import check_exposure
 from server.models import resolve_model
@@ -70,18 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _preload_openblas(argv: list[str]) -> None:
-    """mlx[cpu] on Linux ships a reference BLAS ~40x slower than OpenBLAS; a library is only
-    replaced at process start, so restart this process with OpenBLAS preloaded when it exists."""
-    from server.backends.mlx import find_openblas, openblas_preloaded
-
-    if not sys.platform.startswith("linux") or openblas_preloaded() or not (blas := find_openblas()):
-        return
-    print(f"logprobs-server: MLX backend: restarting with LD_PRELOAD={blas} (OpenBLAS)", file=sys.stderr, flush=True)
-    preload = " ".join(p for p in (os.environ.get("LD_PRELOAD"), blas) if p)
-    os.execve(sys.executable, [sys.executable, "-m", "server", *argv], {**os.environ, "LD_PRELOAD": preload})
-
-
 def _fail(exc: ConfigError) -> None:
     """A setting the user must fix: one line on stderr, exit status 2 (as for a bad flag)."""
     print(f"logprobs-server: error: {exc}", file=sys.stderr, flush=True)
@@ -100,11 +88,10 @@ def main(argv: list[str] | None = None) -> None:
 
         configure_logging(settings.log_level)  # now: fetching a Hub model logs what it took
         model = resolve_model(settings)
-        kind = model.kind or detect_backend(model.path)
+        kind = KINDS[model.kind] if model.kind else kind_of(model.path)
     except ConfigError as exc:
         _fail(exc)
-    if kind == "mlx":
-        _preload_openblas(sys.argv[1:] if argv is None else argv)
+    kind.prepare_process(sys.argv[1:] if argv is None else argv)
     for warning in warnings:  # after the restart, so said once
         print(f"logprobs-server: warning: {warning}", file=sys.stderr, flush=True)
     import uvicorn

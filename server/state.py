@@ -43,7 +43,7 @@ class ServerState:
         started = time.perf_counter()
         if backend is None:
             log.info("Loading %s (threads: %d)", model.path, settings.n_threads or default_threads())
-            backend = load_backend(model.path, settings)
+            backend = load_backend(model.path, settings, model.kind)
         load_seconds = time.perf_counter() - started
         info = backend.info
         log.info(
@@ -56,18 +56,16 @@ class ServerState:
             "added" if info.add_bos else "not added",
             "present" if info.chat_template else "absent",
         )
-        settings = run_probes(backend, settings, MIN_REUSE)
+        exactness = run_probes(backend, settings, MIN_REUSE)
         log.info(
             "Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
             backend.max_sequences,
-            settings.n_batch,
-            f"{settings.prefix_cache_mb} MB, {backend.reuse_rule}"  # set by the probe whenever the cache is on
-            if settings.prefix_cache_mb and backend.supports_snapshots
-            else "off",
+            backend.n_batch,
+            exactness.describe(),
         )
         name = settings.model_name or (model.name if model else Path(info.path).stem)
         fingerprint = compute_fingerprint(
-            settings,
+            exactness,
             backend,
             model.path if model else None,
             settings.cache_path(),
@@ -79,10 +77,10 @@ class ServerState:
         metrics = Metrics()
         engine = Engine(
             backend,
-            settings.prefix_cache_mb,
             max_queued_tokens=settings.max_queued_tokens,
             hooks=metrics.hooks,
             job_overhead_tokens=settings.job_overhead_tokens,
+            exactness=exactness,
         )
         metrics.describe_server(engine, name, fingerprint, load_seconds)
         return cls(

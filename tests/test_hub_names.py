@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import pytest
 
+from server.backends.gguf_files import choose_gguf
 from server.config import ConfigError
-from server.models.hub import HubRef, choose_gguf
+from server.models.hub import HubRef
+
+
+def choose(ref: HubRef, files: list[str]) -> list[str]:
+    return choose_gguf(ref.repo, ref.quant, ref.file, files)
 
 
 @pytest.mark.parametrize(
@@ -72,16 +77,16 @@ REPO = [
     ],
 )
 def test_the_name_chooses_the_file(ref, chosen):
-    assert choose_gguf(ref, REPO) == chosen
+    assert choose(ref, REPO) == chosen
 
 
 def test_without_a_tag_the_only_gguf_is_chosen_else_the_choices_are_listed():
-    assert choose_gguf(HubRef("o/r"), ["a.gguf", "config.json"]) == ["a.gguf"]
+    assert choose(HubRef("o/r"), ["a.gguf", "config.json"]) == ["a.gguf"]
     with pytest.raises(ConfigError, match=r"several GGUF files .*a-Q8_0.gguf, b-F16.gguf"):
-        choose_gguf(HubRef("o/r"), ["a-Q8_0.gguf", "b-F16.gguf"])
+        choose(HubRef("o/r"), ["a-Q8_0.gguf", "b-F16.gguf"])
     with pytest.raises(ConfigError, match=r"no file for the quantization Q2_K; its GGUF files: .*model-Q8_0.gguf"):
-        choose_gguf(HubRef("o/r", quant="Q2_K"), REPO)
+        choose(HubRef("o/r", quant="Q2_K"), REPO)
     with pytest.raises(ConfigError, match=r"holds no .gguf file"):
-        choose_gguf(HubRef("o/r"), ["config.json", "model.safetensors"])
+        choose(HubRef("o/r"), ["config.json", "model.safetensors"])
     with pytest.raises(ConfigError, match="matches several files"):
-        choose_gguf(HubRef("o/r", quant="Q8_0"), ["a-Q8_0.gguf", "b-Q8_0.gguf"])
+        choose(HubRef("o/r", quant="Q8_0"), ["a-Q8_0.gguf", "b-Q8_0.gguf"])

@@ -16,7 +16,7 @@ SERVER = ROOT / "server"
 ALLOWED = {
     "config": set(),
     "numerics": set(),
-    "models": {"config"},
+    "models": {"backends", "config"},  # a Hub repo's files: each backend kind says which are its
     "backends": {"config", "numerics"},
     "engine": {"backends", "numerics"},
     "http": {"config"},

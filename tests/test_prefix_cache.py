@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server.backends.base import ReuseRule
-from server.backends.probes import choose_reuse_rule
+from server.backends.probes import Exactness, choose_reuse_rule
 from server.engine import Engine, PromptJob
 from server.engine.prefix_cache import MIN_REUSE, PrefixCache
 from server.numerics.scoring import ScoredRows
@@ -214,13 +214,12 @@ def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group,
     assert choose_reuse_rule(backend, MIN_REUSE) == chosen
     if chosen is None:
         return
-    backend.reuse_rule = chosen
     contexts = [[BOS, *bytes(range(40 + 7 * i, 140 + 11 * i))] for i in range(6)]
     batches = [[c + [65 + j] * (1 + j % 3) for j in range(4)] for c in contexts]  # MMLU-like: 1-3 token answers
     batches += [[c[:60] + list(b"an ending of some length")[: 10 + 3 * j] for j in range(4)] for c in contexts]
 
     def scores(cache_mb: int):
-        engine = Engine(backend, prefix_cache_mb=cache_mb)
+        engine = Engine(backend, exactness=Exactness(cache_mb << 20, chosen, shared_passes=False))
         try:
             out = [
                 r.prompt_scores.token_logprobs

@@ -95,7 +95,7 @@ def test_mlx_scoring_picks_the_same_top_k(case):
     """The MLX path (its own logsumexp, so values differ in the last bits) keeps the same tokens in
     the same order, ties to the lowest id included."""
     mx = pytest.importorskip("mlx.core")
-    from server.numerics.scoring import score_rows_mlx
+    from server.backends.mlx_scoring import score_rows_mlx
 
     logits, targets, k = case
     on_device, on_host = score_rows_mlx(mx.array(logits), targets, k), score_rows(logits, targets, k)

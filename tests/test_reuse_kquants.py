@@ -17,8 +17,9 @@ import sys
 import numpy as np
 import pytest
 
+from server.backends.base import ReuseRule
 from server.backends.gguf import GGUFBackend
-from server.backends.probes import choose_reuse_rule
+from server.backends.probes import Exactness, choose_reuse_rule
 from server.config import Settings
 from server.engine import Engine, PromptJob
 from server.engine.prefix_cache import MIN_REUSE
@@ -71,8 +72,10 @@ def requests_of(backend: GGUFBackend) -> list[list[list[int]]]:
     return out
 
 
-def score_all(backend: GGUFBackend, requests: list[list[list[int]]], cache_mb: int) -> list[np.ndarray]:
-    engine = Engine(backend, prefix_cache_mb=cache_mb)
+def score_all(
+    backend: GGUFBackend, requests: list[list[list[int]]], cache_mb: int, rule: ReuseRule
+) -> list[np.ndarray]:
+    engine = Engine(backend, exactness=Exactness(cache_mb << 20, rule, shared_passes=False))
     try:
         out = []
         for prompts in requests:
@@ -87,17 +90,14 @@ def score_all(backend: GGUFBackend, requests: list[list[list[int]]], cache_mb: i
 def check_reuse(path, name: str) -> None:
     backend = GGUFBackend(str(path), n_ctx=1024, n_threads=2, n_batch=N_BATCH)
     try:
-        backend.reuse_rule = choose_reuse_rule(backend, MIN_REUSE)
-        assert backend.reuse_rule is not None, f"{name}: the start-up check turned the cache off"
+        rule = choose_reuse_rule(backend, MIN_REUSE)
+        assert rule is not None, f"{name}: the start-up check turned the cache off"
         requests = requests_of(backend)
-        cached, reused = score_all(backend, requests, cache_mb=256)
-        whole, _ = score_all(backend, requests, cache_mb=0)
+        cached, reused = score_all(backend, requests, 256, rule)
+        whole, _ = score_all(backend, requests, 0, rule)
         worst = max(float(np.abs(a - b).max()) for a, b in zip(cached, whole))
         n_tokens = sum(len(p) for prompts in requests for p in prompts)
-        print(
-            f"{name}: rule '{backend.reuse_rule}', {reused} of {n_tokens} prompt tokens reused, "
-            f"max |cached - whole| = {worst:.2e}"
-        )
+        print(f"{name}: rule '{rule}', {reused} of {n_tokens} prompt tokens reused, max |cached - whole| = {worst:.2e}")
         assert reused > n_tokens // 3  # contexts were really reused
         assert all(np.array_equal(a, b) for a, b in zip(cached, whole)), worst  # the same floats
     finally:

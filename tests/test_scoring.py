@@ -142,7 +142,7 @@ def test_stop_matching_time_is_linear_in_long_stop_strings():
 @pytest.mark.parametrize("k", [0, 1, 5])
 def test_mlx_scoring_matches_numpy_scoring(k):
     mx = pytest.importorskip("mlx.core")
-    from server.numerics.scoring import score_rows_mlx
+    from server.backends.mlx_scoring import score_rows_mlx
 
     rng = np.random.default_rng(k)
     logits = (rng.standard_normal((70, 49152)) * 4).astype(np.float32)

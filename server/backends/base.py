@@ -11,9 +11,11 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
+from pathlib import Path
 
 import numpy as np
 
+from server.config import Settings
 from server.numerics.scoring import ScoredRows, score_rows
 from server.numerics.tokens import TokenTable
 
@@ -95,6 +97,46 @@ class ReuseRule:
         return f"tails at multiples of {self.align}, at least {self.min_tail} tokens"
 
 
+class BackendKind(ABC):
+    """One kind of model the server runs, known before one is loaded: how its models look on disk
+    and in a Hugging Face Hub repo, and how one is loaded. Each backend module declares its kind
+    (KIND) and server/backends/__init__.py lists them: a new backend is its module and that line."""
+
+    name: str  # --backend's value and the fingerprint's `backend` part
+    files: str  # how messages name what it serves ("a GGUF file")
+    absent: str  # how messages say a Hub repo has none ("holds no .gguf file")
+    weight_suffix: str  # the files whose sha256 the fingerprint carries when fetched from the Hub
+    # A Hub reference's :QUANT or /FILE names one of a repo's files of this kind (GGUF repos hold
+    # several models; an MLX repo is one).
+    names_files: bool = False
+
+    @abstractmethod
+    def refuses(self, path: Path) -> str | None:
+        """None when the local file or folder is a model of this kind, else why not ("not a GGUF
+        file (...)"), for the message that lists every kind's reason."""
+
+    @abstractmethod
+    def in_repo(self, files: list[str]) -> bool:
+        """Whether a Hub repo's file listing holds a model of this kind."""
+
+    @abstractmethod
+    def repo_files(self, repo: str, quant: str | None, file: str | None, files: list[str]) -> list[str]:
+        """The files of a Hub repo that make the model (the one to load first): ConfigError when
+        the reference names none, saying which there are."""
+
+    def model_path(self, first: Path) -> Path:
+        """What load() is given, from the downloaded first file of repo_files."""
+        return first
+
+    @abstractmethod
+    def load(self, path: Path, settings: Settings) -> Backend:
+        """The loaded model, with the settings' context, threads, batch, KV type and sequences."""
+
+    def prepare_process(self, argv: list[str]) -> None:  # noqa: B027 (optional: most kinds need nothing)
+        """What the command line does before serving a model of this kind (MLX on Linux: restart
+        with OpenBLAS preloaded); `argv`: the command's arguments, to restart with."""
+
+
 class Backend(ABC):
     """What the engine asks of a model: a prompt pass on one sequence at a time, and decode steps
     that advance several sequences by one token each in one forward pass."""
@@ -106,11 +148,10 @@ class Backend(ABC):
     max_sequences = 1  # sequences held at once (each its own KV), decoded together
     supports_snapshots = False  # snapshot()/restore() work: the prefix cache can be used
     # The rules under which the prefix cache may be exact, tried at start-up in this order (the
-    # first the check passes is used, else the cache is off), and the one chosen.
+    # first the check passes is used, else the cache is off: backends/probes.py's Exactness).
     reuse_rules: tuple[ReuseRule, ...] = (ReuseRule(),)
-    reuse_rule: ReuseRule | None = None
-    # prefill_together() works, is faster than prompts one by one, and keeps each prompt's numbers
-    # within 1e-4 of the prompt alone (tests/test_shared_passes.py holds each backend that says so).
+    # prefill_together() works and is faster than prompts one by one; the start-up check holds each
+    # prompt's numbers within 1e-4 of the prompt alone before the engine uses it (Exactness).
     shares_prompt_passes = False
     scoring_threads = 1  # CPU threads for the numpy scoring of logits blocks
 

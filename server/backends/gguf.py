@@ -11,23 +11,48 @@ import ctypes
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo, ReuseRule, Step
+from server.backends.base import Backend, BackendKind, ModelInfo, ReuseRule, Step
+from server.backends.gguf_files import choose_gguf, is_gguf_file
+from server.config import Settings, default_threads
 from server.numerics.tokens import TokenTable, default_context
 
 log = logging.getLogger(__name__)
 
-GGUF_MAGIC = b"GGUF"
+
+class GGUFKind(BackendKind):
+    name = "gguf"
+    files = "a GGUF file"
+    absent = "holds no .gguf file"
+    weight_suffix = ".gguf"
+    names_files = True
+
+    def refuses(self, path: Path) -> str | None:
+        if path.is_dir():
+            return "not a GGUF file (it is a folder)"
+        return None if is_gguf_file(path) else "not a GGUF file (it does not start with the GGUF magic bytes)"
+
+    def in_repo(self, files: list[str]) -> bool:
+        return any(f.lower().endswith(".gguf") for f in files)
+
+    def repo_files(self, repo: str, quant: str | None, file: str | None, files: list[str]) -> list[str]:
+        return choose_gguf(repo, quant, file, files)
+
+    def load(self, path: Path, settings: Settings) -> Backend:
+        return GGUFBackend(
+            str(path),
+            n_ctx=settings.n_ctx,
+            n_threads=settings.n_threads or default_threads(),
+            n_batch=settings.n_batch,
+            kv_cache_type=settings.kv_cache_type,
+            max_sequences=settings.max_sequences,
+        )
 
 
-def is_gguf_file(path: Path) -> bool:
-    try:
-        with open(path, "rb") as f:
-            return f.read(4) == GGUF_MAGIC
-    except OSError:
-        return False
+KIND = GGUFKind()
 
 
 def _context_params(ll, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type: str, max_sequences: int):
@@ -47,6 +72,29 @@ def _context_params(ll, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type:
     # llama.cpp stores K and V in float16 by default; float32 keeps scores exact (see Settings).
     ctx_params.type_k = ctx_params.type_v = ll.GGML_TYPE_F32 if kv_cache_type == "f32" else ll.GGML_TYPE_F16
     return ctx_params
+
+
+def _model_info(ll: Any, model: Any, vocab: Any, path: str, n_ctx: int) -> ModelInfo:
+    """What the server tells clients about a loaded GGUF model (llama.cpp's handles)."""
+
+    def special(token_id: int) -> int | None:
+        return token_id if token_id >= 0 else None
+
+    template = ll.llama_model_chat_template(model, None)
+    desc = ctypes.create_string_buffer(256)
+    ll.llama_model_desc(model, desc, len(desc))
+    return ModelInfo(
+        path=str(path),
+        n_ctx=n_ctx,
+        n_ctx_train=ll.llama_model_n_ctx_train(model),
+        n_vocab=ll.llama_vocab_n_tokens(vocab),
+        bos_id=special(ll.llama_vocab_bos(vocab)),
+        eos_id=special(ll.llama_vocab_eos(vocab)),
+        pad_id=special(ll.llama_vocab_pad(vocab)),
+        add_bos=bool(ll.llama_vocab_get_add_bos(vocab)),
+        chat_template=template.decode() if template else None,
+        description=f"{desc.value.decode()}, {ll.llama_model_n_params(model) / 1e6:.0f}M params",
+    )
 
 
 class GGUFBackend(Backend):
@@ -96,25 +144,7 @@ class GGUFBackend(Backend):
             [self._piece(t) for t in range(n_vocab)],
             [t for t in range(n_vocab) if ll.llama_vocab_is_eog(self._vocab, t)],
         )
-
-        def special(token_id: int) -> int | None:
-            return token_id if token_id >= 0 else None
-
-        template = ll.llama_model_chat_template(self._model, None)
-        desc = ctypes.create_string_buffer(256)
-        ll.llama_model_desc(self._model, desc, len(desc))
-        self.info = ModelInfo(
-            path=str(path),
-            n_ctx=ll.llama_n_ctx(self._ctx) // max_sequences,
-            n_ctx_train=n_ctx_train,
-            n_vocab=n_vocab,
-            bos_id=special(ll.llama_vocab_bos(self._vocab)),
-            eos_id=special(ll.llama_vocab_eos(self._vocab)),
-            pad_id=special(ll.llama_vocab_pad(self._vocab)),
-            add_bos=bool(ll.llama_vocab_get_add_bos(self._vocab)),
-            chat_template=template.decode() if template else None,
-            description=f"{desc.value.decode()}, {ll.llama_model_n_params(self._model) / 1e6:.0f}M params",
-        )
+        self.info = _model_info(ll, self._model, self._vocab, path, ll.llama_n_ctx(self._ctx) // max_sequences)
 
     def fingerprint_parts(self) -> dict[str, str]:
         return {

@@ -1,7 +1,7 @@
 """MLX models through mlx-lm: a Hugging Face-layout folder (config.json, safetensors, tokenizer).
 
 mlx-lm's model is called directly on token arrays with its own KV cache, which gives per-token
-logits. On a GPU (Metal), log-softmax and top-k run in MLX (server.numerics.scoring.score_rows_mlx), so
+logits. On a GPU (Metal), log-softmax and top-k run in MLX (mlx_scoring.py), so
 only the numbers a response needs leave the device. On the CPU device the logits already are in
 host memory, and numpy reads them without a copy: its vectorized exp is ~9x faster than MLX's CPU
 exp (0.11 vs 0.95 ms per row at vocabulary 49152, measured), so scoring there is numpy's.
@@ -14,12 +14,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from fnmatch import fnmatch
 from pathlib import Path
 
 import numpy as np
 
-from server.backends.base import Backend, ModelInfo, Step, package_version
-from server.numerics.scoring import ScoredRows, score_rows, score_rows_mlx
+from server.backends.base import Backend, BackendKind, ModelInfo, Step, package_version
+from server.backends.mlx_scoring import score_rows_mlx
+from server.config import ConfigError, Settings, default_threads
+from server.numerics.scoring import ScoredRows, score_rows
 from server.numerics.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
 
 log = logging.getLogger(__name__)
@@ -37,6 +40,70 @@ def find_openblas() -> str | None:
 
 def openblas_preloaded() -> bool:
     return "openblas" in os.environ.get("LD_PRELOAD", "")
+
+
+def _warn_without_openblas() -> None:
+    if sys.platform.startswith("linux") and not openblas_preloaded():
+        log.warning(
+            "MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
+            "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
+            "or set LD_PRELOAD=%s",
+            find_openblas() or "/path/to/libopenblas.so.0",
+        )
+
+
+MLX_LM_MISSING = "The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)"
+
+
+class MLXKind(BackendKind):
+    name = "mlx"
+    files = "an mlx-lm model folder"
+    absent = "is not an MLX model (no config.json with .safetensors weights)"
+    weight_suffix = ".safetensors"
+
+    def refuses(self, path: Path) -> str | None:
+        if not path.is_dir():
+            return "not an mlx-lm model folder (it is a file)"
+        return None if (path / "config.json").exists() else "not an mlx-lm model folder (it has no config.json)"
+
+    def in_repo(self, files: list[str]) -> bool:
+        return "config.json" in files and any(f.endswith(".safetensors") and "/" not in f for f in files)
+
+    def repo_files(self, repo: str, quant: str | None, file: str | None, files: list[str]) -> list[str]:
+        """mlx-lm's own list of what a model needs (config, weights, tokenizer), config.json first."""
+        try:
+            from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
+        except ImportError:
+            raise ConfigError(MLX_LM_MISSING) from None
+        wanted = [f for f in files if any(fnmatch(f, p) for p in DEFAULT_ALLOW_PATTERNS)]
+        return ["config.json", *(f for f in wanted if f != "config.json")]
+
+    def model_path(self, first: Path) -> Path:
+        return first.parent  # the snapshot folder that holds config.json
+
+    def load(self, path: Path, settings: Settings) -> Backend:
+        try:
+            import mlx_lm  # noqa: F401
+        except ImportError:
+            raise ConfigError(MLX_LM_MISSING) from None
+        return MLXBackend(
+            str(path),
+            n_ctx=settings.n_ctx,
+            n_batch=settings.n_batch,
+            n_threads=settings.n_threads or default_threads(),
+            max_sequences=settings.max_sequences,
+        )
+
+    def prepare_process(self, argv: list[str]) -> None:
+        """mlx[cpu] on Linux ships a reference BLAS ~40x slower than OpenBLAS; a library is only
+        replaced at process start, so restart this process with OpenBLAS preloaded when it exists."""
+        if not sys.platform.startswith("linux") or openblas_preloaded() or not (blas := find_openblas()):
+            return
+        print(
+            f"logprobs-server: MLX backend: restarting with LD_PRELOAD={blas} (OpenBLAS)", file=sys.stderr, flush=True
+        )
+        preload = " ".join(p for p in (os.environ.get("LD_PRELOAD"), blas) if p)
+        os.execve(sys.executable, [sys.executable, "-m", "server", *argv], {**os.environ, "LD_PRELOAD": preload})
 
 
 def _byte_level_decoder() -> dict[str, int]:
@@ -119,13 +186,7 @@ class MLXBackend(Backend):
         from mlx_lm import load
         from mlx_lm.models.cache import KVCache, make_prompt_cache
 
-        if sys.platform.startswith("linux") and not openblas_preloaded():
-            log.warning(
-                "MLX on Linux without OpenBLAS preloaded: matmuls run on a slow reference BLAS. "
-                "Install libopenblas0-pthread and start with `logprobs-server` (it preloads it) "
-                "or set LD_PRELOAD=%s",
-                find_openblas() or "/path/to/libopenblas.so.0",
-            )
+        _warn_without_openblas()
         self._mx = mx
         self.on_cpu = mx.default_device() == mx.cpu
         self.scoring_threads = n_threads
@@ -265,3 +326,6 @@ class MLXBackend(Backend):
     def close(self) -> None:
         self._caches.clear()
         self._batch = None
+
+
+KIND = MLXKind()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -172,32 +173,58 @@ def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
     return None
 
 
-def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Settings:
-    """Both probes, as the settings ask for them; returns the settings with the prefix cache off
-    where reuse would change results (else the backend's reuse_rule is the one that keeps it
-    exact), and turns shared passes off on the backend where they would change them."""
-    if settings.prefix_cache_mb and backend.supports_snapshots:
+@dataclass(frozen=True)
+class Exactness:
+    """What the start-up probes decided, once: the engine, the start-up log line and the system
+    fingerprint read it (nothing else decides whether the prefix cache is on)."""
+
+    prefix_cache_bytes: int  # 0: no prefix cache (not asked for, no snapshots, or no rule kept the numbers)
+    reuse_rule: ReuseRule  # where a cached prompt's tail may start (meaningful while the cache is on)
+    shared_passes: bool  # fresh prompts admitted together run in one forward pass
+
+    @property
+    def prefix_cache(self) -> bool:
+        return self.prefix_cache_bytes > 0
+
+    @classmethod
+    def unchecked(cls, backend: Backend, prefix_cache_mb: int = 0) -> Exactness:
+        """What a backend gets without the probes (an engine built in code, a test): the cache
+        where asked for and possible, under the backend's first rule; shared passes where it can."""
+        on = prefix_cache_mb > 0 and backend.supports_snapshots
+        return cls(prefix_cache_mb << 20 if on else 0, backend.reuse_rules[0], backend.shares_prompt_passes)
+
+    def describe(self) -> str:
+        return f"{self.prefix_cache_bytes >> 20} MB, {self.reuse_rule}" if self.prefix_cache else "off"
+
+
+def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactness:
+    """Both probes, as the settings ask for them: the prefix cache stays on under the first of the
+    backend's rules that keeps the numbers (else it is off), and fresh prompts share passes where
+    the backend can and the result stays within SHARED_TOLERANCE of each prompt alone."""
+    asked = Exactness.unchecked(backend, settings.prefix_cache_mb)
+    rule, cache_bytes = asked.reuse_rule, asked.prefix_cache_bytes
+    if asked.prefix_cache:
         log.info(
             "Checking that prefix reuse keeps every number (a prompt run whole and as after cache hits; "
             "seconds on large models)"
         )
-        backend.reuse_rule = choose_reuse_rule(backend, min_reuse)
-        if backend.reuse_rule is None:
-            settings = settings.model_copy(update={"prefix_cache_mb": 0})
-    if backend.shares_prompt_passes:
+        chosen = choose_reuse_rule(backend, min_reuse)
+        rule, cache_bytes = (chosen, cache_bytes) if chosen is not None else (rule, 0)
+    shared = asked.shared_passes
+    if shared:
         drift = shared_pass_drift(backend)
-        if drift > SHARED_TOLERANCE:
+        shared = drift <= SHARED_TOLERANCE
+        if not shared:
             log.warning(
                 "Prompts run one at a time: run together in one forward pass, they gave logits up "
                 "to %.3g away from each prompt alone, past the %.0e this server allows.",
                 drift,
                 SHARED_TOLERANCE,
             )
-            backend.shares_prompt_passes = False
         else:
             log.info(
                 "Fresh prompts admitted together share forward passes (logits within %.2g of each "
                 "prompt alone in the start-up check)",
                 drift,
             )
-    return settings
+    return Exactness(cache_bytes, rule, shared)

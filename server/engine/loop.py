@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator
 
 from server.backends.base import Backend
+from server.backends.probes import Exactness
 from server.engine.admission import Admission, DrainRate
 from server.engine.decode import Decoder
 from server.engine.jobs import Cancelled, EngineHooks, PromptJob, PromptResult, PromptScored, TokenEvent
@@ -42,16 +43,18 @@ class Engine:
         max_queued_tokens: int = 1 << 62,
         hooks: EngineHooks | None = None,
         job_overhead_tokens: int = 0,
+        exactness: Exactness | None = None,
     ):
+        """`exactness`: what the start-up probes decided (the prefix cache, its rule, shared
+        passes); without it (an engine built in code), Exactness.unchecked with prefix_cache_mb."""
         self.backend = backend
-        use_cache = prefix_cache_mb > 0 and backend.supports_snapshots
-        # The rule the start-up check chose (a backend built without the check: its first).
-        rule = backend.reuse_rule or backend.reuse_rules[0]
-        self.cache = PrefixCache(prefix_cache_mb << 20, rule, backend.n_batch) if use_cache else None
+        self.exactness = exactness or Exactness.unchecked(backend, prefix_cache_mb)
+        x = self.exactness
+        self.cache = PrefixCache(x.prefix_cache_bytes, x.reuse_rule, backend.n_batch) if x.prefix_cache else None
         rate = DrainRate()
         self.admission = Admission(max_queued_tokens, rate, job_overhead_tokens)
         self.sequences = Sequences(backend, hooks or EngineHooks())
-        self.prompts = PromptRunner(backend, self.cache, self.sequences, rate)
+        self.prompts = PromptRunner(backend, self.cache, self.sequences, rate, x.shared_passes)
         self.decoder = Decoder(backend, self.sequences, rate)
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()

@@ -14,8 +14,9 @@ from server.engine.running import RunningJob
 
 
 class PromptPlanner:
-    def __init__(self, backend: Backend, cache: PrefixCache | None):
-        self.backend, self.cache = backend, cache
+    def __init__(self, backend: Backend, cache: PrefixCache | None, shared_passes: bool):
+        """`shared_passes`: the start-up check's decision (Exactness.shared_passes)."""
+        self.backend, self.cache, self.shared_passes = backend, cache, shared_passes
 
     def look_up(self, r: RunningJob) -> None:
         """Ask the cache for the job's longest cached prefix, once (a lookup counts as a hit or miss)."""
@@ -29,13 +30,14 @@ class PromptPlanner:
         On llama.cpp every prompt runs alone: sharing passes gained nothing on CPUs (0.83-1.07x
         with groups padded to equal length, which keep every number; ragged groups, which llama.cpp
         splits into small ubatches, move them: bench/shared_passes.py). A backend whose batched
-        passes are faster and exact enough (Backend.shares_prompt_passes) runs the fresh ones
+        passes are faster and exact enough (the start-up check's shared_passes) runs the fresh ones
         together first; the rest (long prompts, and those that reuse a cached prefix, including
         one that a prompt of a group is about to leave in the cache) then run one by one."""
-        if not self.backend.shares_prompt_passes or len(admitted) < 2:
+        if not self.shared_passes or len(admitted) < 2:
             return [], admitted
         fresh, others = self._fresh_prompts(admitted)
-        groups, alone = [], []
+        groups: list[list[RunningJob]] = []
+        alone: list[list[RunningJob]] = []
         for group in self._shared_passes(fresh):
             (groups if len(group) > 1 else alone).append(group)
         return groups, [r for group in alone for r in group] + others
@@ -44,7 +46,8 @@ class PromptPlanner:
         """(prompts to run together, the others): a prompt joins the group when it fits one pass
         and has nothing to reuse, neither in the cache nor from a prompt of the group (the other
         choices of an lm-eval request wait for their context to be cached, and reuse it)."""
-        together, others = [], []
+        together: list[RunningJob] = []
+        others: list[RunningJob] = []
         for r in admitted:
             tokens = r.job.tokens
             if len(tokens) > self.backend.n_batch:

@@ -18,9 +18,11 @@ from server.numerics.scoring import concat_rows, first_rows, log_softmax_rows
 
 
 class PromptRunner:
-    def __init__(self, backend: Backend, cache: PrefixCache | None, sequences: Sequences, rate: DrainRate):
+    def __init__(
+        self, backend: Backend, cache: PrefixCache | None, sequences: Sequences, rate: DrainRate, shared_passes: bool
+    ):
         self.backend, self.cache, self.sequences, self.rate = backend, cache, sequences, rate
-        self.planner = PromptPlanner(backend, cache)
+        self.planner = PromptPlanner(backend, cache, shared_passes)
 
     def run(self, admitted: list[RunningJob]) -> list[RunningJob]:
         """The prompt passes of newly admitted jobs; returns those that go on to generate."""

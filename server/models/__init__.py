@@ -15,7 +15,7 @@ from server.models.hub import HubRef, fetch
 @dataclass
 class ResolvedModel:
     path: Path  # the .gguf file (a split model's first part) or the model folder
-    kind: str | None  # "gguf" or "mlx" when known from where it came; None: tell from the path
+    kind: str | None  # the backend kind's name when known from where it came (a Hub repo); None: from the path
     name: str  # the id /v1/models serves unless --model-name says otherwise
     fingerprint_parts: dict[str, str] = field(default_factory=dict)  # where it came from (Hub repo, commit)
 
@@ -25,7 +25,7 @@ def resolve_model(settings: Settings) -> ResolvedModel:
     the cache), else the default model. A name of neither kind is refused with how to fix it."""
     if not settings.model:
         path = ensure_default_model(settings.cache_path())
-        return ResolvedModel(path, "gguf", path.stem)
+        return ResolvedModel(path, None, path.stem)
     path = Path(settings.model).expanduser()
     if path.exists():
         return ResolvedModel(path, None, path.name if path.is_dir() else path.stem)

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.backends import KINDS
+from server.backends.base import BackendKind
 from server.config import ConfigError
 from server.models.digests import DigestCache
 
@@ -24,8 +26,6 @@ log = logging.getLogger(__name__)
 _REF = re.compile(
     r"(?P<repo>[\w.-]+/[\w.-]+)(?::(?P<quant>[\w.-]+)|/(?P<file>[^@]+\.gguf))?(?:@(?P<revision>[\w./-]+))?", re.ASCII
 )
-DEFAULT_QUANT = "Q4_K_M"  # llama-server's default, when the repo has it
-_SPLIT = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
@@ -50,7 +50,7 @@ class HubModel:
     """A model fetched (or found in the cache): where it lies and what it is."""
 
     path: Path  # the .gguf file to load (a split model's first part), or the MLX snapshot folder
-    kind: str  # "gguf" or "mlx"
+    kind: str  # the BackendKind's name
     repo: str
     commit: str
     weights: dict[str, str] = field(default_factory=dict)  # file in the repo -> its sha256
@@ -63,97 +63,32 @@ class HubModel:
         }
 
 
-# -- choosing files ---------------------------------------------------------------------------
+# -- choosing the kind ---------------------------------------------------------------------------
 
 
-def _mlx_patterns() -> list[str]:
-    """The files an MLX model needs: mlx-lm's own list (config, weights, tokenizer)."""
-    try:
-        from mlx_lm.utils import DEFAULT_ALLOW_PATTERNS
-
-        return list(DEFAULT_ALLOW_PATTERNS)
-    except ImportError:
-        raise ConfigError("The MLX backend needs mlx-lm: pip install -e '.[mlx]' (from the checkout)") from None
-
-
-def _is_mlx(files: list[str]) -> bool:
-    return "config.json" in files and any(f.endswith(".safetensors") and "/" not in f for f in files)
-
-
-def _gguf_models(files: list[str]) -> dict[str, list[str]]:
-    """Each GGUF model of a repo: its name (the first part of a split one) -> all its files."""
-    models: dict[str, list[str]] = {}
-    for name in sorted(f for f in files if f.lower().endswith(".gguf")):
-        split = _SPLIT.search(name)
-        if split and split[1] != "00001":
-            continue
-        if split:
-            count = int(split[2])
-            models[name] = [_SPLIT.sub(f"-{i:05d}-of-{count:05d}.gguf", name) for i in range(1, count + 1)]
-        else:
-            models[name] = [name]
-    return models
-
-
-def _matches(name: str, quant: str) -> bool:
-    """Whether a file's name carries the quantization tag: after a "-", "." or "_" (or a folder),
-    before ".gguf" or the split suffix or another "-"/"." (so Q4_K does not match Q4_K_M)."""
-    stem = _SPLIT.sub("", name)
-    stem = stem[:-5] if stem.lower().endswith(".gguf") else stem
-    return re.search(r"(?:^|[-._/])" + re.escape(quant) + r"(?:[-.]|$)", stem, re.IGNORECASE) is not None
-
-
-def choose_gguf(ref: HubRef, files: list[str]) -> list[str]:
-    """The files of the GGUF model `ref` names, first part first."""
-    models = _gguf_models(files)
-    listing = ", ".join(models) or "none"
-    if ref.file is not None:
-        for parts in models.values():
-            if ref.file in parts:
-                return parts
-        raise ConfigError(f"{ref.repo} has no file {ref.file}; its GGUF files: {listing}.")
-    if not models:
-        raise ConfigError(f"{ref.repo} holds no .gguf file (and no MLX model): nothing to serve.")
-    if ref.quant is not None:
-        found = [name for name in models if _matches(name, ref.quant)]
-        if not found:
+def _kind(ref: HubRef, files: list[str], backend: str | None) -> BackendKind:
+    """The kind of model to serve from a repo's files: --backend's, else one the repo holds (a
+    :QUANT or /FILE names a file of a kind whose repos hold several; a repo that is one model,
+    MLX's, is chosen before one of such files)."""
+    held = [kind for kind in KINDS.values() if kind.in_repo(files)]
+    named = ":" + ref.quant if ref.quant else "/" + ref.file if ref.file else ""
+    if backend is None:
+        fitting = [k for k in held if k.names_files] if named else sorted(held, key=lambda k: k.names_files)
+        if fitting:
+            return fitting[0]
+        wanted = next(k for k in KINDS.values() if k.names_files) if named or not held else held[0]
+    else:
+        wanted = KINDS[backend]
+        if named and not wanted.names_files:
             raise ConfigError(
-                f"{ref.repo} has no file for the quantization {ref.quant}; its GGUF files: {listing}. "
-                f"Name one as {ref.repo}:QUANT or {ref.repo}/FILE.gguf."
+                f"--backend {backend} with {ref.repo}{named}: a quantization or file name is for "
+                f"{', '.join(k.name for k in KINDS.values() if k.names_files)} repos; name the repo alone."
             )
-        if len(found) > 1:
-            raise ConfigError(
-                f"{ref.repo}: the quantization {ref.quant} matches several files ({', '.join(found)}); "
-                f"name one as {ref.repo}/FILE.gguf."
-            )
-        return models[found[0]]
-    default = [name for name in models if _matches(name, DEFAULT_QUANT)]
-    if len(default) == 1:
-        return models[default[0]]
-    if len(models) == 1:
-        return next(iter(models.values()))
-    raise ConfigError(
-        f"{ref.repo} holds several GGUF files ({listing}) and no single {DEFAULT_QUANT}; "
-        f"choose one with {ref.repo}:QUANT or {ref.repo}/FILE.gguf."
-    )
-
-
-def _kind(ref: HubRef, files: list[str], backend: str | None) -> str:
-    has_gguf, has_mlx = any(f.lower().endswith(".gguf") for f in files), _is_mlx(files)
-    wanted = backend or ("gguf" if ref.quant or ref.file or not has_mlx else "mlx")
-    if wanted == "mlx" and (ref.quant or ref.file):
+    if wanted not in held:
+        others = ", ".join(k.files for k in held if k is not wanted)
         raise ConfigError(
-            f"--backend mlx with {ref.repo}{':' + ref.quant if ref.quant else '/' + ref.file}: a "
-            "quantization or .gguf file is for the GGUF backend; name the MLX repo alone."
-        )
-    if wanted == "mlx" and not has_mlx:
-        raise ConfigError(
-            f"{ref.repo} is not an MLX model (no config.json with .safetensors weights)"
-            + (": it holds GGUF files; drop --backend mlx." if has_gguf else ".")
-        )
-    if wanted == "gguf" and not has_gguf:
-        raise ConfigError(
-            f"{ref.repo} holds no .gguf file" + (": it is an MLX model; drop --backend gguf." if has_mlx else ".")
+            f"{ref.repo} {wanted.absent}"
+            + (f": it holds {others}; drop --backend {wanted.name}." if others and backend else ".")
         )
     return wanted
 
@@ -218,26 +153,22 @@ def fetch(ref: HubRef, backend: str | None, digests: DigestCache) -> HubModel:
     else:
         commit, files, hub_sha256 = _list_online(ref)
     kind = _kind(ref, files, backend)
-    if kind == "gguf":
-        wanted = choose_gguf(ref, files)
-    else:
-        from fnmatch import fnmatch
-
-        wanted = [f for f in files if any(fnmatch(f, p) for p in _mlx_patterns())]
+    wanted = kind.repo_files(ref.repo, ref.quant, ref.file, files)
     paths = _download(ref.repo, commit, wanted, offline=constants.HF_HUB_OFFLINE)
     weights = {}
     for name, path in paths.items():
-        if name.endswith((".gguf", ".safetensors")):
+        if name.endswith(kind.weight_suffix):
             weights[name] = _checked_sha256(ref.repo, name, path, hub_sha256.get(name) or _blob_sha256(path), digests)
     digests.save()
-    path = paths[wanted[0]] if kind == "gguf" else paths["config.json"].parent  # the snapshot folder
-    model = HubModel(path=path, kind=kind, repo=ref.repo, commit=commit, weights=weights)
+    model = HubModel(
+        path=kind.model_path(paths[wanted[0]]), kind=kind.name, repo=ref.repo, commit=commit, weights=weights
+    )
     size = sum(p.stat().st_size for p in paths.values())
     log.info(
         "%s@%s: %s (%d file(s), %.1f MB) in %s",
         ref.repo,
         commit[:12],
-        wanted[0] if kind == "gguf" else "MLX model",
+        f"{kind.name}: {wanted[0]}",
         len(paths),
         size / 1e6,
         model.path,

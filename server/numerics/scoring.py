@@ -8,8 +8,11 @@ in, in bounded blocks; the full log-softmax matrix is never built. Top-k uses ar
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
+from typing import Any
 
 import numpy as np
 
@@ -50,27 +53,23 @@ def concat_rows(parts: list[ScoredRows], k: int) -> ScoredRows:
     )
 
 
-def token_ranks(rows, targets: np.ndarray, target_logits) -> np.ndarray:
+def token_ranks(rows: np.ndarray, targets: np.ndarray, target_logits: np.ndarray) -> np.ndarray:
     """Each target's 1-based place among its row's logits, best first and ties by lower id (the
-    top-k's order): 1 + (logits above it) + (logits equal to it at a lower id). `rows`: numpy
-    logits, or MLX ones (counted on their device)."""
-    if isinstance(rows, np.ndarray):
-        value = np.asarray(target_logits, dtype=rows.dtype)[:, None]
-        above, ties = (rows > value).sum(axis=1), (rows == value).sum(axis=1)
-    else:
-        import mlx.core as mx
+    top-k's order): 1 + (logits above it) + (logits equal to it at a lower id)."""
+    value = np.asarray(target_logits, dtype=rows.dtype)[:, None]
+    return ranks_from_counts((rows > value).sum(axis=1), (rows == value).sum(axis=1), targets, lambda i: rows[i])
 
-        value = mx.array(np.asarray(target_logits, dtype=np.float32))[:, None]
-        above, ties = np.array(mx.sum(rows > value, axis=1)), np.array(mx.sum(rows == value, axis=1))
+
+def ranks_from_counts(
+    above: np.ndarray, ties: np.ndarray, targets: np.ndarray, tied_rows: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """token_ranks from each row's count of logits above its target's and equal to it (counted
+    where the logits are: a device backend counts on its device); `tied_rows(indices)` gives those
+    rows as numpy arrays, asked only for rows where another logit ties the target's (rarely)."""
     ranks = above.astype(np.int64) + 1
     tied = np.flatnonzero(ties > 1)
     if len(tied):  # count the tied ones before the target, for those rows only, in one copy
-        if isinstance(rows, np.ndarray):
-            sub = rows[tied]
-        else:
-            import mlx.core as mx
-
-            sub = np.array(rows[mx.array(tied)].astype(mx.float32))
+        sub = tied_rows(tied)
         t = np.asarray(targets)[tied]
         before = np.arange(sub.shape[1])[None, :] < t[:, None]
         ranks[tied] += ((sub == sub[np.arange(len(tied)), t][:, None]) & before).sum(axis=1)
@@ -129,6 +128,10 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1
     return out
 
 
+def _count_equal(rows: np.ndarray, kth: np.ndarray) -> np.ndarray:
+    return (rows == kth[:, None]).sum(axis=1)
+
+
 def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: int, out: ScoredRows) -> None:
     rows = logits[lo:hi]
     n_vocab = rows.shape[1]
@@ -144,7 +147,7 @@ def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: in
         ids = rows.argmax(axis=1)[:, None]
     else:
         part = np.argpartition(rows, n_vocab - k, axis=1)[:, n_vocab - k :]
-        for i, ids in _lowest_tied_ids(rows, part, rows[r[:, None], part], k):
+        for i, ids in lowest_tied_ids(rows, part, rows[r[:, None], part], k, partial(_count_equal, rows)):
             part[i] = ids
         # Best first; ties broken by the lower token id so results are deterministic.
         order = np.lexsort((part, -rows[r[:, None], part]), axis=1)
@@ -153,76 +156,17 @@ def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: in
     out.top_logprobs[lo:hi] = rows[r[:, None], ids] - lse[:, None]
 
 
-def _lowest_tied_ids(rows, part: np.ndarray, part_values: np.ndarray, k: int):
+def lowest_tied_ids(
+    rows: Any, part: np.ndarray, part_values: np.ndarray, k: int, count_equal: Callable[[np.ndarray], np.ndarray]
+) -> Iterator[tuple[int, np.ndarray]]:
     """argpartition keeps any of the tokens tied at the k-th best value: for each row where it left
     out a lower id than one it kept, yield (row, the k best ids with the lowest ids among the tied),
     so that top-k is the first k of a stable sort (as argmax is for k=1) whatever k is. `rows`:
-    numpy logits, or MLX ones (only such rows are copied back, rarely). One pass over the rows."""
+    the logits (numpy, or a device's array: only such rows are copied back, rarely);
+    `count_equal(kth)`: each row's count of logits equal to its kth value. One pass over the rows."""
     kth = part_values.min(axis=1)
     kept = (part_values == kth[:, None]).sum(axis=1)
-    if isinstance(rows, np.ndarray):
-        tied = (rows == kth[:, None]).sum(axis=1)
-    else:  # MLX: counted on its device
-        import mlx.core as mx
-
-        tied = np.array(mx.sum(rows == mx.array(kth)[:, None], axis=1))
-    for i in np.flatnonzero(tied > kept):
+    for i in np.flatnonzero(count_equal(kth) > kept):
         row = np.asarray(rows[int(i)], dtype=np.float32)
         above = np.flatnonzero(row > kth[i])
         yield int(i), np.concatenate([above, np.flatnonzero(row == kth[i])[: k - len(above)]])
-
-
-def _logsumexp_mlx(logits):
-    """Row-wise logsumexp in MLX, summed in two levels: mx.logsumexp's single float32 running sum
-    was off by 1.4e-4 over 49152 entries (numpy's pairwise sum: 1e-6)."""
-    import mlx.core as mx
-
-    n, n_vocab = logits.shape
-    row_max = mx.max(logits, axis=1, keepdims=True)
-    shifted = mx.exp(logits - row_max)
-    block = 256
-    padded = -n_vocab % block
-    if padded:
-        shifted = mx.pad(shifted, [(0, 0), (0, padded)])
-    total = mx.sum(mx.sum(shifted.reshape(n, -1, block), axis=2), axis=1)
-    return row_max[:, 0] + mx.log(total)
-
-
-def score_rows_mlx(logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
-    """score_rows for an MLX array, computed on the device: only n + 2nk numbers come back.
-
-    The same definitions as score_rows (float32 logit - logsumexp, so a target in the top-k has
-    the identical float in both places); argpartition picks the k best (the lowest ids among
-    tied ones), which are then ordered here (best logit first, ties by lower id).
-    """
-    import mlx.core as mx
-
-    n, n_vocab = logits.shape
-    k = min(k, n_vocab)
-    logits = logits.astype(mx.float32)
-    lse = _logsumexp_mlx(logits)
-    target_logits = mx.take_along_axis(logits, mx.array(targets, dtype=mx.int32)[:, None], axis=1)[:, 0]
-    token_lp = target_logits - lse
-    rank = token_ranks(logits, targets, np.array(target_logits)) if ranks else None
-    if not k:
-        mx.eval(token_lp)
-        return ScoredRows(np.array(token_lp), np.empty((n, 0), np.int64), np.empty((n, 0), np.float32), rank)
-    if k == 1:  # lm-eval's case: argmax (lowest id on ties) is ~8x cheaper than argpartition on CPU
-        part = mx.argmax(logits, axis=1)[:, None]
-    else:
-        part = mx.argpartition(logits, kth=n_vocab - k, axis=1)[:, n_vocab - k :]
-    part_values = mx.take_along_axis(logits, part, axis=1)
-    part_lp = part_values - lse[:, None]
-    mx.eval(token_lp, part, part_lp, part_values, lse)
-    part, part_lp, part_values = np.array(part).astype(np.int64), np.array(part_lp), np.array(part_values)
-    if k > 1:
-        host_lse = np.array(lse)
-        for i, ids in _lowest_tied_ids(logits, part, part_values, k):
-            part[i] = ids
-            part_values[i] = np.asarray(logits[i], dtype=np.float32)[ids]
-            part_lp[i] = part_values[i] - host_lse[i]  # float32, as on the device
-    # By logit, as score_rows: two logits can round to the same logprob.
-    order = np.lexsort((part, -part_values), axis=1)
-    return ScoredRows(
-        np.array(token_lp), np.take_along_axis(part, order, axis=1), np.take_along_axis(part_lp, order, axis=1), rank
-    )

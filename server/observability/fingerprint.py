@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.backends.base import Backend, package_version
-from server.config import Settings
+from server.backends.probes import Exactness
 from server.models.digests import DIGEST_CACHE, DigestCache, model_sha256
 
 
@@ -41,7 +41,7 @@ class Fingerprint:
 
 
 def compute(
-    settings: Settings,
+    exactness: Exactness,
     backend: Backend,
     model: Path | None,
     cache_dir: Path | None,
@@ -57,7 +57,7 @@ def compute(
         **backend.fingerprint_parts(),
         "n_batch": str(backend.n_batch),
         "max_sequences": str(backend.max_sequences),
-        "prefix_cache": "on" if settings.prefix_cache_mb > 0 and backend.supports_snapshots else "off",
+        "prefix_cache": "on" if exactness.prefix_cache else "off",
         "numpy": package_version("numpy"),
         "machine": platform.machine(),
         "logprobs_server": package_version("logprobs-server"),
