@@ -25,7 +25,9 @@ import asyncio
 import json
 import logging
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -42,6 +44,10 @@ from server.http.request_id import HEADER as REQUEST_ID_HEADER
 from server.http.request_id import choose_request_id
 from server.http.security import Guard
 from server.scale import asgi_call, fanout
+from server.scale.asgi_call import Call
+
+if TYPE_CHECKING:
+    from ray.serve import Application
 
 REPLICA_HEADER = b"x-serve-replica"
 log = logging.getLogger(__name__)
@@ -81,7 +87,9 @@ class ReplicaTag:
 class LogprobsModel:
     """One model replica: this server's app, loaded once when the replica starts."""
 
-    async def __init__(self):
+    # Serve awaits an async __init__ (the replica is ready once it returns); mypy holds to Python's
+    # rule that __init__ returns None, which a coroutine function does not.
+    async def __init__(self) -> None:  # type: ignore[misc]
         from server.app import create_app
 
         self.app = create_app()
@@ -89,16 +97,16 @@ class LogprobsModel:
         self._lifespan = self.app.router.lifespan_context(self.app)
         await self._lifespan.__aenter__()  # loads the model (the replica is ready after this)
 
-    async def forward(self, call: dict):
+    async def forward(self, call: Call) -> AsyncIterator[Message]:
         """The response to one forwarded request, message by message (a generator: streams stay streams)."""
         async for message in asgi_call.run(self.app, call):
             yield message
 
-    async def __del__(self):
+    async def __del__(self) -> None:
         await self._lifespan.__aexit__(None, None, None)
 
 
-async def _collect(model: DeploymentHandle, call: dict) -> tuple[int, list, bytes]:
+async def _collect(model: DeploymentHandle, call: Call) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
     """One part of a split request (run as its own task), its whole response."""
     # Serve 2.60 gives a handle call its parent request's internal id, and its router indexes the
     # calls waiting for a replica by that id: concurrent calls of one request then overwrite each
@@ -106,7 +114,9 @@ async def _collect(model: DeploymentHandle, call: dict) -> tuple[int, list, byte
     # client's timeout). Each part gets an id of its own, in this task's copy of the context.
     context = serve_context._get_serve_request_context()
     serve_context._serve_request_context.set(replace(context, _internal_request_id=uuid.uuid4().hex))
-    status, headers, chunks = 500, [], []
+    status = 500
+    headers: list[tuple[bytes, bytes]] = []
+    chunks: list[bytes] = []
     stream = model.options(stream=True).forward.remote(call)
     try:
         async for message in stream:
@@ -148,7 +158,7 @@ class LogprobsIngress:
         # One request id for every part, so the replicas' log lines of one request share it.
         request_id = choose_request_id(request.headers.get(REQUEST_ID_HEADER, "").encode() or None)
         headers = [(k, v) for k, v in request.headers.items() if k != REQUEST_ID_HEADER]
-        call = {
+        call: Call = {
             "method": request.method,
             "path": request.url.path,
             "query": request.url.query,
@@ -159,7 +169,7 @@ class LogprobsIngress:
         parsed = fanout.parse(body) if request.method == "POST" and body else None
         parts = fanout.split(request.url.path, parsed, self.settings, len(body)) if parsed is not None else None
         try:
-            if parts is not None:
+            if parts is not None and parsed is not None:  # (parts come from a parsed body)
                 joined = await self._split(call, parts, parsed.get("n") or 1)  # split() took n >= 1 or null
                 if joined is not None:
                     return joined
@@ -174,7 +184,7 @@ class LogprobsIngress:
                 headers={"Retry-After": "1"},
             )
 
-    async def _split(self, call: dict, parts: list[dict], n: int) -> Response | None:
+    async def _split(self, call: Call, parts: list[fanout.JSONObject], n: int) -> Response | None:
         """The parts, each to the replica holding its prefix, joined; None: send the whole request
         (a part was refused or failed, or the parts came from different builds)."""
         headers = [(k, v) for k, v in call["headers"] if k != "content-length"]
@@ -194,10 +204,10 @@ class LogprobsIngress:
             ],
             return_exceptions=True,
         )  # every part ends before we go on
-        for result in results:
-            if not isinstance(result, BaseException) and result[0] in (429, 503):
+        collected = [result for result in results if not isinstance(result, BaseException)]
+        for status, part_headers, body in collected:
+            if status in (429, 503):
                 # Busy: say so (with its Retry-After) rather than sending the whole request to a busy server.
-                status, part_headers, body = result
                 return Response(
                     body,
                     status_code=status,
@@ -207,15 +217,15 @@ class LogprobsIngress:
                         if k.lower() != b"content-length"
                     },
                 )
-        if any(isinstance(result, BaseException) or result[0] != 200 for result in results):
+        if len(collected) < len(results) or any(status != 200 for status, _, _ in collected):
             return None  # the whole request again: the client gets a single server's error, prompt index and all
-        answers = [json.loads(body) for _, _, body in results]
+        answers = [json.loads(body) for _, _, body in collected]
         if not fanout.consistent(answers):
             log.warning("the parts of a split request came from different builds (a redeploy?): sent whole")
             return None
         joined = fanout.join(answers, n)
         replicas = sorted(
-            {v.decode() for _, part_headers, _ in results for k, v in part_headers if k == REPLICA_HEADER}
+            {v.decode() for _, part_headers, _ in collected for k, v in part_headers if k == REPLICA_HEADER}
         )
         return Response(
             json.dumps(joined, ensure_ascii=False, separators=(",", ":")).encode(),
@@ -227,11 +237,11 @@ class LogprobsIngress:
             },
         )
 
-    async def _whole(self, call: dict) -> Response:
+    async def _whole(self, call: Call) -> Response:
         stream = self.model.options(stream=True).forward.remote(call)
         start = await stream.__anext__()
 
-        async def body():
+        async def body() -> AsyncIterator[bytes]:
             try:
                 async for message in stream:
                     yield message.get("body", b"")
@@ -243,7 +253,9 @@ class LogprobsIngress:
         return response
 
 
-def build(args: dict | None = None):
+def build(args: dict[str, Any] | None = None) -> "Application":
     """Application builder (`import_path: server.serve_ray:build`); deployment options come from the
     config file's `deployments:` section."""
-    return LogprobsIngress.bind(LogprobsModel.bind())
+    # serve.deployment turns each class into a Deployment, which has bind(); Ray is untyped here, so
+    # mypy sees the classes as written.
+    return LogprobsIngress.bind(LogprobsModel.bind())  # type: ignore[attr-defined]

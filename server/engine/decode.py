@@ -53,10 +53,11 @@ class Decoder:
 
     def _choose(self, r: RunningJob) -> bool:
         """Sample the job's next token and report it; True if it ends the generation."""
-        output, tokens = r.output, self.backend.tokens
-        token = output.sampler.choose(r.next_logits)
+        output, tokens, logits = r.output, self.backend.tokens, r.next_logits
+        assert logits is not None, "a running job's next row comes from its prompt pass or the last decode step"
+        token = output.sampler.choose(logits)
         output.tokens.append(token)
-        scores = score_rows(r.next_logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
+        scores = score_rows(logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
         if scores is not None:
             output.parts.append(scores)
         # An end-of-generation token is reported (as vLLM does), its text is not.

@@ -71,7 +71,7 @@ def parse_body(model: type[BaseModel], raw: bytes) -> BaseModel:
 class OffLoopBodyRoute(APIRoute):
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
-        model = getattr(self.body_field, "field_info", None) and self.body_field.field_info.annotation
+        model = self.body_field.field_info.annotation if self.body_field is not None else None
         if not (isinstance(model, type) and issubclass(model, BaseModel)):
             return handler
 

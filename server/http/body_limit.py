@@ -12,22 +12,24 @@ from __future__ import annotations
 
 import json
 
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
 from server.http.errors import error_body
 
 
 class BodyLimit:
-    def __init__(self, app, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
 
     def _refusal(
         self, status: int = 413, message: str | None = None, code: str = "body_too_large"
-    ) -> tuple[dict, dict]:
+    ) -> tuple[Message, Message]:
         message = (
             message
             or f"The request body is larger than this server's limit of {self.max_bytes} bytes (--max-body-bytes)."
         )
         body = json.dumps(error_body(message, param=None, code=code)).encode()
-        start = {
+        start: Message = {
             "type": "http.response.start",
             "status": status,
             "headers": [
@@ -38,7 +40,7 @@ class BodyLimit:
         }
         return start, {"type": "http.response.body", "body": body}
 
-    async def __call__(self, scope, receive, send):
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers", []))
@@ -59,7 +61,7 @@ class BodyLimit:
         received = 0
         too_large = False
 
-        async def counted_receive():
+        async def counted_receive() -> Message:
             nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
@@ -70,7 +72,7 @@ class BodyLimit:
                     return {"type": "http.request", "body": b"", "more_body": False}
             return message
 
-        async def guarded_send(message):
+        async def guarded_send(message: Message) -> None:
             if too_large:
                 if message["type"] == "http.response.start":
                     start, body = self._refusal()

@@ -46,7 +46,9 @@ class HttpProtocol(HttpToolsProtocol):
     _read_deadline: asyncio.TimerHandle | None = None
     _reading = False  # a request has begun and is not yet whole
 
-    def connection_made(self, transport) -> None:  # type: ignore[override]
+    # uvicorn's HttpToolsProtocol takes an asyncio.Transport here, narrower than asyncio's BaseTransport,
+    # and ignores the same override error; this signature is uvicorn's.
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._arm()
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from itertools import chain
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeAlias
 
 from pydantic import (
     BaseModel,
@@ -63,7 +63,7 @@ def _is_token_list(value: Any) -> bool:
     return type(value) is list and set(map(type, value)) <= _INT  # at C speed (a bool's type is not int)
 
 
-def _are_token_lists(value: list) -> bool:
+def _are_token_lists(value: list[Any]) -> bool:
     """Every item a list of token ids: checked at C speed, for batches of a million prompts."""
     return set(map(type, value)) <= _LIST and set(map(type, chain.from_iterable(value))) <= _INT
 
@@ -74,18 +74,18 @@ _INT, _LIST = {int}, {list}
 # Requests: unknown fields are an error, not silently ignored (a typo must not change results
 # unnoticed), and so is a value of another JSON type than the schema says (strict): "5" or true is
 # not a max_tokens, 1 or "yes" not a boolean. Integers are numbers, and a number without a
-# fraction (5.0) is an integer, as in JSON Schema (see integer()).
+# fraction (5.0) is an integer, as in JSON Schema (see Int).
 REQUEST = ConfigDict(extra="forbid", strict=True)
 
 
 _NUMBERS = {int, float, bool}
 
 
-def _unencodable(value: Any) -> tuple | None:
+def _unencodable(value: Any) -> tuple[object, ...] | None:
     """The path of the first string (or object key) in a JSON value that is not valid Unicode: JSON
     allows escapes of lone surrogates ("\\ud800"), which no tokenizer can encode as UTF-8. A loop,
     not recursion: a body nested as deep as the JSON parser allows must not exhaust the stack."""
-    stack: list[tuple[Any, tuple]] = [(value, ())]
+    stack: list[tuple[Any, tuple[object, ...]]] = [(value, ())]
     while stack:
         item, path = stack.pop()
         if isinstance(item, str):
@@ -133,15 +133,15 @@ def _whole_number(value: Any) -> Any:
     return int(value) if isinstance(value, float) and value.is_integer() else value
 
 
-def integer(**bounds: int) -> Any:
-    """The type of an integer field within `bounds` (ge, le): an int, or a float with no fraction
-    (5.0 is 5); not a string or a boolean. (The bounds go inside, so the JSON Schema keeps them.)"""
-    return Annotated[int, Field(**bounds), BeforeValidator(_whole_number)]
-
-
-Int, NonNegative, Positive = integer(), integer(ge=0), integer(ge=1)
-TopK = integer(ge=-1)  # vLLM's: 0 or -1 is no limit
-Seed = integer(ge=-(2**63), le=2**64 - 1)  # any 64-bit seed, signed or not
+# The types of integer fields within their bounds (ge, le): an int, or a float with no fraction
+# (5.0 is 5); not a string or a boolean. (The bounds go inside, so the JSON Schema keeps them.)
+# Written out as aliases, not built by a function, so that type checkers read them as types.
+Int: TypeAlias = Annotated[int, Field(), BeforeValidator(_whole_number)]
+NonNegative: TypeAlias = Annotated[int, Field(ge=0), BeforeValidator(_whole_number)]
+Positive: TypeAlias = Annotated[int, Field(ge=1), BeforeValidator(_whole_number)]
+TopK: TypeAlias = Annotated[int, Field(ge=-1), BeforeValidator(_whole_number)]  # vLLM's: 0 or -1 is no limit
+# any 64-bit seed, signed or not
+Seed: TypeAlias = Annotated[int, Field(ge=-(2**63), le=2**64 - 1), BeforeValidator(_whole_number)]
 
 
 class StreamOptions(BaseModel):
@@ -644,12 +644,12 @@ def error_responses(
     bad_request: str = ERROR_DESCRIPTIONS[400],
     unauthorized: str | None = None,
     by_reference: bool = False,
-) -> dict[int | str, dict]:
+) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries for these error statuses; `bad_request`, `unauthorized`: what a 400 or
     401 means on this route. by_reference: name the body's schema (for a route whose own media
     type is not JSON) instead of giving FastAPI the model (which puts it in the components)."""
     described = {**ERROR_DESCRIPTIONS, 400: bad_request, 401: unauthorized or ERROR_DESCRIPTIONS[401]}
-    out: dict[int | str, dict] = {}
+    out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         out[status] = {"description": described[status]}
         if by_reference:
@@ -679,7 +679,8 @@ def inline_schema(shape: Any) -> dict[str, Any]:
     """The JSON Schema of a type with every $ref replaced by its definition, to embed anywhere in
     the OpenAPI document (whose '#' is the document, not this schema)."""
     schema = TypeAdapter(shape).json_schema(mode="serialization")
-    return _inlined(schema, schema.get("$defs", {}))
+    inlined: dict[str, Any] = _inlined(schema, schema.get("$defs", {}))  # a dict's inlined copy is a dict
+    return inlined
 
 
 def event_stream_schema(chunk: Any) -> dict[str, Any]:

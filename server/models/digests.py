@@ -8,6 +8,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +29,13 @@ class DigestCache:
 
     def __init__(self, file: Path | None):
         self.file = file
-        self.entries: dict[str, dict] = {}
+        # path -> {size, mtime_ns, sha256}, as read from the file: arbitrary JSON, checked where read
+        self.entries: dict[str, Any] = {}
         self.changed = False
         if file is not None:
             try:
-                self.entries = json.loads(file.read_text())
+                loaded = json.loads(file.read_text())
+                self.entries = loaded if isinstance(loaded, dict) else {}  # valid JSON, but not this file's
             except (OSError, ValueError):
                 self.entries = {}
 
@@ -41,7 +44,8 @@ class DigestCache:
         key = str(path.resolve())
         entry = self.entries.get(key)
         if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
-            return entry["sha256"]
+            cached: str = entry["sha256"]  # written by this class, as the hex digest
+            return cached
         digest = sha256_of(path)
         self.entries[key] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         self.changed = True

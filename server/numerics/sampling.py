@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 # Temperatures below this sample greedily, as in vLLM: dividing logits by a denormal such as 1e-320
 # overflows to inf, and softmax of inf is NaN.
@@ -44,31 +46,32 @@ class Sampler:
         self._prompt_ids = np.unique(np.array(prompt, dtype=np.int64)) if self._needs_counts else None
         self._generated: Counter[int] = Counter()
 
-    def _adjust(self, logits: np.ndarray) -> np.ndarray:
+    def _adjust(self, logits: NDArray[np.floating[Any]]) -> NDArray[np.floating[Any]]:
         p = self.params
         if not (p.logit_bias or self._needs_counts):
             return logits
-        logits = logits.astype(np.float32, copy=True)
+        adjusted = logits.astype(np.float32, copy=True)
         for token, bias in p.logit_bias.items():
-            logits[token] += bias
+            adjusted[token] += bias
         if p.repetition_penalty != 1.0:
+            assert self._prompt_ids is not None  # kept whenever a penalty needs counts (_needs_counts)
             seen = np.union1d(self._prompt_ids, np.fromiter(self._generated, dtype=np.int64))
-            values = logits[seen]
-            logits[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
+            values = adjusted[seen]
+            adjusted[seen] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
         if self._generated and (p.presence_penalty or p.frequency_penalty):
             ids = np.fromiter(self._generated, dtype=np.int64)
             counts = np.fromiter(self._generated.values(), dtype=np.float32)
-            logits[ids] -= p.presence_penalty + p.frequency_penalty * counts
+            adjusted[ids] -= p.presence_penalty + p.frequency_penalty * counts
         # A tiny repetition penalty (5e-324 is allowed: > 0) divides logits by ~0: keep them finite
         # so that the softmax below stays defined.
-        return np.nan_to_num(logits, nan=-FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX, copy=False)
+        return np.nan_to_num(adjusted, nan=-FLOAT32_MAX, posinf=FLOAT32_MAX, neginf=-FLOAT32_MAX, copy=False)
 
-    def choose(self, logits: np.ndarray) -> int:
+    def choose(self, logits: NDArray[np.floating[Any]]) -> int:
         token = self._choose(self._adjust(logits))
         self._generated[token] += 1
         return token
 
-    def _choose(self, logits: np.ndarray) -> int:
+    def _choose(self, logits: NDArray[np.floating[Any]]) -> int:
         p = self.params
         if p.temperature < GREEDY_BELOW:
             return int(np.argmax(logits))  # ties: the lowest id, deterministically

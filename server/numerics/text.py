@@ -19,14 +19,16 @@ def token_string(piece: bytes) -> str:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in piece)
 
 
-def _utf8_decoder():
+def _utf8_decoder() -> codecs.IncrementalDecoder:
     return codecs.getincrementaldecoder("utf-8")(errors="replace")
 
 
 def join_pieces(pieces: Sequence[bytes]) -> tuple[str, list[int]]:
     """The text of consecutive tokens, and each token's character offset in it."""
     decoder = _utf8_decoder()
-    parts, offsets, length = [], [], 0
+    parts: list[str] = []
+    offsets: list[int] = []
+    length = 0
     for piece in pieces:
         offsets.append(length)
         part = decoder.decode(piece)

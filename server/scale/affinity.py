@@ -26,7 +26,8 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 BLOCK_TOKENS = 16
 BLOCK_CHARS = 64  # ~16 tokens of English text
@@ -38,11 +39,13 @@ REMEMBERED_BLOCKS = 1 << 17  # per replica (~3 MB of names): far more than a pre
 def block_names(prompt: Sequence[int] | str) -> list[bytes]:
     """The chained names of a prompt's whole blocks (a partial last block is left out: it cannot
     be matched by another prompt before it is complete)."""
+    encode: Callable[[Any], bytes]  # takes a block of the prompt: a str, or a sequence of token ids
     if isinstance(prompt, str):
         size, kind, encode = BLOCK_CHARS, b"s", lambda block: block.encode("utf-8", "surrogatepass")
     else:
         size, kind, encode = BLOCK_TOKENS, b"t", lambda block: b",".join(b"%d" % t for t in block)
-    names, previous = [], kind
+    names: list[bytes] = []
+    previous = kind
     for start in range(0, len(prompt) - size + 1, size):
         previous = hashlib.blake2b(previous + encode(prompt[start : start + size]), digest_size=12).digest()
         names.append(previous)

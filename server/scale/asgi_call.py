@@ -8,10 +8,24 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
-from starlette.types import ASGIApp, Message
+from starlette.types import ASGIApp, Message, Scope
+from typing_extensions import NotRequired, TypedDict
 
 
-def scope_of(call: dict) -> dict:
+class Call(TypedDict):
+    """A request as the ingress forwards it to a model replica (server/serve_ray.py): what the client
+    sent, in values Ray can pass between processes."""
+
+    method: str
+    path: str
+    headers: list[tuple[str, str]]  # (name, value), as the client sent them
+    query: NotRequired[str]
+    body: NotRequired[bytes]
+    client: NotRequired[list[str | int] | None]  # [host, port]
+    route_key: NotRequired[list[int] | str | None]  # what the router matches prefixes by (fanout.route_key)
+
+
+def scope_of(call: Call) -> Scope:
     """The ASGI scope of a forwarded request: method, path, query, headers as the client sent them."""
     return {
         "type": "http",
@@ -29,7 +43,7 @@ def scope_of(call: dict) -> dict:
     }
 
 
-async def run(app: ASGIApp, call: dict) -> AsyncIterator[Message]:
+async def run(app: ASGIApp, call: Call) -> AsyncIterator[Message]:
     """The app's http.response.start and http.response.body messages for `call`."""
     messages: asyncio.Queue[Message] = asyncio.Queue()
     gone = asyncio.Event()
@@ -43,7 +57,7 @@ async def run(app: ASGIApp, call: dict) -> AsyncIterator[Message]:
         await gone.wait()
         return {"type": "http.disconnect"}
 
-    task = asyncio.create_task(app(scope_of(call), receive, messages.put))
+    task = asyncio.ensure_future(app(scope_of(call), receive, messages.put))  # an ASGI app returns an awaitable
     try:
         while True:
             getter = asyncio.ensure_future(messages.get())

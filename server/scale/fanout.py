@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import json
 import time
+from typing import Any
 
 from server.config import Settings
 
+# Request and response bodies are JSON objects as the client or a replica sent them (a replica's
+# answers are its CompletionResponse); read with the checks below, not trusted to have a shape.
+JSONObject = dict[str, Any]
 
-def route_key(body: dict | None) -> list[int] | str | None:
+
+def route_key(body: JSONObject | None) -> list[int] | str | None:
     """What the router matches replicas' prefixes against: the first prompt, if there is one."""
     if not isinstance(body, dict):
         return None
@@ -33,7 +38,7 @@ def route_key(body: dict | None) -> list[int] | str | None:
     return None
 
 
-def _token_lists(prompt) -> list[list[int]] | None:
+def _token_lists(prompt: Any) -> list[list[int]] | None:
     if (
         isinstance(prompt, list)
         and len(prompt) > 1
@@ -43,7 +48,7 @@ def _token_lists(prompt) -> list[list[int]] | None:
     return None
 
 
-def split(path: str, body: dict, settings: Settings, body_bytes: int = 0) -> list[dict] | None:
+def split(path: str, body: JSONObject, settings: Settings, body_bytes: int = 0) -> list[JSONObject] | None:
     """One body per prompt, or None: the request goes whole. Each part repeats every field but the
     prompt, so a request whose other fields are large (a long `stop` list, `logit_bias`) goes whole
     rather than being copied once per prompt: the parts may hold at most twice the body's bytes,
@@ -65,17 +70,17 @@ def split(path: str, body: dict, settings: Settings, body_bytes: int = 0) -> lis
     return [{**body, "prompt": [p]} for p in prompts]
 
 
-def consistent(parts: list[dict]) -> bool:
+def consistent(parts: list[JSONObject]) -> bool:
     """The parts came from replicas serving one model and build (during a rolling redeploy they
     may not have): only then may they be joined under one system_fingerprint."""
     return len({(part.get("model"), part.get("system_fingerprint")) for part in parts}) == 1
 
 
-def join(parts: list[dict], n: int) -> dict:
+def join(parts: list[JSONObject], n: int) -> JSONObject:
     """The response a single server gives to the whole request: choices in prompt order (prompt p's
     sample s at index p * n + s), usage added up, one id."""
     first = parts[0]
-    choices = []
+    choices: list[JSONObject] = []
     for p, part in enumerate(parts):
         for choice in part["choices"]:
             choices.append({**choice, "index": p * n + choice["index"]})
@@ -83,7 +88,7 @@ def join(parts: list[dict], n: int) -> dict:
     return {**first, "created": int(time.time()), "choices": choices, "usage": usage}
 
 
-def parse(body: bytes) -> dict | None:
+def parse(body: bytes) -> JSONObject | None:
     try:
         value = json.loads(body)
     except (ValueError, UnicodeDecodeError):

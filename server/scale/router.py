@@ -9,6 +9,7 @@ replicas that are gone are forgotten at the next choice, so a redeploy starts cl
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, ReplicaResult, RequestRouter, RunningReplica
 
@@ -17,14 +18,17 @@ from server.scale.affinity import SLACK, PrefixAffinity
 MAX_PENDING = 4096  # calls chosen but not yet reported routed, remembered (bounded)
 
 
-def _prompt(pending: PendingRequest | None):
+def _prompt(pending: PendingRequest | None) -> list[int] | str | None:
+    """The call's route_key (server/scale/asgi_call.Call), if it is a forwarded call."""
     if pending is None or not pending.args or not isinstance(pending.args[0], dict):
         return None
-    return pending.args[0].get("route_key")
+    key: list[int] | str | None = pending.args[0].get("route_key")  # Ray is untyped here: the Call's
+    return key
 
 
-class PrefixAffinityRouter(RequestRouter):
-    def initialize_state(self, slack: float = SLACK, **kwargs) -> None:
+# Ray is not installed for type checking (and ships no types): its RequestRouter is Any here.
+class PrefixAffinityRouter(RequestRouter):  # type: ignore[misc]
+    def initialize_state(self, slack: float = SLACK, **kwargs: Any) -> None:
         self.rule = PrefixAffinity(slack=slack)
         # Calls counted at their choice, not when Serve reports them routed: calls chosen at once (a
         # split request's parts) must see each other's counts, or they all pick the same replica.
