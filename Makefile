@@ -27,7 +27,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast load bench kld-bench clean show-build-flags image-test image-test-cuda scale-test
+.PHONY: setup serve test test-fast lint load bench kld-bench clean show-build-flags image-test image-test-cuda scale-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -48,6 +48,12 @@ serve: setup
 
 test: setup
 	$(TEST_ENV) $(BIN)/python -m pytest
+
+# Lint, format and types: what CI checks before the tests (.ci/run). `ruff format .` fixes the format.
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # Everything but the slow lm-eval end-to-end runs.
 test-fast: setup

@@ -2,16 +2,17 @@
 
 A request's way through the package, top to bottom (each folder imports only those below it):
 
-    app.py, cli.py        the ASGI app (create_app) and the command line
+    app.py, cli.py        the ASGI app (create_app, its HTTP layers in one list) and the command line
     api.py                the routes
-    http/                 the schema (protocol), errors, and the Host/key, body-limit and request-id layers
-    serving/              a request to engine jobs and back: the shared base, completions, chat
     state.py              what a running server holds, and where it is built (model, probes, engine)
-    engine/               one model thread: admission, prefix reuse and shared passes, prefill, decode
-    backends/             llama.cpp (GGUF) and MLX forward passes, detection, start-up exactness probes
-    numerics/             scoring (log-softmax, top-k), sampling, text and token tables
+    serving/              a request to engine jobs and back: the shared base, completions, chat, distributions
     observability/        metrics and the system fingerprint, beside the pipeline
-    models/               finding the model to serve
+    http/                 the schema (protocol), errors, and the Host/key, body-limit and request-id layers
+    models/               finding the model to serve (a path, a Hub name, the default model)
+    engine/               one model thread: admission, prefix reuse and shared passes, prefill, decode
+    backends/             one module per kind of model (GGUF: llama.cpp; MLX), the registry of kinds,
+                          start-up exactness probes
+    numerics/             scoring (log-softmax, top-k), sampling, text and token tables
     config.py             every setting, declared once (flags, LOGPROBS_* variables, --help)
 
     serve_ray.py, scale/  beside it all: Ray Serve's ingress and model replicas, prefix-affinity

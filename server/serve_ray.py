@@ -35,6 +35,7 @@ from ray import serve
 from ray.serve import context as serve_context
 from ray.serve.config import RequestRouterConfig
 from ray.serve.handle import DeploymentHandle
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.config import Settings
@@ -134,9 +135,10 @@ def ingress_app() -> FastAPI:
     """The ingress's HTTP app: the same body limit, keys and Host check as a replica (so nothing is
     split or forwarded for a client the replicas would refuse), then forwarding."""
     settings = Settings.load()
-    app = FastAPI(title="logprobs-server (Ray Serve ingress)", openapi_url=None, docs_url=None, redoc_url=None)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    Guard.load(settings).install(app)
+    layers = [*Guard.load(settings).middleware(), Middleware(BodyLimit, max_bytes=settings.max_body_bytes)]
+    app = FastAPI(
+        title="logprobs-server (Ray Serve ingress)", openapi_url=None, docs_url=None, redoc_url=None, middleware=layers
+    )
     app.state.settings = settings
     return app
 

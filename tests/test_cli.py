@@ -164,3 +164,14 @@ def test_entry_points_load_llama_cpp_before_numpy(entry):
     assert result.returncode == 0, result.stderr
     llama_at, numpy_at = map(int, result.stdout.split())
     assert llama_at < numpy_at, f"{entry}: numpy was imported before llama.cpp's library"
+
+
+def test_the_backend_setting_offers_every_registered_kind():
+    """--backend's choices (declared with the settings) are the registry's kinds, no more, no less."""
+    from typing import get_args
+
+    from server.backends import KINDS
+
+    annotation = Settings.model_fields["backend"].annotation
+    choices = {arg for member in get_args(annotation) for arg in get_args(member)}
+    assert choices == set(KINDS)

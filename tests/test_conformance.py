@@ -1,6 +1,6 @@
 """One set of conformance tests, run against both backends serving the same float32 weights
-(tests/fixture_model.py), plus cross-backend agreement and agreement with a float64 numpy
-forward pass of those weights (tests/numpy_llama.py). The last tests use the variant whose
+(testing/fixture_model.py), plus cross-backend agreement and agreement with a float64 numpy
+forward pass of those weights (testing/numpy_llama.py). The last tests use the variant whose
 tokenizer adds BOS, as Gemma 3's and Llama's do."""
 
 from __future__ import annotations
@@ -169,7 +169,7 @@ def test_seeded_sampling_is_reproducible(fixture_server):
     assert fixture_server.complete(**payload)["choices"][0]["text"] == first
 
 
-# -- a tokenizer that adds BOS (tests/fixture_model.py, add_bos=True) ---------------------------
+# -- a tokenizer that adds BOS (testing/fixture_model.py, add_bos=True) ---------------------------
 
 BOS_PROMPT = "The quick brown fox"
 

@@ -5,6 +5,7 @@ up the pipeline, or a cycle, fails here rather than in review."""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 from testing.live_server import ROOT
@@ -123,3 +124,19 @@ def test_bench_and_testing_import_nothing_from_tests():
         if module == "tests" or module.startswith("tests.")
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_package_map_draws_the_import_rule():
+    """server/__init__.py's picture lists the parts top to bottom; each may import only parts drawn
+    below it (ALLOWED above), so the picture and this test say the same."""
+    import server
+
+    order = []
+    for line in (server.__doc__ or "").splitlines():
+        for name in re.findall(r"([a-z_]+)(?:\.py|/)", line.strip().split("  ")[0] if line.startswith("    ") else ""):
+            if name in ALLOWED and name not in order:
+                order.append(name)
+    assert set(order) == set(ALLOWED), f"parts missing from the map: {set(ALLOWED) - set(order)}"
+    pipeline = [part for part in order if part != "scale"]  # drawn last, "beside it all": Ray's parts
+    above = [(p, t) for p in pipeline for t in ALLOWED[p] if pipeline.index(t) < pipeline.index(p)]
+    assert not above, f"drawn above what imports them: {above}"

@@ -8,6 +8,7 @@ import re
 
 import numpy as np
 import pytest
+import requests
 
 from server.backends.base import ReuseRule
 from server.backends.probes import Exactness, choose_reuse_rule
@@ -44,7 +45,7 @@ def test_reuse_gives_the_same_numbers(servers):
     sequences = hellaswag_requests(server, 6)
     # lm-eval's order: longest first, so the endings of one context are spread over batches.
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    hits_before = _hits(server) or 0  # None: nothing logged yet
+    hits_before = _hits(server)
     for start in range(0, len(order), 4):
         batch = [sequences[i] for i in order[start : start + 4]]
         for k in (1, 5):
@@ -66,7 +67,7 @@ def test_reuse_gives_the_same_numbers(servers):
                     # ... and the token's own entry is its token_logprob, bit for bit (lm-eval's greedy ==).
                     assert ta[la["tokens"][i]] == la["token_logprobs"][i]
     assert _hits(server) > hits_before  # the cache was really used
-    assert _hits(uncached_server) is None
+    assert _hits(uncached_server) == 0 and _metric(uncached_server, "logprobs_prefix_cache_capacity_bytes") == 0
 
 
 def test_generation_is_not_served_from_the_cache(servers):
@@ -91,17 +92,11 @@ def repacked_servers(requantized_model_path, tmp_path_factory):
 
 def test_reuse_stays_exact_where_pass_shapes_change_the_numbers(repacked_servers):
     """With weights that llama.cpp repacks, a cache hit whose tail starts anywhere gives other logits
-    than the whole prompt (0.99 on this file): the start-up check finds so, says so, and keeps the
-    cache on under the rule that gives the same floats (tails of 8+ tokens at multiples of 4), and
-    HellaSwag's requests after cache hits get exactly the numbers the uncached server gives."""
+    than the whole prompt (0.99 on this file): the start-up check finds so and keeps the cache on
+    under the rule that gives the same floats (tails of 8+ tokens at multiples of 4), and HellaSwag's
+    requests after cache hits get exactly the numbers the uncached server gives."""
     server, uncached = repacked_servers
-    log = server.log()
-    plain = float(
-        re.search(r"check \(tails at multiples of 1, at least 2 tokens\): .* moved by up to (\S+) ", log).group(1)
-    )
-    assert plain > 1e-2  # far above the 1e-4 tolerance, not a rounding matter
-    assert "check (tails at multiples of 4, at least 8 tokens): " in log and "moved by up to 0 (" in log
-    assert "prefix cache: 1024 MB, tails at multiples of 4, at least 8 tokens" in log and "prefix_cache=on" in log
+    assert _metric(server, "logprobs_prefix_cache_capacity_bytes") == 1024 << 20  # the check kept it on
     sequences = hellaswag_requests(server, 4)  # four contexts, four endings each
     order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))  # lm-eval's order
     for start in range(0, len(order), 4):
@@ -115,21 +110,18 @@ def test_reuse_stays_exact_where_pass_shapes_change_the_numbers(repacked_servers
     assert _hits(server) >= 8
 
 
-def _counts(server) -> tuple[int, int] | None:
-    """(hits, lookups) of the prefix cache in the server's latest log line, None if none yet."""
-    found = re.findall(r"prefix cache: (\d+)/(\d+) hits", server.log())
-    return (int(found[-1][0]), int(found[-1][1])) if found else None
+def _metric(server, name: str) -> float:
+    """A value of the server's GET /metrics (what its operators read, rather than its log lines)."""
+    text = requests.get(server.url + "/metrics", timeout=30, verify=server.verify).text
+    return float(re.search(rf"^{name}(?:_total)? (\S+)$", text, flags=re.M).group(1))
 
 
-def _hits(server) -> int | None:
-    counts = _counts(server)
-    return None if counts is None else counts[0]
+def _hits(server) -> int:
+    return int(_metric(server, "logprobs_prefix_cache_hits"))
 
 
 def _lookups(server) -> int:
-    counts = _counts(server)
-    assert counts is not None, "the server logs its cache counts after each request"
-    return counts[1]
+    return int(_metric(server, "logprobs_prefix_cache_lookups"))
 
 
 def _rows(n: int, k: int) -> ScoredRows:

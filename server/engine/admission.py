@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 
-from server.engine.fair_queue import FairQueue, current_client
+from server.engine.fair_queue import FairQueue
 from server.engine.jobs import QueueFull
 from server.engine.running import RunningJob
 
@@ -41,8 +41,8 @@ class Admission:
         return len(self._queue)
 
     # -- the event loop's side --------------------------------------------------------------------
-    def submit(self, jobs: list[RunningJob]) -> None:
-        """Queue a request's jobs, all or none: QueueFull if they do not fit under the bound."""
+    def submit(self, jobs: list[RunningJob], client: str) -> None:
+        """Queue a request's jobs, all or none, in `client`'s turn: QueueFull if they do not fit under the bound."""
         cost = sum(r.cost for r in jobs)
         with self._wake:
             if self.queued_tokens + cost > self.max_queued_tokens:
@@ -50,7 +50,7 @@ class Admission:
                     cost, self.queued_tokens, self.max_queued_tokens, self.rate.seconds_for(self.queued_tokens)
                 )
             self.queued_tokens += cost
-            self._queue.extend(current_client(), jobs)
+            self._queue.extend(client, jobs)
             self._wake.notify()
 
     def purge_soon(self) -> None:

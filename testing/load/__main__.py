@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--url",
         help="a running loopback server to drive instead of starting one; it must "
-        "have the limits of tests/load/driver.py's SERVER_FLAGS",
+        "have the limits of testing/load/driver.py's SERVER_FLAGS",
     )
     parser.add_argument("--pid", type=int, help="with --url: the server's process id, for RSS")
     parser.add_argument("--log", type=Path, help="with --url: the server's log, to count cancellations")

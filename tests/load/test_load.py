@@ -1,7 +1,7 @@
 """The short load test (CI): 16 clients for 45 s, after a 20 s warm-up of the same mix, against a
 server whose admission bound is small enough to be hit. `make load` runs the same scenario for
 minutes, and then sends the scoring requests alone once more. The criteria are in
-tests/load/driver.py (Report.failures): no 5xx, scoring answers equal to the idle server's, the
+testing/load/driver.py (Report.failures): no 5xx, scoring answers equal to the idle server's, the
 queue bound held and answered with 429 + Retry-After, RSS steady, /health answered throughout,
 the server cancelling for the clients that hung up."""
 
