@@ -6,7 +6,7 @@ import argparse
 import os
 import signal
 import sys
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, NoReturn, TypedDict, get_args, get_origin
 
 from pydantic import SecretStr
 from pydantic.fields import FieldInfo
@@ -32,8 +32,8 @@ examples:
     --model_args base_url=http://127.0.0.1:8000/v1/completions,tokenized_requests=True --batch_size 8"""
 
 
-def choices_of(annotation) -> tuple | None:
-    """The values of a Literal[...] or Literal[...] | None annotation."""
+def choices_of(annotation: object) -> tuple[Any, ...] | None:
+    """The values of a Literal[...] or Literal[...] | None annotation, as typing.get_args gives them."""
     for arg in (annotation, *get_args(annotation)):
         if get_origin(arg) is Literal:
             return get_args(arg)
@@ -46,6 +46,20 @@ def _flag_help(name: str, field: FieldInfo, environ: dict[str, str]) -> str:
     if environ.get(env):
         shown += "; now: set" if field.annotation == SecretStr | None else f"; now: {environ[env]}"
     return f"{field.description} [env {env}{shown}]".replace("%", "%%")  # argparse %-formats help
+
+
+class _SwitchArgs(TypedDict, total=False):
+    """add_argument's keywords that make a flag a switch (a bool field's)."""
+
+    nargs: str
+    const: str
+
+
+class _TLSArgs(TypedDict, total=False):
+    """uvicorn.run's keywords for HTTPS (given only with a certificate)."""
+
+    ssl_certfile: str | None
+    ssl_keyfile: str | None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, field in Settings.model_fields.items():
         choices = choices_of(field.annotation)
         # A bare switch (--allow-no-auth) means true; --allow-no-auth false works too.
-        switch = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
+        switch: _SwitchArgs = {"nargs": "?", "const": "true"} if field.annotation is bool else {}
         metavar = "{" + ",".join(choices) + "}" if choices else ("BOOL" if switch else None)
         parser.add_argument(
             flag_name(name), dest=name, metavar=metavar, help=_flag_help(name, field, environ), **switch
@@ -70,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _fail(exc: ConfigError) -> None:
+def _fail(exc: ConfigError) -> NoReturn:
     """A setting the user must fix: one line on stderr, exit status 2 (as for a bad flag)."""
     print(f"logprobs-server: error: {exc}", file=sys.stderr, flush=True)
     sys.exit(2)
@@ -102,7 +116,9 @@ def main(argv: list[str] | None = None) -> None:
         app = create_app(settings, model=model)  # reads the key file again: it may have changed since
     except ConfigError as exc:
         _fail(exc)
-    tls = {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
+    tls: _TLSArgs = (
+        {"ssl_certfile": settings.ssl_certfile, "ssl_keyfile": settings.ssl_keyfile} if settings.ssl_certfile else {}
+    )
     # SIGTERM: uvicorn stops accepting, gives running requests --shutdown-grace seconds, then
     # cancels the rest (their engine jobs with them); the lifespan closes the model; exit 0.
     # uvicorn re-raises the SIGTERM it caught once it has shut down; this handler makes that a
@@ -116,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=settings.shutdown_grace,
+        # uvicorn annotates int, but the value only bounds asyncio.timeout(): fractions of a second work.
+        timeout_graceful_shutdown=settings.shutdown_grace,  # type: ignore[arg-type]
         http=protocol_with(settings.request_read_timeout),
         **tls,
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BeforeValidator, Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,7 +35,7 @@ def flag_name(field: str) -> str:
     return "--" + field.replace("_", "-")
 
 
-def _lower_case(value):
+def _lower_case(value: object) -> object:
     return value.lower() if isinstance(value, str) else value
 
 
@@ -229,7 +229,7 @@ class Settings(ModelSettings):
     )
 
     @model_validator(mode="after")
-    def _queue_holds_a_request(self):
+    def _queue_holds_a_request(self) -> Settings:
         if self.max_queued_tokens < self.max_request_tokens:
             raise ValueError(
                 f"max_queued_tokens ({self.max_queued_tokens}) must be at least max_request_tokens "
@@ -240,7 +240,7 @@ class Settings(ModelSettings):
         return self
 
     @classmethod
-    def load(cls, **overrides) -> Settings:
+    def load(cls, **overrides: Any) -> Settings:
         """The LOGPROBS_* environment with `overrides` on top; invalid values raise one ConfigError
         whose message names each variable or flag, its value and what is wrong."""
         try:

@@ -40,10 +40,11 @@ class ServerState:
         the caller, e.g. a test's fake backend: nothing is read from disk), and start the engine."""
         if backend is None:
             model = model or resolve_model(settings)  # before the clock: a fetch is not loading
-        started = time.perf_counter()
-        if backend is None:
+            started = time.perf_counter()
             log.info("Loading %s (threads: %d)", model.path, settings.n_threads or default_threads())
             backend = load_backend(model.path, settings, model.kind)
+        else:
+            started = time.perf_counter()
         load_seconds = time.perf_counter() - started
         info = backend.info
         log.info(

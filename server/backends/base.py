@@ -12,8 +12,10 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from server.config import Settings
 from server.numerics.scoring import ScoredRows, score_rows
@@ -26,6 +28,13 @@ def package_version(distribution: str) -> str:
         return metadata.version(distribution)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+# A block of logits rows from Backend.prefill(): a float32 numpy array for GGUF (a view of
+# llama.cpp's buffer), an MLX array for MLX (on its device). Callers only slice it, take len() and
+# copy rows with np.array(); the math on it is the backend's own score(). The two array types share
+# no type mypy can name, so a block is Any at this border.
+Logits = Any
 
 
 @dataclass(frozen=True)
@@ -163,7 +172,7 @@ class Backend(ABC):
 
     # -- forward passes -----------------------------------------------------------------------
     @abstractmethod
-    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int):
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int) -> Logits | None:
         """Run up to n_batch prompt tokens on one sequence, at positions start, start+1, ...,
         forgetting whatever that sequence held at positions >= start (start=0 begins it anew).
 
@@ -173,19 +182,19 @@ class Backend(ABC):
         valid until the next call on this backend, so copy what must outlive that. A long prompt
         comes as consecutive calls, so that the caller can stop between them."""
 
-    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list:
+    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list[Logits]:
         """Several whole prompts (seq, tokens, logits_from), each of at most n_batch tokens, each
         beginning its sequence anew, in one forward pass (only if shares_prompt_passes). Returns
         each prompt's block of logits, as prefill(seq, tokens, 0, logits_from) does."""
         raise NotImplementedError
 
     @abstractmethod
-    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+    def decode(self, steps: Sequence[Step]) -> npt.NDArray[np.float32]:
         """One token of each of several sequences (at most max_sequences, each continuing where
         it stands) in one forward pass. Returns the next-token logits as a new float32 array of
         shape [len(steps), n_vocab], row i for steps[i]."""
 
-    def score(self, logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
+    def score(self, logits: Logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
         """Log-probabilities of `targets` and the top-k under each row of a block from prefill()
         (ranks: and each target's rank). Backends whose logits live on a device override this to
         do the math there."""

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import ctypes
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from server.backends.base import Backend, BackendKind, ModelInfo, ReuseRule, Step
 from server.backends.gguf_files import choose_gguf, is_gguf_file
@@ -55,7 +56,7 @@ class GGUFKind(BackendKind):
 KIND = GGUFKind()
 
 
-def _context_params(ll, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type: str, max_sequences: int):
+def _context_params(ll: Any, n_ctx: int, n_batch: int, n_threads: int, kv_cache_type: str, max_sequences: int) -> Any:
     """llama.cpp's context parameters, chosen so that scores are exact."""
     ctx_params = ll.llama_context_default_params()
     # Each sequence gets its own KV stream of n_ctx cells. (llama.cpp's unified KV cache, one
@@ -196,7 +197,7 @@ class GGUFBackend(Backend):
         written = self._ll.llama_state_seq_get_data(self._ctx, state, size, seq)
         return state, written
 
-    def restore(self, seq: int, state, n_tokens: int) -> None:
+    def restore(self, seq: int, state: Any, n_tokens: int) -> None:
         ll = self._ll
         ll.llama_memory_seq_rm(self._memory, seq, -1, -1)
         if ll.llama_state_seq_set_data(self._ctx, state, len(state), seq) == 0:
@@ -204,13 +205,13 @@ class GGUFBackend(Backend):
         ll.llama_memory_seq_rm(self._memory, seq, n_tokens, -1)
 
     # -- forward passes -----------------------------------------------------------------------
-    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int) -> np.ndarray | None:
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int) -> npt.NDArray[np.float32] | None:
         self._ll.llama_memory_seq_rm(self._memory, seq, start, -1)
         self._decode((seq, token, start + i, i >= logits_from) for i, token in enumerate(tokens))
         n_out = len(tokens) - logits_from
         return self._logits(n_out) if n_out > 0 else None
 
-    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+    def decode(self, steps: Sequence[Step]) -> npt.NDArray[np.float32]:
         out = np.empty((len(steps), self.info.n_vocab), dtype=np.float32)
         for lo in range(0, len(steps), self.n_batch):
             part = steps[lo : lo + self.n_batch]
@@ -218,7 +219,7 @@ class GGUFBackend(Backend):
             out[lo : lo + len(part)] = self._logits(len(part))
         return out
 
-    def _decode(self, entries) -> None:
+    def _decode(self, entries: Iterable[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (sequence, token, position, wants logits) entries, at most n_batch."""
         batch = self._batch
         n = 0
@@ -234,7 +235,7 @@ class GGUFBackend(Backend):
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status}")
 
-    def _logits(self, n_out: int) -> np.ndarray:
+    def _logits(self, n_out: int) -> npt.NDArray[np.float32]:
         """The rows of the last decode's flagged tokens, in batch order: a view of llama.cpp's
         buffer, valid until the next decode."""
         return np.ctypeslib.as_array(self._ll.llama_get_logits(self._ctx), shape=(n_out, self.info.n_vocab))

@@ -16,11 +16,14 @@ import sys
 from collections.abc import Sequence
 from fnmatch import fnmatch
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 
 from server.backends.base import Backend, BackendKind, ModelInfo, Step, package_version
-from server.backends.mlx_scoring import score_rows_mlx
+from server.backends.mlx_scoring import MxArray, score_rows_mlx
 from server.config import ConfigError, Settings, default_threads
 from server.numerics.scoring import ScoredRows, score_rows
 from server.numerics.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
@@ -119,7 +122,7 @@ def _byte_level_decoder() -> dict[str, int]:
     return chars
 
 
-def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
+def _token_bytes_table(hf_tokenizer: Any, n_vocab: int) -> list[bytes]:
     """The bytes each token id stands for, by the tokenizer's decoder type (byte-level BPE or
     SentencePiece); special tokens are their text, as in the GGUF backend."""
     decoder = json.loads(hf_tokenizer.backend_tokenizer.to_str()).get("decoder") or {}
@@ -127,7 +130,7 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
     special = {i: t.content for i, t in hf_tokenizer.added_tokens_decoder.items()}
     pieces = hf_tokenizer.convert_ids_to_tokens(list(range(min(n_vocab, len(hf_tokenizer)))))
     byte_decoder = _byte_level_decoder()
-    table = []
+    table: list[bytes] = []
     for token_id in range(n_vocab):
         piece = pieces[token_id] if token_id < len(pieces) else None
         if token_id in special:
@@ -143,7 +146,7 @@ def _token_bytes_table(hf_tokenizer, n_vocab: int) -> list[bytes]:
     return table
 
 
-def _model_info(path: str, config: dict, hf, n_vocab: int, n_ctx: int, n_ctx_train: int) -> ModelInfo:
+def _model_info(path: str, config: dict[str, Any], hf: Any, n_vocab: int, n_ctx: int, n_ctx_train: int) -> ModelInfo:
     """What the server tells clients about an mlx-lm model, from its config and HF tokenizer."""
     text_config = config.get("text_config", config)
     with_special = hf.encode("a", add_special_tokens=True)
@@ -165,7 +168,7 @@ def _model_info(path: str, config: dict, hf, n_vocab: int, n_ctx: int, n_ctx_tra
     )
 
 
-def _fingerprint_parts(mx, on_cpu: bool) -> dict[str, str]:
+def _fingerprint_parts(mx: ModuleType, on_cpu: bool) -> dict[str, str]:
     """MLX's versions, its device, and on Linux the BLAS behind its CPU matmuls."""
     parts = {"mlx": package_version("mlx"), "mlx_lm": package_version("mlx-lm"), "device": str(mx.default_device())}
     if not on_cpu:
@@ -190,7 +193,7 @@ class MLXBackend(Backend):
         self._mx = mx
         self.on_cpu = mx.default_device() == mx.cpu
         self.scoring_threads = n_threads
-        self.model, wrapper = load(path)
+        self.model, wrapper = load(path)[:2]  # (model, tokenizer): no config asked for
         self._hf = wrapper._tokenizer
         self._make_cache = make_prompt_cache
         self.n_batch = n_batch
@@ -200,10 +203,10 @@ class MLXBackend(Backend):
         # The logits' width (embedding rows), which can exceed the tokenizer's vocabulary.
         n_vocab = int(self.model(mx.array([[0]]))[0].shape[-1])
         self.max_sequences = max_sequences
-        self._caches: dict[int, list] = {}  # per sequence: mlx-lm's per-layer KV caches
+        self._caches: dict[int, list[Any]] = {}  # per sequence: mlx-lm's per-layer KV caches
         # Sequences decoding together, and their caches merged into mlx-lm's left-padded batch caches
         # (kept while the same sequences go on, so that each step does not copy every KV).
-        self._batch: tuple[tuple[int, ...], list] | None = None
+        self._batch: tuple[tuple[int, ...], list[Any]] | None = None
         # Plain per-layer KV caches can be snapshotted for the prefix cache (rotating or state-space
         # caches of other architectures hold more than keys and values: no reuse for those).
         self.supports_snapshots = all(type(c) is KVCache for c in make_prompt_cache(self.model))
@@ -218,10 +221,11 @@ class MLXBackend(Backend):
 
     # -- tokenizer --------------------------------------------------------------------------
     def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
-        return self._hf.encode(text, add_special_tokens=add_special_tokens)
+        ids: list[int] = self._hf.encode(text, add_special_tokens=add_special_tokens)
+        return ids
 
     # -- forward passes -----------------------------------------------------------------------
-    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int):
+    def prefill(self, seq: int, tokens: Sequence[int], start: int, logits_from: int) -> MxArray | None:
         mx = self._mx
         self._leave_batch(seq)
         if start == 0:
@@ -235,7 +239,7 @@ class MLXBackend(Backend):
         mx.eval([c.state for c in cache])  # run the pass now: the next chunk needs this KV
         return None
 
-    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list:
+    def prefill_together(self, prompts: Sequence[tuple[int, Sequence[int], int]]) -> list[MxArray]:
         """One (k, longest) batch, each prompt padded at its end with its last token: causal
         attention keeps the pad out of its rows, and each sequence keeps only its own tokens' KV.
         The batched matrix products round differently from one prompt's (up to 4.4e-5 in a
@@ -247,7 +251,7 @@ class MLXBackend(Backend):
         shared = self._make_cache(self.model)
         batch = mx.array([list(tokens) + [tokens[-1]] * (width - len(tokens)) for _, tokens, _ in prompts])
         logits = self.model(batch, cache=shared)
-        blocks = []
+        blocks: list[MxArray] = []
         for i, (seq, tokens, logits_from) in enumerate(prompts):
             n = len(tokens)
             own = self._make_cache(self.model)  # plain KVCache layers (shares_prompt_passes)
@@ -258,13 +262,13 @@ class MLXBackend(Backend):
             blocks.append(logits[i, logits_from:n])
         return blocks
 
-    def decode(self, steps: Sequence[Step]) -> np.ndarray:
+    def decode(self, steps: Sequence[Step]) -> npt.NDArray[np.float32]:
         if len(steps) == 1:  # one sequence runs on its own cache, exactly as its prompt did
             (step,) = steps
             return np.array(self.prefill(step.seq, [step.token], step.position, 0), dtype=np.float32)
         return np.array(self._decode_together(steps), dtype=np.float32)
 
-    def _decode_together(self, steps: Sequence[Step]):
+    def _decode_together(self, steps: Sequence[Step]) -> MxArray:
         """One token of each of several sequences in one forward pass (--max-sequences > 1), on
         their caches merged into mlx-lm's left-padded batch caches."""
         mx = self._mx
@@ -302,7 +306,7 @@ class MLXBackend(Backend):
         mx.eval(state)
         return state, sum(k.nbytes + v.nbytes for k, v in state)
 
-    def restore(self, seq: int, state, n_tokens: int) -> None:
+    def restore(self, seq: int, state: Any, n_tokens: int) -> None:
         cache = self._make_cache(self.model)  # plain KVCache layers (supports_snapshots)
         for layer, (keys, values) in zip(cache, state):
             layer.keys, layer.values, layer.offset = keys[..., :n_tokens, :], values[..., :n_tokens, :], n_tokens
@@ -313,7 +317,7 @@ class MLXBackend(Backend):
         self._leave_batch(seq)
         self._caches.pop(seq, None)
 
-    def score(self, logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
+    def score(self, logits: MxArray, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
         if self.on_cpu:  # see the module's docstring
             logits = logits.astype(self._mx.float32)
             self._mx.eval(logits)

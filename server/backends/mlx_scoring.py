@@ -13,7 +13,8 @@ import numpy as np
 
 from server.numerics.scoring import ScoredRows, lowest_tied_ids, ranks_from_counts
 
-# An MLX array; mlx ships no type information that mypy reads, so the arrays are Any here.
+# An MLX array. mlx is an optional extra: its own stubs are read only where it is installed, so
+# its arrays are Any here, for the same checks with or without it.
 MxArray = Any
 
 
@@ -71,15 +72,15 @@ def score_rows_mlx(logits: MxArray, targets: np.ndarray, k: int, ranks: bool = F
     part_values = mx.take_along_axis(logits, part, axis=1)
     part_lp = part_values - lse[:, None]
     mx.eval(token_lp, part, part_lp, part_values, lse)
-    part, part_lp, part_values = np.array(part).astype(np.int64), np.array(part_lp), np.array(part_values)
+    ids, ids_lp, ids_values = np.array(part).astype(np.int64), np.array(part_lp), np.array(part_values)
     if k > 1:
         host_lse = np.array(lse)
-        for i, ids in lowest_tied_ids(logits, part, part_values, k, lambda kth: _count_equal(logits, kth)):
-            part[i] = ids
-            part_values[i] = np.asarray(logits[i], dtype=np.float32)[ids]
-            part_lp[i] = part_values[i] - host_lse[i]  # float32, as on the device
+        for i, tied in lowest_tied_ids(logits, ids, ids_values, k, lambda kth: _count_equal(logits, kth)):
+            ids[i] = tied
+            ids_values[i] = np.asarray(logits[i], dtype=np.float32)[tied]
+            ids_lp[i] = ids_values[i] - host_lse[i]  # float32, as on the device
     # By logit, as score_rows: two logits can round to the same logprob.
-    order = np.lexsort((part, -part_values), axis=1)
+    order = np.lexsort((ids, -ids_values), axis=1)
     return ScoredRows(
-        np.array(token_lp), np.take_along_axis(part, order, axis=1), np.take_along_axis(part_lp, order, axis=1), rank
+        np.array(token_lp), np.take_along_axis(ids, order, axis=1), np.take_along_axis(ids_lp, order, axis=1), rank
     )

@@ -101,9 +101,10 @@ def reuse_drift(backend: Backend, rule: ReuseRule, min_reuse: int) -> tuple[floa
 
     def run(start: int, stop: int) -> dict[int, np.ndarray]:
         """The kept rows of tokens[start:stop], run from `start` on the grid."""
-        rows = {}
+        rows: dict[int, np.ndarray] = {}
         for lo, hi in grid_chunks(start, stop, n_batch):
             block = backend.prefill(0, tokens[lo:hi], lo, 0)
+            assert block is not None  # logits from 0 of a chunk that is never empty (lo < hi)
             rows |= {i: np.array(block[i - lo], dtype=np.float32) for i in kept if lo <= i < hi}
         return rows
 

@@ -201,7 +201,8 @@ def _list_online(ref: HubRef) -> tuple[str, list[str], dict[str, str]]:
             "with the model in the cache, set HF_HUB_OFFLINE=1."
         ) from None
     siblings = info.siblings or []
-    sha256 = {s.rfilename: s.lfs.sha256 for s in siblings if getattr(s, "lfs", None) is not None and s.lfs.sha256}
+    sha256 = {s.rfilename: s.lfs.sha256 for s in siblings if s.lfs is not None and s.lfs.sha256}
+    assert info.sha is not None  # the Hub sends a model's commit (huggingface_hub types every field optional)
     return info.sha, [s.rfilename for s in siblings], sha256
 
 

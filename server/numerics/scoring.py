@@ -81,7 +81,8 @@ def logsumexp_rows(logits: np.ndarray) -> np.ndarray:
     row_max = logits.max(axis=1)
     shifted = np.subtract(logits, row_max[:, None])
     np.exp(shifted, out=shifted)
-    return row_max + np.log(shifted.sum(axis=1))
+    lse: np.ndarray = row_max + np.log(shifted.sum(axis=1))
+    return lse
 
 
 def log_softmax_rows(logits: np.ndarray, rows_per_step: int = 16) -> np.ndarray:
@@ -120,8 +121,12 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1
     )
     step = max(1, min(ELEMENTS_PER_STEP // n_vocab, -(-n // threads)))
     spans = [(lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def score_span(span: tuple[int, int]) -> None:
+        _score_span(logits, targets, k, *span, out)
+
     if threads > 1 and len(spans) > 1:
-        list(_workers(threads).map(lambda span: _score_span(logits, targets, k, *span, out), spans))
+        list(_workers(threads).map(score_span, spans))
     else:
         for span in spans:
             _score_span(logits, targets, k, *span, out)
@@ -129,7 +134,8 @@ def score_rows(logits: np.ndarray, targets: np.ndarray, k: int, threads: int = 1
 
 
 def _count_equal(rows: np.ndarray, kth: np.ndarray) -> np.ndarray:
-    return (rows == kth[:, None]).sum(axis=1)
+    counts: np.ndarray = (rows == kth[:, None]).sum(axis=1)
+    return counts
 
 
 def _score_span(logits: np.ndarray, targets: np.ndarray, k: int, lo: int, hi: int, out: ScoredRows) -> None:
