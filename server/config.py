@@ -93,18 +93,17 @@ class ModelSettings(BaseSettings):
     kv_cache_type: Literal["f32", "f16"] = Field(
         "f32",
         description="GGUF backend: KV cache precision, f32 or f16. f16 halves KV memory and is a little "
-        "faster, but moved logprobs by up to 0.009 in our tests; f32 matches a float64 reference to 1e-5.",
+        "faster, but moves logprobs (docs/exactness.md); f32 keeps them exact.",
     )
     max_sequences: int = Field(
         1,
         ge=1,
-        description="Sequences that generate together, one token of each per forward pass (GGUF: 8 "
-        "concurrent generations ran 1.5x faster; each sequence has its own KV cache of n_ctx tokens). GGUF evaluates "
-        "prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (1.4x faster, logits "
+        description="Sequences that generate together, one token of each per forward pass (faster with "
+        "concurrent generations: docs/performance.md; each sequence has its own KV cache of n_ctx tokens). GGUF "
+        "evaluates prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (logits "
         "within 1e-4 of each prompt alone, checked at start-up). Default 1: with llama.cpp a sequence's numbers "
-        "can depend on what runs beside it (a token decoded in a batch of sequences differed from the same "
-        "position in a prompt pass by up to 0.48 on Gemma 3), so results would depend on what else is running; "
-        "keep 1 for evaluations.",
+        "can depend on what runs beside it (docs/exactness.md#batch-composition), so results would depend on "
+        "what else is running; keep 1 for evaluations.",
     )
     prefix_cache_mb: int = Field(
         1024,

@@ -10,7 +10,6 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,15 +19,6 @@ import numpy.typing as npt
 from server.config import Settings
 from server.numerics.scoring import ScoredRows, score_rows
 from server.numerics.tokens import TokenTable
-
-
-def package_version(distribution: str) -> str:
-    """An installed distribution's version ("unknown" when it is not installed)."""
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
 
 # A block of logits rows from Backend.prefill(): a float32 numpy array for GGUF (a view of
 # llama.cpp's buffer), an MLX array for MLX (on its device). Callers only slice it, take len() and

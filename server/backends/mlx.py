@@ -22,8 +22,9 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.backends.base import Backend, BackendKind, ModelInfo, Step, package_version
+from server.backends.base import Backend, BackendKind, ModelInfo, Step
 from server.backends.mlx_scoring import MxArray, score_rows_mlx
+from server.backends.versions import package_version
 from server.config import ConfigError, Settings, default_threads
 from server.numerics.scoring import ScoredRows, score_rows
 from server.numerics.tokens import MAX_DEFAULT_CTX, TokenTable, default_context

@@ -24,8 +24,9 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.backends.base import Backend, package_version
+from server.backends.base import Backend
 from server.backends.probes import Exactness
+from server.backends.versions import package_version
 from server.models.digests import DIGEST_CACHE, DigestCache, model_sha256
 
 
