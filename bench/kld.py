@@ -19,14 +19,12 @@
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import platform
 import re
 import subprocess
 import sys
-import tarfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
@@ -35,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.llama_tools import llama_tool
 from server.config import Settings
 from server.models.default_model import ensure_default_model
 from testing.fixture_model import WHOLE, make_fixture, quantize
 from testing.live_server import DATA, ROOT, LiveServer
 
-LLAMA_CPP_PYTHON = "0.3.36"
 TEXT = DATA / "wikitext2_valid.txt"
 CTX = 512
 # Held margins for part 1 (measured on the 2-core Xeon, AVX-512; docs/kld.md has the figures).
@@ -60,70 +58,6 @@ def cpu_name() -> str:
         if line.startswith("model name"):
             return line.split(":", 1)[1].strip()
     return platform.processor() or "unknown CPU"
-
-
-# -- llama-perplexity, built once ---------------------------------------------------------------------
-
-
-def llama_perplexity(cache: Path) -> Path:
-    """The llama-perplexity binary of the llama.cpp that llama-cpp-python vendors, built with this
-    machine's CMAKE_ARGS (the Makefile's, as the server's llama.cpp was built) and cached."""
-    cmake_args = os.environ.get("CMAKE_ARGS", "").split()
-    key = hashlib.sha256(" ".join(cmake_args).encode()).hexdigest()[:12]
-    root = cache / "llama-perplexity" / f"{LLAMA_CPP_PYTHON}-{key}"
-    binary = root / "build" / "bin" / "llama-perplexity"
-    if binary.exists():
-        return binary
-    root.mkdir(parents=True, exist_ok=True)
-    sdist = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}.tar.gz"
-    if not sdist.exists():
-        log(f"downloading llama-cpp-python {LLAMA_CPP_PYTHON}'s source from PyPI (for its vendored llama.cpp)")
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                f"llama-cpp-python=={LLAMA_CPP_PYTHON}",
-                "-d",
-                str(root),
-            ],
-            check=True,
-        )
-    source = root / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"
-    if not source.exists():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(root, filter="data")
-    log(f"building llama-perplexity (about 10 minutes on 2 cores, once) with {' '.join(cmake_args) or 'no CMAKE_ARGS'}")
-    subprocess.run(
-        [
-            "cmake",
-            "-S",
-            str(source),
-            "-B",
-            str(root / "build"),
-            "-DCMAKE_BUILD_TYPE=Release",
-            "-DBUILD_SHARED_LIBS=OFF",
-            "-DLLAMA_CURL=OFF",
-            "-DLLAMA_OPENSSL=OFF",
-            "-DLLAMA_BUILD_TESTS=OFF",
-            "-DLLAMA_BUILD_EXAMPLES=OFF",
-            "-DLLAMA_BUILD_SERVER=OFF",
-            *cmake_args,
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(
-        ["cmake", "--build", str(root / "build"), "--target", "llama-perplexity", "-j", str(os.cpu_count() or 2)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    return binary
 
 
 LLAMA_LINES = {  # llama-perplexity's printed statistics -> kld's JSON keys (percentages as fractions)
@@ -223,7 +157,7 @@ def text(chunks: int) -> str:
 def part_llama(cache: Path, out: Path, chunks: int) -> list[str]:
     from logprobs_client import kld, kld_file
 
-    binary = llama_perplexity(cache)
+    binary = llama_tool(cache, "llama-perplexity")
     found = models(cache, out, mlx=False)
     base, build = found["F32"], found["Q4_1"]
     text_file = out / "text.txt"
