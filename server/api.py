@@ -5,12 +5,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import BaseModel
 
-from server.engine.fair_queue import set_client
+from server.engine import Origin
 from server.http.body import OffLoopBodyRoute
 from server.http.protocol import (
     HOST_REFUSED,
@@ -31,6 +34,7 @@ from server.http.protocol import (
     error_responses,
     event_stream_schema,
 )
+from server.http.request_id import current_request_id
 from server.serving.base import check_model, check_token_ids, timeout_error
 from server.serving.chat import create_chat_completion
 from server.serving.completions import create_completion
@@ -42,21 +46,28 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went aw
 
 # -- the OpenAPI schema's responses ---------------------------------------------------------------
 # The models are documentation only: handlers return dicts or ready Responses, which FastAPI sends
-# as they are (a route has no response_model).
+# as they are (a route has no response_model: those returning a dict say response_model=None, else
+# FastAPI would take their return annotation for one and validate what they return with it).
 
 
-def ok(model, description: str, stream=None) -> dict[int | str, dict]:
-    response: dict = {"model": model, "description": description}
+def ok(model: Any, description: str, stream: Any = None) -> dict[int | str, dict[str, Any]]:
+    response: dict[str, Any] = {"model": model, "description": description}
     if stream is not None:
         response["content"] = {"text/event-stream": event_stream_schema(stream)}
     return {200: response}
+
+
+def ok_not_json(description: str, **fields: Any) -> dict[int | str, dict[str, Any]]:
+    """The 200 of a route that answers other than JSON (no model; its `content`, if given)."""
+    return {200: {"description": description, **fields}}
 
 
 GENERATION = (400, 401, 404, 413, 429, 500, 503)
 
 
 def _state(request: Request) -> ServerState:
-    return request.app.state.server
+    state: ServerState = request.app.state.server
+    return state
 
 
 async def _client_gone(request: Request) -> None:
@@ -75,7 +86,12 @@ def client_of(request: Request, keyed: bool) -> str:
     return "address:" + (request.client.host if request.client else "unknown")
 
 
-async def _respond(request: Request, create, body):
+Body = TypeVar("Body", bound=BaseModel)
+# A generation handler (server/serving): its response, or with stream its events.
+Create = Callable[[ServerState, Body, Origin, float | None], Awaitable[Response | AsyncIterator[str]]]
+
+
+async def _respond(request: Request, create: Create[Body], body: Body) -> Response:
     """Run a generation handler, within --request-timeout (then 503). A non-streamed response is
     cancelled, with its engine jobs, as soon as its client disconnects; a streamed one when
     Starlette stops iterating its events (and its deadline is checked between events)."""
@@ -83,8 +99,8 @@ async def _respond(request: Request, create, body):
     timeout = state.settings.request_timeout or None
     deadline = None if timeout is None else time.monotonic() + timeout
     keyed = state.settings.api_key is not None or state.settings.api_key_file is not None
-    set_client(client_of(request, keyed))  # before the task starts: it copies this context
-    task = asyncio.ensure_future(create(state, body, deadline))
+    origin = Origin(current_request_id(), client_of(request, keyed))
+    task = asyncio.ensure_future(create(state, body, origin, deadline))
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({task, watcher}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
@@ -112,7 +128,7 @@ async def _respond(request: Request, create, body):
     )
     | error_responses(*GENERATION),
 )
-async def completions(body: CompletionRequest, request: Request):
+async def completions(body: CompletionRequest, request: Request) -> Response:
     return await _respond(request, create_completion, body)
 
 
@@ -125,15 +141,16 @@ async def completions(body: CompletionRequest, request: Request):
     )
     | error_responses(*GENERATION),
 )
-async def chat_completions(body: ChatCompletionRequest, request: Request):
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
     return await _respond(request, create_chat_completion, body)
 
 
 @router.get(
     "/v1/models",
+    response_model=None,
     responses=ok(ModelList, "The one model served.") | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED),
 )
-async def models(request: Request):
+async def models(request: Request) -> ModelList:
     state = _state(request)
     return {
         "object": "list",
@@ -154,10 +171,11 @@ async def models(request: Request):
 
 @router.get(
     "/health",
+    response_model=None,
     responses=ok(Health, "The server is up (no API key needed).")
     | error_responses(400, 413, 500, bad_request=HOST_REFUSED),
 )
-async def health():
+async def health() -> Health:
     return {"status": "ok"}
 
 
@@ -167,13 +185,14 @@ def _special_token_text(state: ServerState, token_id: int | None) -> str | None:
 
 @router.get(
     "/tokenizer_info",
+    response_model=None,
     responses=ok(
         TokenizerInfo,
         "The tokenizer's special tokens and chat template (vLLM's endpoint, read by lm-eval's remote tokenizer).",
     )
     | error_responses(400, 401, 413, 500, bad_request=HOST_REFUSED),
 )
-async def tokenizer_info(request: Request):
+async def tokenizer_info(request: Request) -> TokenizerInfo:
     state = _state(request)
     info = state.backend.info
     return {
@@ -189,23 +208,23 @@ async def tokenizer_info(request: Request):
 @router.post(
     "/v1/distributions",
     response_class=Response,
-    responses={
-        200: {
-            "description": "This server's extension: the full log-distribution at each position from `start` on, as "
-            "little-endian float32 (or float16) rows [x-rows, x-vocab], row after row.",
-            "content": {MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
-        }
-    }
+    responses=ok_not_json(
+        "This server's extension: the full log-distribution at each position from `start` on, as "
+        "little-endian float32 (or float16) rows [x-rows, x-vocab], row after row.",
+        content={MEDIA_TYPE: {"schema": {"type": "string", "format": "binary"}}},
+    )
     | error_responses(*GENERATION),
 )
-async def distributions(body: DistributionsRequest, request: Request):
+async def distributions(body: DistributionsRequest, request: Request) -> Response:
     return await _respond(request, create_distributions, body)
 
 
 @router.post(
-    "/tokenize", responses=ok(TokenizeResponse, "The prompt's token ids.") | error_responses(400, 401, 404, 413, 500)
+    "/tokenize",
+    response_model=None,
+    responses=ok(TokenizeResponse, "The prompt's token ids.") | error_responses(400, 401, 404, 413, 500),
 )
-async def tokenize(body: TokenizeRequest, request: Request):
+async def tokenize(body: TokenizeRequest, request: Request) -> TokenizeResponse:
     state = _state(request)
     check_model(state, body.model)
     tokens = await asyncio.to_thread(state.backend.tokenize, body.prompt, body.add_special_tokens)
@@ -214,14 +233,32 @@ async def tokenize(body: TokenizeRequest, request: Request):
 
 @router.post(
     "/detokenize",
+    response_model=None,
     responses=ok(DetokenizeResponse, "The text of the token ids.") | error_responses(400, 401, 404, 413, 500),
 )
-async def detokenize(body: DetokenizeRequest, request: Request):
+async def detokenize(body: DetokenizeRequest, request: Request) -> DetokenizeResponse:
     state = _state(request)
     check_model(state, body.model)
 
-    def detokenize() -> dict:  # millions of ids take a second: off the event loop
+    def detokenize() -> DetokenizeResponse:  # millions of ids take a second: off the event loop
         check_token_ids(state, body.tokens, param="tokens", where="'tokens'")
         return {"prompt": state.backend.tokens.detokenize(body.tokens)}
 
     return await asyncio.to_thread(detokenize)
+
+
+# The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
+METRICS_RESPONSES = ok_not_json("Prometheus' text exposition format.") | error_responses(
+    400,
+    401,
+    413,
+    500,
+    bad_request=HOST_REFUSED,
+    by_reference=True,
+    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.",
+)
+
+
+@router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
+async def metrics(request: Request) -> Response:
+    return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -7,19 +7,22 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
+from starlette.middleware import Middleware
 
 from server.api import router
 from server.backends.base import Backend
 from server.config import ConfigError, Settings
 from server.http.body_limit import BodyLimit
-from server.http.errors import install_error_handlers
+from server.http.errors import EXCEPTION_HANDLERS, InternalErrors, without_422
 from server.http.request_id import install_request_id_logging
 from server.http.security import Guard
 from server.models import ResolvedModel
-from server.observability.metrics import install as install_observability
+from server.observability.metrics import ObservabilityMiddleware
 from server.state import ServerState
 
 
@@ -28,6 +31,33 @@ def configure_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s")
     logging.getLogger("server").setLevel(level.upper())
     install_request_id_logging()
+
+
+def middleware(settings: Settings, guard: Guard) -> list[Middleware]:
+    """The layers around the routes, outermost first (Starlette runs its own error layer outside
+    them and its exception handlers, EXCEPTION_HANDLERS, inside):
+
+    1. request ids and counts, around everything else, so that every answer below is counted and
+       carries its id (the 401s, the 413s, the 500s);
+    2. an exception nothing handled becomes OpenAI's 500 here, and a shutdown's cancellation a 503,
+       without dropping the connection;
+    3. the Host check, then the API key (http/security.py; either may be off);
+    4. the body limit (413), for requests that got past both;
+    then the routes, whose bodies are parsed off the event loop (http/body.py)."""
+    return [
+        Middleware(ObservabilityMiddleware),
+        Middleware(InternalErrors),
+        *guard.middleware(),
+        Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+    ]
+
+
+class LogprobsAPI(FastAPI):
+    def openapi(self) -> dict[str, Any]:
+        """FastAPI's schema, without the 422s it documents on its own (errors are 400s here)."""
+        if self.openapi_schema is None:
+            self.openapi_schema = without_422(super().openapi())
+        return self.openapi_schema
 
 
 def create_app(
@@ -48,10 +78,11 @@ def create_app(
         guard = Guard.load(settings)  # a ConfigError is the caller's (the CLI's) to report
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI):
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         try:
             if problem is not None:
                 raise problem
+            assert settings is not None  # loaded: no problem was met
             configure_logging(settings.log_level)
             if getattr(app.state, "server", None) is None:
                 app.state.server = ServerState.build(settings, model=model)
@@ -64,24 +95,26 @@ def create_app(
         yield
         app.state.server.close()
 
-    app = FastAPI(
+    # A setting the user must fix: the lifespan reports it at start-up; until then, no layers.
+    layers: list[Middleware] = []
+    if problem is None:
+        assert settings is not None  # loaded: no problem was met
+        layers = middleware(settings, guard)
+    app = LogprobsAPI(
         title="logprobs-server",
         summary="OpenAI-compatible completions with echo and exact per-token logprobs for local models.",
         lifespan=lifespan,
         # No redirects from this API: `/v1/completions/` is a 404 in OpenAI's format, not a 307 whose
         # Location Starlette builds from the client's Host header.
         redirect_slashes=False,
+        exception_handlers=EXCEPTION_HANDLERS,
+        middleware=layers,
     )
-    install_error_handlers(app)
     app.include_router(router)
-    if problem is None:
-        app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-        # Added last, so they run first: Host check, then API key, then the body limit and the rest.
-        guard.install(app)
-    install_observability(app)  # GET /metrics; request ids and counts around every other layer
     if backend is not None:
         if problem is not None:  # no lifespan will report it: the caller hears it now
             raise problem
+        assert settings is not None  # loaded: no problem was met
         app.state.server = ServerState.build(settings, backend)
     return app
 

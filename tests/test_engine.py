@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from server.backends.base import Backend, ModelInfo, Step
-from server.engine import Engine, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
-from server.engine.fair_queue import NO_CLIENT, FairQueue, set_client
+from server.engine import Engine, Origin, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
+from server.engine.fair_queue import FairQueue
 from server.numerics.sampling import SamplingParams
 from server.numerics.tokens import TokenTable
 
@@ -425,8 +425,8 @@ def test_clients_take_turns_for_the_model(make_engine):
     engine, backend = make_engine(delay=0.02)
 
     async def as_client(name: str, prompts: list[list[int]]):
-        set_client(name)  # what server.api does for each HTTP request
-        return await engine.complete([greedy_job(p, 0, echo=True, logprobs=1) for p in prompts])
+        # The client, as server.api names it for each HTTP request.
+        return await engine.complete([greedy_job(p, 0, echo=True, logprobs=1) for p in prompts], Origin(client=name))
 
     async def main():
         a = asyncio.ensure_future(as_client("a", [[1, 2, 3]] * 12))
@@ -457,5 +457,5 @@ def test_fair_queue_turns_and_removal():
     assert queue.remove_if(lambda item: item in ("a3", "c2")) == ["a3", "c2"]
     assert len(queue) == 2 and [queue.popleft(), queue.popleft()] == ["a2", "a4"]
     assert not queue and len(queue) == 0
-    queue.extend(NO_CLIENT, ["x", "y"])  # no client named: plain arrival order
+    queue.extend(Origin().client, ["x", "y"])  # no client named: plain arrival order
     assert [queue.popleft(), queue.popleft()] == ["x", "y"]

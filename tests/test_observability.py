@@ -362,25 +362,15 @@ async def _call(app, method: str, path: str, headers: dict[str, str] | None = No
 
 
 def test_middleware_counts_401s_from_an_inner_auth_layer_and_500s():
+    """The request-id and counting layer sits outside the key check and the 500 layer (app.py's
+    list), so a refused request and a failed one are counted and carry their ids."""
     from server.app import create_app
     from server.config import Settings
 
-    app = create_app(Settings())
+    app = create_app(Settings(api_key="secret-key"))
     metrics = Metrics()
     app.state.server = SimpleNamespace(metrics=metrics)  # what /metrics and the middleware read
-
-    class DenyCompletions:  # an auth middleware, added after ours (it still ends up inside it)
-        def __init__(self, app):
-            self.app = app
-
-        async def __call__(self, scope, receive, send):
-            if scope["type"] == "http" and scope["path"] == "/v1/completions":
-                await send({"type": "http.response.start", "status": 401, "headers": []})
-                await send({"type": "http.response.body", "body": b""})
-                return
-            await self.app(scope, receive, send)
-
-    app.add_middleware(DenyCompletions)
+    key = {"authorization": "Bearer secret-key"}
 
     @app.get("/boom")
     async def boom():
@@ -389,8 +379,8 @@ def test_middleware_counts_401s_from_an_inner_auth_layer_and_500s():
     async def run():
         return [
             await _call(app, "POST", "/v1/completions", {"x-request-id": "r-401"}),
-            await _call(app, "GET", "/boom"),
-            await _call(app, "GET", "/metrics"),
+            await _call(app, "GET", "/boom", key),
+            await _call(app, "GET", "/metrics", key),
         ]
 
     (denied, denied_headers), (failed, failed_headers), (scraped, _) = asyncio.run(run())

@@ -9,6 +9,7 @@ event loop's side); prefix_cache and fair_queue are the data structures they use
 from server.engine.jobs import (
     Cancelled,
     EngineHooks,
+    Origin,
     PromptJob,
     PromptResult,
     PromptScored,
@@ -16,12 +17,14 @@ from server.engine.jobs import (
     TokenEvent,
     job_cost,
 )
-from server.engine.loop import Engine
+from server.engine.loop import Engine, Events
 
 __all__ = [
     "Cancelled",
     "Engine",
     "EngineHooks",
+    "Events",
+    "Origin",
     "PromptJob",
     "PromptResult",
     "PromptScored",

@@ -4,30 +4,18 @@ A plain first-in-first-out queue gives a client with more connections (or longer
 the model: 300 prompts sent first make everyone behind them wait for all 300. Here each client has
 its own queue, in arrival order, and the engine takes one job from each client in turn: a client's
 next job waits for at most one job of every other client that has work queued. Who is a client is
-decided by the HTTP layer (server.api: the API key, else the address); jobs submitted outside a
-request (tests, the engine used alone) share one client and keep plain arrival order.
+decided by the HTTP layer (server.api: the API key, else the address) and handed over with the jobs
+(jobs.Origin); jobs submitted outside a request (tests, the engine used alone) share one client and
+keep plain arrival order.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
-from contextvars import ContextVar
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
-
-NO_CLIENT = ""
-_current_client: ContextVar[str] = ContextVar("client", default=NO_CLIENT)
-
-
-def set_client(client: str) -> None:
-    """Name the client of the request served in this context (tasks it starts copy it)."""
-    _current_client.set(client)
-
-
-def current_client() -> str:
-    return _current_client.get()
 
 
 class FairQueue(Generic[T]):

@@ -12,6 +12,16 @@ from server.numerics.sampling import SamplingParams
 from server.numerics.scoring import ScoredRows
 
 
+@dataclass(frozen=True)
+class Origin:
+    """Who sent a request, as the engine needs it: its id (the model thread's log lines, which have
+    no request context) and its client (whose turn it is: fair_queue.py). The HTTP layer decides
+    both (server/api.py); work submitted outside a request shares one anonymous client."""
+
+    request_id: str = "-"
+    client: str = ""
+
+
 @dataclass
 class PromptJob:
     tokens: list[int]

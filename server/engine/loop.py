@@ -17,22 +17,38 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from server.backends.base import Backend
 from server.backends.probes import Exactness
 from server.engine.admission import Admission, DrainRate
 from server.engine.decode import Decoder
-from server.engine.jobs import Cancelled, EngineHooks, PromptJob, PromptResult, PromptScored, TokenEvent
+from server.engine.jobs import (
+    Cancelled,
+    EngineHooks,
+    Listener,
+    Origin,
+    PromptJob,
+    PromptResult,
+    PromptScored,
+    TokenEvent,
+)
 from server.engine.prefill import PromptRunner
 from server.engine.prefix_cache import PrefixCache
 from server.engine.running import RequestState, RunningJob
 from server.engine.sequences import Sequences
 
 log = logging.getLogger(__name__)
+
+# What the model thread hands the event loop for a request: (job index, an event, a job's result,
+# or the exception a job ended with).
+Delivery = tuple[int, PromptScored | TokenEvent | PromptResult | BaseException]
+# A request's (job index, event) as they run (Engine.stream); closing it cancels the request.
+Events = AsyncGenerator[tuple[int, PromptScored | TokenEvent | PromptResult], None]
 
 
 class Engine:
@@ -72,35 +88,34 @@ class Engine:
         self,
         jobs: list[PromptJob],
         progress: bool = True,
-        request_id: str = "-",
-    ) -> AsyncIterator[tuple[int, PromptScored | TokenEvent | PromptResult]]:
+        origin: Origin = Origin(),  # noqa: B008 (frozen: one shared default is safe)
+    ) -> Events:
         """Submit a request's jobs, all at once, now (QueueFull if the queue has no room for them,
         before anything is sent to the client), and return an iterator of (job index, event) as
         they run: with `progress`, each scored prompt and each generated token; always, (index,
         result) when a job ends. Closing the iterator early, or cancelling the task that iterates
-        it (the client went away), cancels the request. `request_id` labels its log lines."""
+        it (the client went away), cancels the request. `origin`: its id (for log lines) and client."""
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue = asyncio.Queue()
-        request = RequestState(len(jobs), request_id)
+        queue: asyncio.Queue[Delivery] = asyncio.Queue()
+        request = RequestState(len(jobs), origin.request_id)
 
-        def deliver(index: int, future: concurrent.futures.Future) -> None:
+        def deliver(index: int, future: concurrent.futures.Future[PromptResult]) -> None:
             item = future.exception() or future.result()
             loop.call_soon_threadsafe(queue.put_nowait, (index, item))
 
-        submitted = []
+        def report(index: int, event: PromptScored | TokenEvent) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (index, event))
+
+        submitted: list[RunningJob] = []
         for index, job in enumerate(jobs):
-            listener = (
-                (lambda event, index=index: loop.call_soon_threadsafe(queue.put_nowait, (index, event)))
-                if progress
-                else None
-            )
+            listener: Listener | None = functools.partial(report, index) if progress else None
             running = RunningJob(job, request, listener, self.admission.job_overhead_tokens)
-            running.future.add_done_callback(lambda f, index=index: deliver(index, f))
+            running.future.add_done_callback(functools.partial(deliver, index))
             submitted.append(running)
-        self.admission.submit(submitted)
+        self.admission.submit(submitted, origin.client)
         return self._events(jobs, request, queue)
 
-    async def _events(self, jobs: list[PromptJob], request: RequestState, queue: asyncio.Queue):
+    async def _events(self, jobs: list[PromptJob], request: RequestState, queue: asyncio.Queue[Delivery]) -> Events:
         started = time.perf_counter()
         results: dict[int, PromptResult] = {}
         try:
@@ -117,12 +132,13 @@ class Engine:
             if len(results) < len(jobs):
                 self.admission.purge_soon()
 
-    async def complete(self, jobs: list[PromptJob], request_id: str = "-") -> list[PromptResult]:
+    async def complete(self, jobs: list[PromptJob], origin: Origin = Origin()) -> list[PromptResult]:  # noqa: B008
         """A request's results, in job order (the same path as stream(), without the progress)."""
-        results: list[PromptResult | None] = [None] * len(jobs)
-        async for index, item in self.stream(jobs, progress=False, request_id=request_id):
+        results: dict[int, PromptResult] = {}
+        async for index, item in self.stream(jobs, progress=False, origin=origin):
+            assert isinstance(item, PromptResult)  # without progress, only results come
             results[index] = item
-        return results
+        return [results[i] for i in range(len(jobs))]  # the stream ends once every job has its result
 
     def _log_done(self, jobs: list[PromptJob], results: list[PromptResult], elapsed: float) -> None:
         n_prompt = sum(len(j.tokens) for j in jobs)

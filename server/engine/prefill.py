@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from server.backends.base import Backend, grid_chunks
+from server.backends.base import Backend, Logits, grid_chunks
 from server.engine.admission import DrainRate
 from server.engine.jobs import Cancelled, PromptScored
 from server.engine.planner import PromptPlanner
@@ -89,7 +89,7 @@ class PromptRunner:
         self._done(r)
         return True
 
-    def _take_block(self, r: RunningJob, block, i: int, last: bool) -> None:
+    def _take_block(self, r: RunningJob, block: Logits, i: int, last: bool) -> None:
         """Score a block of prompt logits whose first row is at position i (row i predicts token
         i + 1); the prompt's last row, in its last block, predicts the first generated token."""
         tokens, n = r.job.tokens, len(r.job.tokens)
@@ -107,10 +107,10 @@ class PromptRunner:
     def _done(self, r: RunningJob) -> None:
         """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
         tokens, reuse = r.job.tokens, r.prompt.reuse
-        r.prompt.scores = concat_rows(r.prompt.parts, r.prompt_k) if r.score_prompt else None
-        if self.cache is not None and r.score_prompt and (reuse is None or reuse.entry.tokens != tokens):
+        scores = concat_rows(r.prompt.parts, r.prompt_k) if r.score_prompt else None
+        r.prompt.scores = scores
+        if self.cache is not None and scores is not None and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
-            scores = r.prompt.scores
             size += (
                 scores.top_ids.nbytes
                 + scores.top_logprobs.nbytes

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -29,13 +32,13 @@ class APIError(Exception):
         self.message, self.status, self.param, self.type, self.code = message, status, param, type, code
         self.headers = headers
 
-    def body(self) -> dict:
+    def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
 
 def error_body(
     message: str, *, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
-) -> dict:
+) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
@@ -46,7 +49,7 @@ def error_response(
     type: str = "invalid_request_error",
     param: str | None = None,
     code: str | None = None,
-    headers: dict[str, str] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     return JSONResponse(
         status_code=status, content=error_body(message, type=type, param=param, code=code), headers=headers
@@ -82,26 +85,33 @@ def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None]:
     return f"Invalid '{where}': {message}.", param
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, exc: APIError):
-        return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
+async def _api_error(request: Request, exc: APIError) -> Response:
+    return JSONResponse(status_code=exc.status, content=exc.body(), headers=exc.headers)
 
-    @app.exception_handler(RequestValidationError)
-    async def _validation_error(request: Request, exc: RequestValidationError):
-        message, param = _describe_validation(exc)
-        return error_response(400, message, param=param)
 
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException):
-        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        # Its headers too: a 405 must say which methods the path takes (Allow).
-        return error_response(
-            exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind, headers=exc.headers
-        )
+async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
+    message, param = _describe_validation(exc)
+    return error_response(400, message, param=param)
 
-    app.add_middleware(InternalErrors)  # the first added: innermost, right around the routes
-    _no_422_in_schema(app)
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    # Its headers too: a 405 must say which methods the path takes (Allow).
+    return error_response(
+        exc.status_code, f"{exc.detail}: {request.method} {request.url.path}", type=kind, headers=exc.headers
+    )
+
+
+# FastAPI's type of an exception handler: Starlette calls the one registered for the exception's class,
+# so each takes its own exception type.
+ExceptionHandler = Callable[[Request, Any], Coroutine[Any, Any, Response]]
+
+# The app's exception handlers (FastAPI(exception_handlers=...)): errors a route raises, in OpenAI's format.
+EXCEPTION_HANDLERS: dict[int | type[Exception], ExceptionHandler] = {
+    APIError: _api_error,
+    RequestValidationError: _validation_error,
+    StarletteHTTPException: _http_error,
+}
 
 
 class InternalErrors:
@@ -137,8 +147,9 @@ class InternalErrors:
                 scope.get("path"),
                 "" if started else "; answered 503",
             )
-            if (task := asyncio.current_task()) is not None:
-                task.uncancel()  # handled here: the task is not being cancelled any more
+            # Handled here: the task is not being cancelled any more (Python 3.10 has no count to undo).
+            if sys.version_info >= (3, 11) and (task := asyncio.current_task()) is not None:
+                task.uncancel()
             if not started:
                 await error_response(
                     503,
@@ -155,19 +166,13 @@ class InternalErrors:
             await error_response(500, INTERNAL_ERROR, type="server_error")(scope, receive, send)
 
 
-def _no_422_in_schema(app: FastAPI) -> None:
+def without_422(schema: dict[str, Any]) -> dict[str, Any]:
     """FastAPI documents a 422 with its own error shape on every route that takes input; this
     server answers those errors 400 in OpenAI's format (above), which each route declares
-    (server/api.py). So the published schema loses the 422s and their shapes."""
-    generate = app.openapi
-
-    def openapi() -> dict:
-        schema = generate()  # FastAPI's, cached by FastAPI: the edits below are made once
-        for operations in schema.get("paths", {}).values():
-            for operation in operations.values():
-                operation.get("responses", {}).pop("422", None)
-        for name in ("HTTPValidationError", "ValidationError"):
-            schema.get("components", {}).get("schemas", {}).pop(name, None)
-        return schema
-
-    app.openapi = openapi
+    (server/api.py). So the published schema loses the 422s and their shapes (edited in place)."""
+    for operations in schema.get("paths", {}).values():
+        for operation in operations.values():
+            operation.get("responses", {}).pop("422", None)
+    for name in ("HTTPValidationError", "ValidationError"):
+        schema.get("components", {}).get("schemas", {}).pop(name, None)
+    return schema

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 
 HEADER = "x-request-id"
 MAX_LENGTH = 128
@@ -38,12 +38,12 @@ def choose_request_id(sent: bytes | None) -> str:
     return uuid.uuid4().hex
 
 
-def set_request_id(request_id: str):
+def set_request_id(request_id: str) -> Token[str]:
     """Make `request_id` current; returns the token to reset it with."""
     return _current.set(request_id)
 
 
-def reset_request_id(token) -> None:
+def reset_request_id(token: Token[str]) -> None:
     _current.reset(token)
 
 

@@ -13,7 +13,9 @@ import secrets
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
+from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server.config import ConfigError, Settings
@@ -102,13 +104,15 @@ class Guard:
         open_paths = {"/health"} | ({"/metrics"} if settings.metrics_public else set())
         return cls(tuple(_digest(k) for k in keys), frozenset(open_paths), allowed_hosts(settings, bool(keys)))
 
-    def install(self, app) -> None:
-        """Add the checks to a Starlette app; the last added runs first, so the Host check comes
-        before the key check (a request for a wrong host is refused whatever key it carries)."""
-        if self.key_digests:
-            app.add_middleware(ApiKeyMiddleware, key_digests=self.key_digests, open_paths=self.open_paths)
+    def middleware(self) -> list[Middleware]:
+        """The checks as layers, outermost first: the Host check before the key check (a request
+        for a wrong host is refused whatever key it carries); none that the settings leave off."""
+        layers = []
         if self.hosts is not None:
-            app.add_middleware(HostMiddleware, hosts=self.hosts)
+            layers.append(Middleware(HostMiddleware, hosts=self.hosts))
+        if self.key_digests:
+            layers.append(Middleware(ApiKeyMiddleware, key_digests=self.key_digests, open_paths=self.open_paths))
+        return layers
 
 
 def _header(scope: Scope, name: bytes) -> list[bytes]:
@@ -187,7 +191,7 @@ def check_exposure(settings: Settings) -> list[str]:
     guard = Guard.load(settings)
     if settings.ssl_certfile:
 
-        def no_password():  # else OpenSSL would ask on the terminal, and uvicorn ask again
+        def no_password() -> NoReturn:  # else OpenSSL would ask on the terminal, and uvicorn ask again
             raise ConfigError(
                 f"--ssl-keyfile {settings.ssl_keyfile} is encrypted: give an unencrypted key "
                 "(or run uvicorn with its --ssl-keyfile-password)"

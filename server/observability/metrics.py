@@ -1,5 +1,5 @@
-"""Prometheus metrics (GET /metrics) and the middleware that counts requests and gives each one
-its request id.
+"""Prometheus metrics (served by GET /metrics, server/api.py) and the middleware that counts requests
+and gives each one its request id (its place among the layers: server/app.py).
 
 Each server state holds its own CollectorRegistry (not prometheus-client's global one), so several
 apps can live in one process. What the engine does is heard through its hooks, on the model thread
@@ -10,17 +10,15 @@ figures are read from the engine when /metrics is scraped.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
-from fastapi import FastAPI, Request
-from fastapi.responses import PlainTextResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
-from starlette.routing import Match
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import Engine, EngineHooks
-from server.http.protocol import HOST_REFUSED, error_responses
 from server.http.request_id import HEADER, choose_request_id, reset_request_id, set_request_id
 
 if TYPE_CHECKING:
@@ -53,7 +51,7 @@ class EngineCollector:
     def __init__(self, engine: Engine):
         self.engine = engine
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         engine = self.engine
         yield GaugeMetricFamily(
             "logprobs_queue_jobs", "Jobs (one per prompt and sample) waiting for the model.", value=engine.queued_jobs
@@ -65,39 +63,42 @@ class EngineCollector:
             value=engine.queued_tokens,
         )
         cache = engine.cache  # None when off (an empty PrefixCache is falsy: it has a length)
-        on = cache is not None
         yield CounterMetricFamily(
             "logprobs_prefix_cache_lookups",
             "Scored prompts looked up in the prefix cache.",
-            value=cache.lookups if on else 0,
+            value=cache.lookups if cache is not None else 0,
         )
         yield CounterMetricFamily(
             "logprobs_prefix_cache_hits",
             "Prefix cache lookups that found a prefix to reuse.",
-            value=cache.hits if on else 0,
+            value=cache.hits if cache is not None else 0,
         )
         yield CounterMetricFamily(
             "logprobs_prefix_cache_reused_tokens",
             "Prompt positions restored from the prefix cache instead of run.",
-            value=cache.reused_tokens if on else 0,
+            value=cache.reused_tokens if cache is not None else 0,
         )
         yield GaugeMetricFamily(
-            "logprobs_prefix_cache_bytes", "Memory held by the prefix cache's entries.", value=cache.used if on else 0
+            "logprobs_prefix_cache_bytes",
+            "Memory held by the prefix cache's entries.",
+            value=cache.used if cache is not None else 0,
         )
         yield GaugeMetricFamily(
             "logprobs_prefix_cache_capacity_bytes",
             "The prefix cache's bound (--prefix-cache-mb; 0: off).",
-            value=cache.max_bytes if on else 0,
+            value=cache.max_bytes if cache is not None else 0,
         )
         yield GaugeMetricFamily(
-            "logprobs_prefix_cache_entries", "Prompts held by the prefix cache.", value=len(cache) if on else 0
+            "logprobs_prefix_cache_entries",
+            "Prompts held by the prefix cache.",
+            value=len(cache) if cache is not None else 0,
         )
 
 
 class Metrics:
     """One server's metrics, in a registry of its own."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         self.requests = Counter(
             "logprobs_requests_total",
@@ -149,7 +150,7 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-def _leaf_routes(routes):
+def _leaf_routes(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
     for route in routes:
         included = getattr(route, "original_router", None)  # newer FastAPI keeps an included router whole
         yield from (_leaf_routes(included.routes) if included is not None else (route,))
@@ -164,16 +165,17 @@ class ObservabilityMiddleware:
     otherwise counts as the 400 that Starlette makes of the broken body, which nobody receives, and
     an abandoned stream as the 200 its first line said."""
 
-    def __init__(self, app: ASGIApp, owner: FastAPI):
-        self.app, self.owner = app, owner
+    def __init__(self, app: ASGIApp):
+        self.app = app
 
     def _route(self, scope: Scope) -> str:
         """The route template that served the request: the route FastAPI's routing chose (in the
         scope once routing ran), else the route the path matches (a response sent before routing,
         such as an auth middleware's 401), else "other"."""
         route = scope.get("route")
-        if route is None:
-            route = next((r for r in _leaf_routes(self.owner.router.routes) if r.matches(scope)[0] != Match.NONE), None)
+        if route is None:  # scope["app"]: the application (Starlette puts itself there first)
+            routes = _leaf_routes(scope["app"].router.routes)
+            route = next((r for r in routes if r.matches(scope)[0] != Match.NONE), None)
         return getattr(route, "path", None) or OTHER_ROUTE
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -213,37 +215,10 @@ class ObservabilityMiddleware:
             await self.app(scope, watch_receive, send_with_id)
         finally:
             reset_request_id(token)
-            state = getattr(self.owner.state, "server", None)
+            state = getattr(scope["app"].state, "server", None)
             if state is not None:
                 # Nothing sent: the app failed after it had begun (before that, its InternalErrors
                 # layer answers a 500 itself) or the connection went first.
                 route = self._route(scope)
                 state.metrics.requests.labels(route, "499" if left else str(status or 500)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
-
-
-# The OpenAPI schema's responses (the route's 200 is text/plain, from response_class).
-METRICS_RESPONSES = {200: {"description": "Prometheus' text exposition format."}} | error_responses(
-    400,
-    401,
-    413,
-    500,
-    bad_request=HOST_REFUSED,
-    by_reference=True,
-    unauthorized="Missing or wrong API key: only when the server runs with an API key and without --metrics-public.",
-)
-
-
-async def metrics_endpoint(request: Request) -> Response:
-    return Response(request.app.state.server.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-
-def install(app: FastAPI) -> None:
-    """Serve GET /metrics, and put the observability middleware outside every other layer,
-    Starlette's error middleware included, so that it counts 500s and 401s (from an auth
-    middleware, wherever that is added) and puts the request id on them too."""
-    app.add_api_route(
-        "/metrics", metrics_endpoint, methods=["GET"], response_class=PlainTextResponse, responses=METRICS_RESPONSES
-    )
-    build = app.build_middleware_stack
-    app.build_middleware_stack = lambda: ObservabilityMiddleware(build(), app)

@@ -16,14 +16,13 @@ import uuid
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
 
-from server.engine import PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent, job_cost
+from server.engine import Events, Origin, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent, job_cost
 from server.http.errors import INTERNAL_ERROR, APIError, error_body
 from server.http.protocol import SamplingFields
-from server.http.request_id import current_request_id
 from server.numerics.sampling import SamplingParams
 from server.numerics.scoring import ScoredRows
 
@@ -172,13 +171,13 @@ def check_request_cost(state: ServerState, jobs: list[PromptJob]) -> None:
 # -- responses ------------------------------------------------------------------------------------
 
 
-def usage(jobs: list[PromptJob], n_generated: int) -> dict:
+def usage(jobs: list[PromptJob], n_generated: int) -> dict[str, int]:
     # A prompt sampled n times is counted once, as OpenAI does.
     n_prompt = sum(len(j.tokens) for j in jobs if j.sample_index == 0)
     return {"prompt_tokens": n_prompt, "completion_tokens": n_generated, "total_tokens": n_prompt + n_generated}
 
 
-def sse(payload: dict | str) -> str:
+def sse(payload: dict[str, Any] | str) -> str:
     """One Server-Sent Event in OpenAI's framing."""
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
@@ -232,7 +231,7 @@ class ChoiceBuilder(ABC):
         self.state, self.jobs = state, jobs
 
     @abstractmethod
-    def choice(self, index: int, result: PromptResult) -> dict:
+    def choice(self, index: int, result: PromptResult) -> dict[str, Any]:
         """A whole choice of a non-streamed response, without its index."""
 
     def echo_length(self, index: int) -> int:
@@ -240,25 +239,25 @@ class ChoiceBuilder(ABC):
         return 0
 
     @abstractmethod
-    def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
+    def opening(self, index: int, scores: ScoredRows | None) -> dict[str, Any] | None:
         """A streamed choice's first chunk's fields, sent when its prompt has run, or None."""
 
     @abstractmethod
-    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
+    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict[str, Any]:
         """A streamed chunk's fields for newly released text and the tokens that made it."""
 
 
-def json_response(content: dict) -> Response:
+def json_response(content: dict[str, Any]) -> Response:
     """A JSON response serialized as FastAPI's JSONResponse would be, for callers that build it
     off the event loop (a long echo's logprobs are megabytes of JSON)."""
     body = json.dumps(content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":"))
     return Response(body.encode("utf-8"), media_type="application/json")
 
 
-def submit(state: ServerState, jobs: list[PromptJob], progress: bool):
+def submit(state: ServerState, jobs: list[PromptJob], progress: bool, origin: Origin) -> Events:
     """The engine's event iterator for these jobs, or a 429 when its queue has no room."""
     try:
-        return state.engine.stream(jobs, progress=progress, request_id=current_request_id())
+        return state.engine.stream(jobs, progress=progress, origin=origin)
     except QueueFull as full:
         raise APIError(
             f"The server is busy: {full.queued} tokens of work are waiting and this request adds {full.cost}, "
@@ -271,24 +270,31 @@ def submit(state: ServerState, jobs: list[PromptJob], progress: bool):
 
 
 async def respond(
-    state: ServerState, fmt: ChoiceBuilder, stream: bool, include_usage: bool, deadline: float | None = None
-):
+    state: ServerState,
+    fmt: ChoiceBuilder,
+    stream: bool,
+    include_usage: bool,
+    origin: Origin,
+    deadline: float | None = None,
+) -> Response | AsyncIterator[str]:
     """Run a request's jobs: the whole response, or (stream) its Server-Sent Events, which stop
     with an error event at `deadline` (time.monotonic()). Work on the request's jobs is only
     submitted here, after every check."""
-    head = {
+    head: dict[str, Any] = {
         "id": f"{fmt.id_prefix}-{uuid.uuid4().hex}",
         "object": fmt.object,
         "created": int(time.time()),
         "model": state.model_name,
         "system_fingerprint": state.fingerprint.short,
     }  # see server/observability/fingerprint.py
-    events = submit(state, fmt.jobs, progress=stream)
+    events = submit(state, fmt.jobs, progress=stream, origin=origin)
     if stream:
         return _sse(state, fmt, events, head | {"object": fmt.chunk_object}, include_usage, deadline)
-    results: list[PromptResult | None] = [None] * len(fmt.jobs)
-    async for index, result in events:
-        results[index] = result
+    found: dict[int, PromptResult] = {}
+    async for index, item in events:
+        assert isinstance(item, PromptResult)  # without progress, only results come
+        found[index] = item
+    results = [found[i] for i in range(len(fmt.jobs))]  # the events end once every job has its result
 
     def build() -> Response:
         choices = [{"index": i} | fmt.choice(i, result) for i, result in enumerate(results)]
@@ -300,9 +306,14 @@ async def respond(
 
 
 async def _sse(
-    state: ServerState, fmt: ChoiceBuilder, events, head: dict, include_usage: bool, deadline: float | None
+    state: ServerState,
+    fmt: ChoiceBuilder,
+    events: Events,
+    head: dict[str, Any],
+    include_usage: bool,
+    deadline: float | None,
 ) -> AsyncIterator[str]:
-    def chunk(index: int, fields: dict, finish_reason: str | None = None) -> str:
+    def chunk(index: int, fields: dict[str, Any], finish_reason: str | None = None) -> str:
         return sse(head | {"choices": [{"index": index} | fields | {"finish_reason": finish_reason}]})
 
     choices: dict[int, StreamedChoice] = {}

@@ -7,16 +7,25 @@ with Jinja2 in a sandbox the way Hugging Face's apply_chat_template does, for bo
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, NoReturn
 
+from fastapi.responses import Response
+from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.engine import PromptJob, PromptResult
+from server.engine import Origin, PromptJob, PromptResult
 from server.http.errors import APIError
-from server.http.protocol import TEMPLATE_ROLE, ChatCompletionRequest, ChatTokenLogprob
+from server.http.protocol import (
+    TEMPLATE_ROLE,
+    ChatCompletionRequest,
+    ChatLogprobs,
+    ChatTokenLogprob,
+    ChatTopLogprob,
+)
 from server.numerics.scoring import ScoredRows
 from server.serving.base import (
     ChoiceBuilder,
@@ -32,12 +41,12 @@ if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
     from server.state import ServerState
 
 
-def _raise(message: str):
+def _raise(message: str) -> NoReturn:
     raise TemplateError(message)
 
 
 @lru_cache(maxsize=4)
-def _compile(template: str):
+def _compile(template: str) -> Template:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = _raise
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -113,7 +122,7 @@ class ChatChoices(ChoiceBuilder):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
 
-    def _logprobs(self, index: int, ids: list[int], scores: list[ScoredRows]) -> dict | None:
+    def _logprobs(self, index: int, ids: list[int], scores: list[ScoredRows | None]) -> ChatLogprobs | None:
         """OpenAI's chat logprobs; end-of-generation tokens are left out, as they add no text."""
         k = self.jobs[index].logprobs
         if k is None:
@@ -122,10 +131,11 @@ class ChatChoices(ChoiceBuilder):
         entries: list[ChatTokenLogprob] = []
         ids_left = iter(ids)
         for part in scores:
+            assert part is not None  # every token of a job that asked for logprobs is scored
             for row, token in zip(range(len(part.token_logprobs)), ids_left):
                 if tokens.is_end_of_generation(token):
                     continue
-                top = [
+                top: list[ChatTopLogprob] = [
                     {"token": tokens.strings[i], "logprob": lp, "bytes": list(tokens.pieces[i])}
                     for i, lp in zip(part.top_ids[row, :k].tolist(), part.top_logprobs[row, :k].tolist())
                 ]
@@ -139,26 +149,28 @@ class ChatChoices(ChoiceBuilder):
                 )
         return {"content": entries}
 
-    def choice(self, index: int, result: PromptResult) -> dict:
+    def choice(self, index: int, result: PromptResult) -> dict[str, Any]:
         return {
             "message": {"role": "assistant", "content": result.generated_text},
             "logprobs": self._logprobs(index, result.generated, [result.generated_scores]),
             "finish_reason": result.finish_reason,
         }
 
-    def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
+    def opening(self, index: int, scores: ScoredRows | None) -> dict[str, Any] | None:
         return {"delta": {"role": "assistant", "content": ""}, "logprobs": None}
 
-    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
+    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict[str, Any]:
         return {
             "delta": {"content": text} if text else {},
             "logprobs": self._logprobs(index, [t.token for t in tokens], [t.scores for t in tokens]),
         }
 
 
-async def create_chat_completion(state: ServerState, request: ChatCompletionRequest, deadline: float | None = None):
+async def create_chat_completion(
+    state: ServerState, request: ChatCompletionRequest, origin: Origin, deadline: float | None = None
+) -> Response | AsyncIterator[str]:
     """The response (or, with stream, its events); validation happens before any model work.
     Rendering and tokenizing run off the event loop, which must stay free for other clients."""
     jobs = await asyncio.to_thread(build_chat_jobs, state, request)
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(state, ChatChoices(state, jobs), bool(request.stream), include_usage, deadline)
+    return await respond(state, ChatChoices(state, jobs), bool(request.stream), include_usage, origin, deadline)

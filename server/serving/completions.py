@@ -4,12 +4,15 @@ with the echoed prompt and per-token logprobs that lm-eval scores with."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from server.engine import PromptJob, PromptResult
+from fastapi.responses import Response
+
+from server.engine import Origin, PromptJob, PromptResult
 from server.http.errors import APIError
-from server.http.protocol import CompletionLogprobs, CompletionRequest, PromptLogprobs
+from server.http.protocol import CompletionLogprobs, CompletionRequest, PromptLogprob, PromptLogprobs
 from server.numerics.scoring import ScoredRows, first_rows
 from server.numerics.text import join_pieces
 from server.serving.base import (
@@ -102,13 +105,13 @@ class CompletionChoices(ChoiceBuilder):
 
     def __init__(self, state: ServerState, jobs: list[PromptJob], prompts: list[TokenizedPrompt]):
         super().__init__(state, jobs)
-        self.echoes = {}  # job index -> (text, offsets), for echoing jobs
+        self.echoes: dict[int, tuple[str, list[int]]] = {}  # job index -> (text, offsets), for echoing jobs
         for index, (job, prompt) in enumerate(zip(jobs, prompts)):
             if job.echo:
                 self.echoes[index] = echo_text(state, prompt)
 
     def _logprobs(
-        self, ids: list[int], scores: list[ScoredRows], offsets: list[int], first_is_null: bool
+        self, ids: list[int], scores: list[ScoredRows | None], offsets: list[int], first_is_null: bool
     ) -> CompletionLogprobs:
         """logprobs for tokens `ids`; scores cover them in order (all but the first, if it is null).
         Each top_logprobs dict also holds the token that is there, with its own value."""
@@ -117,11 +120,12 @@ class CompletionChoices(ChoiceBuilder):
         top_logprobs: list[dict[str, float] | None] = [None] if first_is_null else []
         scored_ids = iter(ids[1:] if first_is_null else ids)
         for part in scores:
+            assert part is not None  # every token of a job that asked for logprobs is scored
             # scored_ids comes last: zip stops at a part's end before taking the next part's id.
             for token_lp, top_ids, top_lps, token in zip(
                 part.token_logprobs.tolist(), part.top_ids.tolist(), part.top_logprobs.tolist(), scored_ids
             ):
-                top = {}
+                top: dict[str, float] = {}
                 for i, lp in zip(top_ids, top_lps):
                     top.setdefault(strings[i], lp)
                 top.setdefault(strings[token], token_lp)
@@ -134,13 +138,15 @@ class CompletionChoices(ChoiceBuilder):
             "text_offset": offsets,
         }
 
-    def _prompt_logprobs(self, job: PromptJob, scores: ScoredRows) -> PromptLogprobs:
+    def _prompt_logprobs(self, job: PromptJob, scores: ScoredRows | None) -> PromptLogprobs:
         """vLLM's prompt_logprobs: null for the first token, then token id -> {logprob, rank,
         decoded_token} for the N best at each position and the prompt's own token."""
         strings, n = self.state.backend.tokens.strings, job.prompt_logprobs
         out: PromptLogprobs = [None]
         if len(job.tokens) < 2:  # one token: nothing to score
             return out
+        # Asked for prompt_logprobs: the prompt's rows are scored, with ranks (engine/running.py).
+        assert scores is not None and scores.token_ranks is not None
         for token, token_lp, rank, top_ids, top_lps in zip(
             job.tokens[1:],
             scores.token_logprobs.tolist(),
@@ -148,7 +154,7 @@ class CompletionChoices(ChoiceBuilder):
             scores.top_ids[:, :n].tolist(),
             scores.top_logprobs[:, :n].tolist(),
         ):
-            entry = {
+            entry: dict[str, PromptLogprob] = {
                 str(i): {"logprob": lp, "rank": place, "decoded_token": strings[i]}
                 for place, (i, lp) in enumerate(zip(top_ids, top_lps), start=1)
             }
@@ -156,15 +162,16 @@ class CompletionChoices(ChoiceBuilder):
             out.append(entry)
         return out
 
-    def _echo_scores(self, job: PromptJob, scores: ScoredRows) -> ScoredRows:
+    def _echo_scores(self, job: PromptJob, scores: ScoredRows | None) -> ScoredRows:
         """An echoed prompt's rows with the top-k asked in `logprobs` (prompt_logprobs may have
         scored them wider)."""
+        assert scores is not None and job.logprobs is not None  # only an echo with logprobs asks
         return first_rows(scores, len(scores.token_logprobs), job.logprobs)
 
     def echo_length(self, index: int) -> int:
         return len(self.echoes[index][0]) if index in self.echoes else 0
 
-    def choice(self, index: int, result: PromptResult) -> dict:
+    def choice(self, index: int, result: PromptResult) -> dict[str, Any]:
         """The echoed prompt (if echo) followed by the generated text, and their logprobs."""
         job = self.jobs[index]
         prompt_text, prompt_offsets = self.echoes.get(index, ("", []))
@@ -182,7 +189,7 @@ class CompletionChoices(ChoiceBuilder):
         logprobs = self._logprobs(ids, parts, offsets, first_is_null=job.echo)
         return {"text": text, "logprobs": logprobs, "finish_reason": result.finish_reason, **extra}
 
-    def opening(self, index: int, scores: ScoredRows | None) -> dict | None:
+    def opening(self, index: int, scores: ScoredRows | None) -> dict[str, Any] | None:
         job = self.jobs[index]
         extra = {} if job.prompt_logprobs is None else {"prompt_logprobs": self._prompt_logprobs(job, scores)}
         if not job.echo:
@@ -195,7 +202,7 @@ class CompletionChoices(ChoiceBuilder):
         )
         return {"text": text, "logprobs": logprobs, **extra}
 
-    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict:
+    def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict[str, Any]:
         logprobs = None
         if self.jobs[index].logprobs is not None:
             logprobs = self._logprobs(
@@ -204,9 +211,11 @@ class CompletionChoices(ChoiceBuilder):
         return {"text": text, "logprobs": logprobs}
 
 
-async def create_completion(state: ServerState, request: CompletionRequest, deadline: float | None = None):
+async def create_completion(
+    state: ServerState, request: CompletionRequest, origin: Origin, deadline: float | None = None
+) -> Response | AsyncIterator[str]:
     """The response (or, with stream, its events); validation happens before any model work.
     Tokenizing runs off the event loop, which must stay free for other clients and /health."""
     fmt = await asyncio.to_thread(lambda: CompletionChoices(state, *build_jobs(state, request)))
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    return await respond(state, fmt, bool(request.stream), include_usage, deadline)
+    return await respond(state, fmt, bool(request.stream), include_usage, origin, deadline)

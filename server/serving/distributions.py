@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi.responses import Response
 
-from server.engine import PromptJob, PromptResult
+from server.engine import Origin, PromptJob, PromptResult
 from server.http.errors import APIError
 from server.http.protocol import DistributionsRequest
 from server.serving.base import check_fits, check_model, check_request_cost, check_token_ids, submit
@@ -53,11 +53,16 @@ def build_job(state: ServerState, request: DistributionsRequest) -> PromptJob:
     return job
 
 
-async def create_distributions(state: ServerState, request: DistributionsRequest, deadline: float | None = None):
+async def create_distributions(
+    state: ServerState, request: DistributionsRequest, origin: Origin, deadline: float | None = None
+) -> Response:
     job = build_job(state, request)
     result: PromptResult | None = None
-    async for _, item in submit(state, [job], progress=False):
+    async for _, item in submit(state, [job], progress=False, origin=origin):
+        assert isinstance(item, PromptResult)  # without progress, only results come
         result = item
+    # The job's one result, with its rows from `start` (build_job: at least one row).
+    assert result is not None and result.distributions is not None
     rows = result.distributions
     body = rows.astype(DTYPES[request.dtype], copy=False).tobytes()
     return Response(
