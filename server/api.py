@@ -91,7 +91,7 @@ Body = TypeVar("Body", bound=BaseModel)
 Create = Callable[[ServerState, Body, Origin, float | None], Awaitable[Response | AsyncIterator[str]]]
 
 
-async def _respond(request: Request, create: Create[Body], body: Body) -> Response:
+async def _run_within_deadline(request: Request, create: Create[Body], body: Body) -> Response:
     """Run a generation handler, within --request-timeout (then 503). A non-streamed response is
     cancelled, with its engine jobs, as soon as its client disconnects; a streamed one when
     Starlette stops iterating its events (and its deadline is checked between events)."""
@@ -129,7 +129,7 @@ async def _respond(request: Request, create: Create[Body], body: Body) -> Respon
     | error_responses(*GENERATION),
 )
 async def completions(body: CompletionRequest, request: Request) -> Response:
-    return await _respond(request, create_completion, body)
+    return await _run_within_deadline(request, create_completion, body)
 
 
 @router.post(
@@ -142,7 +142,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
     | error_responses(*GENERATION),
 )
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    return await _respond(request, create_chat_completion, body)
+    return await _run_within_deadline(request, create_chat_completion, body)
 
 
 @router.get(
@@ -216,7 +216,7 @@ async def tokenizer_info(request: Request) -> TokenizerInfo:
     | error_responses(*GENERATION),
 )
 async def distributions(body: DistributionsRequest, request: Request) -> Response:
-    return await _respond(request, create_distributions, body)
+    return await _run_within_deadline(request, create_distributions, body)
 
 
 @router.post(
@@ -260,5 +260,5 @@ METRICS_RESPONSES = ok_not_json("Prometheus' text exposition format.") | error_r
 
 
 @router.get("/metrics", response_class=PlainTextResponse, responses=METRICS_RESPONSES)
-async def metrics(request: Request) -> Response:
+async def metrics_endpoint(request: Request) -> Response:
     return Response(_state(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from server.backends.base import Backend, ModelInfo, Step
-from server.engine import Engine, Origin, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
+from server.engine import Engine, Origin, Outputs, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
 from server.engine.fair_queue import FairQueue
 from server.numerics.sampling import SamplingParams
 from server.numerics.tokens import TokenTable
@@ -89,13 +89,9 @@ class FakeBackend(Backend):
 
 
 def greedy_job(prompt: list[int], max_tokens: int, **kw) -> PromptJob:
+    outputs = Outputs.of(echo=kw.pop("echo", False), logprobs=kw.pop("logprobs", None))
     return PromptJob(
-        tokens=prompt,
-        max_tokens=max_tokens,
-        logprobs=kw.pop("logprobs", None),
-        echo=kw.pop("echo", False),
-        sampling=SamplingParams(temperature=0.0),
-        **kw,
+        tokens=prompt, max_tokens=max_tokens, outputs=outputs, sampling=SamplingParams(temperature=0.0), **kw
     )
 
 
@@ -309,8 +305,6 @@ def test_one_jobs_sampling_failure_fails_only_that_job(make_engine):
     bad = PromptJob(
         tokens=[1],
         max_tokens=5,
-        logprobs=None,
-        echo=False,
         sampling=SamplingParams(temperature=0.0, logit_bias={N_VOCAB + 5: 1.0}),
     )
 

@@ -12,7 +12,7 @@ import requests
 
 from server.backends.base import ReuseRule
 from server.backends.probes import Exactness, choose_reuse_rule
-from server.engine import Engine, PromptJob
+from server.engine import Engine, Outputs, PromptJob
 from server.engine.prefix_cache import MIN_REUSE, PrefixCache
 from server.numerics.scoring import ScoredRows
 from testing.fake_backend import BOS, ByteBackend
@@ -108,6 +108,9 @@ def test_reuse_stays_exact_where_pass_shapes_change_the_numbers(repacked_servers
         }
         assert server.complete(**payload)["choices"] == uncached.complete(**payload)["choices"]
     assert _hits(server) >= 8
+
+
+ECHO_1 = Outputs.of(echo=True, logprobs=1)  # lm-eval's loglikelihood request
 
 
 def _metric(server, name: str) -> float:
@@ -217,7 +220,9 @@ def test_the_start_up_check_finds_the_rule_that_keeps_every_number(short, group,
                 r.prompt_scores.token_logprobs
                 for prompts in batches
                 for r in asyncio.run(
-                    engine.complete([PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts])
+                    engine.complete(
+                        [PromptJob(tokens=p, max_tokens=0, outputs=Outputs.of(echo=True, logprobs=1)) for p in prompts]
+                    )
                 )
             ]
             return out, engine.cache.hits if engine.cache else 0

@@ -21,7 +21,7 @@ from server.backends.base import ReuseRule
 from server.backends.gguf import GGUFBackend
 from server.backends.probes import Exactness, choose_reuse_rule
 from server.config import Settings
-from server.engine import Engine, PromptJob
+from server.engine import Engine, Outputs, PromptJob
 from server.engine.prefix_cache import MIN_REUSE
 from testing.fixture_model import quantize
 from testing.live_server import DATA, ROOT
@@ -79,7 +79,7 @@ def score_all(
     try:
         out = []
         for prompts in requests:
-            jobs = [PromptJob(tokens=p, max_tokens=0, logprobs=1, echo=True) for p in prompts]
+            jobs = [PromptJob(tokens=p, max_tokens=0, outputs=Outputs.of(echo=True, logprobs=1)) for p in prompts]
             out += [r.prompt_scores.token_logprobs.copy() for r in asyncio.run(engine.complete(jobs))]
         reused = engine.cache.reused_tokens if engine.cache is not None else 0
         return out, reused

@@ -115,15 +115,15 @@ def test_mlx_engine_runs_prompts_together_within_1e_4_of_alone_in_every_order(ml
     import asyncio
     import types
 
-    from server.engine import PromptJob
+    from server.engine import Outputs, PromptJob
     from server.numerics.sampling import SamplingParams
 
     engine, backend = mlx_engine
     prompts = hellaswag_prompts(types.SimpleNamespace(tokenize=lambda text: backend.tokenize(text, True)), 6)
     chosen = [prompts[i] for i in (0, 5, 10, 17)]  # four contexts, 25 to 50 tokens
     greedy = SamplingParams(temperature=0.0)
-    jobs = [PromptJob(p, max_tokens=0, logprobs=5, echo=True, sampling=greedy) for p in chosen[:3]]
-    jobs.append(PromptJob(chosen[3], max_tokens=4, logprobs=5, echo=False, sampling=greedy))
+    jobs = [PromptJob(p, max_tokens=0, outputs=Outputs.of(echo=True, logprobs=5), sampling=greedy) for p in chosen[:3]]
+    jobs.append(PromptJob(chosen[3], max_tokens=4, outputs=Outputs.of(logprobs=5), sampling=greedy))
     alone = [asyncio.run(engine.complete([job]))[0] for job in jobs]
     assert backend.groups == []
     for order in itertools.permutations(range(4)):

@@ -1,6 +1,7 @@
 """The engine: requests' jobs in, through one model thread, scored prompts and tokens out.
 
-Its parts, in the order a job meets them: jobs (what goes in and out), admission (the bounded,
+Its parts, in the order a job meets them: jobs (what goes in and out; outputs: what a job asks its
+passes to extract), admission (the bounded,
 fair queue), sequences (the backend's sequences, and how a job ends), planner (prefix reuse and
 shared passes), prefill (prompt passes), decode (generation), loop (the model thread and the
 event loop's side); prefix_cache and fair_queue are the data structures they use.
@@ -18,6 +19,7 @@ from server.engine.jobs import (
     job_cost,
 )
 from server.engine.loop import Engine, Events
+from server.engine.outputs import Outputs
 
 __all__ = [
     "Cancelled",
@@ -25,6 +27,7 @@ __all__ = [
     "EngineHooks",
     "Events",
     "Origin",
+    "Outputs",
     "PromptJob",
     "PromptResult",
     "PromptScored",

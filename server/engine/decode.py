@@ -57,7 +57,8 @@ class Decoder:
         assert logits is not None, "a running job's next row comes from its prompt pass or the last decode step"
         token = output.sampler.choose(logits)
         output.tokens.append(token)
-        scores = score_rows(logits[None, :], np.array([token]), r.k) if r.job.logprobs is not None else None
+        generated = r.job.outputs.generated  # its tokens' scores, where asked for
+        scores = score_rows(logits[None, :], np.array([token]), generated.k) if generated is not None else None
         if scores is not None:
             output.parts.append(scores)
         # An end-of-generation token is reported (as vLLM does), its text is not.

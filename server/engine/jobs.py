@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from server.engine.outputs import Outputs
 from server.numerics.sampling import SamplingParams
 from server.numerics.scoring import ScoredRows
 
@@ -26,17 +27,10 @@ class Origin:
 class PromptJob:
     tokens: list[int]
     max_tokens: int
-    logprobs: int | None  # None: no logprobs at all; k: top-k alternatives per token
-    echo: bool
+    outputs: Outputs = field(default_factory=Outputs)  # what its passes extract besides the tokens
     sampling: SamplingParams = field(default_factory=SamplingParams)
     stop: list[str] = field(default_factory=list)
     sample_index: int = 0  # which of a request's n samples this is (its own random stream)
-    # The full log-distribution of every row from this position on (row i: the next token after
-    # tokens[:i + 1]), up to the prompt's last token; None: none (/v1/distributions asks for them).
-    distributions_from: int | None = None
-    # vLLM's prompt_logprobs: every prompt row scored with this top-k and the token's rank, whether
-    # or not the prompt is echoed; None: not asked.
-    prompt_logprobs: int | None = None
 
 
 def job_cost(job: PromptJob, overhead: int = 0) -> int:
@@ -52,7 +46,7 @@ class PromptResult:
     generated_scores: ScoredRows | None
     generated_text: str  # without stop string, without end-of-generation tokens
     finish_reason: str  # "stop" or "length"
-    distributions: np.ndarray | None = None  # [rows, n_vocab] float32 log-probabilities (distributions_from)
+    distributions: np.ndarray | None = None  # [rows, n_vocab] float32 log-probabilities (outputs.Distributions)
 
 
 @dataclass

@@ -20,8 +20,8 @@ class PromptPlanner:
 
     def look_up(self, r: RunningJob) -> None:
         """Ask the cache for the job's longest cached prefix, once (a lookup counts as a hit or miss)."""
-        if self.cache is not None and r.score_prompt and not r.prompt.looked_up:
-            r.prompt.reuse = self.cache.find(r.job.tokens, r.prompt_k, ranks=r.prompt_ranks)
+        if self.cache is not None and r.rows is not None and not r.prompt.looked_up:
+            r.prompt.reuse = self.cache.find(r.job.tokens, r.rows.k, ranks=r.rows.ranks)
         r.prompt.looked_up = True
 
     def plan(self, admitted: list[RunningJob]) -> tuple[list[list[RunningJob]], list[RunningJob]]:
@@ -55,8 +55,8 @@ class PromptPlanner:
                 continue
             if (
                 self.cache is not None
-                and r.score_prompt
-                and any(common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.score_prompt)
+                and r.rows is not None
+                and any(common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.rows is not None)
             ):
                 others.append(r)  # looked up after the group has run
                 continue

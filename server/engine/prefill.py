@@ -72,7 +72,8 @@ class PromptRunner:
         if reuse is not None:
             backend.restore(r.seq, reuse.entry.state, reuse.length)
             start = reuse.length
-            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.prompt_k))
+            assert r.rows is not None  # only scored prompts are looked up
+            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.rows.k))
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.
         wanted_from = max(start, r.logits_from)
@@ -94,11 +95,12 @@ class PromptRunner:
         i + 1); the prompt's last row, in its last block, predicts the first generated token."""
         tokens, n = r.job.tokens, len(r.job.tokens)
         in_prompt = min(len(block), n - 1 - i)
-        if r.score_prompt and in_prompt > 0:
+        rows, distributions = r.rows, r.job.outputs.distributions
+        if rows is not None and in_prompt > 0:
             targets = np.asarray(tokens[i + 1 : i + 1 + in_prompt])
-            r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, r.prompt_k, ranks=r.prompt_ranks))
-        if r.job.distributions_from is not None and in_prompt > 0:
-            skip = max(0, r.job.distributions_from - i)
+            r.prompt.parts.append(self.backend.score(block[:in_prompt], targets, rows.k, ranks=rows.ranks))
+        if distributions is not None and in_prompt > 0:
+            skip = max(0, distributions.start - i)
             if skip < in_prompt:
                 r.prompt.distributions.append(log_softmax_rows(np.array(block[skip:in_prompt], dtype=np.float32)))
         if last:
@@ -107,7 +109,7 @@ class PromptRunner:
     def _done(self, r: RunningJob) -> None:
         """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
         tokens, reuse = r.job.tokens, r.prompt.reuse
-        scores = concat_rows(r.prompt.parts, r.prompt_k) if r.score_prompt else None
+        scores = concat_rows(r.prompt.parts, r.rows.k) if r.rows is not None else None
         r.prompt.scores = scores
         if self.cache is not None and scores is not None and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
@@ -117,5 +119,6 @@ class PromptRunner:
                 + scores.token_logprobs.nbytes
                 + (0 if scores.token_ranks is None else scores.token_ranks.nbytes)
             )
-            self.cache.add(tokens, state, size, scores, r.prompt_k)
+            assert r.rows is not None  # scores come from scored rows
+            self.cache.add(tokens, state, size, scores, r.rows.k)
         r.emit(PromptScored(r.prompt.scores))

@@ -64,21 +64,11 @@ class RunningJob:
         self.queued_at = time.perf_counter()
         self.future: concurrent.futures.Future[PromptResult] = concurrent.futures.Future()
         self.seq = -1
-        self.k = job.logprobs or 0  # the top-k of generated tokens (and of an echoed prompt)
-        self.score_prompt = (job.echo and job.logprobs is not None) or job.prompt_logprobs is not None
-        self.prompt_k = max(self.k, job.prompt_logprobs or 0)  # the top-k the prompt rows are scored with
-        self.prompt_ranks = job.prompt_logprobs is not None
+        self.rows = job.outputs.prompt_rows  # how its prompt rows are scored (None: not scored)
         self.prompt = PromptPass()
         self.output = Generation(job)
         self.next_logits: np.ndarray | None = None  # the row that chooses the next token
-        n = len(job.tokens)
-        # The first row whose logits the job needs: every row of a scored prompt, the rows whose
-        # distributions were asked for, else the last row (it chooses the first generated token).
-        self.logits_from = (
-            0
-            if self.score_prompt
-            else min(job.distributions_from if job.distributions_from is not None else n - 1, n - 1)
-        )
+        self.logits_from = job.outputs.first_row(len(job.tokens))  # the first row whose logits it needs
 
     @property
     def cancelled(self) -> bool:
@@ -93,10 +83,12 @@ class RunningJob:
         return PromptResult(
             prompt_scores=self.prompt.scores,
             generated=output.tokens,
-            generated_scores=concat_rows(output.parts, self.k) if self.job.logprobs is not None else None,
+            generated_scores=concat_rows(output.parts, self.job.outputs.generated_k)
+            if self.job.outputs.generated is not None
+            else None,
             generated_text=output.watcher.finish(),
             finish_reason=output.finish_reason,
             distributions=np.concatenate(self.prompt.distributions)
-            if self.job.distributions_from is not None and self.prompt.distributions
+            if self.job.outputs.distributions is not None and self.prompt.distributions
             else None,
         )

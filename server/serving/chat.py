@@ -17,7 +17,7 @@ from jinja2 import Template
 from jinja2.exceptions import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from server.engine import Origin, PromptJob, PromptResult
+from server.engine import Origin, Outputs, PromptJob, PromptResult
 from server.http.errors import APIError
 from server.http.protocol import (
     TEMPLATE_ROLE,
@@ -105,8 +105,7 @@ def build_chat_jobs(state: ServerState, request: ChatCompletionRequest) -> list[
         PromptJob(
             tokens=tokens,
             max_tokens=max_tokens,
-            logprobs=logprobs,
-            echo=False,
+            outputs=Outputs.of(logprobs=logprobs),
             sampling=sampling,
             stop=request.stop_list(),
             sample_index=i,
@@ -124,9 +123,10 @@ class ChatChoices(ChoiceBuilder):
 
     def _logprobs(self, index: int, ids: list[int], scores: list[ScoredRows | None]) -> ChatLogprobs | None:
         """OpenAI's chat logprobs; end-of-generation tokens are left out, as they add no text."""
-        k = self.jobs[index].logprobs
-        if k is None:
+        generated = self.jobs[index].outputs.generated
+        if generated is None:
             return None
+        k = generated.k
         tokens = self.state.backend.tokens
         entries: list[ChatTokenLogprob] = []
         ids_left = iter(ids)

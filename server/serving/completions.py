@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi.responses import Response
 
-from server.engine import Origin, PromptJob, PromptResult
+from server.engine import Origin, Outputs, PromptJob, PromptResult
 from server.http.errors import APIError
 from server.http.protocol import CompletionLogprobs, CompletionRequest, PromptLogprob, PromptLogprobs
-from server.numerics.scoring import ScoredRows, first_rows
+from server.numerics.scoring import ScoredRows
 from server.numerics.text import join_pieces
 from server.serving.base import (
     ChoiceBuilder,
@@ -67,6 +67,7 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
     sampling = sampling_params(state, request)
     check_logprobs_limit(state, request.logprobs, "logprobs")
     check_logprobs_limit(state, request.prompt_logprobs, "prompt_logprobs")
+    outputs = Outputs.of(echo=request.echo, logprobs=request.logprobs, prompt_logprobs=request.prompt_logprobs)
     jobs, job_prompts = [], []
     for p, prompt in enumerate(prompt_tokens(state, request)):
         max_tokens = check_fits(state, prompt.tokens, request.max_tokens, f"Prompt {p}")
@@ -75,12 +76,10 @@ def build_jobs(state: ServerState, request: CompletionRequest) -> tuple[list[Pro
                 PromptJob(
                     tokens=prompt.tokens,
                     max_tokens=max_tokens,
-                    logprobs=request.logprobs,
-                    echo=request.echo,
+                    outputs=outputs,
                     sampling=sampling,
                     stop=request.stop_list(),
                     sample_index=sample,
-                    prompt_logprobs=request.prompt_logprobs,
                 )
             )
             job_prompts.append(prompt)
@@ -99,6 +98,11 @@ def echo_text(state: ServerState, prompt: TokenizedPrompt) -> tuple[str, list[in
     return (prompt.text if prompt.text is not None else text), offsets
 
 
+def _scored(scores: ScoredRows | None) -> ScoredRows:
+    assert scores is not None  # an echo with logprobs has its prompt scored (Outputs.prompt_rows)
+    return scores
+
+
 class CompletionChoices(ChoiceBuilder):
     id_prefix = "cmpl"
     object = chunk_object = "text_completion"
@@ -107,7 +111,7 @@ class CompletionChoices(ChoiceBuilder):
         super().__init__(state, jobs)
         self.echoes: dict[int, tuple[str, list[int]]] = {}  # job index -> (text, offsets), for echoing jobs
         for index, (job, prompt) in enumerate(zip(jobs, prompts)):
-            if job.echo:
+            if job.outputs.echo is not None:
                 self.echoes[index] = echo_text(state, prompt)
 
     def _logprobs(
@@ -141,7 +145,9 @@ class CompletionChoices(ChoiceBuilder):
     def _prompt_logprobs(self, job: PromptJob, scores: ScoredRows | None) -> PromptLogprobs:
         """vLLM's prompt_logprobs: null for the first token, then token id -> {logprob, rank,
         decoded_token} for the N best at each position and the prompt's own token."""
-        strings, n = self.state.backend.tokens.strings, job.prompt_logprobs
+        asked = job.outputs.prompt_logprobs
+        assert asked is not None  # only a job that asked for them is answered them
+        strings, n = self.state.backend.tokens.strings, asked.k
         out: PromptLogprobs = [None]
         if len(job.tokens) < 2:  # one token: nothing to score
             return out
@@ -162,11 +168,11 @@ class CompletionChoices(ChoiceBuilder):
             out.append(entry)
         return out
 
-    def _echo_scores(self, job: PromptJob, scores: ScoredRows | None) -> ScoredRows:
-        """An echoed prompt's rows with the top-k asked in `logprobs` (prompt_logprobs may have
-        scored them wider)."""
-        assert scores is not None and job.logprobs is not None  # only an echo with logprobs asks
-        return first_rows(scores, len(scores.token_logprobs), job.logprobs)
+    def _prompt_logprobs_field(self, job: PromptJob, scores: ScoredRows | None) -> dict[str, PromptLogprobs]:
+        """The choice's prompt_logprobs, where the job asked for them (vLLM's key appears only then)."""
+        if job.outputs.prompt_logprobs is None:
+            return {}
+        return {"prompt_logprobs": self._prompt_logprobs(job, scores)}
 
     def echo_length(self, index: int) -> int:
         return len(self.echoes[index][0]) if index in self.echoes else 0
@@ -174,37 +180,36 @@ class CompletionChoices(ChoiceBuilder):
     def choice(self, index: int, result: PromptResult) -> dict[str, Any]:
         """The echoed prompt (if echo) followed by the generated text, and their logprobs."""
         job = self.jobs[index]
+        outputs, echo = job.outputs, job.outputs.echo
         prompt_text, prompt_offsets = self.echoes.get(index, ("", []))
         text = prompt_text + result.generated_text
-        extra = (
-            {} if job.prompt_logprobs is None else {"prompt_logprobs": self._prompt_logprobs(job, result.prompt_scores)}
-        )
-        if job.logprobs is None:
+        extra = self._prompt_logprobs_field(job, result.prompt_scores)
+        if outputs.generated is None:
             return {"text": text, "logprobs": None, "finish_reason": result.finish_reason, **extra}
         # End-of-generation tokens are reported in logprobs but add no text.
         _, gen_offsets = join_pieces(self.state.backend.tokens.text_pieces(result.generated))
-        ids = (job.tokens if job.echo else []) + result.generated
-        parts = ([self._echo_scores(job, result.prompt_scores)] if job.echo else []) + [result.generated_scores]
+        ids = (job.tokens if echo is not None else []) + result.generated
+        parts = ([echo.rows(_scored(result.prompt_scores))] if echo is not None else []) + [result.generated_scores]
         offsets = prompt_offsets + [len(prompt_text) + o for o in gen_offsets]
-        logprobs = self._logprobs(ids, parts, offsets, first_is_null=job.echo)
+        logprobs = self._logprobs(ids, parts, offsets, first_is_null=echo is not None)
         return {"text": text, "logprobs": logprobs, "finish_reason": result.finish_reason, **extra}
 
     def opening(self, index: int, scores: ScoredRows | None) -> dict[str, Any] | None:
         job = self.jobs[index]
-        extra = {} if job.prompt_logprobs is None else {"prompt_logprobs": self._prompt_logprobs(job, scores)}
-        if not job.echo:
+        extra, echo = self._prompt_logprobs_field(job, scores), job.outputs.echo
+        if echo is None:
             return {"text": "", "logprobs": None, **extra} if extra else None
         text, offsets = self.echoes[index]
         logprobs = (
             None
-            if job.logprobs is None
-            else self._logprobs(job.tokens, [self._echo_scores(job, scores)], offsets, first_is_null=True)
+            if echo.k is None
+            else self._logprobs(job.tokens, [echo.rows(_scored(scores))], offsets, first_is_null=True)
         )
         return {"text": text, "logprobs": logprobs, **extra}
 
     def piece(self, index: int, text: str, tokens: list[StreamedToken]) -> dict[str, Any]:
         logprobs = None
-        if self.jobs[index].logprobs is not None:
+        if self.jobs[index].outputs.generated is not None:
             logprobs = self._logprobs(
                 [t.token for t in tokens], [t.scores for t in tokens], [t.offset for t in tokens], first_is_null=False
             )

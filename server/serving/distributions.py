@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from fastapi.responses import Response
 
-from server.engine import Origin, PromptJob, PromptResult
+from server.engine import Origin, Outputs, PromptJob, PromptResult
 from server.http.errors import APIError
 from server.http.protocol import DistributionsRequest
 from server.serving.base import check_fits, check_model, check_request_cost, check_token_ids, submit
@@ -48,7 +48,7 @@ def build_job(state: ServerState, request: DistributionsRequest) -> PromptJob:
             code="limit_exceeded",
         )
     check_fits(state, tokens, 0, "The prompt")
-    job = PromptJob(tokens=tokens, max_tokens=0, logprobs=None, echo=False, distributions_from=request.start)
+    job = PromptJob(tokens=tokens, max_tokens=0, outputs=Outputs.of(distributions_from=request.start))
     check_request_cost(state, [job])
     return job
 
