@@ -27,7 +27,7 @@ OPENBLAS := $(firstword $(wildcard /usr/lib/x86_64-linux-gnu/openblas-pthread/li
 	/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0))
 TEST_ENV := $(if $(OPENBLAS),LD_PRELOAD=$(OPENBLAS))
 
-.PHONY: setup serve test test-fast lint load bench kld-bench clean show-build-flags image-test image-test-cuda scale-test
+.PHONY: setup serve test test-fast lint load bench kld-bench gen-bench clean show-build-flags image-test image-test-cuda scale-test
 show-build-flags:
 	@echo CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)"
 
@@ -70,13 +70,20 @@ load: setup
 # Speed, side by side in one run (about 45 minutes on 2 cores; rows 8 about 14 of them, rows 9 about 8, rows 5 about 5); writes bench_out/
 bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(BIN)/python -m pip install --quiet -e ".[bench]"
-	$(TEST_ENV) $(BIN)/python -m bench.run
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TEST_ENV) $(BIN)/python -m bench.run
 
 # logprobs-eval kld against llama-perplexity (built once from the vendored llama.cpp), across
 # runtimes, and its speed (about 25 minutes on 2 cores); writes bench_out/kld/. KLD_ARGS: e.g. --parts llama
 KLD_ARGS ?=
 kld-bench: setup
 	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TEST_ENV) $(BIN)/python -m bench.kld $(KLD_ARGS)
+
+# Generation against llama.cpp's llama-server (built once from the vendored llama.cpp), lm-eval's
+# GSM8K-style requests at 1, 4 and 8 concurrent clients (bench/generation.py; `make bench` runs it as
+# rows 7); writes bench_out/generation/. GEN_ARGS: e.g. --models smollm2 --max-tokens 128
+GEN_ARGS ?=
+gen-bench: setup
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(TEST_ENV) $(BIN)/python -m bench.generation $(GEN_ARGS)
 
 # Build docker/Dockerfile without a Docker engine or registry and smoke-test the image (root;
 # buildah, podman, debootstrap; ~20 minutes on 2 busy cores, most of it building llama.cpp).

@@ -43,7 +43,8 @@ import requests
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.run import BATCH, cpu_model, log, our_server  # noqa: E402
+from bench.machine import cpu_model  # noqa: E402
+from bench.run import BATCH, log, our_server  # noqa: E402
 from bench.shared_passes import DATA, MAKE_RANDOM_GGUF, SHAPES, random_model, speed_and_exactness  # noqa: E402
 from server.backends.gguf import GGUFBackend  # noqa: E402
 from testing.oracle import log_softmax64  # noqa: E402  (the tests' float64 reference)

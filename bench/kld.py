@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.llama_tools import llama_tool
+from bench.machine import cpu_model
 from server.config import Settings
 from server.models.default_model import ensure_default_model
 from testing.fixture_model import WHOLE, make_fixture, quantize
@@ -51,13 +51,6 @@ EXACT_PPL_BASE_MARGIN = 2e-3
 
 def log(message: str) -> None:
     print(f"[kld-bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 LLAMA_LINES = {  # llama-perplexity's printed statistics -> kld's JSON keys (percentages as fractions)
@@ -409,7 +402,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     cache = Settings().cache_path()
     report = [
-        f"# kld bench, {time.strftime('%Y-%m-%d')}, {cpu_name()}, {os.cpu_count()} cores",
+        f"# kld bench, {time.strftime('%Y-%m-%d')}, {cpu_model()}, {os.cpu_count()} cores",
         "",
         f"`python -m bench.kld --parts {args.parts} --chunks {args.chunks} --speed-chunks {args.speed_chunks}`",
     ]

@@ -41,14 +41,12 @@ def llama_tool(cache: Path, target: str) -> Path:
     log(f"building {target} (about 10 minutes on 2 cores, once) with {' '.join(cmake_args) or 'no CMAKE_ARGS'}")
     options = ["-DCMAKE_BUILD_TYPE=Release", "-DBUILD_SHARED_LIBS=OFF", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF"]
     options += ["-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=ON"]
-    subprocess.run(
-        ["cmake", "-S", str(source), "-B", str(root / "build"), *options, *cmake_args],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
-    subprocess.run(
-        ["cmake", "--build", str(root / "build"), "--target", target, "-j", str(os.cpu_count() or 2)],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    build_log = root / f"build-{target}.log"  # the compiler's warnings are many; kept, not shown
+    with build_log.open("w") as out:
+        for command in (
+            ["cmake", "-S", str(source), "-B", str(root / "build"), *options, *cmake_args],
+            ["cmake", "--build", str(root / "build"), "--target", target, "-j", str(os.cpu_count() or 2)],
+        ):
+            if subprocess.run(command, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                raise RuntimeError(f"building {target} failed: see {build_log}")
     return binary

@@ -13,8 +13,10 @@ context + " " + ending, for every ending, in lm-eval's order: longest first):
     of lm-eval's own `hf` model in-process on the same weights dequantized to float32 (torch CPU);
  6. the MLX backend (the two-block SmolLM2 test fixture, float32): mlx-lm's forward pass
     in-process vs this server's scoring over HTTP, without and with prefix reuse;
- 7. generation: generated tokens/s of this server vs the raw greedy decode loop in-process and vs
-    llama-cpp-python's server, for 1 and for 8 concurrent clients (64 tokens each, EOS banned);
+ 7. generation (bench/generation.py): lm-eval's GSM8K-style generate_until requests from 1, 4 and 8
+    concurrent clients, generated tokens/s of llama.cpp's llama-server (-np N -cb) and of this server
+    (--max-sequences N), on SmolLM2 and the 1B shape (random weights, Q4_K_M and Q8_0), beside the
+    raw greedy decode loop in-process, with how many texts equal the prompt generated alone;
  8. prompts in shared forward passes (bench/shared_passes.py): one prompt per llama_decode vs 4
     and 16 per pass (separate KV streams, padded to equal length), on SmolLM2, Gemma 3 and a
     1B-shape random-weight model, with whether every row came out the same float as alone; and
@@ -34,7 +36,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -42,9 +43,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import requests
 
+from bench import generation
+from bench.machine import cpu_model
 from testing.live_server import DATA, ROOT, LiveServer, ServerProcess, free_port
 
 BATCH = 8
@@ -348,78 +350,6 @@ def mlx_rows(sequences, args, add) -> None:
     log_reuse_gap(plain.choices, cached.choices)
 
 
-def generation_rows(model: Path, threads: int, out: Path, add, tokens: int = 64) -> None:
-    import concurrent.futures
-
-    import llama_cpp
-
-    prompts = [
-        "The history of the Roman Empire",
-        "Once upon a time",
-        "The best way to learn a language is",
-        "In 1969, the first humans",
-        "Photosynthesis is the process",
-        "The recipe for bread needs",
-        "A good night's sleep",
-        "The stock market fell because",
-    ]
-    llm = llama_cpp.Llama(
-        model_path=str(model), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False, type_k=0, type_v=0
-    )
-    eog = [
-        t for t in range(llm.n_vocab()) if llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), t)
-    ]
-    started = time.perf_counter()
-    for prompt in prompts:
-        llm.reset()
-        llm.eval(llm.tokenize(prompt.encode(), add_bos=False, special=True))
-        for _ in range(tokens):
-            logits = llm.scores[llm.n_tokens - 1].copy()
-            logits[eog] = -np.inf
-            llm.eval([int(np.argmax(logits))])
-    limit = len(prompts) * tokens / (time.perf_counter() - started)
-    del llm
-    add("7a", f"generation: raw greedy decode loop in-process ({tokens} tokens)", limit, limit)
-
-    def clients(url: str, n_clients: int) -> float:
-        body = {"max_tokens": tokens, "temperature": 0, "logit_bias": {str(t): -100 for t in eog}}
-        started = time.perf_counter()
-        with concurrent.futures.ThreadPoolExecutor(n_clients) as pool:
-            done = list(
-                pool.map(
-                    lambda p: requests.post(url, json=body | {"prompt": p}, timeout=600).json(),
-                    prompts[:n_clients] if n_clients > 1 else prompts,
-                )
-            )
-        return sum(d["usage"]["completion_tokens"] for d in done) / (time.perf_counter() - started)
-
-    with our_server(model, threads, out, "generation") as server:
-        add("7b", "generation: this server, 1 client", clients(server.completions_url, 1), limit)
-        add("7c", "generation: this server, 8 concurrent clients", clients(server.completions_url, 8), limit)
-    with our_server(model, threads, out, "generation-batched", "--max-sequences", "8") as server:
-        add(
-            "7f",
-            "generation: this server --max-sequences 8, 8 concurrent clients",
-            clients(server.completions_url, 8),
-            limit,
-        )
-    with llama_cpp_python_server(model, threads, out, "llama-cpp-server-generation") as server:
-        add("7d", "generation: llama-cpp-python server, 1 client", clients(server.completions_url, 1), limit)
-        add(
-            "7e", "generation: llama-cpp-python server, 8 concurrent clients", clients(server.completions_url, 8), limit
-        )
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def chart(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -458,6 +388,7 @@ def main() -> None:
     parser.add_argument("--lm-eval-items", type=int, default=200, help="items for rows 5 (0 skips them)")
     parser.add_argument("--skip-mlx", action="store_true", help="skip row 6 (the MLX backend)")
     parser.add_argument("--skip-generation", action="store_true", help="skip row 7 (generation)")
+    generation.add_arguments(parser, prefix="gen-")
     parser.add_argument("--shared-items", type=int, default=10, help="items for row 8 (0 skips it)")
     parser.add_argument("--kquant-items", type=int, default=10, help="items for rows 9 (0 skips them)")
     parser.add_argument("--only", default="", help="comma-separated row groups to run, e.g. 6,7 (default: all)")
@@ -488,7 +419,7 @@ def main() -> None:
     def add(row: str, name: str, value: float, base: float | None, **extra) -> None:
         reference = (
             extra.pop("reference", None)
-            or {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "7": "7a", "8": row[:2] + "1"}[row[0]]
+            or {"1": "1a", "2": "1a", "3": "1a", "4": "4a", "6": "6a", "8": row[:2] + "1"}[row[0]]
         )
         ratio = f"{value / base:.2f}x row {reference}" if base else ""
         # Echo needs logits at every position: rows 1b / 4b are the forward pass that scoring needs.
@@ -509,7 +440,7 @@ def main() -> None:
     if "6" in groups and not args.skip_mlx:
         mlx_rows(sequences, args, add)
     if "7" in groups and not args.skip_generation:
-        generation_rows(smol, args.threads, args.out, add)
+        generation.rows(args, args.out / "generation", add, prefix="gen_")
     if "8" in groups and args.shared_items:
         shared_pass_rows(cache, smol, args, add)
     if "9" in groups and args.kquant_items:
