@@ -17,7 +17,8 @@ import time
 import numpy as np
 import pytest
 
-from server.backends.base import Backend, ModelInfo, Step
+from server.backends.base import Backend, ModelInfo, ReuseRule, Step
+from server.backends.probes import Exactness
 from server.engine import Engine, Origin, Outputs, PromptJob, PromptResult, PromptScored, QueueFull, TokenEvent
 from server.engine.fair_queue import FairQueue
 from server.numerics.sampling import SamplingParams
@@ -342,6 +343,25 @@ def test_choices_admitted_together_reuse_each_others_prefix():
         results = asyncio.run(engine.complete(jobs))
         assert [start for _, start, _ in backend.prefills] == [0] + [len(context)] * 3
         assert engine.cache.hits == 3 and all(len(r.prompt_scores.token_logprobs) == 22 for r in results)
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("reuse_generations", [False, True])
+def test_generations_reuse_a_shared_prefix_where_the_check_found_reuse_exact(reuse_generations):
+    """Generation prompts that share lm-eval's few-shot examples start from the cached examples
+    where the start-up check found cache hits give the very same floats, and answer the same."""
+    backend = SnapshotFakeBackend(max_sequences=1)
+    exactness = Exactness(1 << 20, ReuseRule(), shared_passes=False, reuse_generations=reuse_generations)
+    engine = Engine(backend, exactness=exactness)
+    try:
+        examples = [1, 2, 3, 4, 5] * 6
+        prompts = [[*examples, 6, q, 2] for q in range(3)]
+        results = [asyncio.run(engine.complete([greedy_job(p, 4)]))[0] for p in prompts]
+        assert [r.generated for r in results] == [expected_greedy(p, 4) for p in prompts]
+        starts = [start for _, start, _ in backend.prefills]
+        assert starts == ([0, len(examples), len(examples)] if reuse_generations else [0, 0, 0])
+        assert engine.cache.hits == (2 if reuse_generations else 0)
     finally:
         engine.close()
 

@@ -102,8 +102,8 @@ def test_metrics_count_requests_tokens_and_jobs_exactly(server):
     assert grew(before, after_one, "logprobs_queue_wait_seconds_count") == 1
     assert grew(before, after_one, "logprobs_prefix_cache_lookups_total") == 1
 
-    # Two prompts sampled twice: 4 jobs, each running its 5-token prompt (unscored prompts are not
-    # cached), generating up to 3 tokens.
+    # Two prompts sampled twice: 4 jobs, each running its 5-token prompt (too short for the prefix
+    # cache), generating up to 3 tokens.
     two = server.complete(prompt=[fresh_tokens(5), fresh_tokens(5)], n=2, max_tokens=3, temperature=1.0, seed=3)
     # A 400 (over --max-logprobs), a 404 on an unknown path (route "other"), and a 405.
     assert server.post("/v1/completions", {"prompt": "Hi", "logprobs": 21}).status_code == 400

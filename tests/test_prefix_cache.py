@@ -70,14 +70,26 @@ def test_reuse_gives_the_same_numbers(servers):
     assert _hits(uncached_server) == 0 and _metric(uncached_server, "logprobs_prefix_cache_capacity_bytes") == 0
 
 
-def test_generation_is_not_served_from_the_cache(servers):
+def gsm8k_prompts(n: int, shots: int = 3) -> list[str]:
+    """lm-eval's generate_until prompts for GSM8K (clients/lm_eval_tasks/gsm8k_dev.yaml): the same
+    solved examples before each question."""
+    items = [json.loads(line) for line in (DATA / "gsm8k_test.jsonl").read_text().splitlines()[: shots + n]]
+    examples = "\n\n".join(f"Question: {i['question']}\nAnswer: {i['answer']}" for i in items[:shots])
+    return [f"{examples}\n\nQuestion: {i['question']}\nAnswer:" for i in items[shots:]]
+
+
+def test_generations_reuse_the_few_shot_prefix_and_answer_the_same(servers, request):
+    """Generations share lm-eval's few-shot examples: where the start-up check found cache hits
+    give the very same floats (llama.cpp on this file), they start from the cached examples, and
+    every answer (text, token logprobs, top-k) is what the server without a cache gives."""
     server, uncached_server = servers
-    prompt = "The history of the Roman Empire is a story of power, politics and"
-    server.complete(prompt=prompt + " war", max_tokens=1, echo=True, logprobs=1)  # cached
-    lookups = _lookups(server)
-    payload = {"prompt": prompt + " glory", "max_tokens": 16, "temperature": 0, "logprobs": 2}
-    assert server.complete(**payload)["choices"][0] == uncached_server.complete(**payload)["choices"][0]
-    assert _lookups(server) == lookups  # a request without echo does not even look in the cache
+    hits, lookups = _hits(server), _lookups(server)
+    for prompt in gsm8k_prompts(4):
+        payload = {"prompt": prompt, "max_tokens": 24, "temperature": 0, "stop": ["Question:", "\n\n"], "logprobs": 2}
+        cached, fresh = server.complete(**payload)["choices"], uncached_server.complete(**payload)["choices"]
+        assert cached == fresh
+    if request.node.callspec.params["servers"] == "gguf":
+        assert _lookups(server) == lookups + 4 and _hits(server) >= hits + 3  # the first fills the cache
 
 
 @pytest.fixture(scope="module")

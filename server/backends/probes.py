@@ -147,6 +147,11 @@ def shared_pass_drift(backend: Backend) -> float:
 def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
     """The first of the backend's reuse rules under which a cache hit gives the whole pass's
     logits (within SPLIT_TOLERANCE), or None."""
+    return choose_reuse(backend, min_reuse)[0]
+
+
+def choose_reuse(backend: Backend, min_reuse: int) -> tuple[ReuseRule | None, float]:
+    """choose_reuse_rule's rule and how far cache hits under it moved a logit (0: the same floats)."""
     drifts: dict[ReuseRule, float] = {}
     for rule in backend.reuse_rules:  # the first that gives the same floats; else the first within tolerance
         started = time.perf_counter()
@@ -160,10 +165,10 @@ def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
         )
         drifts[rule] = drift
         if drift == 0:
-            return rule
+            return rule, drift
     within = [rule for rule, drift in drifts.items() if drift <= SPLIT_TOLERANCE]
     if within:
-        return within[0]
+        return within[0], drifts[within[0]]
     log.warning(
         "Prefix cache off: with this model file, a prompt run as after a cache hit (a cached prefix, then "
         "the rest) gives other numbers than run whole under every rule tried (logits moved by up to %.3g; "
@@ -171,7 +176,7 @@ def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
         min(drifts.values()),
         SPLIT_TOLERANCE,
     )
-    return None
+    return None, min(drifts.values())
 
 
 @dataclass(frozen=True)
@@ -182,6 +187,10 @@ class Exactness:
     prefix_cache_bytes: int  # 0: no prefix cache (not asked for, no snapshots, or no rule kept the numbers)
     reuse_rule: ReuseRule  # where a cached prompt's tail may start (meaningful while the cache is on)
     shared_passes: bool  # fresh prompts admitted together run in one forward pass
+    # Cache hits gave the very floats of the whole prompt (not only within tolerance), so prompts
+    # that are not scored (generations) reuse cached prefixes too: a greedy answer must not depend
+    # on what ran before it, and a logit moved within tolerance could still flip a near tie.
+    reuse_generations: bool = False
 
     @property
     def prefix_cache(self) -> bool:
@@ -195,7 +204,10 @@ class Exactness:
         return cls(prefix_cache_mb << 20 if on else 0, backend.reuse_rules[0], backend.shares_prompt_passes)
 
     def describe(self) -> str:
-        return f"{self.prefix_cache_bytes >> 20} MB, {self.reuse_rule}" if self.prefix_cache else "off"
+        if not self.prefix_cache:
+            return "off"
+        reused = "scored prompts and generations" if self.reuse_generations else "scored prompts"
+        return f"{self.prefix_cache_bytes >> 20} MB, {self.reuse_rule}, for {reused}"
 
 
 def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactness:
@@ -203,14 +215,15 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactnes
     backend's rules that keeps the numbers (else it is off), and fresh prompts share passes where
     the backend can and the result stays within SHARED_TOLERANCE of each prompt alone."""
     asked = Exactness.unchecked(backend, settings.prefix_cache_mb)
-    rule, cache_bytes = asked.reuse_rule, asked.prefix_cache_bytes
+    rule, cache_bytes, exact = asked.reuse_rule, asked.prefix_cache_bytes, False
     if asked.prefix_cache:
         log.info(
             "Checking that prefix reuse keeps every number (a prompt run whole and as after cache hits; "
             "seconds on large models)"
         )
-        chosen = choose_reuse_rule(backend, min_reuse)
+        chosen, drift = choose_reuse(backend, min_reuse)
         rule, cache_bytes = (chosen, cache_bytes) if chosen is not None else (rule, 0)
+        exact = chosen is not None and drift == 0
     shared = asked.shared_passes
     if shared:
         drift = shared_pass_drift(backend)
@@ -228,4 +241,4 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactnes
                 "prompt alone in the start-up check)",
                 drift,
             )
-    return Exactness(cache_bytes, rule, shared)
+    return Exactness(cache_bytes, rule, shared, reuse_generations=exact)

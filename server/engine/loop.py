@@ -70,7 +70,7 @@ class Engine:
         rate = DrainRate()
         self.admission = Admission(max_queued_tokens, rate, job_overhead_tokens)
         self.sequences = Sequences(backend, hooks or EngineHooks())
-        self.prompts = PromptRunner(backend, self.cache, self.sequences, rate, x.shared_passes)
+        self.prompts = PromptRunner(backend, self.cache, self.sequences, rate, x.shared_passes, x.reuse_generations)
         self.decoder = Decoder(backend, self.sequences, rate)
         self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
         self._thread.start()

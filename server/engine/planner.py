@@ -1,9 +1,11 @@
 """Which prompts run how: what each reuses from the prefix cache, and which fresh prompts share a
 forward pass (on a backend whose shared passes stay within 1e-4 of each prompt alone).
 
-Only scored prompts (lm-eval's loglikelihood requests) reuse and are cached: that is where reuse
-pays, and where tests show it changes no number. A prompt is looked up just before its pass, not
-at admission, so that jobs admitted together (one request's choices) reuse each other.
+Scored prompts (lm-eval's loglikelihood requests) reuse and are cached, their rows and KV; so are
+generations (its generate_until requests, whose few-shot examples repeat), their KV, where the
+start-up check found that cache hits give the very same floats (Exactness.reuse_generations). A
+prompt is looked up just before its pass, not at admission, so that jobs admitted together (one
+request's choices) reuse each other.
 """
 
 from __future__ import annotations
@@ -14,14 +16,28 @@ from server.engine.running import RunningJob
 
 
 class PromptPlanner:
-    def __init__(self, backend: Backend, cache: PrefixCache | None, shared_passes: bool):
-        """`shared_passes`: the start-up check's decision (Exactness.shared_passes)."""
+    def __init__(
+        self, backend: Backend, cache: PrefixCache | None, shared_passes: bool, reuse_generations: bool = False
+    ):
+        """`shared_passes`, `reuse_generations`: the start-up check's decisions (Exactness)."""
         self.backend, self.cache, self.shared_passes = backend, cache, shared_passes
+        self.reuse_generations = reuse_generations
+
+    def reuses(self, r: RunningJob) -> bool:
+        """Whether the job's prompt may start from a cached prefix: a scored prompt, or any prompt
+        where cache hits give the very same floats; never one whose full distributions are asked
+        for (those rows must be computed)."""
+        wanted = r.rows is not None or self.reuse_generations
+        return self.cache is not None and wanted and r.job.outputs.distributions is None
 
     def look_up(self, r: RunningJob) -> None:
-        """Ask the cache for the job's longest cached prefix, once (a lookup counts as a hit or miss)."""
-        if self.cache is not None and r.rows is not None and not r.prompt.looked_up:
-            r.prompt.reuse = self.cache.find(r.job.tokens, r.rows.k, ranks=r.rows.ranks)
+        """Ask the cache for the job's longest cached prefix, once (a lookup counts as a hit or miss):
+        with its scored rows where the job scores its prompt, else its KV alone."""
+        if self.reuses(r) and not r.prompt.looked_up:
+            assert self.cache is not None
+            rows = r.rows
+            k, ranks = (rows.k, rows.ranks) if rows is not None else (None, False)
+            r.prompt.reuse = self.cache.find(r.job.tokens, k, ranks=ranks)
         r.prompt.looked_up = True
 
     def plan(self, admitted: list[RunningJob]) -> tuple[list[list[RunningJob]], list[RunningJob]]:
@@ -53,10 +69,8 @@ class PromptPlanner:
             if len(tokens) > self.backend.n_batch:
                 others.append(r)
                 continue
-            if (
-                self.cache is not None
-                and r.rows is not None
-                and any(common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if g.rows is not None)
+            if self.reuses(r) and any(
+                common_prefix(tokens, g.job.tokens) > MIN_REUSE for g in together if self.reuses(g)
             ):
                 others.append(r)  # looked up after the group has run
                 continue

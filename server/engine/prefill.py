@@ -19,10 +19,16 @@ from server.numerics.scoring import concat_rows, first_rows, log_softmax_rows
 
 class PromptRunner:
     def __init__(
-        self, backend: Backend, cache: PrefixCache | None, sequences: Sequences, rate: DrainRate, shared_passes: bool
+        self,
+        backend: Backend,
+        cache: PrefixCache | None,
+        sequences: Sequences,
+        rate: DrainRate,
+        shared_passes: bool,
+        reuse_generations: bool = False,
     ):
         self.backend, self.cache, self.sequences, self.rate = backend, cache, sequences, rate
-        self.planner = PromptPlanner(backend, cache, shared_passes)
+        self.planner = PromptPlanner(backend, cache, shared_passes, reuse_generations)
 
     def run(self, admitted: list[RunningJob]) -> list[RunningJob]:
         """The prompt passes of newly admitted jobs; returns those that go on to generate."""
@@ -72,8 +78,9 @@ class PromptRunner:
         if reuse is not None:
             backend.restore(r.seq, reuse.entry.state, reuse.length)
             start = reuse.length
-            assert r.rows is not None  # only scored prompts are looked up
-            r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.rows.k))
+            if r.rows is not None:  # a scored prompt's lookup found scored rows (PrefixCache.find)
+                assert reuse.entry.scores is not None
+                r.prompt.parts.append(first_rows(reuse.entry.scores, start, r.rows.k))
         # Row i predicts token i + 1; the last row predicts the first generated token. Logits are
         # asked for only for the rows used.
         wanted_from = max(start, r.logits_from)
@@ -107,18 +114,20 @@ class PromptRunner:
             r.next_logits = np.array(block[-1], dtype=np.float32)  # a copy: the block is reused
 
     def _done(self, r: RunningJob) -> None:
-        """The prompt has run: its scores are complete, cached (scored prompts) and reported."""
+        """The prompt has run: its scores are complete, cached (scored prompts; generations where
+        they reuse too) and reported."""
         tokens, reuse = r.job.tokens, r.prompt.reuse
         scores = concat_rows(r.prompt.parts, r.rows.k) if r.rows is not None else None
         r.prompt.scores = scores
-        if self.cache is not None and scores is not None and (reuse is None or reuse.entry.tokens != tokens):
+        cached = scores is not None or self.planner.reuse_generations
+        if self.cache is not None and cached and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
-            size += (
-                scores.top_ids.nbytes
-                + scores.top_logprobs.nbytes
-                + scores.token_logprobs.nbytes
-                + (0 if scores.token_ranks is None else scores.token_ranks.nbytes)
-            )
-            assert r.rows is not None  # scores come from scored rows
-            self.cache.add(tokens, state, size, scores, r.rows.k)
+            if scores is not None:
+                size += (
+                    scores.top_ids.nbytes
+                    + scores.top_logprobs.nbytes
+                    + scores.token_logprobs.nbytes
+                    + (0 if scores.token_ranks is None else scores.token_ranks.nbytes)
+                )
+            self.cache.add(tokens, state, size, scores, r.rows.k if r.rows is not None else -1)
         r.emit(PromptScored(r.prompt.scores))

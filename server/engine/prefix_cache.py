@@ -1,12 +1,14 @@
-"""Reusing the work of earlier scored prompts that share a token prefix with a new one.
+"""Reusing the work of earlier prompts that share a token prefix with a new one.
 
 lm-eval sends each multiple-choice context once per choice, and not next to each other (it sorts
-requests by length). So the cache keeps the KV state of recent prompts (a snapshot taken out of
-the backend) together with their scored rows, under a memory bound, evicting the least recently
+requests by length); its generation tasks send every question after the same few-shot examples.
+So the cache keeps the KV state of recent prompts (a snapshot taken out of the backend) together
+with their scored rows where they were scored, under a memory bound, evicting the least recently
 used. A new prompt that starts with r + 1 tokens of a cached one restores that KV for positions
-0..r-1, reuses the scores of rows 0..r-1 (which predict tokens 1..r), and runs the forward pass
-from position r only, where r is cut back to where the backend's ReuseRule (decided by the
-start-up check) lets a tail start with the whole pass's floats.
+0..r-1, reuses the scores of rows 0..r-1 (which predict tokens 1..r) where it is scored, and runs
+the forward pass from position r only, where r is cut back to where the backend's ReuseRule
+(decided by the start-up check) lets a tail start with the whole pass's floats: a generation then
+starts from the same last row as without the cache.
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ class CachedPrompt:
     tokens: list[int]
     state: object  # the backend's KV snapshot of these tokens
     size: int  # bytes
-    scores: ScoredRows  # rows for tokens[1:]
-    k: int  # top-k width of `scores`
+    scores: ScoredRows | None  # rows for tokens[1:]; None: the prompt was not scored (a generation's)
+    k: int  # top-k width of `scores` (-1: none)
 
 
 @dataclass
@@ -54,12 +56,13 @@ class PrefixCache:
         self._by_key: dict[tuple[int, ...], list[CachedPrompt]] = {}
         self.hits = self.lookups = self.reused_tokens = 0
 
-    def find(self, tokens: list[int], k: int, ranks: bool = False) -> Reuse | None:
-        """The longest usable cached prefix for a prompt scored with top-k (ranks: and ranks)."""
+    def find(self, tokens: list[int], k: int | None, ranks: bool = False) -> Reuse | None:
+        """The longest usable cached prefix for a prompt scored with top-k (ranks: and ranks), or,
+        with k None, for one whose rows are not scored (only the KV is reused)."""
         self.lookups += 1
         best: Reuse | None = None
         for entry in self._by_key.get(tuple(tokens[:KEY_TOKENS]), []):
-            if entry.k < k or (ranks and entry.scores.token_ranks is None):
+            if k is not None and (entry.scores is None or entry.k < k or (ranks and entry.scores.token_ranks is None)):
                 continue
             length = self.rule.restore_length(
                 common_prefix(entry.tokens, tokens), len(tokens), self.n_batch, cached=len(entry.tokens)
@@ -72,7 +75,7 @@ class PrefixCache:
             self._entries.move_to_end(id(best.entry))
         return best
 
-    def add(self, tokens: list[int], state: object, size: int, scores: ScoredRows, k: int) -> None:
+    def add(self, tokens: list[int], state: object, size: int, scores: ScoredRows | None, k: int) -> None:
         if len(tokens) < MIN_REUSE or size > self.max_bytes:
             return
         entry = CachedPrompt(list(tokens), state, size, scores, k)
