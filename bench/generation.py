@@ -26,7 +26,7 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -148,9 +148,6 @@ def model_rows(
     n_prompts = max(args.concurrency) * args.per_client
     prompts = gsm8k_prompts(n_prompts)
     out = args.out
-    log(f"{name}: raw greedy decode loop in-process, {args.per_client} prompt(s)")
-    raw = raw_decode(model, prompts[: args.per_client], args.max_tokens, args.threads, banned)
-    add(f"7{letter}r", f"{name}: raw greedy decode loop in-process, 1 sequence", raw, raw, reference=f"7{letter}r")
     with our_server(model, 1, args.threads, out, f"{name}-gen-1") as server:
         log(f"{name}: this server, --max-sequences 1, 1 client (the texts alone)")
         alone_speed, alone = run_clients(server.url, prompts, 1, args.max_tokens, bias)
@@ -177,6 +174,13 @@ def model_rows(
             same_as_alone=f"{same}/{len(part)}",
             llama_server_same_as_ours_alone=f"{sum(a == b for a, b in zip(their_texts, alone))}/{len(part)}",
         )
+
+    # Last, in a process of its own: llama.cpp's threads and buffers in this process would otherwise
+    # share the 2 cores with the servers measured above.
+    log(f"{name}: raw greedy decode loop in-process, {args.per_client} prompt(s)")
+    with ProcessPoolExecutor(1) as pool:
+        raw = pool.submit(raw_decode, model, prompts[: args.per_client], args.max_tokens, args.threads, banned).result()
+    add(f"7{letter}r", f"{name}: raw greedy decode loop in-process, 1 sequence", raw, raw, reference=f"7{letter}r")
 
 
 def add_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
