@@ -12,7 +12,8 @@ A request's way through the package, top to bottom (each folder imports only tho
     engine/               one model thread: admission, prefix reuse and shared passes, prefill, decode
     backends/             one module per kind of model (GGUF: llama.cpp; MLX), the registry of kinds,
                           start-up exactness probes
-    numerics/             scoring (log-softmax, top-k), sampling, text and token tables
+    numerics/             scoring (log-softmax, top-k, ranks), sampling
+    text/                 the token table, token bytes to text, offsets and stop strings
     config.py             every setting, declared once (flags, LOGPROBS_* variables, --help)
 
     serve_ray.py, scale/  beside it all: Ray Serve's ingress and model replicas, prefix-affinity

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from server.backends.base import Backend, ModelInfo, Step
-from server.numerics.tokens import TokenTable
+from server.text.tokens import TokenTable
 
 BOS, EOS = 256, 257
 N_VOCAB = 258

@@ -17,11 +17,12 @@ SERVER = ROOT / "server"
 ALLOWED = {
     "config": set(),
     "numerics": set(),
+    "text": set(),
     "models": {"backends", "config"},  # a Hub repo's files: each backend kind says which are its
-    "backends": {"config", "numerics"},
-    "engine": {"backends", "numerics"},
+    "backends": {"config", "numerics", "text"},
+    "engine": {"backends", "numerics", "text"},
     "http": {"config"},
-    "serving": {"engine", "http", "numerics"},  # handed a ServerState, typed under TYPE_CHECKING only
+    "serving": {"engine", "http", "numerics", "text"},  # handed a ServerState, typed under TYPE_CHECKING only
     "observability": {"backends", "config", "engine", "http", "models", "numerics"},  # beside the pipeline
     "state": {"backends", "config", "engine", "models", "observability"},
     "api": {"engine", "http", "serving", "state"},

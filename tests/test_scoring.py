@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from server.numerics.scoring import ELEMENTS_PER_STEP, score_rows
-from server.numerics.text import StopStringWatcher, join_pieces, token_string
+from server.text.decoding import StopStringWatcher, join_pieces, token_string
 from testing.oracle import log_softmax64
 
 

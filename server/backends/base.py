@@ -18,13 +18,22 @@ import numpy.typing as npt
 
 from server.config import Settings
 from server.numerics.scoring import ScoredRows, score_rows
-from server.numerics.tokens import TokenTable
+from server.text.tokens import TokenTable
 
 # A block of logits rows from Backend.prefill(): a float32 numpy array for GGUF (a view of
 # llama.cpp's buffer), an MLX array for MLX (on its device). Callers only slice it, take len() and
 # copy rows with np.array(); the math on it is the backend's own score(). The two array types share
 # no type mypy can name, so a block is Any at this border.
 Logits = Any
+
+
+# n_ctx = 0 means the model's training context, capped here to bound KV memory.
+MAX_DEFAULT_CTX = 8192
+
+
+def default_context(n_ctx: int, n_ctx_train: int) -> int:
+    """The context a server uses: the one asked for, else the training context up to MAX_DEFAULT_CTX."""
+    return n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX)
 
 
 @dataclass(frozen=True)

@@ -16,10 +16,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.backends.base import Backend, BackendKind, ModelInfo, ReuseRule, Step
+from server.backends.base import Backend, BackendKind, ModelInfo, ReuseRule, Step, default_context
 from server.backends.gguf_files import choose_gguf, is_gguf_file
 from server.config import Settings, default_threads
-from server.numerics.tokens import TokenTable, default_context
+from server.text.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 

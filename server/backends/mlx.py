@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from server.backends.base import Backend, BackendKind, ModelInfo, Step
+from server.backends.base import MAX_DEFAULT_CTX, Backend, BackendKind, ModelInfo, Step, default_context
 from server.backends.mlx_scoring import MxArray, score_rows_mlx
 from server.backends.versions import package_version
 from server.config import ConfigError, Settings, default_threads
 from server.numerics.scoring import ScoredRows, score_rows
-from server.numerics.tokens import MAX_DEFAULT_CTX, TokenTable, default_context
+from server.text.tokens import TokenTable
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from server.engine.jobs import Listener, PromptJob, PromptResult, PromptScored, 
 from server.engine.prefix_cache import Reuse
 from server.numerics.sampling import Sampler
 from server.numerics.scoring import ScoredRows, concat_rows
-from server.numerics.text import StopStringWatcher
+from server.text.decoding import StopStringWatcher
 
 
 class RequestState:

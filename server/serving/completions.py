@@ -14,7 +14,6 @@ from server.engine import Origin, Outputs, PromptJob, PromptResult
 from server.http.errors import APIError
 from server.http.protocol import CompletionLogprobs, CompletionRequest, PromptLogprob, PromptLogprobs
 from server.numerics.scoring import ScoredRows
-from server.numerics.text import join_pieces
 from server.serving.base import (
     ChoiceBuilder,
     StreamedToken,
@@ -25,6 +24,7 @@ from server.serving.base import (
     respond,
     sampling_params,
 )
+from server.text.decoding import join_pieces
 
 if TYPE_CHECKING:  # the serving code is handed the state; it never builds one
     from server.state import ServerState

@@ -10,15 +10,7 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
-from server.numerics.text import token_string
-
-# n_ctx = 0 means the model's training context, capped here to bound KV memory.
-MAX_DEFAULT_CTX = 8192
-
-
-def default_context(n_ctx: int, n_ctx_train: int) -> int:
-    """The context a server uses: the one asked for, else the training context up to MAX_DEFAULT_CTX."""
-    return n_ctx or min(n_ctx_train, MAX_DEFAULT_CTX)
+from server.text.decoding import token_string
 
 
 class TokenTable:
