@@ -39,16 +39,17 @@ def middleware(settings: Settings, guard: Guard) -> list[Middleware]:
 
     1. request ids and counts, around everything else, so that every answer below is counted and
        carries its id (the 401s, the 413s, the 500s);
-    2. an exception nothing handled becomes OpenAI's 500 here, and a shutdown's cancellation a 503,
-       without dropping the connection;
-    3. the Host check, then the API key (http/security.py; either may be off);
-    4. the body limit (413), for requests that got past both;
+    2. the Host check, then the API key (http/security.py; either may be off);
+    3. the body limit (413), for requests that got past both: it answers 413 in place of whatever
+       the app said about a body it cut short, a 500 included;
+    4. an exception the routes did not handle becomes OpenAI's 500 here, and a shutdown's
+       cancellation a 503, without dropping the connection;
     then the routes, whose bodies are parsed off the event loop (http/body.py)."""
     return [
         Middleware(ObservabilityMiddleware),
-        Middleware(InternalErrors),
         *guard.middleware(),
         Middleware(BodyLimit, max_bytes=settings.max_body_bytes),
+        Middleware(InternalErrors),
     ]
 
 

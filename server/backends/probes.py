@@ -241,4 +241,6 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactnes
                 "prompt alone in the start-up check)",
                 drift,
             )
-    return Exactness(cache_bytes, rule, shared, reuse_generations=exact)
+    # With shared passes a generation's prompt may run in a group, whose KV is only within
+    # tolerance of its own: reused, it would hand that on. Generations reuse only without them.
+    return Exactness(cache_bytes, rule, shared, reuse_generations=exact and not shared)

@@ -119,7 +119,9 @@ class PromptRunner:
         tokens, reuse = r.job.tokens, r.prompt.reuse
         scores = concat_rows(r.prompt.parts, r.rows.k) if r.rows is not None else None
         r.prompt.scores = scores
-        cached = scores is not None or self.planner.reuse_generations
+        # Prompts whose full distributions were asked for never start from the cache (their rows must
+        # be computed), and nothing else is served by theirs.
+        cached = (scores is not None or self.planner.reuse_generations) and r.job.outputs.distributions is None
         if self.cache is not None and cached and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
             if scores is not None:

@@ -88,7 +88,7 @@ def _kind(ref: HubRef, files: list[str], backend: str | None) -> BackendKind:
         others = ", ".join(k.files for k in held if k is not wanted)
         raise ConfigError(
             f"{ref.repo} {wanted.absent}"
-            + (f": it holds {others}; drop --backend {wanted.name}." if others and backend else ".")
+            + (f": it holds {others}" + (f"; drop --backend {wanted.name}." if backend else ".") if others else ".")
         )
     return wanted
 

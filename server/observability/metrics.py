@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from starlette.applications import Starlette
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -168,13 +169,13 @@ class ObservabilityMiddleware:
     def __init__(self, app: ASGIApp):
         self.app = app
 
-    def _route(self, scope: Scope) -> str:
+    def _route(self, scope: Scope, owner: Starlette) -> str:
         """The route template that served the request: the route FastAPI's routing chose (in the
-        scope once routing ran), else the route the path matches (a response sent before routing,
-        such as an auth middleware's 401), else "other"."""
+        scope once routing ran), else the route of `owner` the path matches (a response sent before
+        routing, such as an auth middleware's 401), else "other"."""
         route = scope.get("route")
-        if route is None:  # scope["app"]: the application (Starlette puts itself there first)
-            routes = _leaf_routes(scope["app"].router.routes)
+        if route is None:
+            routes = _leaf_routes(owner.router.routes)
             route = next((r for r in routes if r.matches(scope)[0] != Match.NONE), None)
         return getattr(route, "path", None) or OTHER_ROUTE
 
@@ -182,6 +183,9 @@ class ObservabilityMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        # The application, as Starlette put it in the scope on the way in (read now: a mounted
+        # sub-application would replace it in the shared scope on its way through).
+        owner: Starlette = scope["app"]
         started = time.perf_counter()
         sent_id = next((value for name, value in scope["headers"] if name == HEADER.encode()), None)
         request_id = choose_request_id(sent_id)
@@ -215,10 +219,10 @@ class ObservabilityMiddleware:
             await self.app(scope, watch_receive, send_with_id)
         finally:
             reset_request_id(token)
-            state = getattr(scope["app"].state, "server", None)
+            state = getattr(owner.state, "server", None)
             if state is not None:
                 # Nothing sent: the app failed after it had begun (before that, its InternalErrors
                 # layer answers a 500 itself) or the connection went first.
-                route = self._route(scope)
+                route = self._route(scope, owner)
                 state.metrics.requests.labels(route, "499" if left else str(status or 500)).inc()
                 state.metrics.latency.labels(route).observe(time.perf_counter() - started)
