@@ -4,6 +4,7 @@ settings table, and the README's first two commands are the ones CI and `make se
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -89,7 +90,10 @@ def test_readme_starts_with_the_commands_ci_and_make_serve_run():
     # What make would run (its dry run), not how the Makefile spells it: serve starts the server,
     # test runs pytest with the project's own configuration and nothing else.
     def would_run(target: str) -> str:
-        dry = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        # Not as a sub-make of `make test` (CI's), which would print its directory around the commands.
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+        command = ["make", "--no-print-directory", "-n", target]
+        dry = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, check=True).stdout
         return dry.strip().splitlines()[-1]
 
     assert re.fullmatch(r"\S*\.venv/bin/logprobs-server --host \S+ --port \d+", would_run("serve"))
