@@ -35,7 +35,8 @@ import requests
 
 from bench.llama_tools import llama_tool
 from bench.machine import cpu_model
-from testing.live_server import DATA, LiveServer, ServerProcess, free_port
+from bench.run import our_server
+from testing.live_server import DATA, ServerProcess, free_port
 
 STOP = ["Question:", "\n\n"]
 SHOTS = 3
@@ -110,9 +111,9 @@ def llama_server(binary: Path, model: Path, slots: int, threads: int, out: Path,
     return ServerProcess(command, port, out / f"{name}.log", health_path="/health", timeout=300)
 
 
-def our_server(model: Path, sequences: int, threads: int, out: Path, name: str) -> LiveServer:
-    flags = ["--n-threads", str(threads), "--max-sequences", str(sequences), "--n-ctx", "2048"]
-    return LiveServer(model, out / f"server-{name}.log", *flags, timeout=300)
+def decoding(sequences: int) -> tuple[str, ...]:
+    """This server's flags for `sequences` decoded together, with llama-server's per-slot context."""
+    return ("--max-sequences", str(sequences), "--n-ctx", "2048")
 
 
 def run_clients(
@@ -148,7 +149,7 @@ def model_rows(
     n_prompts = max(args.concurrency) * args.per_client
     prompts = gsm8k_prompts(n_prompts)
     out = args.out
-    with our_server(model, 1, args.threads, out, f"{name}-gen-1") as server:
+    with our_server(model, args.threads, out, f"{name}-gen-1", *decoding(1)) as server:
         log(f"{name}: this server, --max-sequences 1, 1 client (the texts alone)")
         alone_speed, alone = run_clients(server.url, prompts, 1, args.max_tokens, bias)
     for n in args.concurrency:
@@ -159,7 +160,7 @@ def model_rows(
         if n == 1:
             ours, texts = alone_speed, alone[: len(part)]
         else:
-            with our_server(model, n, args.threads, out, f"{name}-gen-{n}") as server:
+            with our_server(model, args.threads, out, f"{name}-gen-{n}", *decoding(n)) as server:
                 log(f"{name}: this server, --max-sequences {n}, {n} clients")
                 ours, texts = run_clients(server.url, part, n, args.max_tokens, bias)
         same = sum(a == b for a, b in zip(texts, alone))

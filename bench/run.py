@@ -45,7 +45,6 @@ from pathlib import Path
 
 import requests
 
-from bench import generation
 from bench.machine import cpu_model
 from testing.live_server import DATA, ROOT, LiveServer, ServerProcess, free_port
 
@@ -381,6 +380,8 @@ def chart(rows: list[dict], path: Path, title: str) -> None:
 
 
 def main() -> None:
+    from bench import generation  # here: it builds on this module's helpers (our_server)
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=25, help="HellaSwag items for rows 1-2 (4 sequences each)")
     parser.add_argument("--llama-server-items", type=int, default=3, help="items for row 3 (it is slow)")

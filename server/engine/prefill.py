@@ -119,10 +119,9 @@ class PromptRunner:
         tokens, reuse = r.job.tokens, r.prompt.reuse
         scores = concat_rows(r.prompt.parts, r.rows.k) if r.rows is not None else None
         r.prompt.scores = scores
-        # Prompts whose full distributions were asked for never start from the cache (their rows must
-        # be computed), and nothing else is served by theirs.
-        cached = (scores is not None or self.planner.reuse_generations) and r.job.outputs.distributions is None
-        if self.cache is not None and cached and (reuse is None or reuse.entry.tokens != tokens):
+        # Cached where a prompt like it would look it up (the planner's rule: scored prompts, and
+        # generations where reuse is exact; never prompts whose full distributions were asked for).
+        if self.cache is not None and self.planner.reuses(r) and (reuse is None or reuse.entry.tokens != tokens):
             state, size = self.backend.snapshot(r.seq)
             if scores is not None:
                 size += (
