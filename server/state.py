@@ -14,6 +14,7 @@ from server.backends.base import Backend
 from server.backends.probes import run_probes
 from server.config import Settings, default_threads
 from server.engine import Engine
+from server.engine.model_thread import ModelThread
 from server.engine.prefix_cache import MIN_REUSE
 from server.models import ResolvedModel, resolve_model
 from server.observability.fingerprint import Fingerprint
@@ -38,11 +39,23 @@ class ServerState:
     ) -> ServerState:
         """Load the model the settings name (`model`: already found), or serve `backend` (built by
         the caller, e.g. a test's fake backend: nothing is read from disk), and start the engine."""
+        # Loading, the probes and the engine's loop run on one thread (why: model_thread.py).
+        thread = ModelThread()
+        try:
+            return cls._build(settings, thread, backend, model)
+        except BaseException:
+            thread.stop()
+            raise
+
+    @classmethod
+    def _build(
+        cls, settings: Settings, thread: ModelThread, backend: Backend | None, model: ResolvedModel | None
+    ) -> ServerState:
         if backend is None:
             model = model or resolve_model(settings)  # before the clock: a fetch is not loading
             started = time.perf_counter()
             log.info("Loading %s (threads: %d)", model.path, settings.n_threads or default_threads())
-            backend = load_backend(model.path, settings, model.kind)
+            backend = thread.call(load_backend, model.path, settings, model.kind)
         else:
             started = time.perf_counter()
         load_seconds = time.perf_counter() - started
@@ -57,7 +70,7 @@ class ServerState:
             "added" if info.add_bos else "not added",
             "present" if info.chat_template else "absent",
         )
-        exactness = run_probes(backend, settings, MIN_REUSE)
+        exactness = thread.call(run_probes, backend, settings, MIN_REUSE)
         log.info(
             "Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
             backend.max_sequences,
@@ -82,6 +95,7 @@ class ServerState:
             hooks=metrics.hooks,
             job_overhead_tokens=settings.job_overhead_tokens,
             exactness=exactness,
+            thread=thread,
         )
         metrics.describe_server(engine, name, fingerprint, load_seconds)
         return cls(

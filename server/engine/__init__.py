@@ -4,7 +4,8 @@ Its parts, in the order a job meets them: jobs (what goes in and out; outputs: w
 passes to extract), admission (the bounded,
 fair queue), sequences (the backend's sequences, and how a job ends), planner (prefix reuse and
 shared passes), prefill (prompt passes), decode (generation), loop (the model thread and the
-event loop's side); prefix_cache and fair_queue are the data structures they use.
+event loop's side), model_thread (the thread itself, which also loads the model and runs the
+probes); prefix_cache and fair_queue are the data structures they use.
 """
 
 from server.engine.jobs import (

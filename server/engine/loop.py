@@ -19,7 +19,6 @@ import asyncio
 import concurrent.futures
 import functools
 import logging
-import threading
 import time
 from collections.abc import AsyncGenerator
 
@@ -37,6 +36,7 @@ from server.engine.jobs import (
     PromptScored,
     TokenEvent,
 )
+from server.engine.model_thread import ModelThread
 from server.engine.prefill import PromptRunner
 from server.engine.prefix_cache import PrefixCache
 from server.engine.running import RequestState, RunningJob
@@ -60,9 +60,11 @@ class Engine:
         hooks: EngineHooks | None = None,
         job_overhead_tokens: int = 0,
         exactness: Exactness | None = None,
+        thread: ModelThread | None = None,
     ):
         """`exactness`: what the start-up probes decided (the prefix cache, its rule, shared
-        passes); without it (an engine built in code), Exactness.unchecked with prefix_cache_mb."""
+        passes); without it (an engine built in code), Exactness.unchecked with prefix_cache_mb.
+        `thread`: the thread that loaded the model and ran the probes (one is started if none)."""
         self.backend = backend
         self.exactness = exactness or Exactness.unchecked(backend, prefix_cache_mb)
         x = self.exactness
@@ -72,8 +74,8 @@ class Engine:
         self.sequences = Sequences(backend, hooks or EngineHooks())
         self.prompts = PromptRunner(backend, self.cache, self.sequences, rate, x.shared_passes, x.reuse_generations)
         self.decoder = Decoder(backend, self.sequences, rate)
-        self._thread = threading.Thread(target=self._loop, name="model", daemon=True)
-        self._thread.start()
+        self._thread = thread or ModelThread()
+        self._thread.start(self._loop)
 
     @property
     def queued_jobs(self) -> int:
