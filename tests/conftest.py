@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +12,7 @@ import pytest
 
 from server.config import Settings
 from server.models.default_model import ensure_default_model
-from testing.live_server import DATA, SERVER_N_CTX, LiveServer
+from testing.live_server import DATA, ROOT, SERVER_N_CTX, LiveServer
 
 
 @pytest.fixture(scope="session")
@@ -27,6 +29,26 @@ def requantized_model_path(model_path) -> Path:
     from testing.fixture_model import quantize
 
     return quantize(model_path, model_path.with_name(model_path.stem + "-to-Q3_K_M.gguf"), "Q3_K_M")
+
+
+# A shape whose rows take K-quants and llama.cpp's repacked kernels (1024 wide), random weights.
+RANDOM_SHAPE = ["--n-embd", "1024", "--n-layer", "2", "--n-head", "16", "--n-head-kv", "4", "--n-ff", "2816"]
+
+
+@pytest.fixture(scope="session")
+def random_f16(model_path) -> Path:
+    """RANDOM_SHAPE in F16 with the default model's tokenizer (made once, in the cache folder);
+    quantize it with testing.fixture_model.quantize. Random weights give flat distributions, so
+    any difference of floats shows (never use it for accuracy)."""
+    folder = Settings().cache_path() / "fixtures"
+    folder.mkdir(parents=True, exist_ok=True)
+    f16 = folder / "random-1024x2-F16.gguf"
+    if not f16.exists():
+        partial = f16.with_suffix(".partial")
+        command = [sys.executable, str(ROOT / "bench" / "make_random_gguf.py"), "--tokenizer-from", str(model_path)]
+        subprocess.run([*command, str(partial), *RANDOM_SHAPE], check=True, capture_output=True)
+        partial.rename(f16)
+    return f16
 
 
 def serve(model: Path, tmp_path_factory, name: str, *flags: str, **options):

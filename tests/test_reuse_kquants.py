@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -24,36 +22,12 @@ from server.config import Settings
 from server.engine import Engine, Outputs, PromptJob
 from server.engine.prefix_cache import MIN_REUSE
 from testing.fixture_model import quantize
-from testing.live_server import DATA, ROOT
+from testing.live_server import DATA
 
 pytestmark = pytest.mark.slow
 
 TYPES = ["Q4_K_M", "Q5_K_M", "Q6_K", "Q3_K_M", "Q2_K", "Q4_0", "IQ4_XS", "Q8_0"]
-SHAPE = ["--n-embd", "1024", "--n-layer", "2", "--n-head", "16", "--n-head-kv", "4", "--n-ff", "2816"]
 N_BATCH = 128
-
-
-@pytest.fixture(scope="module")
-def random_f16(model_path):
-    folder = Settings().cache_path() / "fixtures"
-    folder.mkdir(parents=True, exist_ok=True)
-    f16 = folder / "random-1024x2-F16.gguf"
-    if not f16.exists():
-        partial = f16.with_suffix(".partial")
-        subprocess.run(
-            [
-                sys.executable,
-                str(ROOT / "bench" / "make_random_gguf.py"),
-                "--tokenizer-from",
-                str(model_path),
-                str(partial),
-                *SHAPE,
-            ],
-            check=True,
-            capture_output=True,
-        )
-        partial.rename(f16)
-    return f16
 
 
 def requests_of(backend: GGUFBackend) -> list[list[list[int]]]:

@@ -193,6 +193,11 @@ class Backend(ABC):
         it stands) in one forward pass. Returns the next-token logits as a new float32 array of
         shape [len(steps), n_vocab], row i for steps[i]."""
 
+    def decode_passes(self, steps: Sequence[Step], most: int) -> list[list[Step]]:
+        """`steps` as the decode() calls that carry them, at most `most` rows each (the start-up
+        check's limit for rows that stay the floats of each sequence alone)."""
+        return [list(steps[lo : lo + most]) for lo in range(0, len(steps), most)]
+
     def score(self, logits: Logits, targets: np.ndarray, k: int, ranks: bool = False) -> ScoredRows:
         """Log-probabilities of `targets` and the top-k under each row of a block from prefill()
         (ranks: and each target's rank). Backends whose logits live on a device override this to

@@ -98,6 +98,22 @@ def _model_info(ll: Any, model: Any, vocab: Any, path: str, n_ctx: int) -> Model
     )
 
 
+def consecutive_passes(steps: Sequence[Step], most: int) -> list[list[Step]]:
+    """Decode passes of at most `most` rows as llama.cpp runs them: with a KV stream per sequence,
+    one pass carries sequences of consecutive ids, ascending (it splits any other batch so), so
+    runs of consecutive ids, cut at `most`; all of `steps` in one call when they fit."""
+    if len(steps) <= most:
+        return [list(steps)]
+    passes: list[list[Step]] = []
+    for step in sorted(steps, key=lambda s: s.seq):
+        last = passes[-1] if passes else None
+        if last is not None and step.seq == last[-1].seq + 1 and len(last) < most:
+            last.append(step)
+        else:
+            passes.append([step])
+    return passes
+
+
 class GGUFBackend(Backend):
     kind = "gguf"
     supports_snapshots = True
@@ -218,6 +234,9 @@ class GGUFBackend(Backend):
             self._decode((s.seq, s.token, s.position, True) for s in part)
             out[lo : lo + len(part)] = self._logits(len(part))
         return out
+
+    def decode_passes(self, steps: Sequence[Step], most: int) -> list[list[Step]]:
+        return consecutive_passes(steps, most)
 
     def _decode(self, entries: Iterable[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (sequence, token, position, wants logits) entries, at most n_batch."""

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from server.backends.base import Backend, ReuseRule, grid_chunks
+from server.backends.base import Backend, ReuseRule, Step, grid_chunks
 from server.config import Settings
 
 log = logging.getLogger(__name__)
@@ -144,6 +144,58 @@ def shared_pass_drift(backend: Backend) -> float:
     return max(float(np.abs(a - b).max()) for a, b in zip(alone, together))
 
 
+# Sequences' prompt lengths in the decode probe: short ones, and one past 256 tokens (llama.cpp
+# attends over cells in buckets of 256, the largest of a pass's sequences for all of them).
+DECODE_PROBE_LENGTHS = (12, 270, 21, 30, 39, 48, 57, 66)
+
+
+def decode_rows(backend: Backend) -> tuple[int, float]:
+    """The most sequences one decode pass may carry with every row the very floats of its sequence
+    decoded alone, and the largest |difference| of a logit in the first size that moved one (0 if
+    none did). Sequences of different lengths (one past 256) decode one token alone, then in passes
+    of 2..max_sequences consecutive sequences at the start, middle and end of the ids (llama.cpp's
+    repacked K-quant kernels take another path for the first multiple of 4 rows of a pass; others
+    change at 8 rows). Run at start-up before the engine starts, on every sequence; each is
+    restored to its prompt after each pass, and released at the end."""
+    n = backend.max_sequences
+    if n == 1 or not backend.supports_snapshots:  # nothing to check, or no way to rewind
+        return n, 0.0
+    longest = backend.info.n_ctx - 2
+    lengths = [max(1, min(longest, DECODE_PROBE_LENGTHS[s % len(DECODE_PROBE_LENGTHS)] + s)) for s in range(n)]
+    text = probe_tokens(backend, max(lengths) + n + 1)
+    steps: list[Step] = []
+    states: list[object] = []
+    for seq, length in enumerate(lengths):
+        tokens = text[seq : seq + length]  # each sequence its own text
+        for lo, hi in grid_chunks(0, length, backend.n_batch):
+            backend.prefill(seq, tokens[lo:hi], lo, hi - lo)
+        states.append(backend.snapshot(seq)[0])
+        steps.append(Step(seq, text[seq + length], length))
+
+    def rewind(group: list[Step]) -> None:
+        for step in group:
+            backend.restore(step.seq, states[step.seq], step.position)
+
+    alone = []
+    for step in steps:
+        alone.append(backend.decode([step])[0])
+        rewind([step])
+    try:
+        for size in range(2, n + 1):
+            drift = 0.0
+            for start in sorted({0, (n - size) // 2, n - size}):
+                group = steps[start : start + size]
+                rows = backend.decode(group)
+                rewind(group)
+                drift = max(drift, *(float(np.abs(row - alone[s.seq]).max()) for row, s in zip(rows, group)))
+            if drift > 0:
+                return size - 1, drift
+        return n, 0.0
+    finally:
+        for seq in range(n):
+            backend.release(seq)
+
+
 def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
     """The first of the backend's reuse rules under which a cache hit gives the whole pass's
     logits (within SPLIT_TOLERANCE), or None."""
@@ -191,6 +243,9 @@ class Exactness:
     # that are not scored (generations) reuse cached prefixes too: a greedy answer must not depend
     # on what ran before it, and a logit moved within tolerance could still flip a near tie.
     reuse_generations: bool = False
+    # The most running sequences one decode pass carries (None: all of them): more changed a row
+    # from its sequence decoded alone, so the engine splits its steps into passes of this many.
+    decode_rows: int | None = None
 
     @property
     def prefix_cache(self) -> bool:
@@ -204,6 +259,7 @@ class Exactness:
         return cls(prefix_cache_mb << 20 if on else 0, backend.reuse_rules[0], backend.shares_prompt_passes)
 
     def describe(self) -> str:
+        """The prefix cache, for the start-up log line."""
         if not self.prefix_cache:
             return "off"
         reused = "scored prompts and generations" if self.reuse_generations else "scored prompts"
@@ -241,6 +297,28 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactnes
                 "prompt alone in the start-up check)",
                 drift,
             )
+    rows: int | None = None
+    if backend.max_sequences > 1:
+        started = time.perf_counter()
+        most, drift = decode_rows(backend)
+        if most < backend.max_sequences:
+            rows = most
+            log.warning(
+                "Decoding %s: %d sequences in one forward pass moved a logit by %.3g from each decoded "
+                "alone (%.1f s); the %d sequences of --max-sequences still generate at once, in %s",
+                f"at most {most} sequences per forward pass" if most > 1 else "one sequence per forward pass",
+                most + 1,
+                drift,
+                time.perf_counter() - started,
+                backend.max_sequences,
+                f"passes of up to {most}" if most > 1 else "turn",
+            )
+        else:
+            log.info(
+                "Decoding checked: %d sequences in one forward pass give each the logits it gets alone (%.1f s)",
+                most,
+                time.perf_counter() - started,
+            )
     # With shared passes a generation's prompt may run in a group, whose KV is only within
     # tolerance of its own: reused, it would hand that on. Generations reuse only without them.
-    return Exactness(cache_bytes, rule, shared, reuse_generations=exact and not shared)
+    return Exactness(cache_bytes, rule, shared, reuse_generations=exact and not shared, decode_rows=rows)

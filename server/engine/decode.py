@@ -1,5 +1,6 @@
 """Generation: one token chosen for every running job, then one decode step carrying all of those
-that go on (jobs join and leave between steps)."""
+that go on (jobs join and leave between steps), in as many forward passes as the start-up check
+allows rows per pass (Exactness.decode_rows: more would change a sequence's numbers)."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from server.numerics.scoring import score_rows
 
 
 class Decoder:
-    def __init__(self, backend: Backend, sequences: Sequences, rate: DrainRate):
+    def __init__(self, backend: Backend, sequences: Sequences, rate: DrainRate, rows: int | None = None):
         self.backend, self.sequences, self.rate = backend, sequences, rate
+        self.rows = rows or backend.max_sequences  # most sequences in one forward pass
 
     def step(self, active: list[RunningJob]) -> list[RunningJob]:
         """Choose one token for every running job, then one decode step for those that go on."""
@@ -39,17 +41,23 @@ class Decoder:
                 self.sequences.finish(r)
             else:
                 going_on.append(r)
-        if going_on:
-            steps = [Step(r.seq, r.output.tokens[-1], len(r.job.tokens) + len(r.output.tokens) - 1) for r in going_on]
+        if not going_on:
+            return going_on
+        jobs = {r.seq: r for r in going_on}
+        steps = [Step(r.seq, r.output.tokens[-1], len(r.job.tokens) + len(r.output.tokens) - 1) for r in going_on]
+        failed: set[int] = set()  # ids of the jobs a failed pass carried (their seq is gone)
+        for part in self.backend.decode_passes(steps, self.rows):
+            carried = [jobs[s.seq] for s in part]
             try:
-                logits = self.backend.decode(steps)
+                logits = self.backend.decode(part)
             except Exception as exc:  # a backend failure fails the jobs in that forward pass
-                self.sequences.fail(going_on, exc, "decode step")
-                return []
-            self.rate.tokens_run += len(steps)
-            for r, row in zip(going_on, logits):
+                self.sequences.fail(carried, exc, "decode step")
+                failed.update(id(r) for r in carried)
+                continue
+            self.rate.tokens_run += len(part)
+            for r, row in zip(carried, logits):
                 r.next_logits = row
-        return going_on
+        return [r for r in going_on if id(r) not in failed]
 
     def _choose(self, r: RunningJob) -> bool:
         """Sample the job's next token and report it; True if it ends the generation."""

@@ -73,7 +73,7 @@ class Engine:
         self.admission = Admission(max_queued_tokens, rate, job_overhead_tokens)
         self.sequences = Sequences(backend, hooks or EngineHooks())
         self.prompts = PromptRunner(backend, self.cache, self.sequences, rate, x.shared_passes, x.reuse_generations)
-        self.decoder = Decoder(backend, self.sequences, rate)
+        self.decoder = Decoder(backend, self.sequences, rate, x.decode_rows)
         self._thread = thread or ModelThread()
         self._thread.start(self._loop)
 

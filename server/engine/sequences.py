@@ -4,6 +4,7 @@ logs once how its jobs ended."""
 
 from __future__ import annotations
 
+import bisect
 import logging
 import time
 
@@ -20,6 +21,7 @@ class Sequences:
         self.free = list(range(backend.max_sequences))
 
     def assign(self, r: RunningJob) -> None:
+        # The lowest free id: llama.cpp decodes sequences of consecutive ids in one pass.
         r.seq = self.free.pop(0)
         self.hooks.job_admitted(time.perf_counter() - r.queued_at)
 
@@ -28,7 +30,7 @@ class Sequences:
         ran = r.seq >= 0
         if ran:
             self.backend.release(r.seq)
-            self.free.append(r.seq)
+            bisect.insort(self.free, r.seq)
             r.seq = -1
             self.hooks.job_ended(r.prompt.tokens_run, r.prompt.reused, len(r.output.tokens))
         if r.future.done():
