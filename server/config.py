@@ -98,12 +98,12 @@ class ModelSettings(BaseSettings):
     max_sequences: int = Field(
         1,
         ge=1,
-        description="Sequences that generate together, one token of each per forward pass (faster with "
-        "concurrent generations: docs/performance.md; each sequence has its own KV cache of n_ctx tokens). GGUF "
-        "evaluates prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (logits "
-        "within 1e-4 of each prompt alone, checked at start-up). Default 1: with llama.cpp a sequence's numbers "
-        "can depend on what runs beside it (docs/exactness.md#batch-composition), so results would depend on "
-        "what else is running; keep 1 for evaluations.",
+        description="Sequences that generate at once, one token of each per decode step (faster with concurrent "
+        "generations: docs/performance.md; each sequence has its own KV cache of n_ctx tokens). A start-up check "
+        "finds how many rows one decode pass may carry with each sequence keeping the logits it gets alone "
+        "(docs/exactness.md#batch-composition), so answers do not depend on what else runs. GGUF evaluates "
+        "prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (logits within 1e-4 "
+        "of each prompt alone, checked at start-up). Default 1: no extra KV memory, no check.",
     )
     prefix_cache_mb: int = Field(
         1024,
