@@ -101,7 +101,7 @@ class ModelSettings(BaseSettings):
         description="Sequences that generate at once, one token of each per decode step (faster with concurrent "
         "generations: docs/performance.md; each sequence has its own KV cache of n_ctx tokens). A start-up check "
         "finds how many rows one decode pass may carry with each sequence keeping the logits it gets alone "
-        "(docs/exactness.md#batch-composition), so answers do not depend on what else runs. GGUF evaluates "
+        "(docs/exactness.md#batch-composition), so decoding together does not change answers. GGUF evaluates "
         "prompts one at a time; MLX runs fresh prompts admitted together in one forward pass (logits within 1e-4 "
         "of each prompt alone, checked at start-up). Default 1: no extra KV memory, no check.",
     )

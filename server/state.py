@@ -72,8 +72,9 @@ class ServerState:
         )
         exactness = thread.call(run_probes, backend, settings, MIN_REUSE)
         log.info(
-            "Runs up to %d sequence(s) at once, in batches of up to %d tokens; prefix cache: %s",
+            "Runs up to %d sequence(s) at once%s, in batches of up to %d tokens; prefix cache: %s",
             backend.max_sequences,
+            f" (decoded {exactness.decode_rows} per forward pass)" if exactness.decode_rows else "",
             backend.n_batch,
             exactness.describe(),
         )
@@ -97,7 +98,11 @@ class ServerState:
             exactness=exactness,
             thread=thread,
         )
-        metrics.describe_server(engine, name, fingerprint, load_seconds)
+        try:
+            metrics.describe_server(engine, name, fingerprint, load_seconds)
+        except BaseException:
+            engine.close()  # its loop holds the thread: build's stop() would wait behind it
+            raise
         return cls(
             settings=settings, backend=backend, engine=engine, model_name=name, fingerprint=fingerprint, metrics=metrics
         )

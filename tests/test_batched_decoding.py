@@ -47,6 +47,9 @@ def test_the_check_finds_the_most_rows_that_keep_the_numbers():
     assert decode_rows(ByteBackend(max_sequences=8)) == (8, 0.0)
     assert decode_rows(GemmRows(max_sequences=3)) == (3, 0.0)
     assert decode_rows(GemmRows(max_sequences=1)) == (1, 0.0)
+    unrewindable = GemmRows(max_sequences=8)
+    unrewindable.supports_snapshots = False
+    assert decode_rows(unrewindable) == (1, float("inf"))  # cannot be checked: one per pass
 
 
 def greedy_jobs(prompts: list[list[int]], max_tokens: int) -> list[PromptJob]:
@@ -92,7 +95,7 @@ def test_passes_are_runs_of_consecutive_sequences():
         return [[s.seq for s in p] for p in passes]
 
     steps = [Step(seq, 0, 10) for seq in (5, 0, 2, 3, 7, 1, 6)]
-    assert seqs(consecutive_passes(steps, 8)) == [[5, 0, 2, 3, 7, 1, 6]]  # all fit: one call
+    assert seqs(consecutive_passes(steps, 8)) == [[0, 1, 2, 3, 5, 6, 7]]  # all fit: one call, ascending
     assert seqs(consecutive_passes(steps, 3)) == [[0, 1, 2], [3], [5, 6, 7]]
     assert seqs(consecutive_passes(steps, 2)) == [[0, 1], [2, 3], [5, 6], [7]]
     assert seqs(consecutive_passes(steps, 1)) == [[0], [1], [2], [3], [5], [6], [7]]

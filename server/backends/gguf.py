@@ -101,9 +101,10 @@ def _model_info(ll: Any, model: Any, vocab: Any, path: str, n_ctx: int) -> Model
 def consecutive_passes(steps: Sequence[Step], most: int) -> list[list[Step]]:
     """Decode passes of at most `most` rows as llama.cpp runs them: with a KV stream per sequence,
     one pass carries sequences of consecutive ids, ascending (it splits any other batch so), so
-    runs of consecutive ids, cut at `most`; all of `steps` in one call when they fit."""
+    runs of consecutive ids, cut at `most`; all of `steps` in one call, ascending, when they fit
+    (llama.cpp then splits them at the gaps itself)."""
     if len(steps) <= most:
-        return [list(steps)]
+        return [sorted(steps, key=lambda s: s.seq)]
     passes: list[list[Step]] = []
     for step in sorted(steps, key=lambda s: s.seq):
         last = passes[-1] if passes else None

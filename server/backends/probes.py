@@ -17,6 +17,7 @@ what would change the numbers with this model file on this machine.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass
 
@@ -156,31 +157,34 @@ def decode_rows(backend: Backend) -> tuple[int, float]:
     of 2..max_sequences consecutive sequences at the start, middle and end of the ids (llama.cpp's
     repacked K-quant kernels take another path for the first multiple of 4 rows of a pass; others
     change at 8 rows). Run at start-up before the engine starts, on every sequence; each is
-    restored to its prompt after each pass, and released at the end."""
+    restored to its prompt after each pass, and all are released at the end. A backend without
+    snapshots cannot be rewound, so it is not checked: (1, inf), one sequence per pass."""
     n = backend.max_sequences
-    if n == 1 or not backend.supports_snapshots:  # nothing to check, or no way to rewind
-        return n, 0.0
+    if n == 1:
+        return 1, 0.0
+    if not backend.supports_snapshots:
+        return 1, math.inf
     longest = backend.info.n_ctx - 2
     lengths = [max(1, min(longest, DECODE_PROBE_LENGTHS[s % len(DECODE_PROBE_LENGTHS)] + s)) for s in range(n)]
     text = probe_tokens(backend, max(lengths) + n + 1)
     steps: list[Step] = []
     states: list[object] = []
-    for seq, length in enumerate(lengths):
-        tokens = text[seq : seq + length]  # each sequence its own text
-        for lo, hi in grid_chunks(0, length, backend.n_batch):
-            backend.prefill(seq, tokens[lo:hi], lo, hi - lo)
-        states.append(backend.snapshot(seq)[0])
-        steps.append(Step(seq, text[seq + length], length))
 
     def rewind(group: list[Step]) -> None:
         for step in group:
             backend.restore(step.seq, states[step.seq], step.position)
 
-    alone = []
-    for step in steps:
-        alone.append(backend.decode([step])[0])
-        rewind([step])
     try:
+        for seq, length in enumerate(lengths):
+            tokens = text[seq : seq + length]  # each sequence its own text
+            for lo, hi in grid_chunks(0, length, backend.n_batch):
+                backend.prefill(seq, tokens[lo:hi], lo, hi - lo)
+            states.append(backend.snapshot(seq)[0])
+            steps.append(Step(seq, text[seq + length], length))
+        alone = []
+        for step in steps:
+            alone.append(backend.decode([step])[0])
+            rewind([step])
         for size in range(2, n + 1):
             drift = 0.0
             for start in sorted({0, (n - size) // 2, n - size}):
@@ -194,6 +198,39 @@ def decode_rows(backend: Backend) -> tuple[int, float]:
     finally:
         for seq in range(n):
             backend.release(seq)
+
+
+def decode_limit(backend: Backend) -> int | None:
+    """decode_rows' limit for the engine (None: every running sequence in one pass), logged."""
+    started = time.perf_counter()
+    most, drift = decode_rows(backend)
+    seconds = time.perf_counter() - started
+    if most == backend.max_sequences:
+        log.info(
+            "Decoding checked: %d sequences in one forward pass give each the logits it gets alone (%.1f s)",
+            most,
+            seconds,
+        )
+        return None
+    if math.isinf(drift):
+        log.warning(
+            "Decoding one sequence per forward pass: this backend cannot rewind a sequence (no snapshots), so "
+            "whether sequences decoded together keep their numbers cannot be checked; the %d sequences of "
+            "--max-sequences still generate at once, in turn",
+            backend.max_sequences,
+        )
+    else:
+        log.warning(
+            "Decoding %s: %d sequences in one forward pass moved a logit by %.3g from each decoded alone "
+            "(%.1f s); the %d sequences of --max-sequences still generate at once, in %s",
+            f"at most {most} sequences per forward pass" if most > 1 else "one sequence per forward pass",
+            most + 1,
+            drift,
+            seconds,
+            backend.max_sequences,
+            f"passes of up to {most}" if most > 1 else "turn",
+        )
+    return most
 
 
 def choose_reuse_rule(backend: Backend, min_reuse: int) -> ReuseRule | None:
@@ -297,28 +334,7 @@ def run_probes(backend: Backend, settings: Settings, min_reuse: int) -> Exactnes
                 "prompt alone in the start-up check)",
                 drift,
             )
-    rows: int | None = None
-    if backend.max_sequences > 1:
-        started = time.perf_counter()
-        most, drift = decode_rows(backend)
-        if most < backend.max_sequences:
-            rows = most
-            log.warning(
-                "Decoding %s: %d sequences in one forward pass moved a logit by %.3g from each decoded "
-                "alone (%.1f s); the %d sequences of --max-sequences still generate at once, in %s",
-                f"at most {most} sequences per forward pass" if most > 1 else "one sequence per forward pass",
-                most + 1,
-                drift,
-                time.perf_counter() - started,
-                backend.max_sequences,
-                f"passes of up to {most}" if most > 1 else "turn",
-            )
-        else:
-            log.info(
-                "Decoding checked: %d sequences in one forward pass give each the logits it gets alone (%.1f s)",
-                most,
-                time.perf_counter() - started,
-            )
+    rows = decode_limit(backend) if backend.max_sequences > 1 else None
     # With shared passes a generation's prompt may run in a group, whose KV is only within
     # tolerance of its own: reused, it would hand that on. Generations reuse only without them.
     return Exactness(cache_bytes, rule, shared, reuse_generations=exact and not shared, decode_rows=rows)

@@ -29,7 +29,9 @@ class ModelThread:
         self._thread.start()
 
     def call(self, fn: Callable[..., T], *args: object) -> T:
-        """fn(*args) on the model thread; its result here (or its exception, raised here)."""
+        """fn(*args) on the model thread; its result here (or its exception, raised here). Not from
+        the model thread itself, nor after start(): the call would wait behind the loop forever."""
+        assert threading.current_thread() is not self._thread, "ModelThread.call from the model thread"
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
 
         def run() -> None:
