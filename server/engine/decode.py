@@ -45,19 +45,17 @@ class Decoder:
             return going_on
         jobs = {r.seq: r for r in going_on}
         steps = [Step(r.seq, r.output.tokens[-1], len(r.job.tokens) + len(r.output.tokens) - 1) for r in going_on]
-        failed: set[int] = set()  # ids of the jobs a failed pass carried (their seq is gone)
         for part in self.backend.decode_passes(steps, self.rows):
             carried = [jobs[s.seq] for s in part]
             try:
                 logits = self.backend.decode(part)
             except Exception as exc:  # a backend failure fails the jobs in that forward pass
-                self.sequences.fail(carried, exc, "decode step")
-                failed.update(id(r) for r in carried)
+                self.sequences.fail(carried, exc, "decode step")  # ended: their sequences are given back
                 continue
             self.rate.tokens_run += len(part)
             for r, row in zip(carried, logits):
                 r.next_logits = row
-        return [r for r in going_on if id(r) not in failed]
+        return [r for r in going_on if r.seq >= 0]  # all but the jobs of a failed pass
 
     def _choose(self, r: RunningJob) -> bool:
         """Sample the job's next token and report it; True if it ends the generation."""
