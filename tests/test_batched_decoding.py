@@ -17,12 +17,12 @@ from server.backends.base import Step
 from server.backends.gguf import GGUFBackend, consecutive_passes
 from server.backends.probes import Exactness, decode_rows, run_probes
 from server.config import Settings
-from server.engine import Engine, Outputs, PromptJob, PromptResult
+from server.engine import Engine, PromptJob, PromptResult
 from server.engine.prefix_cache import MIN_REUSE
-from server.numerics.sampling import SamplingParams
 from testing.fake_backend import ByteBackend
 from testing.fixture_model import quantize
 from testing.live_server import DATA
+from tests.test_engine import greedy_job
 
 MOVED = np.float32(1e-3)
 
@@ -53,9 +53,7 @@ def test_the_check_finds_the_most_rows_that_keep_the_numbers():
 
 
 def greedy_jobs(prompts: list[list[int]], max_tokens: int) -> list[PromptJob]:
-    outputs = Outputs.of(echo=False, logprobs=1)
-    sampling = SamplingParams(temperature=0.0)
-    return [PromptJob(tokens=p, max_tokens=max_tokens, outputs=outputs, sampling=sampling) for p in prompts]
+    return [greedy_job(p, max_tokens, logprobs=1) for p in prompts]  # each token's logprob compared
 
 
 def generate(backend, exactness: Exactness, jobs: list[PromptJob]) -> list[PromptResult]:

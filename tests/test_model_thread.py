@@ -11,12 +11,11 @@ from pathlib import Path
 import pytest
 
 from server.config import Settings
-from server.engine import Outputs, PromptJob
 from server.engine.model_thread import ModelThread
 from server.models import ResolvedModel
-from server.numerics.sampling import SamplingParams
 from server.state import ServerState
 from testing.fake_backend import ByteBackend
+from tests.test_engine import greedy_job
 
 
 class ThreadRecordingBackend(ByteBackend):
@@ -63,12 +62,7 @@ def test_loading_probes_and_requests_run_on_one_thread(monkeypatch: pytest.Monke
     try:
         # The probes ran passes and state copies before the engine started.
         assert {"prefill", "snapshot", "restore"} <= backend.threads.keys()
-        job = PromptJob(
-            tokens=backend.tokenize("a prompt the cache has seen", True),
-            max_tokens=5,
-            outputs=Outputs.of(echo=False, logprobs=None),
-            sampling=SamplingParams(temperature=0.0),
-        )
+        job = greedy_job(backend.tokenize("a prompt the cache has seen", True), max_tokens=5)
         for _ in range(2):  # the second time from the prefix cache
             (result,) = asyncio.run(state.engine.complete([job]))
             assert len(result.generated) == 5
